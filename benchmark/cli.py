@@ -1,0 +1,76 @@
+"""The ``subjectbench`` command line (also ``python -m benchmark``).
+
+Each area owns its sub-commands: ``data/cli.py`` (data download|verify|masks),
+``benchmark/commands.py`` (run, score, status, list), ``reports/cli.py`` (report, compare).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from benchmark import __version__
+
+EPILOG = """\
+examples:
+  subjectbench run                          # embedded default: offline, CPU, ~3 minutes
+  subjectbench run dreambooth --out runs/db # the paper protocol (GPU, hub weights)
+  subjectbench list methods
+  subjectbench data verify --dataset-dir ../shared/datasets/dreambooth
+"""
+
+
+class UserError(Exception):
+    """An error whose message is the whole story: printed without a traceback, exit code 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subjectbench",
+        description=(
+            "Benchmark subject-driven personalization of text-to-image diffusion models: train "
+            "or encode each method on each subject, generate the protocol's prompts, score "
+            "CLIP-T / CLIP-I / DINO / DIV / PRES, and report."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"subjectbench {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands.required = True
+
+    from benchmark import commands as harness_commands
+    from data import cli as data_cli
+
+    harness_commands.add_commands(commands)
+    data_cli.add_commands(commands)
+    try:
+        from reports import cli as reports_cli
+    except ImportError:  # reports are optional while they are being built
+        reports_cli = None
+    if reports_cli is not None:
+        reports_cli.add_commands(commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except KeyboardInterrupt:
+        print("interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001 - user-facing errors print without traceback
+        from benchmark.errors import ConfigError
+        from data.images import ImageLoadError
+        from data.subjects import DatasetError
+        from methods.backbones import BackboneError
+
+        if isinstance(error, (UserError, ConfigError, DatasetError, ImageLoadError, BackboneError)):
+            print(f"error: {error}", file=sys.stderr)
+            return 2
+        if os.environ.get("SUBJECTBENCH_DEBUG"):
+            raise
+        raise

@@ -1,0 +1,380 @@
+"""Suite configs: YAML suites shipped in ``benchmark/suites``, ``key=value`` overrides, validation.
+
+``load_config(suite, overrides)`` returns a frozen ``RunConfig``; ``RunConfig.to_dict()`` is the
+fully resolved config (every method parameter with its default) saved with every run.
+Every validation error names the key or value, and the allowed ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from benchmark.errors import ConfigError, did_you_mean
+from data.subjects import DATASET_SOURCES
+from methods.base import SamplerConfig
+
+SAMPLERS = ("ddim",)
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+METRIC_WEIGHTS = ("pretrained", "random")
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    source: str = "mini"
+    path: str | None = None
+    subjects: tuple[str, ...] | None = None  # None: every subject of the dataset
+
+
+@dataclass(frozen=True)
+class ProtocolConfig:
+    resolution: int | None = None  # None: the backbone's native resolution
+    prompts: str | tuple[int, ...] = "all"  # "all" or prompt indices (0-24)
+    images_per_prompt: int = 4
+    prior_images: int = 0  # images of "a {class}" per subject and checkpoint (for PRES)
+    identifier: str = "sks"
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One method of the suite; ``params`` may hold lists (grid axes). ``label`` names it in reports."""
+
+    name: str
+    label: str
+    params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    names: tuple[str, ...] = ("clip_t", "clip_i", "dino", "div", "pres")
+    weights: str = "pretrained"  # or "random": same architectures, random init (tests, offline)
+    clip: str = "ViT-B-32"
+    lpips_net: str = "alex"
+    batch_size: int = 32
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    batch_size: int = 8  # images per sampler call; never changes which images are produced
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str
+    description: str = ""
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    backbone: str = "tiny"
+    dtype: str = "auto"
+    device: str = "auto"
+    protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
+    methods: tuple[MethodEntry, ...] = ()
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def to_dict(self) -> dict:
+        def plain(value: Any) -> Any:
+            if dataclasses.is_dataclass(value):
+                return {f.name: plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, (list, tuple)):
+                return [plain(v) for v in value]
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items()}
+            return value
+
+        return plain(self)
+
+
+def available_suites() -> dict[str, str]:
+    """Suite name -> its description, for every YAML shipped in ``benchmark/suites``."""
+    out = {}
+    folder = resources.files("benchmark").joinpath("suites")
+    for entry in sorted(folder.iterdir(), key=lambda e: e.name):
+        if entry.name.endswith(".yaml"):
+            document = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            out[entry.name[:-5]] = document.get("description", "")
+    return out
+
+
+def read_suite(suite: str) -> tuple[dict, str]:
+    """The raw mapping of a suite given by name or by path to a YAML file, and where it came from."""
+    path = Path(suite).expanduser()
+    if suite.endswith((".yaml", ".yml")) or path.is_file():
+        if not path.is_file():
+            raise ConfigError(f"suite file {path} does not exist")
+        text, origin = path.read_text(encoding="utf-8"), str(path)
+    else:
+        suites = available_suites()
+        if suite not in suites:
+            raise ConfigError(
+                f"unknown suite {suite!r}{did_you_mean(suite, suites)}; valid: "
+                f"{', '.join(suites)}, or a path to a suite YAML file"
+            )
+        text = resources.files("benchmark").joinpath("suites", f"{suite}.yaml").read_text(encoding="utf-8")
+        origin = f"suite {suite!r}"
+    try:
+        document = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{origin}: not valid YAML ({error})") from None
+    if not isinstance(document, dict):
+        raise ConfigError(f"{origin}: expected a mapping at the top level")
+    document.setdefault("name", Path(suite).stem)
+    return document, origin
+
+
+def parse_value(text: str) -> Any:
+    """An override value: YAML scalars and lists (``[1, 2]``), with ``5e-3`` read as a number."""
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    if isinstance(value, str):
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _find_method(methods: list, key: str, origin: str) -> dict:
+    for entry in methods:
+        if key in (entry.get("label"), entry.get("name")):
+            return entry
+    names = [entry.get("label") or entry.get("name") for entry in methods]
+    raise ConfigError(
+        f"override methods.{key}...: no method {key!r} in {origin}{did_you_mean(key, names)}; "
+        f"methods: {', '.join(map(str, names))}"
+    )
+
+
+def apply_overrides(document: dict, overrides: list[str], origin: str) -> dict:
+    """Apply ``key=value`` overrides (dotted keys) to a raw suite mapping."""
+    document = copy.deepcopy(document)
+    document.setdefault("methods", [])
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value (e.g. protocol.seed=1)")
+        value = parse_value(text)
+        parts = key.split(".")
+        if parts == ["methods"]:
+            names = [n.strip() for n in str(text).split(",") if n.strip()]
+            if not names:
+                raise ConfigError("override methods=...: give one or more method names, comma-separated")
+            chosen = []
+            for name in names:
+                match = [e for e in document["methods"] if name in (e.get("label"), e.get("name"))]
+                chosen.append(match[0] if match else {"name": name})
+            document["methods"] = chosen
+            continue
+        if parts == ["subjects"]:
+            document.setdefault("dataset", {})["subjects"] = (
+                [s.strip() for s in text.split(",") if s.strip()] if isinstance(value, str) else value
+            )
+            continue
+        if parts[0] == "methods":
+            if len(parts) < 3:
+                raise ConfigError(
+                    f"override {key!r}: use methods.<name>.<parameter>=value (e.g. methods.dreambooth.steps=100)"
+                )
+            entry = _find_method(document["methods"], parts[1], origin)
+            target = entry.setdefault("params", {})
+            for part in parts[2:-1]:
+                target = target.setdefault(part, {})
+            target[parts[-1]] = value
+            continue
+        target = document
+        for part in parts[:-1]:
+            existing = target.get(part)
+            if existing is None:
+                target[part] = existing = {}
+            if not isinstance(existing, dict):
+                raise ConfigError(f"override {key!r}: {part!r} is not a section")
+            target = existing
+        target[parts[-1]] = value
+    return document
+
+
+def _check_keys(mapping: Any, allowed: list[str], where: str) -> dict:
+    if mapping is None:
+        return {}
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{where}: expected a mapping with keys {allowed}, got {mapping!r}")
+    for key in mapping:
+        if key not in allowed:
+            raise ConfigError(
+                f"{where}: unknown key {key!r}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}"
+            )
+    return mapping
+
+
+def _build(cls: type, mapping: Any, where: str, **converters) -> Any:
+    names = [f.name for f in dataclasses.fields(cls)]
+    mapping = dict(_check_keys(mapping, names, where))
+    for key, convert in converters.items():
+        if key in mapping:
+            mapping[key] = convert(mapping[key], f"{where}.{key}")
+    for f in dataclasses.fields(cls):
+        if f.name in mapping and f.name not in converters:
+            mapping[f.name] = _scalar(mapping[f.name], f.type, f"{where}.{f.name}")
+    return cls(**mapping)
+
+
+def _scalar(value: Any, annotation: Any, where: str) -> Any:
+    kind = str(annotation)
+    if kind in ("int", "<class 'int'>"):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    elif kind in ("float", "<class 'float'>"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        value = float(value)
+    elif kind in ("str", "<class 'str'>"):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        value = str(value)
+    return value
+
+
+def _choice(choices: tuple[str, ...]):
+    def check(value: Any, where: str) -> str:
+        if value not in choices:
+            raise ConfigError(f"{where}: {value!r} is not valid{did_you_mean(value, choices)}; allowed: {', '.join(choices)}")
+        return value
+
+    return check
+
+
+def _positive(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
+    return value
+
+
+def _non_negative(value: Any, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{where}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _prompts(value: Any, where: str) -> str | tuple[int, ...]:
+    if value == "all":
+        return "all"
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 25 for v in values):
+        raise ConfigError(f"{where}: expected 'all' or a list of prompt indices 0-24, got {value!r}")
+    return tuple(values)
+
+
+def _subjects(value: Any, where: str) -> tuple[str, ...] | None:
+    if value in (None, "all"):
+        return None
+    values = value if isinstance(value, list) else [value]
+    if not values or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{where}: expected 'all' or a list of subject ids, got {value!r}")
+    return tuple(values)
+
+
+def _sampler(value: Any, where: str) -> SamplerConfig:
+    sampler = _build(SamplerConfig, value, where, name=_choice(SAMPLERS), steps=_positive)
+    if sampler.guidance < 0 or not 0.0 <= sampler.eta <= 1.0:
+        raise ConfigError(f"{where}: guidance must be >= 0 and eta in [0, 1], got {sampler}")
+    return sampler
+
+
+def _methods(value: Any, where: str) -> tuple[MethodEntry, ...]:
+    from methods.base import ParamsError, expand_params
+    from methods.registry import UnknownMethodError, get_method
+
+    if not isinstance(value, list) or not value:
+        raise ConfigError(f"{where}: expected a non-empty list of methods (e.g. [{{name: dreambooth}}])")
+    entries, labels = [], set()
+    for number, item in enumerate(value):
+        if isinstance(item, str):
+            item = {"name": item}
+        item = _check_keys(item, ["name", "label", "params"], f"{where}[{number}]")
+        name = item.get("name")
+        if not name:
+            raise ConfigError(f"{where}[{number}]: a method entry needs a 'name'")
+        try:
+            cls = get_method(str(name))
+        except UnknownMethodError as error:
+            raise ConfigError(f"{where}[{number}]: {error}") from None
+        label = str(item.get("label") or name)
+        if label in labels:
+            raise ConfigError(f"{where}: two methods labelled {label!r}; give each a distinct 'label'")
+        labels.add(label)
+        params = item.get("params") or {}
+        if not isinstance(params, dict):
+            raise ConfigError(f"{where}.{label}.params: expected a mapping of hyper-parameters")
+        try:
+            expand_params(cls.Params, params, f"methods.{label}.params")
+        except ParamsError as error:
+            raise ConfigError(str(error)) from None
+        entries.append(MethodEntry(name=str(name), label=label, params=params))
+    return tuple(entries)
+
+
+def _metric_names(value: Any, where: str) -> tuple[str, ...]:
+    from metrics.registry import available_metrics
+
+    names = value if isinstance(value, list) else [value]
+    valid = available_metrics()
+    for name in names:
+        if name not in valid:
+            raise ConfigError(f"{where}: unknown metric {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
+    return tuple(names)
+
+
+def validate(document: dict, origin: str = "config") -> RunConfig:
+    names = [f.name for f in dataclasses.fields(RunConfig)]
+    document = _check_keys(document, names, origin)
+    from methods.backbones import BackboneError, resolve_backbone
+
+    backbone = str(document.get("backbone", "tiny"))
+    try:
+        resolve_backbone(backbone)
+    except BackboneError as error:
+        raise ConfigError(f"{origin}: backbone: {error}") from None
+    return RunConfig(
+        name=str(document.get("name", "custom")),
+        description=str(document.get("description", "")),
+        dataset=_build(
+            DatasetConfig, document.get("dataset"), "dataset",
+            source=_choice(DATASET_SOURCES), subjects=_subjects,
+        ),
+        backbone=backbone,
+        dtype=_choice(DTYPES)(document.get("dtype", "auto"), "dtype"),
+        device=_choice(DEVICES)(document.get("device", "auto"), "device"),
+        protocol=_build(
+            ProtocolConfig, document.get("protocol"), "protocol",
+            prompts=_prompts, sampler=_sampler, images_per_prompt=_positive,
+            prior_images=_non_negative,
+        ),
+        methods=_methods(document.get("methods"), "methods"),
+        metrics=_build(
+            MetricsConfig, document.get("metrics"), "metrics",
+            names=_metric_names, weights=_choice(METRIC_WEIGHTS), batch_size=_positive,
+        ),
+        generation=_build(GenerationConfig, document.get("generation"), "generation", batch_size=_positive),
+    )
+
+
+def load_config(suite: str = "default", overrides: list[str] | None = None) -> RunConfig:
+    document, origin = read_suite(suite)
+    document = apply_overrides(document, list(overrides or []), origin)
+    return validate(document, origin)
+
+
+def config_from_dict(document: dict) -> RunConfig:
+    """Rebuild a RunConfig from a saved resolved config."""
+    return validate(copy.deepcopy(document), "saved config")

@@ -1,0 +1,1 @@
+"""Datasets, the evaluation protocol (prompts, identifiers, seeds) and image loading."""

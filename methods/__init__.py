@@ -1,0 +1,1 @@
+"""Method adapters behind one protocol, the method registry, backbones and diffusion plumbing."""

@@ -1,0 +1,361 @@
+"""The one backbone resolver: hub ids (pinned), ``tiny``, ``sd15-random``, or a local folder.
+
+``resolve_backbone(name)`` is cheap (no download, no weights) and gives a frozen spec whose
+``fingerprint()`` enters every cache key. ``load_backbone(spec, device, dtype)`` builds or loads
+the diffusers components once per process and returns the shared, frozen instance.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import threading
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+HUB_BACKBONES: dict[str, dict[str, str | int]] = {
+    # name: hub repository, pinned commit, native resolution. The SD 1.5 weights moved to
+    # stable-diffusion-v1-5/ when runwayml/ was taken down.
+    "sd14": {"repo_id": "CompVis/stable-diffusion-v1-4", "revision": "main", "resolution": 512},
+    "sd15": {"repo_id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main", "resolution": 512},
+    "sd21-base": {"repo_id": "stabilityai/stable-diffusion-2-1-base", "revision": "main", "resolution": 512},
+}
+BUILT_BACKBONES = {"tiny": 64, "sd15-random": 512}
+BACKBONE_NAMES = (*HUB_BACKBONES, *BUILT_BACKBONES)
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+class BackboneError(ValueError):
+    """A backbone that cannot be resolved or loaded, with the fix stated."""
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """What a method fine-tunes. ``source``: 'hub', 'built' (random init from config) or 'local'."""
+
+    name: str
+    source: str
+    location: str  # hub repo id, local folder, or the built config's name
+    revision: str | None
+    resolution: int
+    seed: int = 0  # init seed of built backbones
+
+    def fingerprint(self) -> dict:
+        return asdict(self)
+
+    @property
+    def is_random(self) -> bool:
+        return self.source == "built"
+
+
+def resolve_backbone(name: str) -> BackboneSpec:
+    """Name (or local path) to spec; unknown names list the valid ones."""
+    if name in HUB_BACKBONES:
+        entry = HUB_BACKBONES[name]
+        return BackboneSpec(name, "hub", str(entry["repo_id"]), str(entry["revision"]), int(entry["resolution"]))
+    if name in BUILT_BACKBONES:
+        return BackboneSpec(name, "built", name, None, BUILT_BACKBONES[name])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise BackboneError(
+                f"backbone folder {path} has no model_index.json; point to a diffusers "
+                "Stable Diffusion 1.x/2.x folder (as saved by pipe.save_pretrained)"
+            )
+        index = json.loads((path / "model_index.json").read_text())
+        resolution = int(index.get("_subjectbench_resolution", 512))
+        return BackboneSpec(name, "local", str(path.resolve()), None, resolution)
+    hint = " (it looks like a path, but no such folder exists)" if os.sep in name else ""
+    raise BackboneError(
+        f"unknown backbone {name!r}{hint}; valid: {', '.join(BACKBONE_NAMES)}, or a local "
+        "diffusers folder"
+    )
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """CLIP's reversible byte-to-unicode table (as in the original CLIP tokenizer)."""
+    printable = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in codes)))
+
+
+def clip_bpe_files(cache_dir: Path | None = None) -> Path:
+    """vocab.json + merges.txt of the CLIP BPE (49,408 tokens) built from open_clip's vocabulary.
+
+    The result is token-for-token the tokenizer of the SD 1.x text encoders, built offline.
+    """
+    import open_clip
+
+    from data.subjects import cache_root
+
+    source = Path(open_clip.__file__).parent / "bpe_simple_vocab_16e6.txt.gz"
+    target = (cache_dir or cache_root()) / "tokenizers" / "clip-bpe-49408"
+    if (target / "merges.txt").is_file() and (target / "vocab.json").is_file():
+        return target
+    merges = gzip.open(source).read().decode("utf-8").split("\n")[1 : 49152 - 256 - 2 + 1]
+    base = list(_bytes_to_unicode().values())
+    vocab = base + [token + "</w>" for token in base]
+    vocab += ["".join(merge.split()) for merge in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    target.mkdir(parents=True, exist_ok=True)
+    for filename, text in (
+        ("vocab.json", json.dumps({token: i for i, token in enumerate(vocab)})),
+        ("merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n"),
+    ):
+        temporary = target / f".{filename}.{os.getpid()}.tmp"
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, target / filename)
+    return target
+
+
+def build_clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    folder = clip_bpe_files()
+    return CLIPTokenizer(
+        str(folder / "vocab.json"),
+        str(folder / "merges.txt"),
+        model_max_length=77,
+        pad_token="<|endoftext|>",
+    )
+
+
+# ----------------------------------------------------------------------------- components
+
+
+@dataclass
+class Backbone:
+    """Frozen, shared diffusers components of one backbone on one device and dtype."""
+
+    spec: BackboneSpec
+    unet: torch.nn.Module
+    vae: torch.nn.Module
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler_config: dict
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+
+_SCHEDULER_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+}
+
+
+def _build_tiny():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=16,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=64,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=32,
+            intermediate_size=37,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=77,
+            layer_norm_eps=1e-5,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return unet, vae, text_encoder, dict(_SCHEDULER_CONFIG)
+
+
+def _build_sd15_random():
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=2,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=49408,
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            hidden_act="quick_gelu",
+            projection_dim=768,
+            bos_token_id=49406,
+            eos_token_id=49407,
+            pad_token_id=49407,
+        )
+    )
+    return unet, vae, text_encoder, dict(_SCHEDULER_CONFIG)
+
+
+def _hub_endpoint_host() -> tuple[str, int]:
+    parsed = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    return parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
+    """A TCP connect to the hub endpoint, bounded so that an offline machine fails in seconds."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    host, port = _hub_endpoint_host()
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def _load_hub(spec: BackboneSpec):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    online = hub_reachable()
+    kwargs = {"revision": spec.revision} if spec.source == "hub" else {}
+    if spec.source == "hub" and not online:
+        kwargs["local_files_only"] = True
+    location = spec.location
+    try:
+        unet = UNet2DConditionModel.from_pretrained(location, subfolder="unet", **kwargs)
+        vae = AutoencoderKL.from_pretrained(location, subfolder="vae", **kwargs)
+        text_encoder = CLIPTextModel.from_pretrained(location, subfolder="text_encoder", **kwargs)
+        tokenizer = CLIPTokenizer.from_pretrained(location, subfolder="tokenizer", **kwargs)
+        from diffusers import DDIMScheduler
+
+        scheduler_config = dict(
+            DDIMScheduler.load_config(location, subfolder="scheduler", **kwargs)
+        )
+    except (OSError, ValueError) as error:
+        if spec.source == "hub" and not online:
+            raise BackboneError(
+                f"backbone {spec.name!r} ({location}@{spec.revision}) is not in the local "
+                "Hugging Face cache and the hub is unreachable (or HF_HUB_OFFLINE=1). Enable the "
+                "network and unset HF_HUB_OFFLINE, or download it elsewhere "
+                f"(`huggingface-cli download {location}`) and pass backbone=/path/to/folder"
+            ) from None
+        raise BackboneError(f"backbone {spec.name!r}: could not load from {location}: {error}") from None
+    scheduler_config = {k: v for k, v in scheduler_config.items() if not k.startswith("_")}
+    return unet, vae, text_encoder, tokenizer, scheduler_config
+
+
+_CACHE: dict[tuple, Backbone] = {}
+_CACHE_LOCK = threading.Lock()
+
+
+def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Backbone:
+    """The shared, frozen components of ``spec`` on ``device``/``dtype`` (built once per process).
+
+    Callers must not modify them: a method that fine-tunes copies the module it trains.
+    """
+    device = torch.device(device)
+    key = (spec, str(device), dtype)
+    with _CACHE_LOCK:
+        if key in _CACHE:
+            return _CACHE[key]
+        if spec.source == "built":
+            builder = _build_tiny if spec.name == "tiny" else _build_sd15_random
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(spec.seed)
+                unet, vae, text_encoder, scheduler_config = builder()
+            tokenizer = build_clip_tokenizer()
+        else:
+            unet, vae, text_encoder, tokenizer, scheduler_config = _load_hub(spec)
+        for module in (unet, vae, text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+            module.to(device=device, dtype=dtype)
+        backbone = Backbone(spec, unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
+        _CACHE[key] = backbone
+        return backbone
+
+
+def clear_backbone_cache() -> None:
+    with _CACHE_LOCK:
+        _CACHE.clear()
+
+
+@lru_cache(maxsize=None)
+def describe_backbones() -> list[dict]:
+    rows = []
+    for name in BACKBONE_NAMES:
+        spec = resolve_backbone(name)
+        rows.append(
+            {
+                "name": name,
+                "source": spec.source,
+                "location": spec.location,
+                "revision": spec.revision or "-",
+                "resolution": spec.resolution,
+            }
+        )
+    return rows

@@ -1,0 +1,244 @@
+"""The one method protocol every adapter implements, and the context the harness gives it.
+
+A method is built from validated hyper-parameters (its ``Params`` dataclass) and a
+``MethodContext`` (backbone spec, device, dtype, cache dir). Construction is cheap: models load
+lazily in ``prepare``/``generate`` so that the harness can fingerprint methods without loading
+anything.
+
+Contract (the harness relies on each point):
+- ``fingerprint()`` holds everything that changes the method's output except the subject and the
+  seed: name, ``version`` (bump it when a change alters outputs), all params, backbone, dtype.
+- ``checkpoints()`` is a function of the params alone (so runs can be planned before training).
+- ``prepare(subject, workdir, seed)`` writes the learned state into ``workdir`` (safetensors and
+  JSON only); it may assume ``workdir`` is empty and private. The harness makes it atomic.
+- ``load_state(workdir)`` reads it back; the harness always generates from a reloaded state, so
+  an interrupted and an uninterrupted run produce the same images.
+- ``generate(state, checkpoint, prompts, seeds, sampler)`` returns one PIL image per
+  (prompt, seed) pair, image ``i`` depending only on ``prompts[i]`` and ``seeds[i]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from PIL import Image
+
+from data.protocol import Prompt
+from data.subjects import Subject
+from methods.backbones import BackboneSpec
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How images are sampled: DDIM by default, as the DreamBooth protocol does."""
+
+    name: str = "ddim"
+    steps: int = 50
+    guidance: float = 7.5
+    eta: float = 0.0
+
+
+@dataclass(frozen=True)
+class MethodContext:
+    """What the harness gives every method: backbone, device, dtype, caches, protocol bits."""
+
+    backbone: BackboneSpec
+    device: str = "cpu"
+    dtype: str = "float32"
+    resolution: int = 64
+    identifier: str = "sks"
+    cache_dir: Path | None = None  # shared caches (class-prior images, ...) across runs
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass
+class State:
+    """A prepared method for one subject: the folder it lives in, plus what was loaded from it."""
+
+    path: Path
+    subject: Subject
+    data: dict[str, Any] = field(default_factory=dict)
+
+
+class Method(ABC):
+    """Base class of all adapters (see the module docstring for the contract)."""
+
+    name: ClassVar[str]
+    version: ClassVar[str] = "1"
+    Params: ClassVar[type]  # a frozen dataclass with a default for every field
+    description: ClassVar[str] = ""
+
+    def __init__(self, params: Any, context: MethodContext):
+        if not isinstance(params, self.Params):
+            raise TypeError(f"{self.name}: params must be {self.Params.__name__}, got {type(params).__name__}")
+        self.params = params
+        self.context = context
+
+    def fingerprint(self) -> dict:
+        return {
+            "method": self.name,
+            "version": self.version,
+            "params": params_to_dict(self.params),
+            "backbone": self.context.backbone.fingerprint(),
+            "dtype": self.context.dtype,
+            "resolution": self.context.resolution,
+            "identifier": self.context.identifier,
+        }
+
+    def checkpoints(self) -> Sequence[str]:
+        return ["final"]
+
+    def render_prompt(self, prompt: Prompt, subject: Subject) -> str:
+        """The text given to the model: by default '{identifier} {class}' in the template."""
+        return prompt.render(self.context.identifier, subject.class_noun)
+
+    @abstractmethod
+    def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
+        """Train/encode for ``subject``, writing the state into ``workdir``."""
+
+    @abstractmethod
+    def load_state(self, workdir: Path, subject: Subject) -> State:
+        """Read a state written by ``prepare``."""
+
+    @abstractmethod
+    def generate(
+        self,
+        state: State,
+        checkpoint: str,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: SamplerConfig,
+    ) -> list[Image.Image]:
+        """One image per (prompt, seed)."""
+
+    def release(self) -> None:
+        """Drop per-subject GPU memory between subjects (models shared per worker stay)."""
+
+
+# ----------------------------------------------------------------------------- params
+
+
+class ParamsError(ValueError):
+    """A hyper-parameter that is unknown or of the wrong type, naming it and the valid ones."""
+
+
+def params_to_dict(params: Any) -> dict:
+    out = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _is_sequence_type(annotation: Any) -> bool:
+    origin = typing.get_origin(annotation)
+    return origin in (tuple, list, Sequence, typing.Sequence) or annotation in (tuple, list)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin is typing.Literal:
+        if value not in args:
+            raise ParamsError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        last_error = None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ParamsError as error:
+                last_error = error
+        raise last_error or ParamsError(f"{where}: invalid value {value!r}")
+    if _is_sequence_type(annotation):
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        return tuple(_coerce(v, inner, where) for v in value)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ParamsError(f"{where}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, bool) or not (
+            isinstance(value, int) or (isinstance(value, float) and value.is_integer())
+        ):
+            try:
+                if isinstance(value, str) and float(value).is_integer():
+                    return int(float(value))
+            except ValueError:
+                pass
+            raise ParamsError(f"{where}: expected an integer, got {value!r}")
+        return int(value)
+    if annotation is float:
+        if isinstance(value, bool):
+            raise ParamsError(f"{where}: expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ParamsError(f"{where}: expected a number, got {value!r}") from None
+    if annotation is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ParamsError(f"{where}: expected a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def expand_params(params_class: type, raw: dict | None, where: str) -> list[tuple[Any, dict]]:
+    """Validate ``raw`` against ``params_class`` and expand list values into a cartesian grid.
+
+    A list given to a scalar field is a grid axis; a sequence-typed field (e.g. checkpoint
+    steps) takes a list as its value, and a list of lists as a grid axis. Returns
+    [(params instance, {grid field: value})] in grid order.
+    """
+    import itertools
+
+    from benchmark.errors import did_you_mean
+
+    raw = dict(raw or {})
+    hints = typing.get_type_hints(params_class)
+    fields = {f.name: f for f in dataclasses.fields(params_class)}
+    for key in raw:
+        if key not in fields:
+            raise ParamsError(
+                f"{where}: unknown parameter {key!r}{did_you_mean(key, fields)}; "
+                f"valid: {', '.join(fields)}"
+            )
+    axes: list[tuple[str, list]] = []
+    fixed: dict[str, Any] = {}
+    for key, value in raw.items():
+        annotation = hints[key]
+        is_grid = (
+            isinstance(value, list)
+            and value
+            and (not _is_sequence_type(annotation) or all(isinstance(v, list) for v in value))
+        )
+        if is_grid:
+            axes.append((key, [_coerce(v, annotation, f"{where}.{key}") for v in value]))
+        else:
+            fixed[key] = _coerce(value, annotation, f"{where}.{key}")
+    out = []
+    for combination in itertools.product(*(values for _, values in axes)):
+        grid = {key: value for (key, _), value in zip(axes, combination)}
+        try:
+            instance = params_class(**fixed, **grid)
+        except (TypeError, ValueError) as error:
+            raise ParamsError(f"{where}: {error}") from None
+        out.append((instance, {k: (list(v) if isinstance(v, tuple) else v) for k, v in grid.items()}))
+    return out

@@ -1,0 +1,32 @@
+"""Metric names -> classes, imported lazily (listing metrics loads no network weights)."""
+
+from __future__ import annotations
+
+import importlib
+
+from benchmark.errors import did_you_mean
+
+BUILTIN_METRICS: dict[str, str] = {
+    "clip_t": "metrics.clip:ClipT",
+    "clip_i": "metrics.clip:ClipI",
+    "dino": "metrics.dino:Dino",
+    "div": "metrics.lpips_metrics:Div",
+    "pres": "metrics.dino:Pres",
+}
+
+
+def available_metrics() -> dict[str, str]:
+    return dict(BUILTIN_METRICS)
+
+
+def get_metric_class(name: str) -> type:
+    registry = available_metrics()
+    if name not in registry:
+        raise KeyError(f"unknown metric {name!r}{did_you_mean(name, registry)}; valid: {', '.join(registry)}")
+    module_name, _, class_name = registry[name].partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def build_metric(name: str, settings):
+    """An instance of metric ``name`` built with ``settings`` (a metrics.base.MetricSettings)."""
+    return get_metric_class(name)(settings)
