@@ -7,7 +7,6 @@ Each area owns its sub-commands: ``data/cli.py`` (data download|verify|masks),
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from benchmark import __version__
@@ -63,14 +62,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except Exception as error:  # noqa: BLE001 - user-facing errors print without traceback
+        from benchmark.driver import RunLockedError
         from benchmark.errors import ConfigError
+        from benchmark.store import StoreError
         from data.images import ImageLoadError
         from data.subjects import DatasetError
         from methods.backbones import BackboneError
 
-        if isinstance(error, (UserError, ConfigError, DatasetError, ImageLoadError, BackboneError)):
+        user_errors = (UserError, ConfigError, DatasetError, ImageLoadError, BackboneError, RunLockedError, StoreError)
+        if isinstance(error, user_errors):
             print(f"error: {error}", file=sys.stderr)
             return 2
-        if os.environ.get("SUBJECTBENCH_DEBUG"):
-            raise
         raise

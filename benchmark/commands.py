@@ -13,13 +13,14 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     listing.add_argument("what", choices=["methods", "metrics", "backbones", "suites"])
     listing.set_defaults(handler=cmd_list)
+    add_harness_commands(commands)
 
 
 def cmd_list(args: argparse.Namespace) -> int:
     if args.what == "methods":
         from methods.registry import available_methods, get_method
 
-        for name, target in available_methods().items():
+        for name in available_methods():
             try:
                 description = get_method(name).description
             except Exception as error:  # noqa: BLE001 - a broken plug-in must not hide the others
@@ -50,3 +51,162 @@ def cmd_list(args: argparse.Namespace) -> int:
         for name, description in available_suites().items():
             print(f"{name:12s} {description}")
     return 0
+
+
+# ----------------------------------------------------------------------------- run / score / status
+
+RUN_EPILOG = """\
+overrides (key=value, dotted, YAML values):
+  methods=dummy,dreambooth           keep / add these methods only
+  methods.dreambooth.steps=400       set a method parameter (a list makes a grid: lr=[1e-6,5e-6])
+  subjects=dog,teapot                only these subjects
+  protocol.images_per_prompt=2  protocol.prompts=[0,1,2]  protocol.sampler.steps=25
+  backbone=sd15  device=cuda  dtype=bfloat16  metrics.weights=random  generation.batch_size=4
+
+examples:
+  subjectbench run                                    # embedded default, CPU, offline
+  subjectbench run default methods=dummy --out runs/r1
+  subjectbench run dreambooth --out runs/db --gpus 8
+  subjectbench run dreambooth --out /shared/runs/db --executor ray --address auto
+"""
+
+
+def _split_suite(suite: str | None, overrides: list[str]) -> tuple[str, list[str]]:
+    if suite and "=" in suite:
+        return "default", [suite, *overrides]
+    return suite or "default", list(overrides)
+
+
+def _shard(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        index, count = (int(x) for x in text.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard {text!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    return index, count
+
+
+def add_harness_commands(commands: argparse._SubParsersAction) -> None:
+    run = commands.add_parser(
+        "run",
+        help="train/encode, generate and score a suite (resumable)",
+        description=(
+            "Run a suite: prepare every method on every subject, generate the protocol's images, "
+            "score them, and build the report. Rerunning the same command resumes: finished work "
+            "is skipped, interrupted work is redone."
+        ),
+        epilog=RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("suite", nargs="?", default=None, help="suite name (`subjectbench list suites`) or YAML path; default: default")
+    run.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    run.add_argument("--out", metavar="RUN_DIR", help="run directory (default: runs/<suite>)")
+    run.add_argument("--dataset-dir", metavar="DIR", help="local DreamBooth copy or custom dataset folder")
+    run.add_argument("--executor", choices=["inprocess", "local", "ray"], default="inprocess")
+    run.add_argument("--gpus", type=int, metavar="N", help="one worker process per local GPU (0..N-1)")
+    run.add_argument("--workers", type=int, metavar="N", help="CPU worker processes (local executor) or Ray CPUs")
+    run.add_argument("--address", help="Ray cluster address (with --executor ray; default: start a local one)")
+    run.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N of the work groups")
+    run.add_argument("--force", action="store_true", help="redo everything, ignoring finished work")
+    run.add_argument("--retry-failed", action="store_true", help="redo units recorded as failed")
+    run.add_argument("--no-score", action="store_true", help="generate only; score later with `subjectbench score`")
+    run.add_argument("--no-report", action="store_true", help="do not build the report at the end")
+    run.add_argument("--quiet", action="store_true", help="no progress bars; errors only")
+    run.set_defaults(handler=cmd_run)
+
+    score = commands.add_parser(
+        "score",
+        help="score the images of a run (only missing or changed metrics are computed)",
+        description="Score a run's existing images without regenerating them.",
+        epilog="example: subjectbench score runs/default metrics.clip=ViT-L-14",
+    )
+    score.add_argument("run_dir", metavar="RUN_DIR")
+    score.add_argument("overrides", nargs="*", metavar="metrics.key=value", help="metric settings to change")
+    score.add_argument("--force", action="store_true", help="recompute every score")
+    score.add_argument("--quiet", action="store_true")
+    score.set_defaults(handler=cmd_score)
+
+    status = commands.add_parser(
+        "status",
+        help="done / failed / pending per method and stage",
+        description="Show what a run has done, what failed (first line of each error) and what is pending.",
+    )
+    status.add_argument("run_dir", metavar="RUN_DIR")
+    status.set_defaults(handler=cmd_status)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from benchmark.config import load_config
+    from benchmark.driver import run_benchmark
+
+    suite, overrides = _split_suite(args.suite, args.overrides)
+    if args.dataset_dir:
+        overrides.append(f"dataset.path={args.dataset_dir}")
+    config = load_config(suite, overrides)
+    run_dir = Path(args.out or Path("runs") / config.name)
+    executor = "local" if (args.gpus or (args.workers and args.executor == "inprocess")) and args.executor != "ray" else args.executor
+    summary = run_benchmark(
+        config, run_dir, executor=executor, gpus=args.gpus, workers=args.workers, address=args.address,
+        force=args.force, retry_failed=args.retry_failed, quiet=args.quiet, score=not args.no_score,
+        shard_spec=args.shard,
+    )
+    for line in summary.lines():
+        print(line)
+    print(f"results: {summary.run_dir}")
+    if not args.no_report and not args.no_score:
+        report = _build_report(summary.run_dir)
+        if report:
+            print(f"report:  {report}")
+    return summary.exit_code
+
+
+def _build_report(run_dir):
+    try:
+        from reports.build import build_report
+    except ImportError:
+        return None
+    return build_report(run_dir)
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    from benchmark import environment
+    from benchmark.config import apply_overrides, config_from_dict
+    from benchmark.driver import run_lock
+    from benchmark.errors import ConfigError
+    from benchmark.progress import StageProgress, setup_logging
+    from benchmark.results import load_plan, load_subject_table
+    from benchmark.scoring import score_run
+    from benchmark.store import Store
+
+    store = Store(args.run_dir)
+    document = store.load_config_dict()
+    for item in args.overrides:
+        if not item.startswith("metrics."):
+            raise ConfigError(f"score override {item!r}: only metrics.* settings can change when scoring")
+    config = config_from_dict(apply_overrides(document, args.overrides, "saved config"))
+    with run_lock(store):
+        setup_logging(store.log_path, args.quiet)
+        plan = load_plan(store)
+        device = environment.resolve_device(config.device)
+        progress = StageProgress({"score": len(plan) * len(config.metrics.names)}, quiet=args.quiet)
+        try:
+            computed, failures = score_run(store, plan, load_subject_table(store), config.metrics, device, progress, force=args.force)
+        finally:
+            progress.close()
+    print(f"{computed} scores computed ({', '.join(config.metrics.names)}); {len(failures)} failures")
+    for failure in failures:
+        print(f"  FAILED {failure['metric']} on {failure['subject']}: {failure['message']}")
+    return 1 if failures else 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from benchmark.status import run_status
+
+    text, code = run_status(args.run_dir)
+    print(text)
+    return code

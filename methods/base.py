@@ -123,6 +123,7 @@ class Method(ABC):
 
     def release(self) -> None:
         """Drop per-subject GPU memory between subjects (models shared per worker stay)."""
+        return None
 
 
 # ----------------------------------------------------------------------------- params

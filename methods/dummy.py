@@ -2,7 +2,7 @@
 
 ``prepare`` stores the mean of the subject's images (safetensors); ``generate`` blends that mean
 with seeded noise and a prompt-dependent tint. Outputs depend only on (subject, prompt, seed)
-and the params, like a real method's. Knobs for tests: ``sleep_s`` slows each image down,
+and the params, like a real method's. Knobs for tests: ``sleep_s`` / ``prepare_sleep_s`` slow generation / preparation down,
 ``fail_subjects`` / ``oom_subjects`` make ``prepare`` raise, ``fail_prompts`` makes generation
 of prompts containing a word raise, and ``fidelity`` moves outputs toward/away from the subject.
 """
@@ -30,7 +30,8 @@ from methods.base import Method, SamplerConfig, State
 class DummyParams:
     fidelity: float = 0.7  # weight of the subject mean in each image, 0..1
     noise: float = 0.3
-    sleep_s: float = 0.0
+    sleep_s: float = 0.0  # per generated image
+    prepare_sleep_s: float = 0.0
     fail_subjects: tuple[str, ...] = ()
     oom_subjects: tuple[str, ...] = ()
     fail_prompts: tuple[str, ...] = ()
@@ -46,11 +47,23 @@ class DummyMethod(Method):
     Params = DummyParams
     description = "Model-free deterministic images from the subject's mean (harness tests)"
 
+    # Knobs that decide whether/when a unit runs, never what it produces: not in the key, so a
+    # rerun without them (or --retry-failed) completes the same units.
+    _CONTROL_KNOBS = ("sleep_s", "prepare_sleep_s", "fail_subjects", "oom_subjects", "fail_prompts")
+
+    def fingerprint(self) -> dict:
+        fingerprint = super().fingerprint()
+        for knob in self._CONTROL_KNOBS:
+            fingerprint["params"].pop(knob)
+        return fingerprint
+
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
         if subject.id in self.params.oom_subjects:
             raise torch.cuda.OutOfMemoryError(f"dummy: simulated CUDA out of memory on {subject.id}")
         if subject.id in self.params.fail_subjects:
             raise RuntimeError(f"dummy: simulated failure preparing {subject.id}")
+        if self.params.prepare_sleep_s:
+            time.sleep(self.params.prepare_sleep_s)
         size = self.context.resolution
         stack = np.stack(
             [np.asarray(load_image(path, size), dtype=np.float32) / 255.0 for path in subject.images]

@@ -37,6 +37,9 @@ class Metric(ABC):
     name: ClassVar[str]
     higher_is_better: ClassVar[bool]
     role: ClassVar[str] = "eval"  # which generated images it scores: "eval" or "prior"
+    # True when an image's value depends on its group's other images (DIV): the harness then
+    # always passes whole groups.
+    needs_complete_groups: ClassVar[bool] = False
     description: ClassVar[str] = ""
 
     @abstractmethod

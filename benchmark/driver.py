@@ -1,0 +1,163 @@
+"""One invocation of ``subjectbench run``: plan, execute, score, summarize.
+
+config -> ``units.expand`` -> executor(``runner.execute_group``) -> ``store`` -> ``scoring`` ->
+reports. Rerunning the same command resumes: finished work is skipped, half-done work redone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmark import environment
+from benchmark.config import RunConfig
+from benchmark.executors import make_executor
+from benchmark.progress import StageProgress, setup_logging
+from benchmark.results import load_subject_table, save_plan
+from benchmark.runner import JobSpec
+from benchmark.scoring import score_run
+from benchmark.store import Store
+from benchmark.units import expand, method_context, shard
+from data.subjects import cache_root
+from methods.registry import get_method
+
+log = logging.getLogger("subjectbench")
+
+
+class RunLockedError(RuntimeError):
+    pass
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    planned: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    scored: int = 0
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+    def lines(self) -> list[str]:
+        out = [
+            f"images: {self.done} generated, {self.skipped} already done or skipped, "
+            f"{len([f for f in self.failed if f['stage'] != 'score'])} unit failures; "
+            f"{self.scored} scores computed; {self.seconds:.1f} s"
+        ]
+        for failure in self.failed:
+            where = failure.get("subject", "?")
+            if failure.get("stage") == "score":
+                where = f"metric {failure.get('metric')} on {where}"
+            else:
+                where = f"{failure.get('cell_id')} on {where}"
+            out.append(f"  FAILED [{failure['stage']}/{failure['kind']}] {where}: {failure['message']}")
+        if self.failed:
+            out.append(f"  tracebacks: {self.run_dir}/failures/; rerun with --retry-failed to redo them")
+        return out
+
+
+def resolved_config(config: RunConfig) -> dict:
+    """The config with every method parameter present (defaults filled in), as saved with runs."""
+    document = config.to_dict()
+    for entry, raw in zip(document["methods"], config.methods):
+        cls = get_method(raw.name)
+        defaults = {
+            f.name: (list(getattr(cls.Params(), f.name)) if isinstance(getattr(cls.Params(), f.name), tuple) else getattr(cls.Params(), f.name))
+            for f in dataclasses.fields(cls.Params)
+        }
+        entry["params"] = {**defaults, **raw.params}
+    return document
+
+
+@contextmanager
+def run_lock(store: Store):
+    store.ensure()
+    handle = open(store.root / ".lock", "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RunLockedError(
+            f"another subjectbench process is using {store.root}; wait for it or use another --out"
+        ) from None
+    try:
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()
+
+
+def failures_in_scope(store: Store, plan_keys: set[str]) -> list[dict]:
+    return [f for key, f in store.failures().items() if key in plan_keys or f.get("stage") == "score"]
+
+
+def run_benchmark(
+    config: RunConfig,
+    run_dir: str | Path,
+    executor: str = "inprocess",
+    gpus: int | None = None,
+    workers: int | None = None,
+    address: str | None = None,
+    force: bool = False,
+    retry_failed: bool = False,
+    quiet: bool = False,
+    score: bool = True,
+    shard_spec: tuple[int, int] | None = None,
+) -> RunSummary:
+    started = time.perf_counter()
+    store = Store(run_dir)
+    summary = RunSummary(run_dir=store.root)
+    with run_lock(store):
+        setup_logging(store.log_path, quiet)
+        removed = store.clean_temporaries()
+        if removed:
+            log.info("removed %d half-written files left by an interrupted run", removed)
+        device = environment.resolve_device(config.device)
+        dtype = environment.resolve_dtype(config.dtype, device)
+        context = method_context(config, device, dtype, cache_dir=cache_root())
+        plan = expand(config, context)
+        store.save_config(resolved_config(config))
+        plan_table = save_plan(store, plan)
+        groups = plan.groups if shard_spec is None else shard(plan.groups, *shard_spec)
+        summary.planned = sum(len(g.images) for g in groups)
+        log.info(
+            "run %s: %d groups, %d images, device %s (%s), executor %s",
+            config.name, len(groups), summary.planned, device, dtype, executor,
+        )
+        job = JobSpec(
+            run_dir=str(store.root),
+            context=context,
+            sampler=config.protocol.sampler,
+            batch_size=config.generation.batch_size,
+            force=force,
+            retry_failed=retry_failed,
+        )
+        totals = {"prepare": len(groups), "generate": summary.planned}
+        if score and config.metrics.names:
+            totals["score"] = summary.planned * len(config.metrics.names)
+        progress = StageProgress(totals, quiet=quiet)
+        try:
+            results = make_executor(executor, gpus=gpus, workers=workers, address=address).run(groups, job, progress)
+            for result in results:
+                summary.done += result.done
+                summary.skipped += result.skipped
+            if score and config.metrics.names:
+                summary.scored, _ = score_run(
+                    store, plan_table, load_subject_table(store), config.metrics, device, progress, force=force
+                )
+        finally:
+            progress.close()
+        keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}
+        summary.failed = failures_in_scope(store, keys)
+    summary.seconds = time.perf_counter() - started
+    log.info("finished: %s", summary.lines()[0])
+    return summary

@@ -1,0 +1,196 @@
+"""Executors: in-process (default), one worker process per local GPU (or CPU worker), Ray.
+
+All three run the same ``execute_group`` on the same groups and write to the same store, so
+they produce the same results; only where the work happens differs.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+import queue
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from benchmark.runner import GroupResult, JobSpec, execute_group
+from benchmark.units import WorkGroup
+
+log = logging.getLogger("subjectbench")
+Progress = Callable[[str, int], None]
+EXECUTORS = ("inprocess", "local", "ray")
+
+
+def _crash_result(group: WorkGroup, message: str) -> GroupResult:
+    cell, subject = group.prepare.cell, group.prepare.subject
+    result = GroupResult(group=f"{cell.cell_id}/{subject.id}")
+    result.failed.append(
+        {
+            "key": group.prepare.key,
+            "stage": "worker",
+            "kind": "crash",
+            "label": cell.label,
+            "cell_id": cell.cell_id,
+            "subject": subject.id,
+            "message": message,
+            "traceback": "",
+        }
+    )
+    return result
+
+
+class InProcessExecutor:
+    name = "inprocess"
+
+    def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
+        return [execute_group(group, job, progress) for group in groups]
+
+
+def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events) -> None:
+    os.environ.update(env)
+    while True:
+        index = tasks.get()
+        if index is None:
+            return
+        events.put(("start", worker_id, index))
+        try:
+            result = execute_group(groups[index], job, lambda stage, n: events.put(("progress", stage, n)))
+        except BaseException as error:  # noqa: BLE001 - report, then keep serving
+            result = _crash_result(groups[index], f"{type(error).__name__}: {error}")
+        events.put(("result", worker_id, index, result))
+
+
+class LocalProcessExecutor:
+    """One worker process per local GPU (``gpus``) or per CPU worker (``workers``).
+
+    Each group — a (method cell, subject) — is prepared and generated on one worker, which keeps
+    its backbones loaded across groups. A worker that dies fails only the group it held.
+    """
+
+    name = "local"
+
+    def __init__(self, workers: int, gpu_ids: Sequence[int] | None = None):
+        self.gpu_ids = list(gpu_ids) if gpu_ids is not None else None
+        self.workers = len(self.gpu_ids) if self.gpu_ids is not None else workers
+
+    def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
+        context = mp.get_context("spawn")
+        tasks, events = context.Queue(), context.Queue()
+        processes = []
+        for worker_id in range(min(self.workers, len(groups)) or 1):
+            env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if self.gpu_ids is None else {}
+            if self.gpu_ids is not None:
+                env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[worker_id])
+            process = context.Process(
+                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events), daemon=True
+            )
+            process.start()
+            processes.append(process)
+        for index in range(len(groups)):
+            tasks.put(index)
+        for _ in processes:
+            tasks.put(None)
+
+        results: dict[int, GroupResult] = {}
+        holding: dict[int, int] = {}
+        while len(results) < len(groups):
+            try:
+                event = events.get(timeout=1.0)
+            except queue.Empty:
+                for worker_id, process in enumerate(processes):
+                    if not process.is_alive() and worker_id in holding:
+                        index = holding.pop(worker_id)
+                        message = f"worker {worker_id} died (exit code {process.exitcode}) while running this group"
+                        log.error("%s", message)
+                        results[index] = _crash_result(groups[index], message)
+                if not any(p.is_alive() for p in processes) and not holding:
+                    for index in range(len(groups)):
+                        results.setdefault(index, _crash_result(groups[index], "no worker left to run this group"))
+                continue
+            if event[0] == "start":
+                holding[event[1]] = event[2]
+            elif event[0] == "progress":
+                progress(event[1], event[2])
+            else:
+                holding.pop(event[1], None)
+                results[event[2]] = event[3]
+        for process in processes:
+            process.join(timeout=10)
+        return [results[i] for i in range(len(groups))]
+
+
+def _ray_execute(group: WorkGroup, job: JobSpec) -> GroupResult:
+    return execute_group(group, job)
+
+
+class RayExecutor:
+    """One Ray task per (method cell, subject); ``num_gpus=1`` where GPUs exist; retried when a
+    worker dies. The run directory must be on a file system every node sees."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = 2):
+        self.address = address
+        self.num_cpus = num_cpus
+        self.max_retries = max_retries
+
+    def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
+        try:
+            import ray
+        except ImportError:
+            raise RuntimeError("--executor ray needs Ray: pip install 'subjectbench[ray]'") from None
+        package_root = str(Path(__file__).resolve().parents[1])
+        runtime_env = {
+            "env_vars": {
+                "PYTHONPATH": os.pathsep.join(p for p in (package_root, os.environ.get("PYTHONPATH")) if p),
+                "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "0"),
+                "SUBJECTBENCH_CACHE": os.environ.get("SUBJECTBENCH_CACHE", ""),
+            }
+        }
+        started_here = not ray.is_initialized()
+        if started_here:
+            kwargs = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
+            ray.init(
+                **kwargs, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
+                ignore_reinit_error=True,
+            )
+        try:
+            gpus = ray.cluster_resources().get("GPU", 0)
+            use_gpu = gpus > 0 and job.context.device.startswith("cuda")
+            remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=self.max_retries)(_ray_execute)
+            references = {remote.remote(group, job): i for i, group in enumerate(groups)}
+            results: dict[int, GroupResult] = {}
+            waiting = list(references)
+            while waiting:
+                ready, waiting = ray.wait(waiting, num_returns=1, timeout=None)
+                for reference in ready:
+                    index = references[reference]
+                    try:
+                        results[index] = ray.get(reference)
+                    except Exception as error:  # noqa: BLE001 - a dead or crashed task
+                        results[index] = _crash_result(groups[index], f"Ray task failed: {type(error).__name__}: {error}".splitlines()[0])
+                    progress("prepare", 1)
+                    progress("generate", len(groups[index].images))
+            return [results[i] for i in range(len(groups))]
+        finally:
+            if started_here:
+                ray.shutdown()
+
+
+def make_executor(name: str, gpus: int | None = None, workers: int | None = None, address: str | None = None):
+    import torch
+
+    if name not in EXECUTORS:
+        raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
+    if name == "ray":
+        return RayExecutor(address=address, num_cpus=workers)
+    if gpus:
+        available = torch.cuda.device_count()
+        if gpus > available:
+            raise ValueError(f"--gpus {gpus}: only {available} CUDA GPU(s) visible; use --gpus {available or 'N'} or omit it")
+        return LocalProcessExecutor(workers=gpus, gpu_ids=range(gpus))
+    if workers and workers > 1 or name == "local":
+        return LocalProcessExecutor(workers=workers or 2)
+    return InProcessExecutor()
+
+

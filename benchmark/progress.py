@@ -1,0 +1,58 @@
+"""Progress bars per stage (prepare / generate / score) and the run log."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+STAGES = ("prepare", "generate", "score")
+
+
+class StageProgress:
+    """One tqdm bar per stage with done/total and ETA; silent with ``quiet``."""
+
+    def __init__(self, totals: dict[str, int], quiet: bool = False):
+        self.bars = {}
+        if quiet:
+            return
+        for position, stage in enumerate(s for s in STAGES if totals.get(s)):
+            self.bars[stage] = tqdm(
+                total=totals[stage], desc=f"{stage:8s}", unit="unit", position=position,
+                leave=True, file=sys.stderr, dynamic_ncols=True, mininterval=0.5,
+            )
+
+    def __call__(self, stage: str, n: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is not None:
+            bar.update(n)
+
+    def set_total(self, stage: str, total: int) -> None:
+        bar = self.bars.get(stage)
+        if bar is not None:
+            bar.total = total
+            bar.refresh()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def setup_logging(log_path: Path, quiet: bool) -> logging.Logger:
+    logger = logging.getLogger("subjectbench")
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    file_handler = logging.FileHandler(log_path, encoding="utf-8")
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(message)s"))
+    logger.addHandler(file_handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.ERROR if quiet else logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.addHandler(console)
+    logger.propagate = False
+    return logger

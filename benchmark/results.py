@@ -1,0 +1,147 @@
+"""Reading a run directory back: plan, image records, current scores (what reports build on)."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.hashing import stable_hash
+from benchmark.store import TMP_PREFIX, Store, atomic_write_bytes, atomic_write_json
+from benchmark.units import Plan
+
+PLAN_FILE = "plan.parquet"
+SUBJECTS_FILE = "subjects.json"
+CURRENT_SCORES_FILE = "scores/current.json"
+
+
+def plan_frame(plan: Plan) -> pd.DataFrame:
+    rows = []
+    for group in plan.groups:
+        cell = group.prepare.cell
+        subject = group.prepare.subject
+        for unit in group.images:
+            rows.append(
+                {
+                    "key": unit.key,
+                    "prepare_key": unit.prepare_key,
+                    "label": cell.label,
+                    "method": cell.method,
+                    "cell_id": cell.cell_id,
+                    "grid": json.dumps(cell.grid, sort_keys=True),
+                    "subject": subject.id,
+                    "class_noun": subject.class_noun,
+                    "kind": subject.kind,
+                    "data_sha": subject.data_sha,
+                    "checkpoint": unit.checkpoint,
+                    "checkpoint_index": unit.checkpoint_index,
+                    "role": unit.role,
+                    "prompt_index": unit.prompt.index,
+                    "category": unit.prompt.category,
+                    "template": unit.prompt.template,
+                    "prompt_text": unit.prompt_text,
+                    "eval_text": unit.eval_text,
+                    "k": unit.k,
+                    "seed": unit.seed,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def save_plan(store: Store, plan: Plan) -> pd.DataFrame:
+    frame = plan_frame(plan)
+    write_parquet(store.root / PLAN_FILE, frame)
+    subjects = [
+        {
+            "id": s.id,
+            "class_noun": s.class_noun,
+            "kind": s.kind,
+            "data_sha": s.data_sha,
+            "images": [str(p) for p in s.images],
+        }
+        for s in plan.subjects
+    ]
+    atomic_write_json(store.root / SUBJECTS_FILE, subjects)
+    return frame
+
+
+def load_plan(store: Store) -> pd.DataFrame:
+    path = store.root / PLAN_FILE
+    if not path.is_file():
+        store.load_config_dict()  # raises the "not a run directory" error if that is the cause
+        raise FileNotFoundError(f"{path} is missing; rerun `subjectbench run` with --out {store.root}")
+    return pd.read_parquet(path)
+
+
+def load_subject_table(store: Store) -> list[dict]:
+    return json.loads((store.root / SUBJECTS_FILE).read_text())
+
+
+def load_records(store: Store) -> pd.DataFrame:
+    """One row per finished image in the store (its manifest row), flattened."""
+    rows = []
+    for record in store.iter_records():
+        flat = {k: v for k, v in record.items() if k not in ("fingerprint", "backbone", "packages", "sampler", "grid")}
+        flat["backbone"] = record.get("backbone", {}).get("name")
+        flat["backbone_random"] = record.get("backbone", {}).get("source") == "built"
+        flat["fingerprint_json"] = json.dumps(record.get("fingerprint"), sort_keys=True)
+        flat["packages_json"] = json.dumps(record.get("packages"), sort_keys=True)
+        rows.append(flat)
+    return pd.DataFrame(rows)
+
+
+def context_keys(frame: pd.DataFrame) -> pd.Series:
+    """Per image: a hash of every piece of scoring context (references, text, siblings).
+
+    A cached score is reused only while its context key is unchanged, so e.g. DIV is recomputed
+    when a sibling image joins the group.
+    """
+    siblings = frame.groupby(["prepare_key", "checkpoint", "template", "role"])["key"].transform(
+        lambda keys: stable_hash(sorted(keys))
+    )
+    return pd.Series(
+        [stable_hash([d, t, s]) for d, t, s in zip(frame["data_sha"], frame["eval_text"], siblings)],
+        index=frame.index,
+    )
+
+
+def read_score_parts(folder: Path) -> pd.DataFrame:
+    parts = sorted(p for p in folder.glob("part-*.parquet") if not p.name.startswith(TMP_PREFIX))
+    if not parts:
+        return pd.DataFrame(columns=["image_key", "context_key", "value"])
+    frame = pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True)
+    return frame.drop_duplicates(["image_key", "context_key"], keep="last")
+
+
+def current_fingerprints(store: Store) -> dict[str, dict]:
+    """metric -> {'hash', 'fingerprint'} used by the latest scoring pass."""
+    path = store.root / CURRENT_SCORES_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def load_scores(store: Store, plan: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Long scores of the plan's finished images: one row per (image, metric), current context only."""
+    plan = load_plan(store) if plan is None else plan
+    done = plan[store.done_mask(plan)]
+    if done.empty:
+        return pd.DataFrame(columns=["key", "metric", "value", "metric_fingerprint"])
+    done = done.assign(context_key=context_keys(done))
+    frames = []
+    for metric, info in current_fingerprints(store).items():
+        scores = read_score_parts(store.scores_dir(metric, info["hash"]))
+        merged = done[["key", "context_key"]].merge(
+            scores, left_on=["key", "context_key"], right_on=["image_key", "context_key"]
+        )
+        merged = merged.assign(metric=metric, metric_fingerprint=info["hash"])
+        frames.append(merged[["key", "metric", "value", "metric_fingerprint"]])
+    if not frames:
+        return pd.DataFrame(columns=["key", "metric", "value", "metric_fingerprint"])
+    return pd.concat(frames, ignore_index=True)

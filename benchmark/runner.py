@@ -1,0 +1,219 @@
+"""Runs one work group — one (method cell, subject) — inside whichever worker holds it.
+
+Prepare once (unless its state is already published), reload the state from disk, then generate
+the group's missing images in batches. Every failure is recorded with its traceback and the
+rest of the group goes on; CUDA out-of-memory frees memory and is recorded as ``oom``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from benchmark import environment
+from benchmark.store import Store
+from benchmark.units import ImageUnit, WorkGroup
+from methods.base import MethodContext, SamplerConfig
+
+log = logging.getLogger("subjectbench")
+Progress = Callable[[str, int], None]
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What every worker needs besides its group; picklable for processes and Ray."""
+
+    run_dir: str
+    context: MethodContext
+    sampler: SamplerConfig
+    batch_size: int
+    force: bool = False
+    retry_failed: bool = False
+
+
+@dataclass
+class GroupResult:
+    group: str
+    done: int = 0
+    skipped: int = 0
+    failed: list[dict] = field(default_factory=list)
+    prepared: bool = False
+
+
+def _is_oom(error: BaseException) -> bool:
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "out of memory" in str(error).lower()
+
+
+def _failure(stage: str, unit_key: str, group: WorkGroup, error: BaseException, **extra) -> dict:
+    kind = "oom" if _is_oom(error) else "error"
+    if kind == "oom":
+        environment.free_cuda_memory()
+    return {
+        "key": unit_key,
+        "stage": stage,
+        "kind": kind,
+        "label": group.prepare.cell.label,
+        "cell_id": group.prepare.cell.cell_id,
+        "subject": group.prepare.subject.id,
+        "message": f"{type(error).__name__}: {error}".splitlines()[0],
+        "traceback": "".join(traceback.format_exception(error)),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **extra,
+    }
+
+
+def _pending(store: Store, job: JobSpec, units: tuple[ImageUnit, ...]) -> tuple[list[ImageUnit], int]:
+    pending, skipped = [], 0
+    for unit in units:
+        if not job.force and store.image_done(unit.label, unit.subject_id, unit.key):
+            skipped += 1
+        elif not job.retry_failed and not job.force and store.failure(unit.key):
+            skipped += 1  # reported as failed by status/summary; --retry-failed redoes it
+        else:
+            pending.append(unit)
+    return pending, skipped
+
+
+def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, memory: dict) -> dict:
+    cell = group.prepare.cell
+    subject = group.prepare.subject
+    return {
+        "key": unit.key,
+        "prepare_key": unit.prepare_key,
+        "label": cell.label,
+        "method": cell.method,
+        "cell_id": cell.cell_id,
+        "grid": cell.grid,
+        "fingerprint": cell.fingerprint,
+        "subject": subject.id,
+        "class_noun": subject.class_noun,
+        "kind": subject.kind,
+        "data_sha": subject.data_sha,
+        "checkpoint": unit.checkpoint,
+        "checkpoint_index": unit.checkpoint_index,
+        "role": unit.role,
+        "prompt_index": unit.prompt.index,
+        "category": unit.prompt.category,
+        "template": unit.prompt.template,
+        "prompt_text": unit.prompt_text,
+        "eval_text": unit.eval_text,
+        "k": unit.k,
+        "seed": unit.seed,
+        "sampler": job.sampler.__dict__,
+        "resolution": job.context.resolution,
+        "backbone": job.context.backbone.fingerprint(),
+        "dtype": job.context.dtype,
+        "device": environment.device_name(job.context.device),
+        "seconds": seconds,
+        **memory,
+        "git": environment.git_hash(),
+        "packages": environment.package_versions(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = None) -> GroupResult:
+    """Run one group to completion; never raises for a unit's failure."""
+    progress = progress or (lambda stage, n: None)
+    store = Store(job.run_dir)
+    prepare = group.prepare
+    cell, subject = prepare.cell, prepare.subject
+    result = GroupResult(group=f"{cell.cell_id}/{subject.id}")
+    pending, result.skipped = _pending(store, job, group.images)
+    if result.skipped:
+        progress("generate", result.skipped)
+    state_ready = store.state_done(cell.label, subject.id, prepare.key) and not job.force
+    if not pending:
+        progress("prepare", 1)
+        return result
+    if not state_ready and not job.force and not job.retry_failed and store.failure(prepare.key):
+        result.skipped += len(pending)
+        progress("prepare", 1)
+        progress("generate", len(pending))
+        return result
+
+    method = cell.build(job.context)
+    try:
+        if not state_ready:
+            log.info("prepare %s on %s (key %s)", cell.cell_id, subject.id, prepare.key)
+            environment.reset_peak_memory(job.context.device)
+            workdir = store.new_state_workdir(cell.label, subject.id, prepare.key)
+            started = time.perf_counter()
+            method.prepare(subject, workdir, prepare.seed)
+            info = {
+                "seconds": time.perf_counter() - started,
+                **environment.peak_memory_mb(job.context.device),
+                "device": environment.device_name(job.context.device),
+                "fingerprint": cell.fingerprint,
+                "subject": subject.id,
+                "data_sha": subject.data_sha,
+                "seed": prepare.seed,
+                "git": environment.git_hash(),
+                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+            }
+            store.publish_state(workdir, cell.label, subject.id, prepare.key, info)
+            store.clear_failure(prepare.key)
+            result.prepared = True
+        state = method.load_state(store.state_dir(cell.label, subject.id, prepare.key), subject)
+    except Exception as error:  # noqa: BLE001 - isolate the failure, the run goes on
+        failure = _failure("prepare", prepare.key, group, error, images=len(pending))
+        store.record_failure(prepare.key, failure)
+        log.error("prepare failed for %s: %s", result.group, failure["message"])
+        result.failed.append(failure)
+        progress("prepare", 1)
+        progress("generate", len(pending))
+        return result
+    progress("prepare", 1)
+
+    try:
+        by_checkpoint: dict[str, list[ImageUnit]] = {}
+        for unit in pending:
+            by_checkpoint.setdefault(unit.checkpoint, []).append(unit)
+        for checkpoint, units in by_checkpoint.items():
+            for start in range(0, len(units), job.batch_size):
+                batch = units[start : start + job.batch_size]
+                _generate_batch(method, state, checkpoint, batch, group, job, store, result)
+                progress("generate", len(batch))
+    finally:
+        method.release()
+    return result
+
+
+def _generate_batch(method, state, checkpoint, batch, group, job, store, result) -> None:
+    """Generate a batch; if it fails, retry its units one by one so one bad unit fails alone."""
+
+    def attempt(units: list[ImageUnit]) -> None:
+        environment.reset_peak_memory(job.context.device)
+        started = time.perf_counter()
+        images = method.generate(state, checkpoint, [u.prompt_text for u in units], [u.seed for u in units], job.sampler)
+        if len(images) != len(units):
+            raise RuntimeError(
+                f"{group.prepare.cell.method}.generate returned {len(images)} images for {len(units)} prompts"
+            )
+        seconds = (time.perf_counter() - started) / len(units)
+        memory = environment.peak_memory_mb(job.context.device)
+        for unit, image in zip(units, images):
+            store.write_image(unit.label, unit.subject_id, unit.key, image, _record(unit, group, job, seconds, memory))
+            result.done += 1
+
+    if len(batch) > 1:
+        try:
+            attempt(batch)
+            return
+        except Exception as error:  # noqa: BLE001
+            if _is_oom(error):
+                environment.free_cuda_memory()
+            log.warning("batch of %d images failed (%s); retrying one by one", len(batch), str(error).splitlines()[0])
+    for unit in batch:
+        try:
+            attempt([unit])
+        except Exception as error:  # noqa: BLE001 - isolate the failure, the run goes on
+            failure = _failure("generate", unit.key, group, error, checkpoint=checkpoint, prompt=unit.prompt_text)
+            store.record_failure(unit.key, failure)
+            log.error("generate failed for %s %r: %s", result.group, unit.prompt_text, failure["message"])
+            result.failed.append(failure)

@@ -1,0 +1,138 @@
+"""The score stage: score finished images with each configured metric, computing only what is
+missing (new images, or images whose scoring context changed), one subject batch at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable
+
+import numpy as np
+import pandas as pd
+from PIL import Image
+
+from benchmark.hashing import stable_hash
+from benchmark.results import (
+    CURRENT_SCORES_FILE,
+    context_keys,
+    read_score_parts,
+    write_parquet,
+)
+from benchmark.store import Store, atomic_write_json
+from data.images import load_image, to_tensor
+
+log = logging.getLogger("subjectbench")
+
+
+def _images(store: Store, rows: pd.DataFrame):
+    images = []
+    for label, subject, key in zip(rows["label"], rows["subject"], rows["key"]):
+        with Image.open(store.image_path(label, subject, key)) as handle:
+            images.append(handle.convert("RGB"))
+    return to_tensor(images)
+
+
+def score_run(
+    store: Store,
+    plan: pd.DataFrame,
+    subjects: list[dict],
+    metrics_config,
+    device: str,
+    progress: Callable[[str, int], None] | None = None,
+    force: bool = False,
+) -> tuple[int, list[dict]]:
+    """Score the plan's finished images. Returns (values computed, failures)."""
+    from metrics.base import MetricSettings, ScoringInputs
+    from metrics.registry import build_metric
+
+    progress = progress or (lambda stage, n: None)
+    done = plan[store.done_mask(plan)]
+    if done.empty or not metrics_config.names:
+        return 0, []
+    done = done.assign(context_key=context_keys(done)).reset_index(drop=True)
+    by_subject = {s["id"]: s for s in subjects}
+    settings = MetricSettings(
+        weights=metrics_config.weights,
+        clip=metrics_config.clip,
+        lpips_net=metrics_config.lpips_net,
+        batch_size=metrics_config.batch_size,
+        device=device,
+        cache_dir=store.root / "cache" / "metrics",
+    )
+    references: dict[str, list] = {}
+    current: dict[str, dict] = {}
+    computed, failures = 0, []
+    for name in metrics_config.names:
+        metric = build_metric(name, settings)
+        fingerprint = metric.fingerprint()
+        fingerprint_hash = stable_hash(fingerprint)
+        folder = store.scores_dir(name, fingerprint_hash)
+        atomic_write_json(folder / "fingerprint.json", fingerprint)
+        current[name] = {"hash": fingerprint_hash, "fingerprint": fingerprint}
+        rows = done[done["role"] == metric.role]
+        if not force:
+            have = read_score_parts(folder)
+            have_pairs = set(zip(have["image_key"], have["context_key"]))
+            rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
+        for subject_id, subject_rows in rows.groupby("subject", sort=False):
+            subject = by_subject[subject_id]
+            started = time.perf_counter()
+            try:
+                if subject_id not in references:
+                    references[subject_id] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
+                # DIV needs every sibling of a group in one call, even those already scored.
+                groups = subject_rows["prepare_key"] + "|" + subject_rows["checkpoint"] + "|" + subject_rows["template"]
+                if getattr(metric, "needs_complete_groups", False):
+                    wanted = set(groups)
+                    all_rows = done[(done["subject"] == subject_id) & (done["role"] == metric.role)]
+                    all_groups = all_rows["prepare_key"] + "|" + all_rows["checkpoint"] + "|" + all_rows["template"]
+                    subject_rows, groups = all_rows[all_groups.isin(wanted)], all_groups[all_groups.isin(wanted)]
+                inputs = ScoringInputs(
+                    images=_images(store, subject_rows),
+                    image_keys=list(subject_rows["key"]),
+                    texts=list(subject_rows["eval_text"]),
+                    references=references[subject_id],
+                    reference_key=subject["data_sha"],
+                    groups=list(groups),
+                )
+                values = np.asarray(metric.score(inputs), dtype=np.float64)
+                if values.shape != (len(subject_rows),):
+                    raise RuntimeError(f"metric {name} returned shape {values.shape} for {len(subject_rows)} images")
+            except Exception as error:  # noqa: BLE001 - a scoring failure is recorded, the rest goes on
+                failure = {
+                    "key": f"score-{name}-{subject_id}",
+                    "stage": "score",
+                    "kind": "error",
+                    "label": "-",
+                    "cell_id": "-",
+                    "subject": subject_id,
+                    "metric": name,
+                    "message": f"{type(error).__name__}: {error}".splitlines()[0],
+                    "traceback": "".join(traceback.format_exception(error)),
+                }
+                store.record_failure(failure["key"], failure)
+                failures.append(failure)
+                log.error("scoring %s on %s failed: %s", name, subject_id, failure["message"])
+                continue
+            store.clear_failure(f"score-{name}-{subject_id}")
+            seconds = time.perf_counter() - started
+            part = pd.DataFrame(
+                {
+                    "image_key": list(subject_rows["key"]),
+                    "context_key": list(subject_rows["context_key"]),
+                    "value": values,
+                    "seconds_per_image": seconds / max(len(subject_rows), 1),
+                }
+            )
+            write_parquet(folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
+            computed += len(part)
+            progress("score", len(part))
+    atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
+    return computed, failures
+
+
+def scoring_workload(store: Store, plan: pd.DataFrame, metric_names) -> int:
+    """Upper bound of values to compute (for the progress bar)."""
+    return int(len(plan)) * len(metric_names)

@@ -1,0 +1,211 @@
+"""The run directory: content-keyed, atomic, resumable storage of states, images, scores, failures.
+
+Layout under RUN_DIR (DESIGN.md "Run unit and store"):
+  config.yaml, configs/<time>-<hash>.yaml   resolved config of the latest / every invocation
+  plan.parquet, subjects.json               the latest invocation's units and subjects
+  states/<label>/<subject>/<prepare-key>/   trained state (safetensors + JSON), DONE last
+  images/<label>/<subject>/<key>.png        generated image
+  images/<label>/<subject>/<key>.json       its manifest row; written last, so it marks done
+  scores/<metric>/<fingerprint>/part-*.parquet  + fingerprint.json
+  failures/<key>.json                        a failed unit with its traceback
+  run.log                                    the log of every invocation
+Every file is written to a temporary name in the same folder and renamed into place, so a
+process killed at any moment leaves either the old state or the new one, never half a file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DONE = "DONE"
+TMP_PREFIX = ".tmp-"
+
+
+def _safe(name: str) -> str:
+    """A path component for labels/subject ids (no separators, no dot-files)."""
+    cleaned = re.sub(r"[^A-Za-z0-9._=+,\-\[\]]", "_", name).lstrip(".")
+    return cleaned or "_"
+
+
+def _fsync_write(path: Path, data: bytes) -> None:
+    with open(path, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        _fsync_write(temporary, data)
+        os.replace(temporary, path)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: Path, value: Any) -> None:
+    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, default=str))
+
+
+class StoreError(RuntimeError):
+    pass
+
+
+class Store:
+    """Reads and writes one run directory."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root).expanduser().resolve()
+
+    # ------------------------------------------------------------------ layout
+    def state_dir(self, label: str, subject_id: str, key: str) -> Path:
+        return self.root / "states" / _safe(label) / _safe(subject_id) / key
+
+    def image_path(self, label: str, subject_id: str, key: str) -> Path:
+        return self.root / "images" / _safe(label) / _safe(subject_id) / f"{key}.png"
+
+    def record_path(self, label: str, subject_id: str, key: str) -> Path:
+        return self.image_path(label, subject_id, key).with_suffix(".json")
+
+    def failure_path(self, key: str) -> Path:
+        return self.root / "failures" / f"{key}.json"
+
+    def scores_dir(self, metric: str, fingerprint_hash: str) -> Path:
+        return self.root / "scores" / _safe(metric) / fingerprint_hash
+
+    @property
+    def log_path(self) -> Path:
+        return self.root / "run.log"
+
+    # ------------------------------------------------------------------ lifecycle
+    def ensure(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def clean_temporaries(self) -> int:
+        """Remove what killed processes left half-written (temp files and temp state folders)."""
+        removed = 0
+        for sub in ("states", "images", "scores", "failures", "."):
+            base = self.root / sub
+            if not base.exists():
+                continue
+            pattern = f"{TMP_PREFIX}*" if sub == "." else f"**/{TMP_PREFIX}*"
+            for path in list(base.glob(pattern)):
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    # ------------------------------------------------------------------ config and plan
+    def save_config(self, resolved: dict) -> None:
+        from benchmark.hashing import stable_hash
+
+        text = yaml.safe_dump(resolved, sort_keys=False)
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        atomic_write_text(self.root / "configs" / f"{stamp}-{stable_hash(resolved, 8)}.yaml", text)
+        atomic_write_text(self.root / "config.yaml", text)
+
+    def load_config_dict(self) -> dict:
+        path = self.root / "config.yaml"
+        if not path.is_file():
+            raise StoreError(
+                f"{self.root} is not a run directory (no config.yaml); create one with "
+                f"`subjectbench run [SUITE] --out {self.root}`"
+            )
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+
+    # ------------------------------------------------------------------ states
+    def state_done(self, label: str, subject_id: str, key: str) -> bool:
+        return (self.state_dir(label, subject_id, key) / DONE).is_file()
+
+    def new_state_workdir(self, label: str, subject_id: str, key: str) -> Path:
+        final = self.state_dir(label, subject_id, key)
+        work = final.with_name(f"{TMP_PREFIX}{key}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+        work.mkdir(parents=True)
+        return work
+
+    def publish_state(self, workdir: Path, label: str, subject_id: str, key: str, info: dict) -> Path:
+        """Mark ``workdir`` complete (DONE) and move it into place atomically."""
+        for path in workdir.rglob("*"):
+            if path.suffix in (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"):
+                raise StoreError(
+                    f"state file {path.name} is not safetensors/JSON; methods must save with "
+                    "safetensors (no pickle is ever written or loaded)"
+                )
+        atomic_write_json(workdir / DONE, info)
+        final = self.state_dir(label, subject_id, key)
+        if final.exists():  # --force, or a stale folder without DONE
+            trash = final.with_name(f"{TMP_PREFIX}old-{key}.{uuid.uuid4().hex[:8]}")
+            os.replace(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.replace(workdir, final)
+        return final
+
+    def state_info(self, label: str, subject_id: str, key: str) -> dict | None:
+        path = self.state_dir(label, subject_id, key) / DONE
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    # ------------------------------------------------------------------ images
+    def image_done(self, label: str, subject_id: str, key: str) -> bool:
+        return self.record_path(label, subject_id, key).is_file() and self.image_path(label, subject_id, key).is_file()
+
+    def done_mask(self, frame) -> list[bool]:
+        """Per row of a plan frame (label, subject, key columns): is its image finished?"""
+        return [self.image_done(*row) for row in zip(frame["label"], frame["subject"], frame["key"])]
+
+    def write_image(self, label: str, subject_id: str, key: str, image, record: dict) -> None:
+        """PNG first, then its record: the record's presence means the image is complete."""
+        import io
+
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")
+        atomic_write_bytes(self.image_path(label, subject_id, key), buffer.getvalue())
+        atomic_write_json(self.record_path(label, subject_id, key), record)
+        self.clear_failure(key)
+
+    def iter_records(self) -> Iterable[dict]:
+        base = self.root / "images"
+        if not base.exists():
+            return
+        for path in sorted(base.glob("*/*/*.json")):
+            if path.name.startswith(TMP_PREFIX):
+                continue
+            yield json.loads(path.read_text(encoding="utf-8"))
+
+    # ------------------------------------------------------------------ failures
+    def record_failure(self, key: str, info: dict) -> None:
+        atomic_write_json(self.failure_path(key), info)
+
+    def clear_failure(self, key: str) -> None:
+        self.failure_path(key).unlink(missing_ok=True)
+
+    def failure(self, key: str) -> dict | None:
+        path = self.failure_path(key)
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def failures(self) -> dict[str, dict]:
+        base = self.root / "failures"
+        if not base.exists():
+            return {}
+        return {
+            p.stem: json.loads(p.read_text())
+            for p in sorted(base.glob("*.json"))
+            if not p.name.startswith(TMP_PREFIX)
+        }

@@ -1,0 +1,59 @@
+"""Helpers shared by tests: run the CLI in a subprocess, snapshot a run directory."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+VOLATILE = {"seconds", "time", "peak_rss_mb", "peak_cuda_mb", "device", "git", "packages"}
+
+
+def cli_env() -> dict:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def cli_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "benchmark", *args]
+
+
+def run_cli(*args: str, check: bool = False, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        cli_command(*args), cwd=REPO_ROOT, env=cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and result.returncode != 0:
+        raise AssertionError(f"CLI {args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def snapshot(run_dir: Path) -> dict:
+    """Everything a run produced that must not depend on how it was run: image bytes, the
+    records without timing/host fields, the published states, and the scores."""
+    out: dict[str, object] = {}
+    for path in sorted((run_dir / "images").rglob("*.png")):
+        out[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    for path in sorted((run_dir / "images").rglob("*.json")):
+        record = json.loads(path.read_text())
+        out[str(path.relative_to(run_dir))] = {k: v for k, v in record.items() if k not in VOLATILE}
+    for path in sorted((run_dir / "states").rglob("*")):
+        if path.is_file() and path.name != "DONE":
+            out[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
+    scores = run_dir / "scores"
+    if scores.exists():
+        from benchmark.results import load_scores
+        from benchmark.store import Store
+
+        frame = load_scores(Store(run_dir)).sort_values(["metric", "key"])
+        out["scores"] = [(m, k, round(float(v), 9)) for m, k, v in zip(frame["metric"], frame["key"], frame["value"])]
+    return out
+
+
+def leftovers(run_dir: Path) -> list[str]:
+    return [str(p) for p in run_dir.rglob(".tmp-*")]

@@ -1,0 +1,212 @@
+"""Harness: expansion, seeds, store, resume after SIGKILL, failures, executors (dummy method)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from benchmark.config import load_config
+from benchmark.driver import run_benchmark
+from benchmark.store import Store, StoreError
+from benchmark.units import expand, method_context
+from tests.helpers import REPO_ROOT, cli_command, cli_env, leftovers, run_cli, snapshot
+
+BASE = ["methods=dummy", "metrics.names=[]"]
+
+
+def config(*overrides: str):
+    return load_config("default", [*BASE, *overrides])
+
+
+def test_expansion_counts_grid_and_seed_rule():
+    cfg = config("methods.dummy.fidelity=[0.2,0.5,0.9]", "protocol.images_per_prompt=3", "protocol.prior_images=1")
+    plan = expand(cfg, method_context(cfg, "cpu", "float32"))
+    assert len(plan.cells) == 3
+    assert [c.cell_id for c in plan.cells] == ["dummy[fidelity=0.2]", "dummy[fidelity=0.5]", "dummy[fidelity=0.9]"]
+    assert len(plan.groups) == 3 * 3  # cells × subjects
+    assert len(plan.image_units) == 9 * (3 * 3 + 1)
+    keys = [u.key for u in plan.image_units]
+    assert len(set(keys)) == len(keys)
+    # The seed of (subject, prompt, k) is the same in every cell: cells differ only by method.
+    seeds = {}
+    for unit in plan.image_units:
+        seeds.setdefault((unit.subject_id, unit.prompt.template, unit.k), set()).add(unit.seed)
+    assert all(len(s) == 1 for s in seeds.values())
+    # Changing images_per_prompt keeps the keys of the images both configs share.
+    smaller = load_config("default", [*BASE, "methods.dummy.fidelity=[0.2,0.5,0.9]", "protocol.images_per_prompt=2", "protocol.prior_images=1"])
+    small_keys = {u.key for u in expand(smaller, method_context(smaller, "cpu", "float32")).image_units}
+    assert small_keys < set(keys)
+
+
+def test_keys_change_with_everything_that_changes_output():
+    def keys(*overrides):
+        cfg = config(*overrides)
+        return {u.key for u in expand(cfg, method_context(cfg, "cpu", "float32")).image_units}
+
+    base = keys()
+    for change in ("methods.dummy.noise=0.5", "protocol.seed=1", "protocol.sampler.steps=10",
+                   "protocol.sampler.guidance=5.0", "protocol.resolution=32", "protocol.identifier=zwx"):
+        assert keys(change).isdisjoint(base), change
+    cfg = config()
+    assert {u.key for u in expand(cfg, method_context(cfg, "cpu", "bfloat16")).image_units}.isdisjoint(base)
+
+
+def test_shards_and_batch_sizes_give_identical_images(tmp_path):
+    whole = tmp_path / "whole"
+    run_benchmark(config("generation.batch_size=8"), whole, quiet=True)
+    sharded = tmp_path / "sharded"
+    for index in range(3):
+        run_benchmark(config("generation.batch_size=1"), sharded, quiet=True, shard_spec=(index, 3))
+    assert snapshot(whole) == snapshot(sharded)
+    assert len(list((whole / "images").rglob("*.png"))) == 24
+
+
+def test_rerun_skips_finished_work_and_force_redoes(tmp_path):
+    first = run_benchmark(config(), tmp_path, quiet=True)
+    assert (first.done, first.skipped, first.failed) == (24, 0, [])
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.png")}
+    again = run_benchmark(config(), tmp_path, quiet=True)
+    assert (again.done, again.skipped) == (0, 24)
+    assert before == {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.png")}
+    forced = run_benchmark(config(), tmp_path, quiet=True, force=True)
+    assert forced.done == 24
+
+
+def test_failures_are_isolated_recorded_and_retried(tmp_path):
+    cfg = config("methods.dummy.fail_subjects=[teapot]", "methods.dummy.fail_prompts=[snow]", "protocol.prompts=[0,1]")
+    summary = run_benchmark(cfg, tmp_path, quiet=True)
+    assert summary.exit_code == 1
+    stages = sorted((f["stage"], f["subject"]) for f in summary.failed)
+    # teapot's prepare failed once; prompt 1 ("in the snow") failed for each image of dog and duck_toy.
+    assert stages.count(("prepare", "teapot")) == 1
+    assert stages.count(("generate", "dog")) == 2 and stages.count(("generate", "duck_toy")) == 2
+    assert summary.done == 2 * (2 + 2)  # jungle × 2 + prior × 2 for the two healthy subjects
+    failure = next(f for f in summary.failed if f["stage"] == "prepare")
+    assert "simulated failure preparing teapot" in failure["message"]
+    assert "Traceback" in failure["traceback"]
+    assert any("FAILED [prepare/error] dummy on teapot" in line for line in summary.lines())
+    # A plain rerun does not retry recorded failures; --retry-failed does.
+    rerun = run_benchmark(cfg, tmp_path, quiet=True)
+    assert rerun.done == 0 and rerun.exit_code == 1
+    fixed = config("protocol.prompts=[0,1]")
+    healed = run_benchmark(fixed, tmp_path, quiet=True, retry_failed=True)
+    assert healed.exit_code == 0 and healed.failed == []
+    assert healed.done == 4 + 6  # dog/duck snow images + all of teapot
+
+
+def test_out_of_memory_is_recorded_as_oom_and_next_unit_runs(tmp_path):
+    summary = run_benchmark(config("methods.dummy.oom_subjects=[dog]"), tmp_path, quiet=True)
+    assert [(f["subject"], f["kind"]) for f in summary.failed] == [("dog", "oom")]
+    assert summary.done == 16
+
+
+def test_state_must_be_safetensors(tmp_path):
+    store = Store(tmp_path)
+    work = store.new_state_workdir("m", "s", "k")
+    (work / "weights.pt").write_bytes(b"not allowed")
+    with pytest.raises(StoreError, match="weights.pt is not safetensors"):
+        store.publish_state(work, "m", "s", "k", {})
+
+
+def test_status_and_log(tmp_path):
+    run_benchmark(config("methods.dummy.fail_subjects=[dog]"), tmp_path, quiet=True)
+    result = run_cli("status", str(tmp_path))
+    assert result.returncode == 1
+    assert "2/3" in result.stdout and "16/24" in result.stdout
+    assert "simulated failure preparing dog" in result.stdout
+    log = (tmp_path / "run.log").read_text()
+    assert "prepare dummy on teapot" in log and "prepare failed for dummy/dog" in log
+
+
+def test_status_of_a_folder_that_is_not_a_run(tmp_path):
+    result = run_cli("status", str(tmp_path))
+    assert result.returncode == 2
+    assert "is not a run directory" in result.stderr and "Traceback" not in result.stderr
+
+
+def _wait_for(predicate, process, timeout=60.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.005)
+    return False
+
+
+@pytest.mark.parametrize(
+    "kill_when",
+    ["in_prepare", "after_1_image", "after_9_images", "after_17_images"],
+)
+def test_sigkill_at_any_moment_then_rerun_gives_identical_results(tmp_path, kill_when):
+    args = [*BASE, "methods.dummy.sleep_s=0.03", "methods.dummy.prepare_sleep_s=0.3", "--quiet"]
+    reference = tmp_path / "reference"
+    run_cli("run", "default", *args, "--out", str(reference), check=True)
+
+    victim = tmp_path / "victim"
+    process = subprocess.Popen(
+        cli_command("run", "default", *args, "--out", str(victim)),
+        cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    if kill_when == "in_prepare":
+        condition = lambda: any(p.name.startswith(".tmp-") for p in (victim / "states").glob("*/*/*"))  # noqa: E731
+    else:
+        count = int(kill_when.split("_")[1])
+        condition = lambda: len(list((victim / "images").glob("*/*/*.json"))) >= count  # noqa: E731
+    reached = _wait_for(condition, process)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert reached, f"run finished before reaching {kill_when}"
+    assert len(list((victim / "images").glob("*/*/*.json"))) < 24
+
+    run_cli("run", "default", *args, "--out", str(victim), check=True)
+    assert leftovers(victim) == []
+    assert snapshot(victim) == snapshot(reference)
+    records = list((victim / "images").glob("*/*/*.json"))
+    assert len(records) == 24 and len({json.loads(p.read_text())["key"] for p in records}) == 24
+
+
+def test_local_process_executor_matches_inprocess(tmp_path):
+    run_benchmark(config(), tmp_path / "a", quiet=True)
+    run_benchmark(config(), tmp_path / "b", quiet=True, executor="local", workers=2)
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+
+
+def test_ray_executor_matches_inprocess(tmp_path):
+    pytest.importorskip("ray")
+    run_benchmark(config(), tmp_path / "a", quiet=True)
+    summary = run_benchmark(config("methods.dummy.fail_subjects=[dog]"), tmp_path / "b", quiet=True, executor="ray", workers=2)
+    assert [f["subject"] for f in summary.failed] == ["dog"]
+    run_benchmark(config(), tmp_path / "b", quiet=True, executor="ray", workers=2, retry_failed=True)
+    assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+
+
+def test_concurrent_runs_on_one_directory_are_refused(tmp_path):
+    args = [*BASE, "methods.dummy.sleep_s=0.4", "--quiet", "--out", str(tmp_path)]
+    process = subprocess.Popen(cli_command("run", "default", *args), cwd=REPO_ROOT, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert _wait_for(lambda: (tmp_path / "plan.parquet").exists(), process)
+        second = run_cli("run", "default", *args)
+        assert second.returncode == 2
+        assert "another subjectbench process is using" in second.stderr
+    finally:
+        process.wait(timeout=120)
+    assert process.returncode == 0
+    assert os.path.exists(tmp_path / "config.yaml")
+
+
+def test_resolved_config_is_saved_with_defaults(tmp_path):
+    import yaml
+
+    run_benchmark(config("methods.dummy.noise=0.1"), tmp_path, quiet=True)
+    saved = yaml.safe_load((tmp_path / "config.yaml").read_text())
+    params = saved["methods"][0]["params"]
+    assert params["noise"] == 0.1 and params["fidelity"] == 0.7 and "sleep_s" in params
+    assert len(list((tmp_path / "configs").glob("*.yaml"))) == 1
