@@ -120,7 +120,7 @@ class _Reader:
                 kind = "dir"
             elif stat.S_ISLNK(mode):
                 kind = "symlink"
-            elif mode and not stat.S_ISREG(mode):
+            elif stat.S_IFMT(mode) and not stat.S_ISREG(mode):
                 kind = "special"
             else:
                 kind = "file"
