@@ -334,32 +334,48 @@ def download_dataset(
                 "--force to set it aside and download afresh"
             )
     staging = target.parent / f".{target.name}.download"
-    with _exclusive(staging):
-        dataset = None
-        if source in ("auto", "hub"):
-            try:
-                dataset = _from_hub(staging, manifest, hub_repo, hub_revision, timeout, log)
-                origin, where = "hub", f"{hub_repo}@{hub_revision}"
-            except _SourceFailed as error:
-                if source == "hub":
-                    raise DatasetError(
-                        f"{error}; retry when online, use --source github, or copy the dataset by "
-                        "hand and pass --dataset-dir"
-                    ) from None
-                log(f"{error}; falling back to the GitHub archive")
-        if dataset is None:
-            archive_url = url or default_archive_url()
-            dataset = _from_archive(archive_url, staging, manifest, timeout, retries, retry_wait, log)
-            origin, where = "github", archive_url
-        marker = {"source": origin, "from": where, "files": len(manifest),
-                  "verified_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        (dataset / MARKER).write_text(json.dumps(marker, indent=1) + "\n")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists():
-            aside = target.with_name(f"{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.rename(target, aside)
-            log(f"the previous, unverified {target} was kept as {aside}")
-        os.rename(dataset, target)  # staging is a sibling of target: same filesystem, atomic
-        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        with _exclusive(staging):
+            dataset, origin, where = _obtain(staging, source, manifest, url, hub_repo,
+                                             hub_revision, timeout, retries, retry_wait, log)
+            _place(dataset, target, {"source": origin, "from": where, "files": len(manifest)}, log)
+            shutil.rmtree(staging, ignore_errors=True)
+    except OSError as error:
+        raise DatasetError(
+            f"cannot write the dataset at {target} ({error}); choose a writable --dataset-dir "
+            "with ~200 MB free"
+        ) from None
     return DownloadResult(target, origin, len(manifest),
                           f"{target}: downloaded from {where} and verified ({len(manifest)} files)")
+
+
+def _obtain(staging: Path, source: str, manifest: Mapping[str, str], url: str | None,
+            hub_repo: str, hub_revision: str, timeout: float, retries: int, retry_wait: float,
+            log) -> tuple[Path, str, str]:
+    """The verified dataset in the staging folder, from the hub or else the archive."""
+    if source in ("auto", "hub"):
+        try:
+            dataset = _from_hub(staging, manifest, hub_repo, hub_revision, timeout, log)
+            return dataset, "hub", f"{hub_repo}@{hub_revision}"
+        except _SourceFailed as error:
+            if source == "hub":
+                raise DatasetError(
+                    f"{error}; retry when online, use --source github, or copy the dataset by "
+                    "hand and pass --dataset-dir"
+                ) from None
+            log(f"{error}; falling back to the GitHub archive")
+    archive_url = url or default_archive_url()
+    dataset = _from_archive(archive_url, staging, manifest, timeout, retries, retry_wait, log)
+    return dataset, "github", archive_url
+
+
+def _place(dataset: Path, target: Path, provenance: dict, log) -> None:
+    """Rename the verified folder into place; an unverified one already there is set aside."""
+    provenance["verified_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    (dataset / MARKER).write_text(json.dumps(provenance, indent=1) + "\n")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        aside = target.with_name(f"{target.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.rename(target, aside)
+        log(f"the previous, unverified {target} was kept as {aside}")
+    os.rename(dataset, target)  # staging is a sibling of target: same filesystem, atomic

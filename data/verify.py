@@ -177,7 +177,11 @@ def verify_dataset(
                 entry.missing.append(name)
                 continue
             entry.found += 1
-            checksum_ok = file_sha256(path) == manifest[name]
+            try:
+                checksum_ok = file_sha256(path) == manifest[name]
+            except OSError as error:
+                entry.corrupt.append({"file": name, "reason": f"cannot be read ({error})"})
+                continue
             is_image = path.suffix.lower() in IMAGE_SUFFIXES
             problem = _decode_problem(path) if is_image and (decode_all or not checksum_ok) else None
             if problem:

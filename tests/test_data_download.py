@@ -443,3 +443,10 @@ def test_cli_download_of_present_copy_is_a_no_op(dreambooth_dir, capsys, monkeyp
     monkeypatch.setenv("SUBJECTBENCH_DATASET_URL", closed_port_url())
     assert main(["data", "download", "--dataset-dir", str(dreambooth_dir), "--source", "github"]) == 0
     assert "already present and verified (159 files)" in capsys.readouterr().out
+
+
+def test_unwritable_target_is_a_clear_error(tmp_path, tiny_files, serve):
+    server = serve(tar_gz(tiny_files))
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(DatasetError, match=r"cannot write the dataset at .*a-file/db .*writable --dataset-dir"):
+        fetch(tmp_path / "a-file" / "db", manifest_of(tiny_files), server.url)
