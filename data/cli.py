@@ -7,6 +7,7 @@ job (message on stderr, printed by ``benchmark.cli.main``).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 
 EPILOG = """\
@@ -67,6 +68,13 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     verify.add_argument("--decode-all", action="store_true",
                         help="also decode files whose checksum matches (slower)")
     verify.set_defaults(handler=cmd_verify)
+
+    # `data masks` lives in data/masks.py, written on another branch; register it when present
+    # (find_spec, not try/except ImportError, so a broken masks module still fails loudly).
+    if importlib.util.find_spec("data.masks") is not None:
+        from data.masks import add_masks_command
+
+        add_masks_command(sub)
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -151,15 +151,20 @@ def _fetch_once(url: str, part: Path, meta_path: Path, timeout: float, log) -> N
                 "last_modified": response.headers.get("Last-Modified")}
         _write_meta(meta_path, meta)
         received = have
-        try:
-            with open(part, "ab" if resumed else "wb") as out:
-                for block in iter(lambda: response.read(1 << 16), b""):
-                    received += len(block)
-                    if received > MAX_ARCHIVE_BYTES:
-                        raise DatasetError(f"{url}: more than {MAX_ARCHIVE_BYTES} bytes; check the URL")
-                    out.write(block)
-        except (HTTPException, OSError) as error:
-            raise _Transient(f"connection lost after {received} bytes ({type(error).__name__})") from None
+        # Only reading is transient; a failed write (disk full) is the caller's OSError.
+        with open(part, "ab" if resumed else "wb") as out:
+            while True:
+                try:
+                    block = response.read(1 << 16)
+                except (HTTPException, OSError) as error:
+                    raise _Transient(f"connection lost after {received} bytes "
+                                     f"({type(error).__name__})") from None
+                if not block:
+                    break
+                received += len(block)
+                if received > MAX_ARCHIVE_BYTES:
+                    raise DatasetError(f"{url}: more than {MAX_ARCHIVE_BYTES} bytes; check the URL")
+                out.write(block)
     if total is not None and received < total:
         raise _Transient(f"connection closed after {received} of {total} bytes")
     if total is not None and received > total:

@@ -21,6 +21,8 @@ KNOWN_EXTRA_FILES = frozenset(
     {"references_and_licenses.txt", "LICENSE.md", "LICENSE", "PROVENANCE.md", "README.md",
      "SHA256SUMS"}
 )
+# Derived data that tools keep beside a copy (subject masks): noted, never checked or failed.
+DERIVED_DIRS = ("masks",)
 
 
 @dataclass
@@ -52,6 +54,7 @@ class VerifyReport:
     other: list[SubjectReport] = field(default_factory=list)  # non-subject manifest files
     extra: list[str] = field(default_factory=list)  # unexpected files outside subject folders
     problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,6 +84,7 @@ class VerifyReport:
             "other_files": [asdict(s) | {"ok": s.ok} for s in self.other],
             "extra_files": list(self.extra),
             "problems": list(self.problems),
+            "notes": list(self.notes),
         }
 
     def format_text(self) -> str:
@@ -99,6 +103,7 @@ class VerifyReport:
             lines.append(f"  {s.id}: {state}")
             lines.extend(_details(s))
         lines.extend(f"    extra: {name} (not part of the dataset; remove it)" for name in self.extra)
+        lines.extend(f"  note: {note}" for note in self.notes)
         t = self.totals()
         verdict = "OK" if self.ok else "FAILED"
         if self.kind != "dreambooth":
@@ -191,16 +196,22 @@ def verify_dataset(
         (report.subjects if is_subject else report.other).append(entry)
 
     subject_reports = {s.id: s for s in report.subjects}
+    derived: dict[str, int] = {}
     for name in _listing(root):
         if name in manifest:
             continue
         parts = PurePosixPath(name).parts
+        if len(parts) > 1 and parts[0] in DERIVED_DIRS:
+            derived[parts[0]] = derived.get(parts[0], 0) + 1
+            continue
         if len(parts) == 1 and name in KNOWN_EXTRA_FILES:
             continue
         if len(parts) == 2 and parts[0] in subject_reports:
             subject_reports[parts[0]].extra.append(name)
         else:
             report.extra.append(name)
+    report.notes.extend(f"{folder}/ holds {count} derived files (e.g. subject masks); not part of "
+                        "the dataset, not checked" for folder, count in sorted(derived.items()))
     return report
 
 

@@ -114,6 +114,17 @@ def test_cli_verify_damaged_exits_1_and_names_files(damaged, capsys):
     assert out.strip().splitlines()[-1].endswith("FAILED")
 
 
+def test_masks_folder_is_noted_not_failed(dreambooth_dir, tmp_path):
+    root = linked_copy(dreambooth_dir, tmp_path / "db")
+    (root / "masks" / "grabcut" / "dog").mkdir(parents=True, exist_ok=True)
+    Image.new("L", (4, 4)).save(root / "masks" / "grabcut" / "dog" / "00.png")
+    (root / "maskz").mkdir()
+    (root / "maskz" / "00.png").write_bytes(b"x")
+    report = verify_dataset(root)
+    assert report.extra == ["maskz/00.png"]
+    assert any(note.startswith("masks/ holds") for note in report.notes)
+
+
 def test_decode_all_catches_what_checksums_would(dreambooth_dir, tmp_path):
     # A manifest made from a broken file: the checksum agrees, only decoding can tell.
     root = tmp_path / "db"
