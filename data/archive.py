@@ -197,11 +197,11 @@ def copy_verified(stream: IO[bytes], destination: Path, expected_sha256: str | N
 
 def extract_verified(
     archive: Path,
-    staging: Path,
+    workdir: Path,
     manifest: Mapping[str, str],
     extra_files: Iterable[str] = (),
 ) -> Path:
-    """Extract the manifest's files of ``archive`` into ``staging/dataset`` and verify them.
+    """Extract the manifest's files of ``archive`` into ``workdir/dataset`` and verify them.
 
     ``extra_files`` (e.g. the photo credits) are copied too when the archive has them, unverified.
     Raises DatasetError (and leaves no ``dataset`` folder) on any unsafe entry, missing file or
@@ -231,8 +231,8 @@ def extract_verified(
         for extra in extra_files:
             if prefix + extra in files:
                 wanted[extra] = prefix + extra
-        dataset = staging / "dataset"
-        shutil.rmtree(staging, ignore_errors=True)
+        dataset = workdir / "dataset"
+        shutil.rmtree(workdir, ignore_errors=True)
         dataset.mkdir(parents=True)
         mismatched = []
         for relative, name in sorted(wanted.items(), key=lambda item: reader.offset(files[item[1]])):
@@ -241,7 +241,7 @@ def extract_verified(
             if relative in manifest and digest != manifest[relative]:
                 mismatched.append(relative)
         if mismatched:
-            shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(workdir, ignore_errors=True)
             raise DatasetError(
                 f"{archive}: {len(mismatched)} file(s) do not match the pinned checksums "
                 f"(first: {', '.join(mismatched[:3])}); refused, nothing was placed. The source "
@@ -249,7 +249,7 @@ def extract_verified(
             )
         return dataset
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as error:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(workdir, ignore_errors=True)
         raise DatasetError(
             f"{archive}: the archive is truncated or damaged ({type(error).__name__}: {error}); "
             "run the command again to download it afresh"
