@@ -250,7 +250,7 @@ def _from_hub(staging: Path, manifest: Mapping[str, str], repo: str, revision: s
     wanted = dict(mapping) | {c: prefix + c for c in CREDIT_FILES if (local / (prefix + c)).is_file()}
     for relative, name in wanted.items():
         with open(local / name, "rb") as stream:
-            digest = copy_verified(stream, dataset / relative, manifest.get(relative))
+            digest = copy_verified(stream, dataset / relative)
         if relative in manifest and digest != manifest[relative]:
             mismatched.append(relative)
     shutil.rmtree(local, ignore_errors=True)
