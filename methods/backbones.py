@@ -20,11 +20,25 @@ from urllib.parse import urlparse
 import torch
 
 HUB_BACKBONES: dict[str, dict[str, str | int]] = {
-    # name: hub repository, pinned commit, native resolution. The SD 1.5 weights moved to
-    # stable-diffusion-v1-5/ when runwayml/ was taken down.
-    "sd14": {"repo_id": "CompVis/stable-diffusion-v1-4", "revision": "main", "resolution": 512},
-    "sd15": {"repo_id": "stable-diffusion-v1-5/stable-diffusion-v1-5", "revision": "main", "resolution": 512},
-    "sd21-base": {"repo_id": "stabilityai/stable-diffusion-2-1-base", "revision": "main", "resolution": 512},
+    # name: hub repository, pinned commit, native resolution. The commits are snapshots that
+    # the community's caches hold (models--<org>--<name>/snapshots/<sha>); they are pinned for
+    # reproducibility, not because they are the newest. SD 1.5 moved to stable-diffusion-v1-5/
+    # when runwayml/ was taken down. Override with a local folder to use another revision.
+    "sd14": {
+        "repo_id": "CompVis/stable-diffusion-v1-4",
+        "revision": "133a221b8aa7292a167afc5127cb63fb5005638b",
+        "resolution": 512,
+    },
+    "sd15": {
+        "repo_id": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+        "revision": "451f4fe16113bff5a5d2269ed5ad43b0592e9a14",
+        "resolution": 512,
+    },
+    "sd21-base": {
+        "repo_id": "stabilityai/stable-diffusion-2-1-base",
+        "revision": "5ede9e4bf3e3fd1cb0ef2f7a3fff13ee514fdf06",
+        "resolution": 512,
+    },
 }
 BUILT_BACKBONES = {"tiny": 64, "sd15-random": 512}
 BACKBONE_NAMES = (*HUB_BACKBONES, *BUILT_BACKBONES)
