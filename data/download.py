@@ -219,7 +219,7 @@ def _from_hub(staging: Path, manifest: Mapping[str, str], repo: str, revision: s
     The mirror's layout is not pinned by anything we ship, so files are matched by their
     path suffix (``.../dog/00.jpg``) and every checksum is compared before use.
     """
-    from methods.backbones import hub_reachable
+    from benchmark.hub import hub_reachable
 
     if not hub_reachable(timeout=min(timeout, 3.0)):
         raise _SourceFailed(

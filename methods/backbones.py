@@ -10,14 +10,14 @@ from __future__ import annotations
 import gzip
 import json
 import os
-import socket
 import threading
 from dataclasses import asdict, dataclass
 from functools import cache
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
+
+from benchmark.hub import hub_reachable  # noqa: F401 - re-exported for callers
 
 HUB_BACKBONES: dict[str, dict[str, str | int]] = {
     # name: hub repository, pinned commit, native resolution. The commits are snapshots that
@@ -42,7 +42,6 @@ HUB_BACKBONES: dict[str, dict[str, str | int]] = {
 }
 BUILT_BACKBONES = {"tiny": 64, "sd15-random": 512}
 BACKBONE_NAMES = (*HUB_BACKBONES, *BUILT_BACKBONES)
-HUB_PROBE_TIMEOUT_S = 3.0
 
 
 class BackboneError(ValueError):
@@ -271,23 +270,6 @@ def _build_sd15_random():
         )
     )
     return unet, vae, text_encoder, dict(_SCHEDULER_CONFIG)
-
-
-def _hub_endpoint_host() -> tuple[str, int]:
-    parsed = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    return parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
-
-
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """A TCP connect to the hub endpoint, bounded so that an offline machine fails in seconds."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    host, port = _hub_endpoint_host()
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def _load_hub(spec: BackboneSpec):
