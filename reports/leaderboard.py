@@ -8,6 +8,7 @@ published figures with their citation, and never enter our statistics.
 
 from __future__ import annotations
 
+import hashlib
 import html
 import re
 
@@ -31,7 +32,9 @@ SHOWN_METRICS = ("dino", "clip_i", "clip_t", "div", "pres")
 
 
 def slug(name: str) -> str:
-    return "m-" + re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    """An HTML id for an entry; the hash keeps 'lr=0.1' and 'lr=0-1' apart."""
+    readable = re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower()
+    return f"m-{readable}-{hashlib.sha1(name.encode()).hexdigest()[:6]}"
 
 
 def leaderboard_frame(summary: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY, smoke: bool = False) -> pd.DataFrame:

@@ -35,7 +35,7 @@ TABLE_NOTES = {
     "clip_t_scales": "CLIP-T in the scales published tables use: raw cosine (DreamBooth), 100·cos (torchmetrics), "
     "CLIPScore 2.5·max(cos, 0) (Hessel et al. 2021; clamped per image, so its mean is bootstrapped on its own).",
     "cost": "Preparation (training / encoding) per subject from the state's DONE record; state size = files of the "
-    "learned state on disk; generation seconds per image = batch time / batch size. Peak memory: CUDA where measured, "
+    "learned state on disk (one state holds all checkpoints of a sweep); generation seconds per image = batch time / batch size. Peak memory: CUDA where measured, "
     "else the process's peak RSS (which includes everything the process loaded before).",
 }
 TABLE_TITLES = {
@@ -66,6 +66,10 @@ def metric_rows(table: pd.DataFrame, keys: list[str], intervals: bool = True) ->
     return headers, rows
 
 
+def _seconds(value, device: str) -> str:
+    return "—" if pd.isna(value) else f"{value:.3g} {device}-s"
+
+
 def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
     headers = ["method cell", "prepared", "prepare s/subject", "prepare s total", "prepare peak MB", "state MB/subject",
                "images", "s/image", "generate peak MB"]
@@ -74,12 +78,12 @@ def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
         rows.append([
             text(row["cell_id"]),
             Cell(f"{row['subjects_prepared']}/{row['subjects_planned']}"),
-            Cell(f"{fmt(row['prepare_seconds_per_subject'], 2)} {row['prepare_device']}-s" if not pd.isna(row["prepare_seconds_per_subject"]) else "—"),
-            Cell(f"{fmt(row['prepare_seconds_total'], 1)} {row['prepare_device']}-s" if not pd.isna(row["prepare_seconds_total"]) else "—"),
+            Cell(_seconds(row["prepare_seconds_per_subject"], row["prepare_device"])),
+            Cell(_seconds(row["prepare_seconds_total"], row["prepare_device"])),
             Cell(f"{fmt(row['prepare_peak_mb'], 0)} ({row['prepare_peak_kind']})" if not pd.isna(row["prepare_peak_mb"]) else "—"),
             number(row["state_mb_per_subject"], 3),
             Cell(f"{row['images_done']}/{row['images_planned']}"),
-            Cell(f"{fmt(row['seconds_per_image'], 4)} {row['generate_device']}-s" if not pd.isna(row["seconds_per_image"]) else "—"),
+            Cell(_seconds(row["seconds_per_image"], row["generate_device"])),
             Cell(f"{fmt(row['generate_peak_mb'], 0)} ({row['generate_peak_kind']})" if not pd.isna(row["generate_peak_mb"]) else "—"),
         ])
     return headers, rows

@@ -138,9 +138,12 @@ def place_labels(ax, xs, ys, labels, fontsize: float = 8.0, color=None, whiskers
 
 
 def label_boxes(annotations) -> list[Bbox]:
-    """Pixel boxes of placed labels (for checking that none overlap)."""
+    """Pixel boxes of the label texts (leader lines excluded), for checking that none overlap."""
+    from matplotlib.text import Text
+
     renderer = annotations[0].figure.canvas.get_renderer() if annotations else None
-    return [a.get_window_extent(renderer) for a in annotations]
+    # Annotation.get_window_extent would include the leader line; the text box is what must not collide.
+    return [Text.get_window_extent(a, renderer) for a in annotations]
 
 
 def _axis_label(metric: str, axis: str) -> str:

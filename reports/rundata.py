@@ -33,6 +33,15 @@ def check_run_dir(run_dir: str | Path) -> Store:
     return store
 
 
+def _is_random_backbone(name: str) -> bool:
+    try:
+        from methods.backbones import resolve_backbone
+
+        return resolve_backbone(name).is_random
+    except Exception:  # noqa: BLE001 - an unknown backbone is not known to be random
+        return False
+
+
 def folder_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
 
@@ -61,6 +70,8 @@ class RunData:
         """Why this run's numbers are smoke numbers, not measurements (empty when they are not)."""
         reasons = []
         random_backbones = sorted(set(self.images.loc[self.images["backbone_random"].fillna(False).astype(bool), "backbone"].dropna()))
+        if self.images.empty:
+            random_backbones = [name for name in [self.config.get("backbone")] if name and _is_random_backbone(name)]
         if random_backbones:
             reasons.append(f"the diffusion backbone is random-init ({', '.join(random_backbones)})")
         random_metrics = sorted(m for m, w in self.metric_weights.items() if w == "random")

@@ -93,10 +93,22 @@ def wide(tidy: pd.DataFrame, index: list[str], metrics: list[str] | None = None)
     return out
 
 
+CATEGORY_ORDER = {"recontextualization": 0, "accessorization": 1, "property": 2, "prior": 3}
+
+
 def sort_entries(frame: pd.DataFrame, order: list[str], extra: list[str] | None = None) -> pd.DataFrame:
+    """Entries in config order, then ``extra`` columns (prompt categories in protocol order)."""
     position = {entry: i for i, entry in enumerate(order)}
-    keys = ["_pos", *(extra or [])]
-    return frame.assign(_pos=frame["entry"].map(position)).sort_values(keys, kind="stable").drop(columns="_pos").reset_index(drop=True)
+    keyed = frame.assign(_pos=frame["entry"].map(position))
+    keys = ["_pos"]
+    for column in extra or []:
+        if column == "category":
+            keyed[f"_{column}"] = keyed[column].map(CATEGORY_ORDER).fillna(len(CATEGORY_ORDER))
+            keys += [f"_{column}", column]
+        else:
+            keys.append(column)
+    keyed = keyed.sort_values(keys, kind="stable")
+    return keyed.drop(columns=[k for k in keys if k.startswith("_")]).reset_index(drop=True)
 
 
 def summary_tables(
@@ -111,7 +123,13 @@ def summary_tables(
     metrics = ordered_metrics(long["metric"].unique()) if not long.empty else []
     tables: dict[str, pd.DataFrame] = {}
     overall = metric_summary(long, ENTRY_KEYS, resamples, seed, confidence)
-    tables["summary"] = sort_entries(wide(overall, ENTRY_KEYS, metrics), order) if metrics else pd.DataFrame(columns=ENTRY_KEYS)
+    summary = sort_entries(wide(overall, ENTRY_KEYS, metrics), order) if metrics else pd.DataFrame(columns=ENTRY_KEYS)
+    # Grid parameters as columns, so that an ablation table can be plotted against them directly.
+    grid_columns = [c for c in run.images.columns if c.startswith("grid_")]
+    if grid_columns and not summary.empty:
+        grids = run.images.drop_duplicates("cell_id")[["cell_id", *grid_columns]]
+        summary = summary.merge(grids, on="cell_id", how="left")
+    tables["summary"] = summary
     for name, column in (("by_kind", "kind"), ("by_category", "category")):
         tidy = metric_summary(long, [*ENTRY_KEYS, column], resamples, seed, confidence)
         table = wide(tidy, [*ENTRY_KEYS, column], metrics) if metrics else pd.DataFrame(columns=[*ENTRY_KEYS, column])
