@@ -136,21 +136,38 @@ def explanation(rank_by: str, resamples: int, confidence: float) -> str:
     )
 
 
+SMOKE_SEPARATOR = (
+    "Published figures — full DreamBooth protocol with real models and metric weights; "
+    "not comparable with the smoke rows above"
+)
+
+
+def _blocks(board: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
+    """One table, or — for smoke runs — ours and the published figures in separate tables."""
+    if not board["smoke"].astype(bool).any():
+        return [(None, board)]
+    published = board["source"] == "published"
+    return [(None, board[~published]), (SMOKE_SEPARATOR, board[published])]
+
+
 def leaderboard_html(
     board: pd.DataFrame, rank_by: str, smoke_reasons: list[str], coverage: str, resamples: int, confidence: float, heading: str = "h1"
 ) -> str:
-    metrics = [m for m in SHOWN_METRICS]
+    metrics = list(SHOWN_METRICS)
     numbers = citation_numbers()
     headers, titles = _headers(metrics, rank_by)
-    rows, classes = _rows(board, metrics, "", numbers)
+    tables = ""
+    for title, part in _blocks(board):
+        rows, classes = _rows(part, metrics, "", numbers)
+        tables += (f"<h3>{html.escape(title)}</h3>" if title else "") + html_table(headers, rows, classes, titles)
     references = "".join(f"<li value='{n}'>{html.escape(CITATIONS[key])}</li>" for key, n in numbers.items())
     return (
         f"<{heading}>Leaderboard</{heading}>"
         + smoke_banner(smoke_reasons)
         + f"<p class='note'>{html.escape(explanation(rank_by, resamples, confidence))}</p>"
         + f"<p class='note'>{html.escape(coverage)}. Method names link to their images in the gallery.</p>"
-        + html_table(headers, rows, classes, titles)
-        + f"<h3>Published figures</h3><ol class='refs'>{references}</ol>"
+        + tables
+        + f"<h3>Sources of the published figures</h3><ol class='refs'>{references}</ol>"
     )
 
 
@@ -158,15 +175,18 @@ def leaderboard_markdown(board: pd.DataFrame, rank_by: str, smoke_reasons: list[
     metrics = list(SHOWN_METRICS)
     numbers = citation_numbers()
     headers, _ = _headers(metrics, rank_by)
-    rows, _ = _rows(board, metrics, "", numbers)
+    tables = ""
+    for title, part in _blocks(board):
+        rows, _ = _rows(part, metrics, "", numbers)
+        tables += (f"\n### {title}\n\n" if title else "") + markdown_table(headers, rows)
     references = "\n".join(f"[{n}] {CITATIONS[key]}" for key, n in numbers.items())
     return (
         "# Leaderboard\n\n"
         + smoke_markdown(smoke_reasons)
         + explanation(rank_by, resamples, confidence)
         + f"\n\n{coverage}.\n\n"
-        + markdown_table(headers, rows)
-        + f"\nPublished figures:\n\n{references}\n"
+        + tables
+        + f"\nSources of the published figures:\n\n{references}\n"
     )
 
 

@@ -230,3 +230,18 @@ def test_failed_units_are_reported_not_hidden(tmp_path, monkeypatch):
     assert "1 recorded failure(s)" in read(run / "report" / "index.html")
     dog = read(run / "report" / "gallery" / "s-dog.html")
     assert dog.count("— failed") == 3 * 2 + 2
+
+
+def test_published_rows_interleave_only_with_measurements():
+    from reports.leaderboard import leaderboard_frame
+
+    summary = pd.DataFrame({"entry": ["ours-a", "ours-b"], "method": ["a", "b"], "cell_id": ["a", "b"],
+                            "checkpoint": ["final", "final"], "dino_mean": [0.70, 0.60], "clip_t_mean": [0.30, 0.31]})
+    measured = list(leaderboard_frame(summary, "dino", smoke=False)["entry"])
+    assert measured == ["Real images (reference set)", "ours-a", "HiFi Tuner on DreamBooth", "DreamBooth (Stable Diffusion)",
+                        "HiFi Tuner on Textual Inversion", "ours-b", "Textual Inversion (Stable Diffusion)",
+                        "Stable Diffusion 1.4, unpersonalized"]
+    smoke = leaderboard_frame(summary, "dino", smoke=True)
+    assert list(smoke["entry"][:2]) == ["ours-a", "ours-b"] and list(smoke["rank"][:2]) == [1, 2]
+    by_clip_t = list(leaderboard_frame(summary, "clip_t", smoke=False)["entry"])
+    assert by_clip_t.index("Stable Diffusion 1.4, unpersonalized") == 0 and by_clip_t[-1] == "Real images (reference set)"
