@@ -76,6 +76,11 @@ def build_report(
 
     tables = summary_tables(run, resamples, seed, confidence)
     cost = cost_table(run)
+    if not tables["summary"].empty:
+        # The cost of a cell beside its quality, for one-file analyses (all checkpoints share it).
+        cost_columns = ["prepare_device", "prepare_seconds_per_subject", "prepare_peak_mb", "state_mb_per_subject",
+                        "seconds_per_image", "generate_peak_mb"]
+        tables["summary"] = tables["summary"].merge(cost[["cell_id", *cost_columns]], on="cell_id", how="left")
     for table_name, table in {**tables, "cost": cost}.items():
         _write_csv(out / "tables" / f"{table_name}.csv", table)
     explanation = (

@@ -72,6 +72,9 @@ def _grid_columns(grids: pd.Series) -> pd.DataFrame:
 
 def finished_images(store: Store, plan: pd.DataFrame, records: pd.DataFrame) -> pd.DataFrame:
     """The plan's finished images (one row each) with their manifest fields and entry names."""
+    # Entry names come from the whole plan, so a sweep keeps its '@ checkpoint' names while some
+    # of its checkpoints are still missing.
+    plan = plan.assign(entry=entry_names(plan))
     done = plan[store.done_mask(plan)] if not plan.empty else plan
     done = done.rename(columns={"label": "method", "method": "method_name", "prompt_text": "prompt"})
     wanted = ["key", *[f for f in RECORD_FIELDS if f in records.columns]]
@@ -89,7 +92,6 @@ def finished_images(store: Store, plan: pd.DataFrame, records: pd.DataFrame) -> 
     if "method_fingerprint" not in done.columns:
         done["method_fingerprint"] = None
     done = done.reset_index(drop=True)
-    done["entry"] = entry_names(done)
     done["image"] = [
         str(store.image_path(m, s, k).relative_to(store.root)) for m, s, k in zip(done["method"], done["subject"], done["key"])
     ]
