@@ -91,7 +91,7 @@ def build_report(
     atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
 
     board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke))
-    coverage = lb._coverage_note(run.images)
+    coverage = lb.coverage_note(run.images)
     body = lb.leaderboard_html(board, rank_by, smoke, coverage, resamples, confidence)
     atomic_write_text(out / "leaderboard.html", page("Leaderboard", body, run_name=name))
     atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence))

@@ -92,7 +92,9 @@ class Comparison:
 
     @property
     def differs(self) -> bool:
-        return bool((self.images["identical_images"] < self.images["pairs"]).any() or (self.rows["verdict"] != "identical").any())
+        images_differ = (self.images["identical_images"] < self.images["pairs"]).any()
+        values_differ = not self.rows.empty and (self.rows["verdict"] != "identical").any()
+        return bool(images_differ or values_differ)
 
     @property
     def exit_code(self) -> int:

@@ -72,7 +72,8 @@ def leaderboard_frame(summary: pd.DataFrame, rank_by: str = DEFAULT_RANK_BY, smo
     return board.drop(columns=["_order", "_published"]).reset_index(drop=True)
 
 
-def _coverage_note(images: pd.DataFrame) -> str:
+def coverage_note(images: pd.DataFrame) -> str:
+    """How much of the protocol this run covers, next to what the published figures cover."""
     evaluated = images[images["role"] == "eval"] if not images.empty else images
     if evaluated.empty:
         return "no finished images"

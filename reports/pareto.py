@@ -15,9 +15,12 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pandas as pd
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.text import Annotation
 from matplotlib.transforms import Bbox
+from numpy.typing import ArrayLike
 
 from reports.anchors import PUBLISHED
 from reports.schema import metric_direction, metric_label
@@ -42,7 +45,7 @@ def plot_points(summary: pd.DataFrame, y_metric: str, x_metric: str) -> pd.DataF
     return points.reset_index(drop=True)
 
 
-def pareto_mask(x: np.ndarray, y: np.ndarray, x_higher: bool = True, y_higher: bool = True) -> np.ndarray:
+def pareto_mask(x: ArrayLike, y: ArrayLike, x_higher: bool = True, y_higher: bool = True) -> np.ndarray:
     """True for points that no other point is at least as good as on both axes and better on one."""
     sx = np.asarray(x, dtype=float) * (1 if x_higher else -1)
     sy = np.asarray(y, dtype=float) * (1 if y_higher else -1)
@@ -53,7 +56,7 @@ def pareto_mask(x: np.ndarray, y: np.ndarray, x_higher: bool = True, y_higher: b
     return keep
 
 
-def frontier_path(x, y, x_higher: bool = True, y_higher: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def frontier_path(x: ArrayLike, y: ArrayLike, x_higher: bool = True, y_higher: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """The staircase bounding the region the frontier points dominate (through the points, never
     through a better corner that no entry reaches)."""
     sign_x, sign_y = (1 if x_higher else -1), (1 if y_higher else -1)
@@ -86,7 +89,15 @@ def _align(annotation, dx: float, dy: float) -> None:
     annotation.set_va("bottom" if dy > 1 else ("top" if dy < -1 else "center"))
 
 
-def place_labels(ax, xs, ys, labels, fontsize: float = 8.0, color=None, whiskers=()) -> list:
+def place_labels(
+    ax: Axes,
+    xs: np.ndarray,
+    ys: np.ndarray,
+    labels: list[str],
+    fontsize: float = 8.0,
+    color: str | list | None = None,
+    whiskers: list[tuple[float, float, float, float]] | tuple = (),
+) -> list[Annotation]:
     """Annotate (x, y) points with ``labels`` so that label boxes overlap neither each other nor
     the points; a label moved away from its point gets a thin leader line. ``whiskers``: data
     boxes (x0, y0, x1, y1) of CI whiskers, avoided when possible.
@@ -137,7 +148,7 @@ def place_labels(ax, xs, ys, labels, fontsize: float = 8.0, color=None, whiskers
     return annotations
 
 
-def label_boxes(annotations) -> list[Bbox]:
+def label_boxes(annotations: list[Annotation]) -> list[Bbox]:
     """Pixel boxes of the label texts (leader lines excluded), for checking that none overlap."""
     from matplotlib.text import Text
 

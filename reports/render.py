@@ -38,7 +38,7 @@ class Cell:
         return self.html if self.html is not None else html.escape(self.text)
 
 
-def is_missing(value) -> bool:
+def is_missing(value: object) -> bool:
     if value is None or value is pd.NA:
         return True
     try:
@@ -47,24 +47,24 @@ def is_missing(value) -> bool:
         return False
 
 
-def fmt(value, digits: int = 3) -> str:
+def fmt(value: object, digits: int = 3) -> str:
     return MISSING if is_missing(value) else f"{float(value):.{digits}f}"
 
 
-def fmt_int(value) -> str:
+def fmt_int(value: object) -> str:
     return MISSING if is_missing(value) else f"{int(value)}"
 
 
-def text(value: str) -> Cell:
+def text(value: object) -> Cell:
     return Cell(str(value), align_text=True)
 
 
-def number(value, digits: int = 3) -> Cell:
+def number(value: object, digits: int = 3) -> Cell:
     shown = fmt(value, digits)
     return Cell(shown, classes="missing" if shown == MISSING else "")
 
 
-def estimate(mean, low, high, digits: int = 3) -> Cell:
+def estimate(mean: object, low: object, high: object, digits: int = 3) -> Cell:
     """'mean [low, high]'; a mean without an interval shows alone; no mean shows '—'."""
     if is_missing(mean):
         return Cell(MISSING, classes="missing")

@@ -6,6 +6,8 @@ disagree about what a column holds.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 
 # Leaderboard/table order; metrics the store has beyond these follow in name order.
@@ -82,7 +84,7 @@ def metric_label(metric: str) -> str:
     return METRIC_LABELS.get(metric, metric.upper())
 
 
-def ordered_metrics(metrics) -> list[str]:
+def ordered_metrics(metrics: Iterable[str]) -> list[str]:
     present = set(metrics)
     return [m for m in METRIC_ORDER if m in present] + sorted(present - set(METRIC_ORDER))
 

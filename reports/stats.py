@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 DEFAULT_RESAMPLES = 2000
 DEFAULT_SEED = 0
@@ -71,9 +72,9 @@ def _cells(values: np.ndarray, subjects: np.ndarray, prompts: np.ndarray):
 
 
 def bootstrap_means(
-    values,
-    subjects,
-    prompts,
+    values: ArrayLike,
+    subjects: ArrayLike,
+    prompts: ArrayLike,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
 ) -> np.ndarray:
@@ -105,9 +106,9 @@ def bootstrap_means(
 
 
 def hierarchical_bootstrap(
-    values,
-    subjects,
-    prompts,
+    values: ArrayLike,
+    subjects: ArrayLike,
+    prompts: ArrayLike,
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     confidence: float = DEFAULT_CONFIDENCE,
