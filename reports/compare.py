@@ -199,8 +199,13 @@ def compare_runs(
                 "higher_is_better": higher, "tolerance": tolerance.of(metric), "verdict": verdict,
             }
         )
-    table = pd.DataFrame(rows)
-    if not table.empty:
+    columns = ["method", "cell_id", "checkpoint", "entry", "metric", "pairs", "subjects", "identical_images",
+               "identical_values", "baseline_mean", "current_mean", "delta", "ci_low", "ci_high", "higher_is_better",
+               "tolerance", "verdict"]
+    table = pd.DataFrame(rows, columns=columns)
+    if table.empty:
+        warnings.append("no metric is scored in both runs: only image bytes are compared")
+    else:
         rank = {m: i for i, m in enumerate(ordered_metrics(table["metric"].unique()))}
         entry_rank = {e: i for i, e in enumerate(images["entry"])}
         table = table.assign(_e=table["entry"].map(entry_rank), _m=table["metric"].map(rank)).sort_values(["_e", "_m"]).drop(columns=["_e", "_m"])

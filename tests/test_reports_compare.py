@@ -101,3 +101,12 @@ def test_runs_without_shared_units_are_an_error(runs, capsys):
     assert comparison.images["baseline_only"].sum() == 2 * (3 * 2 + 2)
     assert any("only in the baseline" in w for w in comparison.warnings)
     assert comparison.exit_code == 0
+
+
+def test_unscored_runs_compare_image_bytes(tmp_path, capsys):
+    baseline = run(tmp_path / "a", "metrics.names=[]", "subjects=teapot")
+    current = run(tmp_path / "b", "metrics.names=[]", "subjects=teapot", "methods.dummy.noise=0.5")
+    assert main(["compare", baseline, baseline, "--out", str(tmp_path / "same"), "--fail-on-difference"]) == 0
+    assert main(["compare", baseline, current, "--out", str(tmp_path / "diff")]) == 0
+    assert main(["compare", baseline, current, "--out", str(tmp_path / "diff"), "--fail-on-difference"]) == 1
+    assert "only image bytes are compared" in capsys.readouterr().out
