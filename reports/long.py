@@ -65,7 +65,7 @@ def _grid_columns(grids: pd.Series) -> pd.DataFrame:
             columns[f"grid_{name}"] = np.array([np.nan if v is None else float(v) for v in values])
         else:
             columns[f"grid_{name}"] = pd.array(
-                [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values], dtype="str"
+                [None if v is None else (v if isinstance(v, str) else json.dumps(v)) for v in values], dtype="string"
             )
     return pd.DataFrame(columns, index=grids.index)
 
@@ -108,7 +108,7 @@ def results_frame(store: Store, plan: pd.DataFrame | None = None, records: pd.Da
     long = images.merge(scores, on="key", how="inner")
     weights = {m: (info.get("fingerprint") or {}).get("weights") for m, info in fingerprints.items()}
     directions = {m: metric_direction(m, (info.get("fingerprint") or {})) for m, info in fingerprints.items()}
-    long["metric_weights"] = pd.array([weights.get(m) for m in long["metric"]], dtype="str")
+    long["metric_weights"] = pd.array([weights.get(m) for m in long["metric"]], dtype="string")
     long["higher_is_better"] = pd.array([directions.get(m) for m in long["metric"]], dtype="boolean")
     backbone_random = long["backbone_random"].astype("boolean").fillna(False)
     long["smoke"] = (backbone_random | (long["metric_weights"] == "random").fillna(False)).astype(bool)
