@@ -1,0 +1,127 @@
+"""``build_report(run_dir)``: every report artefact of a run, rebuilt from its store alone.
+
+Writes under ``RUN_DIR/report/``:
+  index.html                     run facts, smoke warning, leaderboard, plots, data dictionary, links
+  results.parquet                the long format (one row per image × metric; reports.long)
+  fingerprints.json              metric fingerprints and method fingerprints behind the numbers
+  leaderboard.html / .md / .csv  ranked entries with published figures beside them
+  tables.html / tables.md        summary, by kind, by category, per subject, CLIP-T scales, cost
+  tables/<name>.csv              the same tables, numeric (mean, ci_low, ci_high, n per metric)
+  plots.html, plots/pareto_<y>_vs_<x>.png/.svg   DINO vs CLIP-T and CLIP-I vs CLIP-T
+  gallery/index.html, gallery/s-<subject>.html   images per subject × prompt × entry
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from benchmark.store import atomic_write_bytes, atomic_write_text
+from reports import leaderboard as lb
+from reports.gallery import build_gallery
+from reports.long import REPORT_DIR, RESULTS_FILE
+from reports.pages import index_html, plots_html, tables_html, tables_markdown
+from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure
+from reports.render import page
+from reports.rundata import ReportError, RunData, read_run
+from reports.schema import METRIC_ORDER, metric_label
+from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
+from reports.tables import cost_table, summary_tables
+
+
+def _write_csv(path: Path, frame: pd.DataFrame) -> None:
+    atomic_write_text(path, frame.to_csv(index=False))
+
+
+def _write_parquet(path: Path, frame: pd.DataFrame) -> None:
+    buffer = io.BytesIO()
+    frame.to_parquet(buffer, index=False)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _fingerprints(run: RunData) -> dict:
+    methods = {}
+    if not run.images.empty:
+        for cell_id, frame in run.images.groupby("cell_id", sort=False):
+            methods[cell_id] = sorted(set(frame["method_fingerprint"].dropna()))
+    return {"metrics": run.fingerprints, "method_fingerprint_hashes": methods, "config": run.config}
+
+
+def check_rank_by(rank_by: str, run: RunData) -> None:
+    valid = list(dict.fromkeys([*METRIC_ORDER, *run.fingerprints]))
+    if rank_by not in valid:
+        raise ReportError(f"--rank-by {rank_by!r} is not a metric of this report; valid: {', '.join(valid)}")
+
+
+def build_report(
+    run_dir: str | Path,
+    rank_by: str = lb.DEFAULT_RANK_BY,
+    resamples: int = DEFAULT_RESAMPLES,
+    seed: int = DEFAULT_SEED,
+    confidence: float = DEFAULT_CONFIDENCE,
+) -> Path:
+    """Build the report of ``run_dir``; returns the path of ``report/index.html``."""
+    run = read_run(run_dir)
+    check_rank_by(rank_by, run)
+    out = run.root / REPORT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    smoke = run.smoke_reasons()
+    name = run.config.get("name", run.root.name)
+
+    _write_parquet(out / RESULTS_FILE, run.long)
+    atomic_write_text(out / "fingerprints.json", json.dumps(_fingerprints(run), indent=1, sort_keys=True, default=str))
+
+    tables = summary_tables(run, resamples, seed, confidence)
+    cost = cost_table(run)
+    if not tables["summary"].empty:
+        # The cost of a cell beside its quality, for one-file analyses (all checkpoints share it).
+        cost_columns = ["prepare_device", "prepare_seconds_per_subject", "prepare_peak_mb", "state_mb_per_subject",
+                        "seconds_per_image", "generate_peak_mb"]
+        tables["summary"] = tables["summary"].merge(cost[["cell_id", *cost_columns]], on="cell_id", how="left")
+    for table_name, table in {**tables, "cost": cost}.items():
+        _write_csv(out / "tables" / f"{table_name}.csv", table)
+    explanation = (
+        f"Means over images with {confidence:.0%} confidence intervals from a hierarchical bootstrap "
+        f"({resamples} resamples of subjects, then prompts within subjects; seed {seed}). Missing values show as —."
+    )
+    atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation))
+    atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
+
+    board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke))
+    coverage = lb.coverage_note(run.images)
+    body = lb.leaderboard_html(board, rank_by, smoke, coverage, resamples, confidence)
+    atomic_write_text(out / "leaderboard.html", page("Leaderboard", body, run_name=name))
+    atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence))
+    _write_csv(out / "leaderboard.csv", lb.leaderboard_csv(board))
+
+    plots = []
+    for y_metric, x_metric in PLOTS:
+        base = f"plots/pareto_{y_metric}_vs_{x_metric}"
+        figure = pareto_figure(plot_points(tables["summary"], y_metric, x_metric), y_metric, x_metric, bool(smoke), confidence)
+        save_figure(figure, out / base)
+        plots.append((base, f"{metric_label(y_metric)} vs {metric_label(x_metric)}"))
+    plot_note = (
+        "One point per method entry (cell @ checkpoint), whiskers = "
+        f"{confidence:.0%} bootstrap CIs; dashed: pareto frontier (no other entry is better on both axes); arrows join "
+        "a checkpoint sweep in step order." + (" Published figures are hollow diamonds." if not smoke else
+                                                " Published figures are left out: smoke numbers are on another scale.")
+    )
+    atomic_write_text(out / "plots.html", plots_html(run, plots, plot_note))
+
+    build_gallery(run, out)
+
+    files = [
+        ("leaderboard.html", "Leaderboard (also leaderboard.md, leaderboard.csv)"),
+        ("tables.html", "Tables: summary, by kind, by category, per subject, CLIP-T scales, cost (also tables.md, tables/*.csv)"),
+        ("plots.html", "Pareto plots (PNG and SVG in plots/)"),
+        ("gallery/index.html", "Gallery: reference and generated images per subject, prompt and method"),
+        (RESULTS_FILE, "results.parquet: every (image, metric) value"),
+        ("fingerprints.json", "fingerprints.json: metric and method fingerprints behind these numbers"),
+    ]
+    leaderboard_fragment = lb.leaderboard_html(board, rank_by, [], coverage, resamples, confidence, heading="h2")
+    index = out / "index.html"
+    atomic_write_text(index, index_html(run, leaderboard_fragment, plots, files))
+    return index

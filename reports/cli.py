@@ -1,0 +1,91 @@
+"""The ``report`` and ``compare`` sub-commands of ``subjectbench``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+COMPARE_EPILOG = """\
+pairing: images are matched by method label, cell, checkpoint, subject, role, prompt template,
+k and seed (not by key: a changed method gets new keys, and that change is what is compared).
+decision: per method entry x metric, delta = mean(current - baseline) with a hierarchical
+bootstrap CI (subjects, then prompts); 'worse' when the whole CI lies beyond the tolerance on
+the bad side (direction from the metric: PRES lower is better).
+exit codes: 0 pass, 1 significant regression (or any difference with --fail-on-difference),
+2 unusable input.
+
+examples:
+  subjectbench compare runs/main runs/my-change
+  subjectbench compare runs/main runs/my-change --tolerance 0.02 --tolerance dino=0.01
+  subjectbench compare runs/ci-baseline runs/ci --fail-on-difference   # tiny CI runs: any change fails
+"""
+
+
+def _bootstrap_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")
+    parser.add_argument("--seed", type=int, default=0, help="bootstrap seed (default 0)")
+    parser.add_argument("--confidence", type=float, default=0.95, help="interval level (default 0.95)")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    report = commands.add_parser(
+        "report",
+        help="rebuild a run's report (tables, leaderboard, pareto plots, gallery) from its store",
+        description="Rebuild RUN_DIR/report/ from the run directory alone; prints the path of its index.html.",
+        epilog="example: subjectbench report runs/default --rank-by clip_t",
+    )
+    report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--rank-by", default="dino", metavar="METRIC", help="leaderboard ranking metric (default dino)")
+    _bootstrap_arguments(report)
+    report.set_defaults(handler=cmd_report)
+
+    compare = commands.add_parser(
+        "compare",
+        help="paired regression check of CURRENT_RUN against BASELINE_RUN (exit 1 on a significant regression)",
+        description="Compare two runs unit by unit and fail when a metric got significantly worse.",
+        epilog=COMPARE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    compare.add_argument("baseline", metavar="BASELINE_RUN")
+    compare.add_argument("current", metavar="CURRENT_RUN")
+    compare.add_argument(
+        "--tolerance", action="append", metavar="[METRIC=]X",
+        help="absolute tolerance in metric units (default 0.01); repeat METRIC=X for one metric",
+    )
+    compare.add_argument("--fail-on-difference", action="store_true", help="also fail when any paired image or score differs")
+    compare.add_argument("--out", metavar="DIR", help="where compare.md/compare.json go (default CURRENT_RUN/report/compare)")
+    _bootstrap_arguments(compare)
+    compare.set_defaults(handler=cmd_compare)
+
+
+def _check_bootstrap(args: argparse.Namespace) -> None:
+    from reports.rundata import ReportError
+
+    if args.resamples < 1:
+        raise ReportError(f"--resamples {args.resamples}: must be at least 1")
+    if not 0 < args.confidence < 1:
+        raise ReportError(f"--confidence {args.confidence}: must be between 0 and 1, e.g. 0.95")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from reports.build import build_report
+
+    _check_bootstrap(args)
+    index = build_report(args.run_dir, rank_by=args.rank_by, resamples=args.resamples, seed=args.seed, confidence=args.confidence)
+    print(f"report: {index}")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from reports.compare import Tolerance, compare_runs, comparison_markdown, write_comparison
+
+    _check_bootstrap(args)
+    comparison = compare_runs(
+        args.baseline, args.current, Tolerance.parse(args.tolerance), args.resamples, args.seed, args.confidence,
+        fail_on_difference=args.fail_on_difference,
+    )
+    out = Path(args.out) if args.out else comparison.current / "report" / "compare"
+    markdown, document = write_comparison(comparison, out)
+    print(comparison_markdown(comparison))
+    print(f"written: {markdown}, {document}")
+    return comparison.exit_code

@@ -1,0 +1,167 @@
+"""The report's pages other than leaderboard and gallery: tables, plots, and the index.
+
+Each page is written as HTML and (for tables) Markdown from the same rows, so the two never
+disagree.
+"""
+
+from __future__ import annotations
+
+import html
+
+import pandas as pd
+
+from reports.render import (
+    Cell,
+    estimate,
+    fmt,
+    fmt_int,
+    html_table,
+    markdown_table,
+    number,
+    page,
+    smoke_banner,
+    smoke_markdown,
+    text,
+)
+from reports.rundata import RunData
+from reports.schema import COLUMNS, METRIC_MEANING, metric_label
+
+TABLE_NOTES = {
+    "summary": "All images of each method entry (cell @ checkpoint). Mean [95% CI].",
+    "by_kind": "Split by subject kind (live: cats and dogs; object: everything else). A row from a single subject "
+    "has no interval (between-subject variation needs two subjects).",
+    "by_category": "Split by prompt category (DreamBooth Sec. 4.1). PRES is scored on class-prior images only (category 'prior').",
+    "per_subject": "Per subject: plain means over the subject's images (no interval: one subject is one sample).",
+    "clip_t_scales": "CLIP-T in the scales published tables use: raw cosine (DreamBooth), 100·cos (torchmetrics), "
+    "CLIPScore 2.5·max(cos, 0) (Hessel et al. 2021; clamped per image, so its mean is bootstrapped on its own).",
+    "cost": "Preparation (training / encoding) per subject from the state's DONE record; state size = files of the "
+    "learned state on disk (one state holds all checkpoints of a sweep); generation seconds per image = batch time / batch size. Peak memory: CUDA where measured, "
+    "else the process's peak RSS (which includes everything the process loaded before).",
+}
+TABLE_TITLES = {
+    "summary": "Summary per method entry",
+    "by_kind": "By subject kind",
+    "by_category": "By prompt category",
+    "per_subject": "Per subject",
+    "clip_t_scales": "CLIP-T in published scales",
+    "cost": "Cost",
+}
+
+
+def _metrics_in(table: pd.DataFrame) -> list[str]:
+    return [c[: -len("_mean")] for c in table.columns if c.endswith("_mean")]
+
+
+def metric_rows(table: pd.DataFrame, keys: list[str], intervals: bool = True) -> tuple[list[str], list[list[Cell]]]:
+    metrics = _metrics_in(table)
+    headers = [k.replace("_", " ") for k in keys] + [metric_label(m) for m in metrics] + ["images"]
+    rows = []
+    for _, row in table.iterrows():
+        cells = [text(row[k]) for k in keys]
+        for m in metrics:
+            cells.append(estimate(row[f"{m}_mean"], row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")) if intervals else number(row[f"{m}_mean"]))
+        counts = [row[f"{m}_n_images"] for m in metrics if f"{m}_n_images" in row and not pd.isna(row[f"{m}_n_images"])]
+        cells.append(Cell(fmt_int(max(counts)) if counts else "—"))
+        rows.append(cells)
+    return headers, rows
+
+
+def _seconds(value, device: str) -> str:
+    return "—" if pd.isna(value) else f"{value:.3g} {device}-s"
+
+
+def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
+    headers = ["method cell", "prepared", "prepare s/subject", "prepare s total", "prepare peak MB", "state MB/subject",
+               "images", "s/image", "generate peak MB"]
+    rows = []
+    for _, row in cost.iterrows():
+        rows.append([
+            text(row["cell_id"]),
+            Cell(f"{row['subjects_prepared']}/{row['subjects_planned']}"),
+            Cell(_seconds(row["prepare_seconds_per_subject"], row["prepare_device"])),
+            Cell(_seconds(row["prepare_seconds_total"], row["prepare_device"])),
+            Cell(f"{fmt(row['prepare_peak_mb'], 0)} ({row['prepare_peak_kind']})" if not pd.isna(row["prepare_peak_mb"]) else "—"),
+            number(row["state_mb_per_subject"], 3),
+            Cell(f"{row['images_done']}/{row['images_planned']}"),
+            Cell(_seconds(row["seconds_per_image"], row["generate_device"])),
+            Cell(f"{fmt(row['generate_peak_mb'], 0)} ({row['generate_peak_kind']})" if not pd.isna(row["generate_peak_mb"]) else "—"),
+        ])
+    return headers, rows
+
+
+TABLE_KEYS = {
+    "summary": ["entry"],
+    "by_kind": ["entry", "kind"],
+    "by_category": ["entry", "category"],
+    "per_subject": ["entry", "subject", "kind"],
+    "clip_t_scales": ["entry"],
+}
+
+
+def _sections(tables: dict[str, pd.DataFrame], cost: pd.DataFrame):
+    for name in ("summary", "by_kind", "by_category", "per_subject", "clip_t_scales"):
+        table = tables.get(name, pd.DataFrame())
+        if table.empty:
+            yield name, None, None
+            continue
+        yield name, *metric_rows(table, TABLE_KEYS[name], intervals=name != "per_subject")
+    yield "cost", *cost_rows(cost)
+
+
+def tables_html(run: RunData, tables: dict[str, pd.DataFrame], cost: pd.DataFrame, explanation: str) -> str:
+    body = ["<h1>Tables</h1>", smoke_banner(run.smoke_reasons()), f"<p class='note'>{html.escape(explanation)}</p>"]
+    body.append("<p class='note'>" + " · ".join(f"<a href='#{n}'>{TABLE_TITLES[n]}</a>" for n in TABLE_TITLES) + "</p>")
+    for name, headers, rows in _sections(tables, cost):
+        body.append(f"<h2 id='{name}'>{TABLE_TITLES[name]}</h2><p class='note'>{html.escape(TABLE_NOTES[name])} "
+                    f"CSV: <a href='tables/{name}.csv'>tables/{name}.csv</a></p>")
+        body.append(html_table(headers, rows) if headers else "<p class='empty'>— no scored images</p>")
+    return page("Tables", "".join(body), run_name=run.config.get("name", ""))
+
+
+def tables_markdown(run: RunData, tables: dict[str, pd.DataFrame], cost: pd.DataFrame, explanation: str) -> str:
+    parts = ["# Tables\n", smoke_markdown(run.smoke_reasons()), explanation + "\n"]
+    for name, headers, rows in _sections(tables, cost):
+        parts.append(f"\n## {TABLE_TITLES[name]}\n\n{TABLE_NOTES[name]}\n")
+        parts.append(markdown_table(headers, rows) if headers else "— no scored images\n")
+    return "\n".join(parts)
+
+
+def plots_html(run: RunData, plots: list[tuple[str, str]], explanation: str) -> str:
+    body = ["<h1>Pareto plots</h1>", smoke_banner(run.smoke_reasons()), f"<p class='note'>{html.escape(explanation)}</p>"]
+    for base, title in plots:
+        body.append(f"<h2>{html.escape(title)}</h2><p><a href='{base}.svg'><img src='{base}.png' alt='{html.escape(title)}' "
+                    f"style='max-width:100%'></a></p><p class='note'>PNG: <a href='{base}.png'>{base}.png</a> · "
+                    f"SVG: <a href='{base}.svg'>{base}.svg</a></p>")
+    return page("Pareto plots", "".join(body), run_name=run.config.get("name", ""))
+
+
+def index_html(run: RunData, leaderboard_body: str, plots: list[tuple[str, str]], files: list[tuple[str, str]]) -> str:
+    config = run.config
+    planned = len(run.plan)
+    done = len(run.images)
+    failures = len(run.failures)
+    metrics = ", ".join(f"{metric_label(m)} ({(info.get('fingerprint') or {}).get('weights', 'weights not recorded')})"
+                        for m, info in run.fingerprints.items()) or "none scored"
+    facts = [
+        ("run directory", str(run.root)),
+        ("suite", f"{config.get('name', '?')} — {config.get('description', '')}"),
+        ("backbone", f"{config.get('backbone', '?')} ({', '.join(sorted(set(run.images['backbone'].dropna().astype(str)))) or 'no images yet'})"),
+        ("images", f"{done} of {planned} planned finished; {failures} recorded failure(s)" + (" — see failures/ and `subjectbench status`" if failures else "")),
+        ("metrics", metrics),
+        ("scores", f"{len(run.long)} (image, metric) rows"),
+    ]
+    body = ["<h1>subjectbench report</h1>", smoke_banner(run.smoke_reasons())]
+    body.append("<table>" + "".join(f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(v)}</td></tr>" for k, v in facts) + "</table>")
+    body.append("<h2>Contents</h2><ul>" + "".join(f"<li><a href='{href}'>{html.escape(name)}</a></li>" for href, name in files) + "</ul>")
+    body.append(leaderboard_body)
+    body.append("<h2>Pareto plots</h2><div class='plots'>" + "".join(
+        f"<a href='plots.html'><img src='{base}.png' alt='{html.escape(title)}'></a>" for base, title in plots) + "</div>")
+    body.append("<h2>Metrics</h2><ul>" + "".join(
+        f"<li><b>{metric_label(m)}</b>: {html.escape(meaning)}</li>" for m, meaning in METRIC_MEANING.items()) + "</ul>")
+    body.append(
+        "<h2>Data</h2><p>Every (image, metric) value of this run, one row each:</p>"
+        "<pre>import pandas as pd\nresults = pd.read_parquet(\"RUN_DIR/report/results.parquet\")\n"
+        "# or, rebuilt from the store: from reports import load_results; results = load_results(\"RUN_DIR\")</pre>"
+        + html_table(["column", "meaning"], [[text(k), text(v)] for k, v in COLUMNS.items()])
+    )
+    return page("subjectbench report", "".join(body), run_name=config.get("name", ""))

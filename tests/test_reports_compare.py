@@ -1,0 +1,112 @@
+"""`subjectbench compare`: paired regression check between two runs of the same suite."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmark.cli import main
+from benchmark.config import load_config
+from benchmark.driver import run_benchmark
+from reports.compare import Tolerance, compare_runs
+from reports.rundata import ReportError
+from tests.report_fakes import use_fakes
+
+FAST = ["--resamples", "500"]
+# The fake metrics have known responses to the dummy's fidelity; random-weight real metrics
+# (SUBJECTBENCH_REPORT_REAL_METRICS=1) only guarantee that subject fidelity drops.
+FAKE_METRICS = os.environ.get("SUBJECTBENCH_REPORT_REAL_METRICS") != "1"
+
+
+def run(path, *overrides):
+    config = load_config("default", ["methods=dummy", "metrics.weights=random", *overrides])
+    run_benchmark(config, path, quiet=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("compare")
+    with pytest.MonkeyPatch.context() as patch:
+        use_fakes(patch)
+        yield {
+            "baseline": run(base / "baseline"),
+            "rerun": run(base / "rerun"),
+            "less_fidelity": run(base / "less", "methods.dummy.fidelity=0.4"),
+            "more_fidelity": run(base / "more", "methods.dummy.fidelity=0.95"),
+            "other_subject": run(base / "other", "subjects=teapot"),
+            "other_seed": run(base / "seed", "subjects=teapot", "protocol.seed=1"),
+        }
+
+
+def verdicts(path) -> dict:
+    document = json.loads((path / "compare.json").read_text())
+    return {row["metric"]: row["verdict"] for row in document["metrics"]}
+
+
+def test_unchanged_rerun_passes_with_exact_equality(runs, tmp_path, capsys):
+    code = main(["compare", runs["baseline"], runs["rerun"], "--out", str(tmp_path), *FAST, "--fail-on-difference"])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "PASS" in output and "bit-identical" in output
+    document = json.loads((tmp_path / "compare.json").read_text())
+    assert document["exit_code"] == 0 and document["regressions"] == 0
+    assert set(verdicts(tmp_path).values()) == {"identical"}
+    for row in document["metrics"]:
+        assert row["delta"] == 0 and row["identical_images"] == row["pairs"] == row["identical_values"]
+    assert document["images"][0]["pairs"] == document["images"][0]["identical_images"] == 3 * (3 * 2 + 2)
+    assert (tmp_path / "compare.md").read_text().startswith("# Comparison")
+
+
+def test_injected_regression_fails_and_direction_comes_from_the_metric(runs, tmp_path, capsys):
+    # Lower fidelity: images drift from the subject. DINO/CLIP-I drop (worse), CLIP-T rises, and
+    # PRES drops — an improvement, since lower PRES is better.
+    assert main(["compare", runs["baseline"], runs["less_fidelity"], "--out", str(tmp_path), *FAST]) == 1
+    assert "FAIL: significant regression" in capsys.readouterr().out
+    found = verdicts(tmp_path)
+    assert found["dino"] == found["clip_i"] == "worse"
+    if FAKE_METRICS:
+        assert found["clip_t"] == "better" and found["pres"] == "better"
+    rows = {r["metric"]: r for r in json.loads((tmp_path / "compare.json").read_text())["metrics"]}
+    assert rows["dino"]["ci_high"] < -0.01 and rows["dino"]["identical_images"] == 0
+    assert rows["dino"]["pairs"] == 3 * 3 * 2  # units paired across different keys (fingerprint changed)
+    if FAKE_METRICS:  # Higher fidelity: PRES rises, which is worse.
+        assert main(["compare", runs["baseline"], runs["more_fidelity"], "--out", str(tmp_path), *FAST]) == 1
+        found = verdicts(tmp_path)
+        assert found["pres"] == "worse" and found["dino"] == "better"
+
+
+def test_tolerance_per_metric_and_fail_on_difference(runs, tmp_path):
+    loose = ["--tolerance", "dino=1", "--tolerance", "clip_i=1"]
+    assert main(["compare", runs["baseline"], runs["less_fidelity"], "--out", str(tmp_path), *FAST, *loose]) == 0
+    assert verdicts(tmp_path)["dino"] == "no significant change"
+    assert main(["compare", runs["baseline"], runs["less_fidelity"], "--out", str(tmp_path), *FAST, *loose,
+                 "--fail-on-difference"]) == 1
+    assert Tolerance.parse(["0.05", "pres=0.2"]).of("dino") == 0.05
+    assert Tolerance.parse(["0.05", "pres=0.2"]).of("pres") == 0.2
+    with pytest.raises(ReportError, match="expected a number"):
+        Tolerance.parse(["dino=abc"])
+
+
+def test_runs_without_shared_units_are_an_error(runs, capsys):
+    assert main(["compare", runs["baseline"], runs["other_subject"] + "-missing"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    with pytest.raises(ReportError, match="share no finished image units"):
+        compare_runs(runs["other_subject"], runs["other_seed"], resamples=50)  # seeds differ: no unit is shared
+    comparison = compare_runs(runs["baseline"], runs["other_subject"], resamples=50)
+    # Only teapot is shared; the other subjects' units are counted, not compared.
+    assert comparison.images["pairs"].sum() == 3 * 2 + 2
+    assert comparison.images["baseline_only"].sum() == 2 * (3 * 2 + 2)
+    assert any("only in the baseline" in w for w in comparison.warnings)
+    assert comparison.exit_code == 0
+
+
+def test_unscored_runs_compare_image_bytes(tmp_path, capsys):
+    baseline = run(tmp_path / "a", "metrics.names=[]", "subjects=teapot")
+    current = run(tmp_path / "b", "metrics.names=[]", "subjects=teapot", "methods.dummy.noise=0.5")
+    assert main(["compare", baseline, baseline, "--out", str(tmp_path / "same"), "--fail-on-difference"]) == 0
+    assert main(["compare", baseline, current, "--out", str(tmp_path / "diff")]) == 0
+    assert main(["compare", baseline, current, "--out", str(tmp_path / "diff"), "--fail-on-difference"]) == 1
+    assert "only image bytes are compared" in capsys.readouterr().out
