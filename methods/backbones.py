@@ -13,7 +13,7 @@ import os
 import socket
 import threading
 from dataclasses import asdict, dataclass
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -344,7 +344,7 @@ def clear_backbone_cache() -> None:
         _CACHE.clear()
 
 
-@lru_cache(maxsize=None)
+@cache
 def describe_backbones() -> list[dict]:
     rows = []
     for name in BACKBONE_NAMES:
