@@ -193,11 +193,14 @@ class PlaceholderEmbedding(torch.nn.Module):
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         added = input_ids >= self.first_id
         embeddings = self.base(torch.where(added, 0, input_ids))
-        if not bool(added.any()):
+        if self.vectors is None:
+            if bool(added.any()):
+                raise RuntimeError("a prompt uses a placeholder token but no learned vectors are loaded")
             return embeddings
-        if self.vectors is None or int(input_ids.max()) >= self.first_id + self.vectors.shape[0]:
-            raise RuntimeError("a prompt uses a placeholder token whose vector is not loaded")
-        learned = self.vectors[(input_ids - self.first_id).clamp(min=0)].to(embeddings.dtype)
+        # No data-dependent checks here: they would synchronise the GPU on every forward. The
+        # tokenizer copy only knows as many added tokens as there are vectors.
+        index = (input_ids - self.first_id).clamp(0, self.vectors.shape[0] - 1)
+        learned = self.vectors[index].to(embeddings.dtype)
         return torch.where(added.unsqueeze(-1), learned, embeddings)
 
 

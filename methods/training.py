@@ -84,6 +84,11 @@ class TrainingParams:
         return [s for s in self.checkpoint_steps if s < self.steps] + [self.steps]
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def checkpoint_name(step: int, steps: int) -> str:
     return "final" if step == steps else f"step-{step}"
 
@@ -102,7 +107,8 @@ class TrainBatch:
 class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
-    seconds_per_step: float = 0.0  # after the first (warm-up) step
+    seconds_per_step: float = 0.0  # after the first (warm-up) step, checkpoint saving excluded
+    checkpoint_seconds: float = 0.0  # time spent in on_checkpoint (writing states)
     peak_memory_bytes: int | None = None
 
     def summary(self) -> dict:
@@ -174,6 +180,7 @@ def train_loop(
     losses: list[torch.Tensor] = []
     started = time.perf_counter()
     after_first = started
+    checkpoint_seconds = checkpoint_after_first = 0.0
     for step in range(1, params.steps + 1):
         batch = next_batch(step)
         with autocast_context(device, dtype):
@@ -201,18 +208,24 @@ def train_loop(
         if on_step_end is not None:
             on_step_end(step)
         if step in save_steps and on_checkpoint is not None:
+            _synchronize(device)
+            saving = time.perf_counter()
             on_checkpoint(step)
+            _synchronize(device)
+            saved = time.perf_counter() - saving
+            checkpoint_seconds += saved
+            if step > 1:
+                checkpoint_after_first += saved
         if step == 1:
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            _synchronize(device)
             after_first = time.perf_counter()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    _synchronize(device)
     finished = time.perf_counter()
     result = TrainResult(
         losses=torch.stack(losses).float().cpu().tolist(),
         seconds=finished - started,
-        seconds_per_step=(finished - after_first) / max(params.steps - 1, 1),
+        seconds_per_step=(finished - after_first - checkpoint_after_first) / max(params.steps - 1, 1),
+        checkpoint_seconds=checkpoint_seconds,
     )
     if device.type == "cuda":
         result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
