@@ -83,17 +83,18 @@ def gradient_checkpointing(module: torch.nn.Module, enabled: bool) -> Iterator[N
     if not enabled:
         yield
         return
-    if hasattr(module, "enable_gradient_checkpointing"):
-        module.enable_gradient_checkpointing()
-    else:
-        module.gradient_checkpointing_enable()
+    # diffusers models, then transformers (which renamed the method in 5.x).
+    names = (
+        ("enable_gradient_checkpointing", "disable_gradient_checkpointing"),
+        ("activation_checkpointing_enable", "activation_checkpointing_disable"),
+        ("gradient_checkpointing_enable", "gradient_checkpointing_disable"),
+    )
+    enable, disable = next(pair for pair in names if hasattr(module, pair[0]))
+    getattr(module, enable)()
     try:
         yield
     finally:
-        if hasattr(module, "disable_gradient_checkpointing"):
-            module.disable_gradient_checkpointing()
-        else:
-            module.gradient_checkpointing_disable()
+        getattr(module, disable)()
 
 
 # ----------------------------------------------------------------------------- objective

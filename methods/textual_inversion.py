@@ -231,8 +231,10 @@ class TextualInversion(Method):
         return [token] + [f"{token}_{i}" for i in range(1, self.params.num_vectors)]
 
     def render_prompt(self, prompt: Prompt, subject: Subject) -> str:
-        class_noun = subject.class_noun if self.params.prompt_style == "token_class" else ""
-        return prompt.render(self.placeholder(subject), class_noun)
+        # The token replaces "{identifier} {class}"; a template without the identifier slot
+        # (e.g. the class prompt "a {class}") is not about the subject and keeps its class noun.
+        token_only = self.params.prompt_style == "token" and "{0}" in prompt.template
+        return prompt.render(self.placeholder(subject), "" if token_only else subject.class_noun)
 
     # ------------------------------------------------------------------ shared modules
 

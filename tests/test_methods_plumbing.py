@@ -5,19 +5,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from data.subjects import load_subjects
 from methods.backbones import load_backbone, resolve_backbone
-from methods.base import ParamsError, SamplerConfig, expand_params
+from methods.base import MethodContext, ParamsError, SamplerConfig, expand_params
 from methods.class_prior import class_prior_images
 from methods.diffusion import (
     diffusion_loss,
+    fp32_trainable_copy,
     gradient_checkpointing,
     make_noise_scheduler,
     prediction_target,
     subject_latents,
+    working_copy,
 )
+from methods.dreambooth import DreamBooth, DreamBoothLoRA, DreamBoothLoRAParams, DreamBoothParams
 from methods.sampling import SamplerError, build_pipeline, generate_images
+from methods.textual_inversion import TextualInversion, TextualInversionParams
 from methods.training import TrainingParams, build_optimizer, train_loop
 
 FAST = SamplerConfig(steps=8)
@@ -235,3 +240,35 @@ def test_optimizer_and_loop_guards(backbone):
             device=torch.device("cpu"),
             dtype=torch.float32,
         )
+
+
+# ----------------------------------------------------------------------------- precision and attention
+
+
+def test_mixed_precision_path_runs_in_bfloat16(tmp_path):
+    """The GPU recipe on a CPU: bf16 frozen modules, fp32 trainable tensors, bf16 autocast."""
+    dog = load_subjects("mini", subjects=["dog"])[0]
+    context = MethodContext(
+        backbone=resolve_backbone("tiny"), resolution=64, dtype="bfloat16", cache_dir=tmp_path / "cache"
+    )
+    prior = {"class_images": 2, "class_image_steps": 3}
+    methods = [
+        TextualInversion(TextualInversionParams(steps=3, gradient_checkpointing=True), context),
+        DreamBooth(DreamBoothParams(steps=3, train_text_encoder=True, gradient_checkpointing=True, **prior), context),
+        DreamBoothLoRA(DreamBoothLoRAParams(steps=3, train_text_encoder=True, **prior), context),
+    ]
+    for method in methods:
+        workdir = tmp_path / method.name
+        workdir.mkdir()
+        method.prepare(dog, workdir, seed=0)
+        state = method.load_state(workdir, dog)
+        assert all(np.isfinite(state.data["losses"])) and len(state.data["losses"]) == 3
+        prompt = method.render_prompt(dog.prompts()[0], dog)
+        assert method.generate(state, "final", [prompt], [1], FAST)[0].size == (64, 64)
+    assert load_file(str(tmp_path / "dreambooth" / "unet-final.safetensors"))["conv_in.weight"].dtype == torch.bfloat16
+    assert next(iter(load_file(str(tmp_path / "textual_inversion" / "learned_embeds.safetensors")).values())).dtype == torch.float32
+
+
+def test_attention_runs_through_sdpa(backbone):
+    for unet in (backbone.unet, working_copy(backbone.unet), fp32_trainable_copy(backbone, "unet")):
+        assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}

@@ -160,6 +160,9 @@ def test_render_prompt_styles(context, dog):
     assert with_class == "a <sks-dog> dog in the jungle"
     custom = TextualInversion(TextualInversionParams(placeholder_token="<my-pet>"), context)
     assert custom.render_prompt(template, dog) == "a <my-pet> in the jungle"
+    from data.protocol import PRIOR_PROMPT
+
+    assert custom.render_prompt(PRIOR_PROMPT, dog) == "a dog"
 
 
 def test_multi_vector_tokens_and_multi_word_initializer(context, dog, tmp_path):
