@@ -56,10 +56,13 @@ def fp32_trainable_copy(backbone: Backbone, part: str) -> torch.nn.Module:
     The copy is made from fp32 weights (a CPU fp32 load of the same spec when the shared backbone
     is in bf16/fp16), so master weights start from the original values, not a bf16 rounding.
     """
-    source_backbone = backbone
+    module = copy.deepcopy(getattr(backbone, part))
     if backbone.dtype != torch.float32:
-        source_backbone = load_backbone(backbone.spec, "cpu", torch.float32)
-    module = copy.deepcopy(getattr(source_backbone, part)).to(backbone.device)
+        # Upcast on the device, then overwrite with the fp32 values: one host-to-device copy and
+        # no second full copy in host memory.
+        module.to(torch.float32)
+        reference = getattr(load_backbone(backbone.spec, "cpu", torch.float32), part)
+        module.load_state_dict(reference.state_dict())
     module.requires_grad_(True)
     module.train()
     return module

@@ -272,3 +272,14 @@ def test_mixed_precision_path_runs_in_bfloat16(tmp_path):
 def test_attention_runs_through_sdpa(backbone):
     for unet in (backbone.unet, working_copy(backbone.unet), fp32_trainable_copy(backbone, "unet")):
         assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_fp32_master_copy_starts_from_fp32_weights():
+    spec = resolve_backbone("tiny")
+    half = load_backbone(spec, "cpu", torch.bfloat16)
+    full = load_backbone(spec, "cpu", torch.float32)
+    copy = fp32_trainable_copy(half, "unet")
+    assert all(p.dtype == torch.float32 and p.requires_grad for p in copy.parameters())
+    reference = full.unet.state_dict()
+    assert all(torch.equal(v, reference[k]) for k, v in copy.state_dict().items())
+    assert not any(p.requires_grad for p in half.unet.parameters())  # the shared module is untouched
