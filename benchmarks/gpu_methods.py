@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -62,7 +63,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true")
     parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--skip", default="", help="comma list of: ti,dreambooth,reference,reference_train")
-    parser.add_argument("--out", default="gpu_methods.json")
+    parser.add_argument(
+        "--out",
+        default=str(Path(os.environ.get("OUT", ".")) / "gpu_methods.json"),
+        help="JSON output (default: $OUT/gpu_methods.json, else ./gpu_methods.json)",
+    )
     args = parser.parse_args(argv)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"

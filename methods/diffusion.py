@@ -6,9 +6,9 @@ Conventions every method inherits from here (documented once, not per method):
   resolution, flip, latent mode) and kept in memory for the process. ``mode="mean"`` (default)
   takes the mean of the VAE posterior, which makes the cache exact; ``mode="sample"`` draws one
   posterior sample per image from a CPU generator seeded by (seed, image index), so it is
-  device- and batch-independent. The diffusers examples re-sample the posterior every step; for
-  the SD VAE its std is ~1e-3 of the mean, so caching changes nothing measurable and saves the
-  encoder pass per step. Latents are scaled by ``vae.config.scaling_factor``.
+  device- and batch-independent. This differs from the diffusers examples, which re-sample the
+  posterior every step (augmentation by VAE noise, not measured here); it saves the encoder
+  pass per step. Latents are scaled by ``vae.config.scaling_factor``.
 - **Objective.** Noise and timesteps are drawn on a CPU generator (so a CPU and a GPU run see the
   same draws), timesteps uniform in [0, num_train_timesteps), the target follows the scheduler's
   ``prediction_type`` (epsilon, or v for v-prediction backbones such as SD 2.1-768); squared

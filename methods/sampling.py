@@ -8,8 +8,9 @@ device), and that generator also feeds any later noise of image ``i`` (DDIM with
 
 Batch independence: image ``i`` depends only on (prompt ``i``, seed ``i``) mathematically. In
 floating point, matrix multiplies pick kernels by batch size (MKL on CPU, cuBLAS on GPU), so an
-image generated in a different batch can differ in the last bits of fp32 latents; after the
-uint8 conversion such images are equal or differ by one level in a few pixels. Generating one
+image generated in a different batch can differ in the last bits of its latents. On the tiny
+test backbone the uint8 images are then equal or one level apart in a few pixels (tested); a
+real model over 50 steps, in bf16, may drift a little more (not measured here). Generating one
 image per call would be bit-exact but throws the batching away.
 """
 
