@@ -269,7 +269,10 @@ class TextualInversion(Method):
         return self._text_encoder
 
     def initial_vectors(self, backbone: Backbone, subject: Subject) -> tuple[torch.Tensor, list[int]]:
-        """(num_vectors, dim) fp32 copies of the initializer's embedding (mean over its tokens)."""
+        """(num_vectors, dim) fp32 copies of the initializer's embedding (mean over its tokens).
+
+        Read from the shared text encoder, so in a bf16 context the start is the bf16 rounding of
+        the embedding (as the frozen encoder itself sees it)."""
         initializer = self.params.initializer or subject.class_noun
         if not initializer or not initializer.strip():
             raise ValueError(
