@@ -121,7 +121,7 @@ class Method(ABC):
     ) -> list[Image.Image]:
         """One image per (prompt, seed)."""
 
-    def release(self) -> None:
+    def release(self) -> None:  # noqa: B027 - optional hook, a no-op by default
         """Drop per-subject GPU memory between subjects (models shared per worker stay)."""
         return None
 

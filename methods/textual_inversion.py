@@ -1,0 +1,405 @@
+"""``textual_inversion``: Textual Inversion (Gal et al., ICLR 2023), one new learned word per subject.
+
+Faithful to the paper and its official code (rinongal/textual_inversion, SD config
+``v1-finetune.yaml``) unless a field says otherwise:
+
+- ``num_vectors`` new tokens ``<tok>``, ``<tok>_1``, ... (diffusers' multi-vector naming), each
+  initialised from the embedding of ``initializer`` (default: the class noun). The official code
+  refuses initializers of several tokens; we take the **mean** of their embeddings (our choice,
+  so that classes like "stuffed animal" work), recorded in the state.
+- Only the new vectors learn. They are a separate fp32 tensor spliced into the token embeddings
+  of a private text-encoder copy, so the rows of every other token are not parameters at all and
+  stay bit-identical (the tests check it). AdamW's weight decay therefore acts on the new vectors
+  only, as in the official code (diffusers decays the whole matrix and restores the old rows).
+- Learning rate: official base lr 5e-3 at batch 2, scaled by batch x GPUs (``--scale_lr`` is on by
+  default in its ``main.py``), i.e. **1e-2** on one GPU. We take ``learning_rate=5e-3``,
+  ``batch_size=2``, ``scale_lr=true`` -> effective lr = learning_rate x batch_size = 1e-2
+  (single process). The paper's LDM runs used 2 GPUs x batch 4 -> 0.04. Constant schedule.
+- 5000 steps (paper; the official SD config stops at 6100). AdamW with torch defaults
+  (betas 0.9/0.999, eps 1e-8, weight decay 1e-2), no gradient clipping.
+- Prompts: the official ``imagenet_templates_small`` (81 entries, duplicates kept so the sampling
+  frequencies match), or the 27 of diffusers' example (``templates: diffusers``); images flipped
+  horizontally with p=0.5 (official ``flip_p``).
+
+Protocol prompts (``render_prompt``): the learned word stands for the subject itself, as S* does
+in the paper ("a photo of S*"), so the DreamBooth phrase "{identifier} {class}" becomes the token
+alone: "a <sks-dog> in the jungle" (``prompt_style: token``, default). ``token_class`` keeps the
+class noun ("a <sks-dog> dog in the jungle").
+
+State: ``learned_embeds.safetensors`` (final) and ``learned_embeds-step-N.safetensors``, in the
+diffusers textual-inversion format ({token: (num_vectors, dim)} fp32), loadable with
+``StableDiffusionPipeline.load_textual_inversion(path)``; ``state.json`` holds the rest.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from data.protocol import Prompt
+from data.subjects import Subject
+from methods.backbones import Backbone, load_backbone
+from methods.base import Method, ParamsError, SamplerConfig, State
+from methods.diffusion import (
+    cycle_indices,
+    encode_text,
+    gradient_checkpointing,
+    make_noise_scheduler,
+    subject_latents,
+    working_copy,
+)
+from methods.sampling import build_pipeline, generate_images
+from methods.training import TrainBatch, TrainingParams, checkpoint_name, train_loop
+
+# The 27 templates of the official code's ``imagenet_templates_small`` head (the whole list of
+# diffusers' example); "{}" is the placeholder.
+IMAGENET_TEMPLATES_SMALL = (
+    "a photo of a {}",
+    "a rendering of a {}",
+    "a cropped photo of the {}",
+    "the photo of a {}",
+    "a photo of a clean {}",
+    "a photo of a dirty {}",
+    "a dark photo of the {}",
+    "a photo of my {}",
+    "a photo of the cool {}",
+    "a close-up photo of a {}",
+    "a bright photo of the {}",
+    "a cropped photo of a {}",
+    "a photo of the {}",
+    "a good photo of the {}",
+    "a photo of one {}",
+    "a close-up photo of the {}",
+    "a rendition of the {}",
+    "a photo of the clean {}",
+    "a rendition of a {}",
+    "a photo of a nice {}",
+    "a good photo of a {}",
+    "a photo of the nice {}",
+    "a photo of the small {}",
+    "a photo of the weird {}",
+    "a photo of the large {}",
+    "a photo of a cool {}",
+    "a photo of a small {}",
+)
+
+
+def _official_templates() -> tuple[str, ...]:
+    """The official list: the 27 above, then twice more with "a photo of" read as
+    "an illustration of" and "a depiction of" (other templates repeated unchanged)."""
+    out = list(IMAGENET_TEMPLATES_SMALL)
+    for medium in ("an illustration of", "a depiction of"):
+        out += [re.sub(r"^a photo of", medium, t) for t in IMAGENET_TEMPLATES_SMALL]
+    return tuple(out)
+
+
+TEMPLATE_SETS = {"paper": _official_templates(), "diffusers": IMAGENET_TEMPLATES_SMALL}
+
+
+class PlaceholderError(ParamsError):
+    """A placeholder token that cannot be used (already a word of the tokenizer, malformed)."""
+
+
+@lru_cache(maxsize=1)
+def _clip_tokenizer():
+    from methods.backbones import build_clip_tokenizer
+
+    return build_clip_tokenizer()
+
+
+def existing_token(tokenizer, token: str) -> bool:
+    """Whether ``token`` already means something to the tokenizer (a vocabulary entry or a word
+    that tokenizes to one existing entry), so that adding it would not create a new word."""
+    vocabulary = tokenizer.get_vocab()
+    if token in vocabulary or f"{token}</w>" in vocabulary:
+        return True
+    pieces = tokenizer.tokenize(token)
+    return len(pieces) == 1 and pieces[0] in vocabulary
+
+
+def check_placeholder(token: str, tokenizer=None) -> None:
+    if not token or re.search(r"\s", token):
+        raise PlaceholderError(f"placeholder_token {token!r} must be one non-empty word without spaces")
+    if token != token.lower():
+        raise PlaceholderError(
+            f"placeholder_token {token!r} must be lowercase: the CLIP tokenizer lowercases prompts, "
+            f"so it would never match; use {token.lower()!r}"
+        )
+    if existing_token(tokenizer if tokenizer is not None else _clip_tokenizer(), token):
+        raise PlaceholderError(
+            f"placeholder_token {token!r} is already in the tokenizer's vocabulary; Textual "
+            "Inversion needs a new word, e.g. '<my-subject>'"
+        )
+
+
+@dataclass(frozen=True)
+class TextualInversionParams(TrainingParams):
+    steps: int = 5000  # paper
+    learning_rate: float = 5e-3  # official base lr (scaled by batch_size when scale_lr)
+    batch_size: int = 2  # official SD config
+    scale_lr: bool = True  # official main.py default: lr x batch x GPUs (one process here)
+    num_vectors: int = 1
+    placeholder_token: str = ""  # "" -> "<{identifier}-{subject id}>"
+    initializer: str = ""  # "" -> the subject's class noun; several tokens -> mean (our choice)
+    prompt_style: Literal["token", "token_class"] = "token"
+    templates: Literal["paper", "diffusers"] = "paper"
+    flip_p: float = 0.5  # official PersonalizedBase
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.num_vectors < 1:
+            raise ParamsError(f"num_vectors must be >= 1, got {self.num_vectors}")
+        if not 0.0 <= self.flip_p <= 1.0:
+            raise ParamsError(f"flip_p must be in [0, 1], got {self.flip_p}")
+        if self.placeholder_token:
+            check_placeholder(self.placeholder_token)
+
+    @property
+    def effective_learning_rate(self) -> float:
+        return self.learning_rate * self.batch_size if self.scale_lr else self.learning_rate
+
+
+class PlaceholderEmbedding(torch.nn.Module):
+    """Token embeddings with learned rows for ids >= ``first_id`` (the added placeholder tokens).
+
+    ``vectors`` is a buffer, not a parameter, so the text encoder's dtype stays that of its
+    frozen weights and no optimizer can see the original rows.
+    """
+
+    def __init__(self, base: torch.nn.Embedding, first_id: int):
+        super().__init__()
+        self.base = base
+        self.first_id = first_id
+        self.register_buffer("vectors", None, persistent=False)
+
+    @property
+    def weight(self) -> torch.Tensor:  # read by code that asks for the embedding matrix
+        return self.base.weight
+
+    def set_vectors(self, vectors: torch.Tensor | None) -> None:
+        self.vectors = vectors
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        added = input_ids >= self.first_id
+        embeddings = self.base(torch.where(added, 0, input_ids))
+        if self.vectors is None:
+            if bool(added.any()):
+                raise RuntimeError("a prompt uses a placeholder token but no learned vectors are loaded")
+            return embeddings
+        # No data-dependent checks here: they would synchronise the GPU on every forward. The
+        # tokenizer copy only knows as many added tokens as there are vectors.
+        index = (input_ids - self.first_id).clamp(0, self.vectors.shape[0] - 1)
+        learned = self.vectors[index].to(embeddings.dtype)
+        return torch.where(added.unsqueeze(-1), learned, embeddings)
+
+
+class TextualInversion(Method):
+    name = "textual_inversion"
+    version = "1"
+    Params = TextualInversionParams
+    description = "Textual Inversion (Gal et al. 2023): one new token embedding, frozen model"
+
+    def __init__(self, params: TextualInversionParams, context):
+        super().__init__(params, context)
+        self._text_encoder: torch.nn.Module | None = None
+        self._tokenizers: OrderedDict[tuple[str, ...], object] = OrderedDict()
+
+    # ------------------------------------------------------------------ naming and prompts
+
+    def checkpoints(self) -> Sequence[str]:
+        return self.params.checkpoint_names()
+
+    def placeholder(self, subject: Subject) -> str:
+        if self.params.placeholder_token:
+            return self.params.placeholder_token
+        name = re.sub(r"\s+", "-", f"{self.context.identifier}-{subject.id}".lower())
+        return f"<{name}>"
+
+    def placeholder_tokens(self, subject: Subject) -> list[str]:
+        token = self.placeholder(subject)
+        return [token] + [f"{token}_{i}" for i in range(1, self.params.num_vectors)]
+
+    def render_prompt(self, prompt: Prompt, subject: Subject) -> str:
+        # The token replaces "{identifier} {class}"; a template without the identifier slot
+        # (e.g. the class prompt "a {class}") is not about the subject and keeps its class noun.
+        token_only = self.params.prompt_style == "token" and "{0}" in prompt.template
+        return prompt.render(self.placeholder(subject), "" if token_only else subject.class_noun)
+
+    # ------------------------------------------------------------------ shared modules
+
+    def _backbone(self) -> Backbone:
+        return load_backbone(self.context.backbone, self.context.device, self.context.torch_dtype)
+
+    def _tokenizer(self, backbone: Backbone, tokens: list[str]):
+        """A copy of the backbone's tokenizer with ``tokens`` added (cached per token set)."""
+        key = tuple(tokens)
+        if key in self._tokenizers:
+            self._tokenizers.move_to_end(key)
+            return self._tokenizers[key]
+        for token in tokens:
+            check_placeholder(token, backbone.tokenizer)
+        tokenizer = copy.deepcopy(backbone.tokenizer)
+        first_id = len(backbone.tokenizer)
+        tokenizer.add_tokens(tokens)
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if ids != list(range(first_id, first_id + len(tokens))):
+            raise PlaceholderError(f"placeholder tokens {tokens} did not get new ids (got {ids})")
+        self._tokenizers[key] = tokenizer
+        while len(self._tokenizers) > 8:
+            self._tokenizers.popitem(last=False)
+        return tokenizer
+
+    def _text_encoder_copy(self, backbone: Backbone) -> torch.nn.Module:
+        if self._text_encoder is None:
+            text_encoder = working_copy(backbone.text_encoder)
+            base = text_encoder.get_input_embeddings()
+            text_encoder.set_input_embeddings(PlaceholderEmbedding(base, len(backbone.tokenizer)))
+            self._text_encoder = text_encoder
+        return self._text_encoder
+
+    def initial_vectors(self, backbone: Backbone, subject: Subject) -> tuple[torch.Tensor, list[int]]:
+        """(num_vectors, dim) fp32 copies of the initializer's embedding (mean over its tokens).
+
+        Read from the shared text encoder, so in a bf16 context the start is the bf16 rounding of
+        the embedding (as the frozen encoder itself sees it)."""
+        initializer = self.params.initializer or subject.class_noun
+        if not initializer or not initializer.strip():
+            raise ValueError(
+                f"subject {subject.id!r} has no class noun to initialise the token from; give the "
+                "subject a class or set textual_inversion.initializer"
+            )
+        ids = backbone.tokenizer(initializer, add_special_tokens=False).input_ids
+        if not ids:
+            raise ValueError(f"initializer {initializer!r} tokenizes to nothing; choose a word")
+        weight = backbone.text_encoder.get_input_embeddings().weight
+        vector = weight[torch.tensor(ids, device=weight.device)].float().mean(dim=0)
+        return vector.unsqueeze(0).repeat(self.params.num_vectors, 1).clone(), ids
+
+    # ------------------------------------------------------------------ training
+
+    def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
+        p = self.params
+        if not subject.images:
+            raise ValueError(f"subject {subject.id!r} has no images to learn from")
+        backbone = self._backbone()
+        device = backbone.device
+        tokens = self.placeholder_tokens(subject)
+        tokenizer = self._tokenizer(backbone, tokens)
+        text_encoder = self._text_encoder_copy(backbone)
+        init, init_ids = self.initial_vectors(backbone, subject)
+        vectors = init.to(device).requires_grad_(True)
+        embedding = text_encoder.get_input_embeddings()
+        embedding.set_vectors(vectors)
+
+        resolution = self.context.resolution
+        latents = [subject_latents(backbone, subject, resolution, mode=p.vae_latents, seed=seed)]
+        if p.flip_p > 0:
+            latents.append(
+                subject_latents(backbone, subject, resolution, flip=True, mode=p.vae_latents, seed=seed)
+            )
+        generator = torch.Generator().manual_seed(seed)
+        draw = cycle_indices(len(subject.images), generator)
+        templates = TEMPLATE_SETS[p.templates]
+        placeholder_text = " ".join(tokens)
+
+        def next_batch(step: int) -> TrainBatch:
+            indices = [draw() for _ in range(p.batch_size)]
+            flips = (torch.rand(p.batch_size, generator=generator) < p.flip_p).tolist()
+            choices = torch.randint(len(templates), (p.batch_size,), generator=generator).tolist()
+            batch_latents = torch.stack([latents[int(f)][i] for i, f in zip(indices, flips)])
+            return TrainBatch(batch_latents, [templates[c].format(placeholder_text) for c in choices])
+
+        files: dict[str, str] = {}
+
+        def on_checkpoint(step: int) -> None:
+            name = checkpoint_name(step, p.steps)
+            filename = "learned_embeds.safetensors" if name == "final" else f"learned_embeds-{name}.safetensors"
+            save_embeddings(workdir / filename, tokens[0], vectors)
+            files[name] = filename
+
+        try:
+            with gradient_checkpointing(backbone.unet, p.gradient_checkpointing), gradient_checkpointing(
+                text_encoder, p.gradient_checkpointing
+            ):
+                result = train_loop(
+                    unet=backbone.unet,
+                    noise_scheduler=make_noise_scheduler(backbone),
+                    parameters=[vectors],
+                    params=p,
+                    learning_rate=p.effective_learning_rate,
+                    next_batch=next_batch,
+                    encode_prompts=lambda prompts: encode_text(text_encoder, tokenizer, prompts, device),
+                    generator=generator,
+                    device=device,
+                    dtype=backbone.dtype,
+                    on_checkpoint=on_checkpoint,
+                )
+        finally:
+            embedding.set_vectors(None)
+        state = {
+            "method": self.name,
+            "version": self.version,
+            "subject": subject.id,
+            "seed": seed,
+            "placeholder_token": tokens[0],
+            "tokens": tokens,
+            "initializer": self.params.initializer or subject.class_noun,
+            "initializer_token_ids": init_ids,
+            "effective_learning_rate": p.effective_learning_rate,
+            "checkpoints": files,
+            "training": result.summary(),
+            "losses": result.losses,
+        }
+        (workdir / "state.json").write_text(json.dumps(state, indent=1))
+
+    def load_state(self, workdir: Path, subject: Subject) -> State:
+        state = json.loads((Path(workdir) / "state.json").read_text())
+        vectors = {}
+        for name, filename in state["checkpoints"].items():
+            vectors[name] = load_file(str(Path(workdir) / filename))[state["placeholder_token"]]
+        return State(Path(workdir), subject, {**state, "vectors": vectors})
+
+    # ------------------------------------------------------------------ generation
+
+    def generate(
+        self,
+        state: State,
+        checkpoint: str,
+        prompts: Sequence[str],
+        seeds: Sequence[int],
+        sampler: SamplerConfig,
+    ) -> list[Image.Image]:
+        step = self.params.checkpoint_step(checkpoint)
+        name = checkpoint_name(step, self.params.steps)
+        backbone = self._backbone()
+        tokenizer = self._tokenizer(backbone, state.data["tokens"])
+        text_encoder = self._text_encoder_copy(backbone)
+        embedding = text_encoder.get_input_embeddings()
+        embedding.set_vectors(state.data["vectors"][name].to(backbone.device, backbone.dtype))
+        try:
+            pipeline = build_pipeline(backbone, sampler, text_encoder=text_encoder, tokenizer=tokenizer)
+            return generate_images(pipeline, prompts, seeds, sampler, self.context.resolution)
+        finally:
+            embedding.set_vectors(None)
+
+    def release(self) -> None:
+        self._text_encoder = None
+        self._tokenizers.clear()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def save_embeddings(path: Path, token: str, vectors: torch.Tensor) -> None:
+    """The diffusers textual-inversion file: {token: (num_vectors, dim)} in fp32 safetensors."""
+    save_file({token: vectors.detach().float().cpu().contiguous()}, str(path), metadata={"format": "pt"})

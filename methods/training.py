@@ -1,0 +1,233 @@
+"""The one training loop that every fine-tuning method parameterizes, and its shared params.
+
+A method says *which tensors train* (``parameters``), *which batches* it sees (``next_batch``:
+latents, prompts, per-sample loss weights, optional masks), *how prompts become conditioning*
+(``encode_prompts``: a frozen cached encoder, a text encoder being trained, a learned token) and
+*which extra loss terms* apply (``extra_loss``). The loop owns everything else: the denoising
+objective, mixed precision, the optimizer, gradient clipping, hooks after every step and at
+checkpoint steps, loss history and timing. See ``methods.diffusion`` for the conventions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from methods.base import ParamsError
+from methods.diffusion import autocast_context, diffusion_loss
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+
+
+@dataclass(frozen=True)
+class TrainingParams:
+    """Knobs shared by every fine-tuning method; subclasses redeclare fields to change defaults.
+
+    ``checkpoint_steps`` are the steps after which an intermediate state is saved (``step-N``);
+    the end of training is always saved as ``final``.
+    """
+
+    steps: int = 1000
+    learning_rate: float = 1e-4
+    batch_size: int = 1
+    checkpoint_steps: tuple[int, ...] = ()
+    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    adam_weight_decay: float = 1e-2
+    max_grad_norm: float = 0.0  # 0 disables clipping
+    gradient_checkpointing: bool = False
+    vae_latents: Literal["mean", "sample"] = "mean"
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ParamsError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ParamsError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.learning_rate > 0:
+            raise ParamsError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ParamsError(f"optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.max_grad_norm < 0:
+            raise ParamsError(f"max_grad_norm must be >= 0 (0 disables clipping), got {self.max_grad_norm}")
+        bad = [s for s in self.checkpoint_steps if not isinstance(s, int) or s < 1]
+        if bad:
+            raise ParamsError(f"checkpoint_steps must be positive integers, got {bad}")
+        beyond = [s for s in self.checkpoint_steps if s > self.steps]
+        if beyond:
+            raise ParamsError(
+                f"checkpoint_steps {beyond} are beyond the training length steps={self.steps}; "
+                f"use steps >= {max(beyond)} or drop them"
+            )
+        # A canonical order makes equal sets of checkpoints fingerprint equally.
+        object.__setattr__(self, "checkpoint_steps", tuple(sorted(set(self.checkpoint_steps))))
+
+    def checkpoint_names(self) -> list[str]:
+        """``step-N`` for each intermediate checkpoint, then ``final`` (``step-<steps>`` is final)."""
+        return [f"step-{s}" for s in self.checkpoint_steps if s < self.steps] + ["final"]
+
+    def checkpoint_step(self, name: str) -> int:
+        """The training step a checkpoint name stands for; unknown names list the valid ones."""
+        if name == "final" or name == f"step-{self.steps}":
+            return self.steps
+        if name in self.checkpoint_names():
+            return int(name.removeprefix("step-"))
+        raise ValueError(f"unknown checkpoint {name!r}; valid: {', '.join(self.checkpoint_names())}")
+
+    def save_steps(self) -> list[int]:
+        return [s for s in self.checkpoint_steps if s < self.steps] + [self.steps]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def checkpoint_name(step: int, steps: int) -> str:
+    return "final" if step == steps else f"step-{step}"
+
+
+@dataclass
+class TrainBatch:
+    """One optimisation step's data. ``weights`` (B,) combine per-sample losses (default: mean)."""
+
+    latents: torch.Tensor
+    prompts: list[str]
+    weights: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+@dataclass
+class TrainResult:
+    losses: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+    seconds_per_step: float = 0.0  # after the first (warm-up) step, checkpoint saving excluded
+    checkpoint_seconds: float = 0.0  # time spent in on_checkpoint (writing states)
+    peak_memory_bytes: int | None = None
+
+    def summary(self) -> dict:
+        out = dataclasses.asdict(self)
+        out.pop("losses")
+        n = min(5, len(self.losses))
+        out["loss_first"] = sum(self.losses[:n]) / max(n, 1)
+        out["loss_last"] = sum(self.losses[-n:]) / max(n, 1)
+        return out
+
+
+def build_optimizer(
+    parameters: Sequence[torch.Tensor], params: TrainingParams, learning_rate: float
+) -> torch.optim.Optimizer:
+    """AdamW (fused on CUDA) or bitsandbytes' 8-bit AdamW, with the method's Adam settings."""
+    kwargs = dict(
+        lr=learning_rate,
+        betas=(params.adam_beta1, params.adam_beta2),
+        eps=params.adam_epsilon,
+        weight_decay=params.adam_weight_decay,
+    )
+    if params.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError:
+            raise ImportError(
+                "optimizer 'adamw8bit' needs bitsandbytes, which is not installed; "
+                "`pip install bitsandbytes` (CUDA only) or use optimizer: adamw"
+            ) from None
+        return bitsandbytes.optim.AdamW8bit(list(parameters), **kwargs)
+    on_cuda = all(p.is_cuda and p.dtype == torch.float32 for p in parameters)
+    # The fused kernel does one launch for all tensors: the optimizer step of a full UNet is
+    # memory-bound, and this is its fastest form.
+    return torch.optim.AdamW(list(parameters), fused=on_cuda or None, **kwargs)
+
+
+def train_loop(
+    *,
+    unet: torch.nn.Module,
+    noise_scheduler,
+    parameters: Sequence[torch.Tensor],
+    params: TrainingParams,
+    learning_rate: float,
+    next_batch: Callable[[int], TrainBatch],
+    encode_prompts: Callable[[list[str]], torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+    dtype: torch.dtype,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    on_step_end: Callable[[int], None] | None = None,
+    on_checkpoint: Callable[[int], None] | None = None,
+) -> TrainResult:
+    """Run ``params.steps`` optimisation steps; call ``on_checkpoint(step)`` at each save step.
+
+    Steps are numbered from 1; ``on_checkpoint`` runs after the optimizer step of every step in
+    ``params.save_steps()`` (the intermediate checkpoints and the last step).
+    """
+    parameters = list(parameters)
+    if not parameters:
+        raise ValueError("train_loop: no trainable parameters were given")
+    for tensor in parameters:
+        if tensor.dtype != torch.float32:
+            raise ValueError(f"trainable tensors must be fp32 master weights, got {tensor.dtype}")
+    optimizer = build_optimizer(parameters, params, learning_rate)
+    scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
+    save_steps = set(params.save_steps())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    losses: list[torch.Tensor] = []
+    started = time.perf_counter()
+    after_first = started
+    checkpoint_seconds = checkpoint_after_first = 0.0
+    for step in range(1, params.steps + 1):
+        batch = next_batch(step)
+        with autocast_context(device, dtype):
+            hidden = encode_prompts(batch.prompts)
+            loss, _ = diffusion_loss(
+                unet, noise_scheduler, batch.latents, hidden, generator, batch.weights, batch.mask
+            )
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if params.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(parameters, params.max_grad_norm)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # Kept on the device: a .item() per step would synchronise the GPU every step.
+        losses.append(loss.detach())
+        if on_step_end is not None:
+            on_step_end(step)
+        if step in save_steps and on_checkpoint is not None:
+            _synchronize(device)
+            saving = time.perf_counter()
+            on_checkpoint(step)
+            _synchronize(device)
+            saved = time.perf_counter() - saving
+            checkpoint_seconds += saved
+            if step > 1:
+                checkpoint_after_first += saved
+        if step == 1:
+            _synchronize(device)
+            after_first = time.perf_counter()
+    _synchronize(device)
+    finished = time.perf_counter()
+    result = TrainResult(
+        losses=torch.stack(losses).float().cpu().tolist(),
+        seconds=finished - started,
+        seconds_per_step=(finished - after_first - checkpoint_after_first) / max(params.steps - 1, 1),
+        checkpoint_seconds=checkpoint_seconds,
+    )
+    if device.type == "cuda":
+        result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+    del optimizer
+    return result

@@ -1,0 +1,243 @@
+"""DreamBooth and DreamBooth-LoRA on the tiny backbone: learning, checkpoints, class-prior cache,
+the diffusers LoRA format, bad inputs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.subjects import Subject, load_subjects
+from methods.backbones import load_backbone, resolve_backbone
+from methods.base import MethodContext, ParamsError, SamplerConfig, expand_params
+from methods.diffusion import (
+    CachedTextEncoding,
+    fixed_draw_loss,
+    make_noise_scheduler,
+    subject_latents,
+    working_copy,
+)
+from methods.dreambooth import DreamBooth, DreamBoothLoRA, DreamBoothLoRAParams, DreamBoothParams
+from methods.registry import get_method
+from methods.sampling import build_pipeline, generate_images
+
+FAST = SamplerConfig(steps=8)
+STEPS = 30
+# lr well above the paper's 5e-6 so that 30 steps on a random tiny UNet move the loss clearly.
+PRIOR = {"class_images": 4, "class_image_steps": 5}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def context(tmp_path_factory) -> MethodContext:
+    return MethodContext(backbone=resolve_backbone("tiny"), resolution=64, cache_dir=tmp_path_factory.mktemp("db-cache"))
+
+
+@pytest.fixture(scope="module")
+def dog() -> Subject:
+    return load_subjects("mini", subjects=["dog"])[0]
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(module: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> bool:
+    state = module.state_dict()
+    return state.keys() == snapshot.keys() and all(torch.equal(state[k], snapshot[k]) for k in snapshot)
+
+
+@pytest.fixture(scope="module")
+def full(context, dog, tmp_path_factory):
+    backbone = load_backbone(context.backbone)
+    unet_before = _snapshot(backbone.unet)
+    method = DreamBooth(DreamBoothParams(steps=STEPS, learning_rate=1e-3, checkpoint_steps=(10,), **PRIOR), context)
+    workdir = tmp_path_factory.mktemp("db-state")
+    method.prepare(dog, workdir, seed=0)
+    return method, method.load_state(workdir, dog), unet_before
+
+
+@pytest.fixture(scope="module")
+def lora(context, dog, tmp_path_factory):
+    backbone = load_backbone(context.backbone)
+    before = (_snapshot(backbone.unet), _snapshot(backbone.text_encoder))
+    params = DreamBoothLoRAParams(steps=STEPS, learning_rate=1e-2, checkpoint_steps=(10,), **PRIOR)
+    method = DreamBoothLoRA(params, context)
+    workdir = tmp_path_factory.mktemp("lora-state")
+    method.prepare(dog, workdir, seed=0)
+    return method, method.load_state(workdir, dog), before
+
+
+def _pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def _probe(method, subject, unet) -> float:
+    backbone = method._backbone()
+    latents = subject_latents(backbone, subject, 64)
+    hidden = CachedTextEncoding(backbone.text_encoder, backbone.tokenizer, backbone.device)(
+        [method.instance_prompt(subject)] * len(latents)
+    )
+    return fixed_draw_loss(unet, make_noise_scheduler(backbone), latents, hidden, seed=7, draws=8)
+
+
+def test_registered_under_their_names():
+    assert get_method("dreambooth") is DreamBooth
+    assert get_method("dreambooth_lora") is DreamBoothLoRA
+
+
+# ----------------------------------------------------------------------------- full fine-tune
+
+
+def test_full_fine_tune_lowers_the_loss(full, dog):
+    method, state, _ = full
+    losses = state.data["losses"]
+    assert len(losses) == STEPS
+    first, last = np.mean(losses[:5]), np.mean(losses[-5:])
+    assert last < 0.7 * first, (first, last)
+    trained_unet, _ = method._generation_modules(state, "final")
+    assert _probe(method, dog, trained_unet) < 0.7 * _probe(method, dog, method._backbone().unet)
+
+
+def test_full_checkpoints_reload_generate_and_differ(full, dog):
+    method, state, unet_before = full
+    assert _same(method._backbone().unet, unet_before)  # the shared UNet was never trained
+    assert list(method.checkpoints()) == ["step-10", "final"]
+    names = sorted(p.name for p in state.path.iterdir())
+    assert names == ["state.json", "unet-final.safetensors", "unet-step-10.safetensors"]
+    saved = load_file(str(state.path / "unet-final.safetensors"))
+    assert saved.keys() == unet_before.keys() and all(v.dtype == torch.float32 for v in saved.values())
+    reloaded = method.load_state(state.path, dog)
+    prompts, seeds = ["a sks dog in the jungle", "a sks dog"], [1, 2]
+    images = {name: method.generate(reloaded, name, prompts, seeds, FAST) for name in method.checkpoints()}
+    base = generate_images(build_pipeline(method._backbone(), FAST), prompts, seeds, FAST, 64)
+    for a, b, c in zip(images["step-10"], images["final"], base):
+        assert not np.array_equal(_pixels(a), _pixels(b))
+        assert not np.array_equal(_pixels(b), _pixels(c))
+    again = method.generate(reloaded, "step-10", prompts, seeds, FAST)  # switching back reloads
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(again, images["step-10"]))
+    with pytest.raises(ValueError, match="'step-11'"):
+        method.generate(reloaded, "step-11", prompts, seeds, FAST)
+
+
+def test_class_images_are_shared_by_the_class_and_not_regenerated(full, context, dog, tmp_path):
+    _, state, _ = full
+    assert state.data["class_images_generated"] == 4 and state.data["class_prompt"] == "a dog"
+    folder = state.data["class_prior_folder"]
+    stamps = {p.name: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(folder).glob("*.png"))}
+    assert len(stamps) == 4
+    other_dog = replace(dog, id="dog_b", images=dog.images[:1], data_sha="dog-b")
+    second = DreamBooth(DreamBoothParams(steps=2, **PRIOR), context)  # other params, same prior
+    second.prepare(other_dog, tmp_path, seed=5)
+    state_b = json.loads((tmp_path / "state.json").read_text())
+    assert state_b["class_images_generated"] == 0 and state_b["class_prior_folder"] == folder
+    assert {p.name: p.stat().st_mtime_ns for p in sorted(__import__("pathlib").Path(folder).glob("*.png"))} == stamps
+
+
+def test_train_text_encoder_and_no_prior(context, dog, tmp_path):
+    method = DreamBooth(DreamBoothParams(steps=2, train_text_encoder=True, class_images=0), context)
+    method.prepare(dog, tmp_path, seed=0)
+    state = method.load_state(tmp_path, dog)
+    assert state.data["class_prompt"] is None and state.data["class_images_generated"] == 0
+    assert state.data["checkpoints"]["final"]["text_encoder"] == "text_encoder-final.safetensors"
+    saved = load_file(str(tmp_path / "text_encoder-final.safetensors"))
+    assert saved.keys() == method._backbone().text_encoder.state_dict().keys()
+    assert len(method.generate(state, "final", ["a sks dog"], [1], FAST)) == 1
+    _, text_encoder = method._generation_modules(state, "final")
+    assert text_encoder is not None and text_encoder is not method._backbone().text_encoder
+
+
+# ----------------------------------------------------------------------------- LoRA
+
+
+def test_lora_lowers_the_loss_and_leaves_shared_modules_alone(lora, dog):
+    method, state, (unet_before, text_encoder_before) = lora
+    backbone = method._backbone()
+    assert _same(backbone.unet, unet_before) and _same(backbone.text_encoder, text_encoder_before)
+    assert not any("lora" in name for name, _ in backbone.unet.named_parameters())
+    trained_unet, _ = method._generation_modules(state, "final")
+    before, after = _probe(method, dog, backbone.unet), _probe(method, dog, trained_unet)
+    assert after < before - 0.01, (before, after)
+    assert state.data["class_images_generated"] == 0  # the full fine-tune made the dog priors
+
+
+def test_lora_format_loads_with_diffusers_and_changes_output(lora, dog):
+    method, state, _ = lora
+    backbone = method._backbone()
+    folder = state.path / "lora-final"
+    weights = load_file(str(folder / "pytorch_lora_weights.safetensors"))
+    assert weights and all(k.startswith("unet.") for k in weights)
+    # diffusers naming (convert_state_dict_to_diffusers): lora.down = A, lora.up = B
+    assert any(".to_q.lora.down." in k for k in weights) and any(".to_out.0.lora.up." in k for k in weights)
+    prompts, seeds = ["a sks dog in the jungle", "a sks dog"], [3, 4]
+    pipeline = build_pipeline(backbone, FAST, unet=working_copy(backbone.unet))
+    pipeline.load_lora_weights(str(folder))
+    theirs = generate_images(pipeline, prompts, seeds, FAST, 64)
+    ours = method.generate(state, "final", prompts, seeds, FAST)
+    base = generate_images(build_pipeline(backbone, FAST), prompts, seeds, FAST, 64)
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(ours, theirs))
+    assert all(not np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(ours, base))
+    early = method.generate(state, "step-10", prompts, seeds, FAST)
+    assert any(not np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(early, ours))
+
+
+def test_lora_text_encoder_layers_are_saved(context, dog, tmp_path):
+    method = DreamBoothLoRA(DreamBoothLoRAParams(steps=2, rank=2, train_text_encoder=True, **PRIOR), context)
+    method.prepare(dog, tmp_path, seed=0)
+    weights = load_file(str(tmp_path / "lora-final" / "pytorch_lora_weights.safetensors"))
+    assert any(k.startswith("text_encoder.") and "q_proj" in k for k in weights)
+    ranks = {v.shape[0] for k, v in weights.items() if k.endswith("down.weight")}
+    assert ranks == {2}
+    state = method.load_state(tmp_path, dog)
+    assert len(method.generate(state, "final", ["a sks dog"], [1], FAST)) == 1
+
+
+def test_defaults_come_from_the_papers():
+    full, low_rank = DreamBoothParams(), DreamBoothLoRAParams()
+    assert (full.learning_rate, full.steps, full.prior_loss_weight, full.class_images) == (5e-6, 1000, 1.0, 200)
+    assert (low_rank.learning_rate, low_rank.steps, low_rank.rank) == (1e-4, 500, 4)
+    assert full.max_grad_norm == 1.0 and full.batch_size == 1
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+def test_single_image_subject_trains(context, dog, tmp_path):
+    single = replace(dog, id="dog_one", images=dog.images[:1], data_sha="one")
+    method = DreamBoothLoRA(DreamBoothLoRAParams(steps=2, **PRIOR), context)
+    method.prepare(single, tmp_path, seed=0)
+    assert len(method.generate(method.load_state(tmp_path, single), "final", ["a sks dog"], [1], FAST)) == 1
+
+
+def test_missing_class_noun_names_the_subject(context, dog, tmp_path):
+    with pytest.raises(ValueError, match="'nameless' has no class noun"):
+        DreamBooth(DreamBoothParams(steps=1), context).prepare(
+            replace(dog, id="nameless", class_noun=" "), tmp_path, seed=0
+        )
+
+
+@pytest.mark.parametrize(
+    ("cls", "raw", "message"),
+    [
+        (DreamBoothParams, {"checkpoint_steps": [50, 1200]}, r"\[1200\] are beyond.*steps=1000"),
+        (DreamBoothParams, {"class_images": -1}, "class_images must be >= 0"),
+        (DreamBoothParams, {"prior_loss_weight": -0.5}, "prior_loss_weight"),
+        (DreamBoothParams, {"optimizer": "sgd"}, "'sgd' is not one of"),
+        (DreamBoothLoRAParams, {"rank": 0}, "rank must be >= 1"),
+        (DreamBoothLoRAParams, {"steps": 100, "checkpoint_steps": [100, 400]}, r"\[400\]"),
+    ],
+)
+def test_bad_params_fail_at_config_validation(cls, raw, message):
+    with pytest.raises(ParamsError, match=message):
+        expand_params(cls, raw, "methods.dreambooth.params")
