@@ -13,3 +13,5 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     sub = parser.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
     sub.required = True
+    from data.masks import add_masks_command
+    add_masks_command(sub)
