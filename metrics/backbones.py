@@ -9,16 +9,18 @@ a locally cached copy is used, and when there is none the load fails at once wit
 ``weights="random"`` builds the same architectures with random init under a fixed seed, on the
 CPU, so that every process on every machine with the same torch gets the same tensors; the
 ``weights_sha256`` in the fingerprint proves it (and changes if torch's init ever does).
-CLIP-T and CLIP-I share one CLIP instance: the cache key is (kind, arch, weights, device,
-precision).
+CLIP-T and CLIP-I share one CLIP instance: the cache key is (kind, arch, weights, device);
+precisions (bf16 autocast or fp32) share the model too, as they change only the forward.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,18 +74,18 @@ class LoadedBackbone:
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
     tokenizer: object | None = None
     extra: dict = field(default_factory=dict)
-    _sha256: str | None = None
 
     def weights_sha256(self) -> str:
         """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the weights exactly."""
-        if self._sha256 is None:
-            digest = hashlib.sha256()
-            for name, tensor in self.model.state_dict().items():
-                array = tensor.detach().to("cpu").contiguous().numpy()
-                digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}\n".encode())
-                digest.update(memoryview(array).cast("B"))
-            self._sha256 = digest.hexdigest()
-        return self._sha256
+        with _LOCK:
+            if id(self.model) not in _SHA256:
+                digest = hashlib.sha256()
+                for name, tensor in self.model.state_dict().items():
+                    array = tensor.detach().to("cpu").contiguous().numpy()
+                    digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}\n".encode())
+                    digest.update(memoryview(array).cast("B"))
+                _SHA256[id(self.model)] = digest.hexdigest()
+            return _SHA256[id(self.model)]
 
     def fingerprint(self) -> dict:
         return {
@@ -109,12 +111,14 @@ class LoadedBackbone:
 
 
 _CACHE: dict[tuple, LoadedBackbone] = {}
+_SHA256: dict[int, str] = {}  # id(model) -> weights sha256; models live as long as _CACHE holds them
 _LOCK = threading.RLock()
 
 
 def clear_backbone_cache() -> None:
     with _LOCK:
         _CACHE.clear()
+        _SHA256.clear()
 
 
 def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
@@ -153,11 +157,15 @@ def hub_weights_file(repo_id: str, filenames: tuple[str, ...], what: str) -> str
     raise MetricWeightsError(f"{what}: could not download {filenames} from hf.co/{repo_id}: {last_error}")
 
 
-def _get(key: tuple, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
+def _get(key: tuple, precision: str, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
+    """The backbone for ``key`` + ``precision``; precisions share one model (autocast only)."""
     with _LOCK:
-        if key not in _CACHE:
-            _CACHE[key] = load()
-        return _CACHE[key]
+        if (*key, precision) not in _CACHE:
+            same_model = next((b for k, b in _CACHE.items() if k[:-1] == key), None)
+            _CACHE[(*key, precision)] = (
+                dataclasses.replace(same_model, precision=precision) if same_model else load()
+            )
+        return _CACHE[(*key, precision)]
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -166,8 +174,8 @@ def _get(key: tuple, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
 def get_clip(settings: MetricSettings) -> LoadedBackbone:
     """The shared open_clip model (``settings.clip``: ViT-B-32 or ViT-L-14, QuickGELU as OpenAI's)."""
     device, precision = torch.device(settings.device), resolve_precision(settings)
-    key = ("clip", settings.clip, settings.weights, str(device), precision)
-    return _get(key, lambda: _load_clip(settings.clip, settings.weights, device, precision))
+    key = ("clip", settings.clip, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_clip(settings.clip, settings.weights, device, precision))
 
 
 def _load_clip(arch: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
@@ -212,8 +220,8 @@ def _load_clip(arch: str, weights: str, device: torch.device, precision: str) ->
 def get_dino(settings: MetricSettings) -> LoadedBackbone:
     """The shared DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``): CLS token after the final norm."""
     device, precision = torch.device(settings.device), resolve_precision(settings)
-    key = ("dino", DINO_ARCH, settings.weights, str(device), precision)
-    return _get(key, lambda: _load_dino(settings.weights, device, precision))
+    key = ("dino", DINO_ARCH, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_dino(settings.weights, device, precision))
 
 
 def _load_dino(weights: str, device: torch.device, precision: str) -> LoadedBackbone:
@@ -255,8 +263,8 @@ def _load_dino(weights: str, device: torch.device, precision: str) -> LoadedBack
 def get_lpips(settings: MetricSettings) -> LoadedBackbone:
     """The shared ``lpips.LPIPS`` (v0.1, ``settings.lpips_net``: alex or vgg)."""
     device, precision = torch.device(settings.device), resolve_precision(settings)
-    key = ("lpips", settings.lpips_net, settings.weights, str(device), precision)
-    return _get(key, lambda: _load_lpips(settings.lpips_net, settings.weights, device, precision))
+    key = ("lpips", settings.lpips_net, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_lpips(settings.lpips_net, settings.weights, device, precision))
 
 
 def _torchvision_trunk_url(net: str) -> str:
@@ -266,8 +274,17 @@ def _torchvision_trunk_url(net: str) -> str:
     return weights.IMAGENET1K_V1.url
 
 
-def _load_lpips(net: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
+def _quiet_lpips(**kwargs) -> torch.nn.Module:
     import lpips
+
+    # lpips calls torchvision's alexnet/vgg16 with the deprecated ``pretrained=`` argument;
+    # the warnings are about its code, not the caller's, and would repeat in every process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        return lpips.LPIPS(version=LPIPS_VERSION, verbose=False, **kwargs)
+
+
+def _load_lpips(net: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
 
     what = f"LPIPS {net}"
     if weights == "pretrained":
@@ -276,15 +293,13 @@ def _load_lpips(net: str, weights: str, device: torch.device, precision: str) ->
         if not cached.is_file() and not hub_reachable():
             raise MetricWeightsError(offline_message(what, url))
         try:
-            model = lpips.LPIPS(net=net, version=LPIPS_VERSION, pretrained=True, pnet_rand=False, verbose=False)
+            model = _quiet_lpips(net=net, pretrained=True, pnet_rand=False)
         except Exception as error:
             raise MetricWeightsError(f"{what}: could not load the ImageNet trunk ({url}): {error}") from None
         tag, source = f"imagenet-trunk+lpips-v{LPIPS_VERSION}-linear", url
     else:
         # The linear heads ship inside the lpips package, so only the trunk is random.
-        model = _seeded(
-            lambda: lpips.LPIPS(net=net, version=LPIPS_VERSION, pretrained=True, pnet_rand=True, verbose=False)
-        )
+        model = _seeded(lambda: _quiet_lpips(net=net, pretrained=True, pnet_rand=True))
         tag = f"random-trunk-seed-{RANDOM_INIT_SEED}+lpips-v{LPIPS_VERSION}-linear"
         source = "built"
     model = _freeze(model, device, channels_last=True)

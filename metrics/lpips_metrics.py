@@ -24,7 +24,16 @@ from metrics.inputs import check_image_tensor, check_inputs
 from metrics.preprocess import LPIPS_PREPROCESS, to_lpips_range
 
 DIV_METRIC_VERSION = 1
+MIN_SIDE = 32  # AlexNet's two stride-2 pools leave no pixel below 31 px (VGG: 16)
 SINGLETON_NOTE = "div undefined: the image is alone in its group (DIV needs at least 2 siblings)"
+
+
+def check_lpips_size(images: torch.Tensor, name: str) -> None:
+    if min(images.shape[-2:]) < MIN_SIDE:
+        raise MetricInputError(
+            f"{name}: LPIPS needs images of at least {MIN_SIDE}x{MIN_SIDE} px, got "
+            f"{images.shape[-2]}x{images.shape[-1]}"
+        )
 
 
 def lpips_features(backbone: LoadedBackbone, images: torch.Tensor) -> list[torch.Tensor]:
@@ -57,6 +66,7 @@ def lpips_distance(first: torch.Tensor, second: torch.Tensor, settings: MetricSe
     """LPIPS between paired images (N×3×H×W each, [0, 1]): one distance per pair."""
     check_image_tensor(first, "first")
     check_image_tensor(second, "second")
+    check_lpips_size(first, "first")
     if first.shape != second.shape:
         raise MetricInputError(
             f"second: expected the shape of first {tuple(first.shape)}, got {tuple(second.shape)}"
@@ -119,6 +129,9 @@ class Div(Metric):
         count = inputs.images.shape[0]
         values = np.full(count, np.nan)
         self.notes = [""] * count
+        if count == 0:
+            return values
+        check_lpips_size(inputs.images, "inputs.images")
         members: dict[str, list[int]] = defaultdict(list)
         for index, group in enumerate(inputs.groups):
             members[group].append(index)
