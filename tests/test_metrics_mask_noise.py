@@ -9,8 +9,8 @@ import torch
 from metrics.mask_noise import (
     Corruption,
     MaskInputError,
-    _signed_distance,
     MaskSpecError,
+    _signed_distance,
     check_mask,
     corrupt,
     format_sweep,
