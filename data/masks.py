@@ -330,6 +330,24 @@ def with_masks(subject: Subject, segmenter: str = "sam", **kwargs) -> Subject:
     return dataclasses.replace(subject, masks=subject_mask_paths(subject, segmenter, **kwargs))
 
 
+def load_subject_masks(subject: Subject) -> list[np.ndarray]:
+    """The boolean masks of a subject (``subject.masks``), each checked against its image's size."""
+    if not subject.masks:
+        raise MaskError(f"subject {subject.id!r} has no masks; use data.masks.with_masks(subject) first")
+    if len(subject.masks) != len(subject.images):
+        raise MaskError(f"subject {subject.id!r}: {len(subject.masks)} masks for {len(subject.images)} images")
+    masks = []
+    for mask_file, image_file in zip(subject.masks, subject.images):
+        mask, image = load_mask(mask_file), open_image(image_file)
+        if mask.shape != (image.height, image.width):
+            raise MaskError(
+                f"{mask_file}: mask size {mask.shape[1]}x{mask.shape[0]} differs from its image "
+                f"{image_file} ({image.width}x{image.height}); remake it with `subjectbench data masks --force`"
+            )
+        masks.append(mask)
+    return masks
+
+
 # ----------------------------------------------------------------------------- command
 
 

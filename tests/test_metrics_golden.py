@@ -41,8 +41,9 @@ GOLDEN = {
 GOLDEN["pres"] = GOLDEN["dino"]  # same computation, applied to class-prior images
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def _fresh_embeddings():
+    # Once per module: CLIP-I then reuses CLIP-T's image embeddings, as in a real run.
     clear_embedding_caches()
     yield
 
