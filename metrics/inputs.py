@@ -7,6 +7,7 @@ so they are refused with a message that says what was expected.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -38,11 +39,12 @@ def check_image_tensor(value: object, name: str, batched: bool = True) -> torch.
         raise MetricInputError(f"{name}: image has zero size (shape {tuple(value.shape)})")
     if value.numel() == 0:
         return value
-    finite = torch.isfinite(value)
-    if not bool(finite.all()):
-        bad = int((~finite).sum())
+    # One pass over the pixels (3000 images at 512 px are 9 GB of float32): NaN propagates
+    # through min/max, and an infinity is the min or the max.
+    low, high = (float(v) for v in torch.aminmax(value.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        bad = int((~torch.isfinite(value)).sum())
         raise MetricInputError(f"{name}: contains {bad} NaN or infinite value(s); expected finite values in [0, 1]")
-    low, high = float(value.min()), float(value.max())
     if low < 0.0 or high > 1.0:
         hint = " (images in [-1, 1] must be mapped with (x + 1) / 2)" if low < 0.0 else ""
         hint = hint or (" (images in [0, 255] must be divided by 255)" if high > 1.0 else "")
