@@ -157,6 +157,13 @@ def hub_weights_file(repo_id: str, filenames: tuple[str, ...], what: str) -> str
     raise MetricWeightsError(f"{what}: could not download {filenames} from hf.co/{repo_id}: {last_error}")
 
 
+def hub_source(repo_id: str, path: str) -> str:
+    """``hf:repo/file@blob``: in the hub cache an LFS file's blob is named by its sha256."""
+    blob = Path(path).resolve().name
+    suffix = f"@sha256:{blob}" if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) else ""
+    return f"hf:{repo_id}/{Path(path).name}{suffix}"
+
+
 def _get(key: tuple, precision: str, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
     """The backbone for ``key`` + ``precision``; precisions share one model (autocast only)."""
     with _LOCK:
@@ -192,7 +199,7 @@ def _load_clip(arch: str, weights: str, device: torch.device, precision: str) ->
             model = open_clip.create_model(arch, pretrained=path, force_quick_gelu=True)
         except Exception as error:
             raise MetricWeightsError(f"{what}: could not load {path}: {error}") from None
-        tag, source = CLIP_PRETRAINED_TAG, f"hf:{repo_id}/{Path(path).name}"
+        tag, source = CLIP_PRETRAINED_TAG, hub_source(repo_id, path)
     else:
         model = _seeded(lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=True))
         tag, source = f"random-init-seed-{RANDOM_INIT_SEED}", "built"
@@ -235,7 +242,7 @@ def _load_dino(weights: str, device: torch.device, precision: str) -> LoadedBack
             )
         except Exception as error:
             raise MetricWeightsError(f"DINO ViT-S/16: could not load {path}: {error}") from None
-        tag, source = "dino", f"hf:{DINO_HUB_ID}/{Path(path).name}"
+        tag, source = "dino", hub_source(DINO_HUB_ID, path)
     else:
         model = _seeded(lambda: timm.create_model(DINO_ARCH, pretrained=False, num_classes=0))
         tag, source = f"random-init-seed-{RANDOM_INIT_SEED}", "built"

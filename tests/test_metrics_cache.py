@@ -147,3 +147,51 @@ def test_derived_columns():
     assert out.loc[0, "value_clipscore"] == pytest.approx(0.7625)
     assert out.loc[2, "value_x100"] == pytest.approx(66.8) and np.isnan(out.loc[1, "value_x100"])
     assert list(frame.columns) == ["metric", "value"]
+
+
+def _fake_hub_file(root, repo_id: str, filename: str, tensors: dict) -> None:
+    """Place ``tensors`` where the hub cache keeps ``repo_id``/``filename`` (refs/main -> snapshot)."""
+    from safetensors.torch import save_file
+
+    repo = root / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(snapshot / filename))
+
+
+def test_pretrained_loading_path_reads_the_local_caches(monkeypatch, tmp_path):
+    """The pretrained code path, offline, on cached files holding our random weights.
+
+    It proves the plumbing (cache lookup, open_clip / timm / lpips file loading, QuickGELU,
+    fingerprint) without the network; the real checkpoints' contents are not checked here.
+    """
+    from torchvision import models
+
+    from metrics.backbones import _load_clip, _load_lpips
+
+    previous = _empty_hub_cache(monkeypatch, tmp_path)
+    try:
+        cpu = torch.device("cpu")
+        clip, dino = get_clip(RANDOM), get_dino(RANDOM)
+        _fake_hub_file(tmp_path / "hub", "timm/vit_base_patch32_clip_224.openai", "open_clip_model.safetensors",
+                       clip.model.state_dict())
+        _fake_hub_file(tmp_path / "hub", "timm/vit_small_patch16_224.dino", "model.safetensors",
+                       dino.model.state_dict())
+        trunk = models.alexnet().state_dict()
+        (tmp_path / "torch-hub" / "checkpoints").mkdir(parents=True)
+        torch.save(trunk, tmp_path / "torch-hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+
+        loaded_clip = _load_clip("ViT-B-32", "pretrained", cpu, "fp32")
+        loaded_dino = _load_dino("pretrained", cpu, "fp32")
+        loaded_lpips = _load_lpips("alex", "pretrained", cpu, "fp32")
+    finally:
+        torch.hub.set_dir(previous)
+    assert loaded_clip.weights_sha256() == clip.weights_sha256()
+    assert loaded_dino.weights_sha256() == dino.weights_sha256()
+    assert torch.equal(loaded_lpips.model.net.slice1[0].weight, trunk["features.0.weight"])
+    fingerprint = loaded_clip.fingerprint()
+    assert fingerprint["weights"] == "pretrained" and fingerprint["weights_tag"] == "openai"
+    assert fingerprint["weights_source"].startswith("hf:timm/vit_base_patch32_clip_224.openai/open_clip_model")
+    assert loaded_dino.fingerprint()["weights_tag"] == "dino" and loaded_lpips.weights == "pretrained"
