@@ -21,6 +21,7 @@ import hashlib
 import json
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,14 +79,14 @@ class LoadedBackbone:
     def weights_sha256(self) -> str:
         """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the weights exactly."""
         with _LOCK:
-            if id(self.model) not in _SHA256:
+            if self.model not in _SHA256:
                 digest = hashlib.sha256()
                 for name, tensor in self.model.state_dict().items():
                     array = tensor.detach().to("cpu").contiguous().numpy()
                     digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}\n".encode())
                     digest.update(memoryview(array).cast("B"))
-                _SHA256[id(self.model)] = digest.hexdigest()
-            return _SHA256[id(self.model)]
+                _SHA256[self.model] = digest.hexdigest()
+            return _SHA256[self.model]
 
     def fingerprint(self) -> dict:
         return {
@@ -111,7 +112,8 @@ class LoadedBackbone:
 
 
 _CACHE: dict[tuple, LoadedBackbone] = {}
-_SHA256: dict[int, str] = {}  # id(model) -> weights sha256; models live as long as _CACHE holds them
+# model -> weights sha256, shared by the precisions of one model and gone with the model.
+_SHA256: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
 _LOCK = threading.RLock()
 
 
