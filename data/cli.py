@@ -7,7 +7,6 @@ job (message on stderr, printed by ``benchmark.cli.main``).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 
 EPILOG = """\
@@ -69,12 +68,9 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
                         help="also decode files whose checksum matches (slower)")
     verify.set_defaults(handler=cmd_verify)
 
-    # `data masks` lives in data/masks.py, written on another branch; register it when present
-    # (find_spec, not try/except ImportError, so a broken masks module still fails loudly).
-    if importlib.util.find_spec("data.masks") is not None:
-        from data.masks import add_masks_command
+    from data.masks import add_masks_command
 
-        add_masks_command(sub)
+    add_masks_command(sub)
 
 
 def cmd_download(args: argparse.Namespace) -> int:

@@ -6,8 +6,13 @@ image so that the long format stays one row per (image, metric):
 - CLIP-I / DINO: an image's value is its mean cosine to every real reference image, so the mean
   over images is the mean over all generated × reference pairs;
 - DIV: an image's value is its mean LPIPS to the other images of its group (same method cell,
-  subject, checkpoint and prompt), so the mean over images is the mean pairwise LPIPS;
+  subject, checkpoint and prompt), so the mean over images is the mean pairwise LPIPS; an image
+  alone in its group has no DIV: NaN, with the reason in ``Metric.notes``;
 - PRES: DINO of class-prior images ("a {class}") to the real references.
+
+Besides the values, ``score`` leaves one note per image in ``Metric.notes`` ("" when there is
+nothing to say): why a value is NaN, or that a CLIP-T text was truncated to 77 tokens. The
+harness stores the notes next to the values so that nothing a metric did is silent.
 """
 
 from __future__ import annotations
@@ -20,13 +25,22 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+WEIGHTS_CHOICES = ("pretrained", "random")
+CLIP_ARCHS = ("ViT-B-32", "ViT-L-14")
+LPIPS_NETS = ("alex", "vgg")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+class MetricInputError(ValueError):
+    """Inputs a metric cannot score: the message names the argument and what was expected."""
+
 
 @dataclass
 class ScoringInputs:
     """Images of one subject to score, with everything a metric may need."""
 
     images: torch.Tensor  # N×3×H×W float in [0, 1]
-    image_keys: list[str]  # stable key per image (embedding caches)
+    image_keys: list[str]  # stable key per image (embedding caches): must change when pixels do
     texts: list[str]  # CLIP-T text per image: the prompt with the identifier removed
     references: list[torch.Tensor]  # real subject images, each 3×h×w float in [0, 1]
     reference_key: str  # identifies the reference set (the subject's data_sha)
@@ -41,6 +55,10 @@ class Metric(ABC):
     # always passes whole groups.
     needs_complete_groups: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    input_range: ClassVar[tuple[float, float]] = (0.0, 1.0)
+
+    # One note per image of the last ``score`` call ("" when there is nothing to say).
+    notes: list[str]
 
     @abstractmethod
     def fingerprint(self) -> dict:
@@ -53,7 +71,12 @@ class Metric(ABC):
 
 @dataclass(frozen=True)
 class MetricSettings:
-    """How metric backbones are built: real weights or random init of the same architectures."""
+    """How metric backbones are built: real weights or random init of the same architectures.
+
+    ``precision``: "auto" runs the backbones under bf16 autocast on CUDA and in fp32 elsewhere;
+    "fp32" forces fp32 everywhere (bit-for-bit comparable with CPU up to kernel rounding). The
+    precision used is part of every fingerprint.
+    """
 
     weights: str = "pretrained"  # "pretrained" | "random"
     clip: str = "ViT-B-32"
@@ -61,3 +84,20 @@ class MetricSettings:
     batch_size: int = 32
     device: str = "cpu"
     cache_dir: Path | None = None
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        for name, value, choices in (
+            ("weights", self.weights, WEIGHTS_CHOICES),
+            ("clip", self.clip, CLIP_ARCHS),
+            ("lpips_net", self.lpips_net, LPIPS_NETS),
+            ("precision", self.precision, PRECISIONS),
+        ):
+            if value not in choices:
+                raise MetricInputError(
+                    f"MetricSettings.{name}={value!r} is not one of {', '.join(choices)}"
+                )
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise MetricInputError(
+                f"MetricSettings.batch_size={self.batch_size!r}: expected a positive integer"
+            )

@@ -1,0 +1,68 @@
+"""Metric throughput on a CPU at tiny size (random-init backbones of the real architectures).
+
+Run explicitly: ``python -m pytest benchmarks/cpu --benchmark-enable``. Each round clears the
+in-memory embedding caches, so it measures computing embeddings, not reading them back; each
+case records images/s in ``extra_info``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from metrics.base import MetricSettings, ScoringInputs
+from metrics.embeddings import clear_embedding_caches
+from metrics.mask_noise import sweep
+from metrics.registry import build_metric
+
+SETTINGS = MetricSettings(weights="random", batch_size=16)
+SIZE, COUNT = 64, 16  # the embedded default's resolution; 4 prompts x 4 images
+
+
+def tiny_inputs() -> ScoringInputs:
+    generator = torch.Generator().manual_seed(0)
+    return ScoringInputs(
+        images=torch.rand(COUNT, 3, SIZE, SIZE, generator=generator),
+        image_keys=[f"bench/{i}" for i in range(COUNT)],
+        texts=[f"a dog in scene {i // 4}" for i in range(COUNT)],
+        references=[torch.rand(3, 128, 128, generator=generator) for _ in range(4)],
+        reference_key="bench-subject",
+        groups=[f"prompt-{i // 4}" for i in range(COUNT)],
+    )
+
+
+def record_rate(benchmark, images: int) -> None:
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        benchmark.extra_info["images_per_second"] = round(images / stats.stats.mean, 2)
+
+
+@pytest.mark.parametrize("name", ["clip_t", "clip_i", "dino", "div"])
+def test_metric_throughput(benchmark, name):
+    metric, inputs = build_metric(name, SETTINGS), tiny_inputs()
+    metric.fingerprint()  # backbone built and hashed outside the timed rounds
+
+    def score():
+        clear_embedding_caches()
+        return metric.score(inputs)
+
+    values = benchmark.pedantic(score, rounds=3, warmup_rounds=1)
+    assert values.shape == (COUNT,) and np.isfinite(values).all()
+    record_rate(benchmark, COUNT)
+
+
+def test_cached_rescoring_throughput(benchmark):
+    """Re-scoring images whose embeddings are cached: the cost of a metric-only re-run."""
+    metric, inputs = build_metric("clip_i", SETTINGS), tiny_inputs()
+    metric.score(inputs)
+    values = benchmark(metric.score, inputs)
+    assert values.shape == (COUNT,)
+    record_rate(benchmark, COUNT)
+
+
+def test_mask_noise_sweep(benchmark):
+    ys, xs = np.mgrid[:512, :512]
+    mask = (ys - 256) ** 2 + (xs - 256) ** 2 <= 150**2
+    results = benchmark(sweep, mask, "erode:2,4,8;dilate:2,4,8;jitter:2,4;flip:0.05,0.1;bbox;empty;full")
+    assert len(results) == 13

@@ -1,0 +1,186 @@
+"""GPU throughput of the metric backbones: CLIP ViT-B/32, DINO ViT-S/16 and LPIPS (AlexNet).
+
+Scores N random 512-px images (default 3000: the DreamBooth protocol's 30 subjects × 25 prompts
+× 4 images) the way the harness does — one ``score`` call per subject batch — with random-init
+weights of the real architectures (no download needed), and writes images/s and peak memory per
+metric to a JSON file.
+
+Phases:
+- ``per_metric``: each metric alone, embedding caches cleared before it (so CLIP-I really
+  recomputes the image embeddings CLIP-T made);
+- ``combined``: every metric per subject batch in one pass, caches shared as in a real run;
+  the target is all three backbones over 3000 images in under 60 s on one H100.
+
+Usage (from the repository root):
+    python benchmarks/gpu_metrics.py                      # CUDA, N=3000, JSON to $OUT or .
+    python benchmarks/gpu_metrics.py --n 64 --device cpu  # the same code path on a CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from metrics.base import MetricSettings, ScoringInputs  # noqa: E402
+from metrics.embeddings import clear_embedding_caches  # noqa: E402
+from metrics.registry import build_metric  # noqa: E402
+
+METRICS = ("clip_t", "clip_i", "dino", "div")
+BACKBONE_OF = {"clip_t": "clip", "clip_i": "clip", "dino": "dino", "div": "lpips"}
+PROMPTS, IMAGES_PER_PROMPT, REFERENCES = 25, 4, 4
+
+
+def subject_batches(n: int, size: int, seed: int) -> list[ScoringInputs]:
+    """N random images split into subject batches of 25 prompts × 4 images (the last may be short)."""
+    per_subject = PROMPTS * IMAGES_PER_PROMPT
+    generator = torch.Generator().manual_seed(seed)
+    batches = []
+    for subject, start in enumerate(range(0, n, per_subject)):
+        count = min(per_subject, n - start)
+        prompts = [index // IMAGES_PER_PROMPT for index in range(count)]
+        batches.append(ScoringInputs(
+            images=torch.rand(count, 3, size, size, generator=generator),
+            image_keys=[f"s{subject}/p{p}/k{i % IMAGES_PER_PROMPT}" for i, p in enumerate(prompts)],
+            texts=[f"a photo of a dog number {p} in a red bucket on the beach" for p in prompts],
+            references=[torch.rand(3, size, size, generator=generator) for _ in range(REFERENCES)],
+            reference_key=f"subject-{subject}",
+            groups=[f"s{subject}/p{p}" for p in prompts],
+        ))
+    return batches
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict:
+    out = {"cpu_max_rss_gib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}
+    if device.type == "cuda":
+        out["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        out["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
+    return out
+
+
+def timed_pass(metrics: dict, batches: list[ScoringInputs], device: torch.device) -> tuple[dict, float]:
+    """Score every batch with every metric; seconds spent per metric and in total."""
+    seconds = dict.fromkeys(metrics, 0.0)
+    started = time.perf_counter()
+    for inputs in batches:
+        for name, metric in metrics.items():
+            synchronize(device)
+            t0 = time.perf_counter()
+            values = metric.score(inputs)
+            synchronize(device)
+            seconds[name] += time.perf_counter() - t0
+            assert values.shape == (inputs.images.shape[0],), (name, values.shape)
+    return seconds, time.perf_counter() - started
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    settings = MetricSettings(weights="random", batch_size=args.batch_size, device=args.device,
+                              precision=args.precision)
+    result: dict = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device_type": device.type,
+        "n_images": args.n,
+        "image_size": args.size,
+        "batch_size": args.batch_size,
+        "weights": "random (real architectures; throughput only, values are not measurements)",
+        "versions": {"torch": torch.__version__, "cuda": torch.version.cuda, "python": platform.python_version()},
+        "cpu_threads": torch.get_num_threads(),
+    }
+    for package in ("open_clip_torch", "timm", "lpips", "transformers", "numpy"):
+        try:
+            result["versions"][package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            result["versions"][package] = None
+
+    t0 = time.perf_counter()
+    batches = subject_batches(args.n, args.size, args.seed)
+    result["generate_images_seconds"] = round(time.perf_counter() - t0, 2)
+
+    metrics, build = {}, {}
+    for name in METRICS:
+        t0 = time.perf_counter()
+        metrics[name] = build_metric(name, settings)
+        fingerprint = metrics[name].fingerprint()  # builds the backbone and hashes its weights
+        synchronize(device)
+        build[name] = round(time.perf_counter() - t0, 2)
+    result["build_seconds"] = build
+    result["precision"] = fingerprint["backbone"]["precision"]
+
+    # Warm-up on a few images (CUDA context, cuDNN autotuning, allocator), excluded from timings.
+    warm = subject_batches(min(8, args.n), args.size, args.seed + 1)
+    t0 = time.perf_counter()
+    timed_pass(metrics, warm, device)
+    result["warmup_seconds"] = round(time.perf_counter() - t0, 2)
+
+    per_metric = {}
+    for name, metric in metrics.items():
+        clear_embedding_caches()
+        reset_peak(device)
+        seconds, _ = timed_pass({name: metric}, batches, device)
+        per_metric[name] = {
+            "backbone": BACKBONE_OF[name],
+            "seconds": round(seconds[name], 3),
+            "images_per_second": round(args.n / seconds[name], 1),
+            **peak_memory(device),
+        }
+    result["per_metric"] = per_metric
+
+    clear_embedding_caches()
+    reset_peak(device)
+    seconds, total = timed_pass(metrics, batches, device)
+    result["combined"] = {
+        "seconds": round(total, 3),
+        "images_per_second": round(args.n / total, 1),
+        "seconds_per_metric": {name: round(value, 3) for name, value in seconds.items()},
+        **peak_memory(device),
+    }
+    result["target"] = {"seconds": 60.0, "n_images": 3000, "met": bool(args.n >= 3000 and total < 60.0)}
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--n", type=int, default=3000, help="number of images (default 3000)")
+    parser.add_argument("--size", type=int, default=512, help="image side in px (default 512)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 256 on CUDA, 16 on CPU")
+    parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_metrics.json, else ./gpu_metrics.json)")
+    args = parser.parse_args(argv)
+    if args.batch_size is None:
+        args.batch_size = 256 if args.device.startswith("cuda") else 16
+    out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ".") / "gpu_metrics.json"
+    result = run(args)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,325 @@
+"""Metric backbones (CLIP, DINO, LPIPS): built or loaded once per process and shared.
+
+``weights="pretrained"`` loads the published weights: open_clip's OpenAI CLIP checkpoints and
+timm's ``vit_small_patch16_224.dino`` from the Hugging Face hub, the ImageNet AlexNet/VGG trunk
+of LPIPS from torchvision's download site. With the hub unreachable (or ``HF_HUB_OFFLINE=1``)
+a locally cached copy is used, and when there is none the load fails at once with a
+``MetricWeightsError`` saying what to do, instead of hanging on a download.
+
+``weights="random"`` builds the same architectures with random init under a fixed seed, on the
+CPU, so that every process on every machine with the same torch gets the same tensors; the
+``weights_sha256`` in the fingerprint proves it (and changes if torch's init ever does).
+CLIP-T and CLIP-I share one CLIP instance: the cache key is (kind, arch, weights, device);
+precisions (bf16 autocast or fp32) share the model too, as they change only the forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import threading
+import warnings
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from methods.backbones import BackboneError, hub_reachable
+from metrics.base import MetricSettings
+from metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, ResizeCropNormalize
+
+RANDOM_INIT_SEED = 0
+DINO_ARCH = "vit_small_patch16_224.dino"
+DINO_HUB_ID = "timm/vit_small_patch16_224.dino"
+CLIP_PRETRAINED_TAG = "openai"
+LPIPS_VERSION = "0.1"
+
+
+class MetricWeightsError(BackboneError):
+    """Metric weights that cannot be loaded; the message says how to get them or avoid them."""
+
+
+def offline_message(what: str, source: str) -> str:
+    return (
+        f"{what}: pretrained weights ({source}) are not in the local cache and the network is "
+        "unreachable (or HF_HUB_OFFLINE=1). Use `metrics.weights=random` (random-init backbones "
+        "of the same architectures: smoke numbers, not measurements), or enable the network and "
+        "unset HF_HUB_OFFLINE so they can be downloaded once."
+    )
+
+
+def resolve_precision(settings: MetricSettings) -> str:
+    """"bf16" (autocast) or "fp32": what the backbones actually run in for these settings."""
+    if settings.precision == "auto":
+        return "bf16" if torch.device(settings.device).type == "cuda" else "fp32"
+    return settings.precision
+
+
+@dataclass
+class LoadedBackbone:
+    """One frozen metric backbone on one device, with what is needed to fingerprint it."""
+
+    kind: str  # "clip" | "dino" | "lpips"
+    arch: str
+    weights: str  # "pretrained" | "random"
+    weights_tag: str
+    weights_source: str
+    model: torch.nn.Module
+    device: torch.device
+    precision: str  # "fp32" | "bf16"
+    pipeline: ResizeCropNormalize | None = None
+    encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
+    tokenizer: object | None = None
+    extra: dict = field(default_factory=dict)
+
+    def weights_sha256(self) -> str:
+        """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the weights exactly."""
+        with _LOCK:
+            if self.model not in _SHA256:
+                digest = hashlib.sha256()
+                for name, tensor in self.model.state_dict().items():
+                    array = tensor.detach().to("cpu").contiguous().numpy()
+                    digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}\n".encode())
+                    digest.update(memoryview(array).cast("B"))
+                _SHA256[self.model] = digest.hexdigest()
+            return _SHA256[self.model]
+
+    def fingerprint(self) -> dict:
+        return {
+            "kind": self.kind,
+            "arch": self.arch,
+            "weights": self.weights,
+            "weights_tag": self.weights_tag,
+            "weights_source": self.weights_source,
+            "weights_sha256": self.weights_sha256(),
+            "precision": "bf16-autocast" if self.precision == "bf16" else "fp32",
+            **self.extra,
+        }
+
+    def key(self, pipeline: dict | None = None) -> str:
+        """Short stable id of (backbone fingerprint, input pipeline): names embedding caches."""
+        payload = json.dumps([self.fingerprint(), pipeline], sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "bf16":
+            return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+
+_CACHE: dict[tuple, LoadedBackbone] = {}
+# model -> weights sha256, shared by the precisions of one model and gone with the model.
+_SHA256: weakref.WeakKeyDictionary[torch.nn.Module, str] = weakref.WeakKeyDictionary()
+_LOCK = threading.RLock()
+
+
+def clear_backbone_cache() -> None:
+    with _LOCK:
+        _CACHE.clear()
+        _SHA256.clear()
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    # Built on the CPU under a private RNG state: identical in every process, whatever the
+    # caller's seeds, and the caller's RNG stream is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(RANDOM_INIT_SEED)
+        return build()
+
+
+def _freeze(model: torch.nn.Module, device: torch.device, channels_last: bool = False) -> torch.nn.Module:
+    model.requires_grad_(False)
+    model.eval()
+    model.to(device)
+    if channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def hub_weights_file(repo_id: str, filenames: tuple[str, ...], what: str) -> str:
+    """Local path of the first of ``filenames`` in hub repo ``repo_id``: cached, or downloaded."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    for filename in filenames:
+        cached = try_to_load_from_cache(repo_id, filename)
+        if isinstance(cached, str):
+            return cached
+    if not hub_reachable():
+        raise MetricWeightsError(offline_message(what, f"hf.co/{repo_id}"))
+    last_error: Exception | None = None
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename)
+        except Exception as error:  # noqa: BLE001 - try the next file name, report the last
+            last_error = error
+    raise MetricWeightsError(f"{what}: could not download {filenames} from hf.co/{repo_id}: {last_error}")
+
+
+def hub_source(repo_id: str, path: str) -> str:
+    """``hf:repo/file@blob``: in the hub cache an LFS file's blob is named by its sha256."""
+    blob = Path(path).resolve().name
+    suffix = f"@sha256:{blob}" if len(blob) == 64 and all(c in "0123456789abcdef" for c in blob) else ""
+    return f"hf:{repo_id}/{Path(path).name}{suffix}"
+
+
+def _get(key: tuple, precision: str, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
+    """The backbone for ``key`` + ``precision``; precisions share one model (autocast only)."""
+    with _LOCK:
+        if (*key, precision) not in _CACHE:
+            same_model = next((b for k, b in _CACHE.items() if k[:-1] == key), None)
+            _CACHE[(*key, precision)] = (
+                dataclasses.replace(same_model, precision=precision) if same_model else load()
+            )
+        return _CACHE[(*key, precision)]
+
+
+# ----------------------------------------------------------------------------- CLIP
+
+
+def get_clip(settings: MetricSettings) -> LoadedBackbone:
+    """The shared open_clip model (``settings.clip``: ViT-B-32 or ViT-L-14, QuickGELU as OpenAI's)."""
+    device, precision = torch.device(settings.device), resolve_precision(settings)
+    key = ("clip", settings.clip, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_clip(settings.clip, settings.weights, device, precision))
+
+
+def _load_clip(arch: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
+    import open_clip
+
+    what = f"CLIP {arch}"
+    if weights == "pretrained":
+        config = open_clip.get_pretrained_cfg(arch, CLIP_PRETRAINED_TAG)
+        repo_id = config["hf_hub"].strip("/")
+        path = hub_weights_file(repo_id, ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), what)
+        try:
+            # OpenAI's checkpoints were trained with QuickGELU; open_clip's plain arch names use
+            # nn.GELU, so it must be forced or the pretrained weights are silently mis-applied.
+            model = open_clip.create_model(arch, pretrained=path, force_quick_gelu=True)
+        except Exception as error:
+            raise MetricWeightsError(f"{what}: could not load {path}: {error}") from None
+        tag, source = CLIP_PRETRAINED_TAG, hub_source(repo_id, path)
+    else:
+        model = _seeded(lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=True))
+        tag, source = f"random-init-seed-{RANDOM_INIT_SEED}", "built"
+    model = _freeze(model, device)
+    tokenizer = open_clip.get_tokenizer(arch)
+    return LoadedBackbone(
+        kind="clip",
+        arch=arch,
+        weights=weights,
+        weights_tag=tag,
+        weights_source=source,
+        model=model,
+        device=device,
+        precision=precision,
+        pipeline=CLIP_PREPROCESS,
+        encode_image=model.encode_image,
+        tokenizer=tokenizer,
+        extra={"library": "open_clip", "activation": "quick_gelu"},
+    )
+
+
+# ----------------------------------------------------------------------------- DINO
+
+
+def get_dino(settings: MetricSettings) -> LoadedBackbone:
+    """The shared DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``): CLS token after the final norm."""
+    device, precision = torch.device(settings.device), resolve_precision(settings)
+    key = ("dino", DINO_ARCH, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_dino(settings.weights, device, precision))
+
+
+def _load_dino(weights: str, device: torch.device, precision: str) -> LoadedBackbone:
+    import timm
+
+    if weights == "pretrained":
+        path = hub_weights_file(DINO_HUB_ID, ("model.safetensors", "pytorch_model.bin"), "DINO ViT-S/16")
+        try:
+            model = timm.create_model(
+                DINO_ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}
+            )
+        except Exception as error:
+            raise MetricWeightsError(f"DINO ViT-S/16: could not load {path}: {error}") from None
+        tag, source = "dino", hub_source(DINO_HUB_ID, path)
+    else:
+        model = _seeded(lambda: timm.create_model(DINO_ARCH, pretrained=False, num_classes=0))
+        tag, source = f"random-init-seed-{RANDOM_INIT_SEED}", "built"
+    if model.global_pool != "token":
+        raise MetricWeightsError(f"DINO: expected CLS-token pooling, timm built {model.global_pool!r}")
+    model = _freeze(model, device)
+    return LoadedBackbone(
+        kind="dino",
+        arch=DINO_ARCH,
+        weights=weights,
+        weights_tag=tag,
+        weights_source=source,
+        model=model,
+        device=device,
+        precision=precision,
+        pipeline=DINO_PREPROCESS,
+        encode_image=model,
+        extra={"library": "timm", "embedding": "CLS token after final norm (num_classes=0)"},
+    )
+
+
+# ----------------------------------------------------------------------------- LPIPS
+
+
+def get_lpips(settings: MetricSettings) -> LoadedBackbone:
+    """The shared ``lpips.LPIPS`` (v0.1, ``settings.lpips_net``: alex or vgg)."""
+    device, precision = torch.device(settings.device), resolve_precision(settings)
+    key = ("lpips", settings.lpips_net, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_lpips(settings.lpips_net, settings.weights, device, precision))
+
+
+def _torchvision_trunk_url(net: str) -> str:
+    from torchvision import models
+
+    weights = models.AlexNet_Weights if net == "alex" else models.VGG16_Weights
+    return weights.IMAGENET1K_V1.url
+
+
+def _quiet_lpips(**kwargs) -> torch.nn.Module:
+    import lpips
+
+    # lpips calls torchvision's alexnet/vgg16 with the deprecated ``pretrained=`` argument;
+    # the warnings are about its code, not the caller's, and would repeat in every process.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=UserWarning, module="torchvision")
+        return lpips.LPIPS(version=LPIPS_VERSION, verbose=False, **kwargs)
+
+
+def _load_lpips(net: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
+
+    what = f"LPIPS {net}"
+    if weights == "pretrained":
+        url = _torchvision_trunk_url(net)
+        cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
+        if not cached.is_file() and not hub_reachable():
+            raise MetricWeightsError(offline_message(what, url))
+        try:
+            model = _quiet_lpips(net=net, pretrained=True, pnet_rand=False)
+        except Exception as error:
+            raise MetricWeightsError(f"{what}: could not load the ImageNet trunk ({url}): {error}") from None
+        tag, source = f"imagenet-trunk+lpips-v{LPIPS_VERSION}-linear", url
+    else:
+        # The linear heads ship inside the lpips package, so only the trunk is random.
+        model = _seeded(lambda: _quiet_lpips(net=net, pretrained=True, pnet_rand=True))
+        tag = f"random-trunk-seed-{RANDOM_INIT_SEED}+lpips-v{LPIPS_VERSION}-linear"
+        source = "built"
+    model = _freeze(model, device, channels_last=True)
+    return LoadedBackbone(
+        kind="lpips",
+        arch=f"lpips-{net}",
+        weights=weights,
+        weights_tag=tag,
+        weights_source=source,
+        model=model,
+        device=device,
+        precision=precision,
+        extra={"library": "lpips", "version": LPIPS_VERSION},
+    )

@@ -1,0 +1,181 @@
+"""Image embeddings of CLIP and DINO, computed once: per process in memory, across runs on disk.
+
+A store is named by the backbone's key (fingerprint with weights sha256, precision, and the
+input pipeline), so an embedding can never be read back for another backbone or preprocessing;
+inside a store, rows are keyed by the harness's image key, which must change whenever the
+pixels do (the harness uses the run-unit key). On disk a store is a folder of safetensors
+shards under ``<cache_dir>/embeddings/<store key>/``: each ``score`` call that computed
+something writes one new shard (temp file + ``os.replace``), so concurrent processes never
+write the same file and a killed process leaves no half-written shard behind.
+
+Reference embeddings (a subject's real images) are kept in memory per ``reference_key``; text
+embeddings per text.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from metrics.backbones import LoadedBackbone
+
+log = logging.getLogger(__name__)
+
+SHARD_SUFFIX = ".safetensors"
+
+
+class EmbeddingStore:
+    """Embeddings of one backbone + pipeline keyed by image key; optionally persisted."""
+
+    def __init__(self, key: str, folder: Path | None, description: dict | None = None) -> None:
+        self.key = key
+        self.folder = folder
+        self.description = description or {}
+        self._rows: dict[str, np.ndarray] = {}
+        self._loaded_shards: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _scan_disk(self) -> None:
+        if self.folder is None or not self.folder.is_dir():
+            return
+        from safetensors import safe_open
+
+        for path in sorted(self.folder.glob(f"*{SHARD_SUFFIX}")):
+            if path.name in self._loaded_shards:
+                continue
+            try:
+                with safe_open(str(path), framework="np") as shard:
+                    keys = json.loads(shard.metadata()["keys"])
+                    rows = shard.get_tensor("embeddings")
+            except Exception as error:  # noqa: BLE001 - an unreadable shard is recomputed, not fatal
+                log.warning("embedding cache: ignoring unreadable shard %s (%s)", path, error)
+                self._loaded_shards.add(path.name)
+                continue
+            for key, row in zip(keys, rows):
+                self._rows.setdefault(key, row)
+            self._loaded_shards.add(path.name)
+
+    def lookup(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """The stored rows among ``keys`` (reading shards other processes wrote meanwhile)."""
+        with self._lock:
+            if any(key not in self._rows for key in keys):
+                self._scan_disk()
+            return {key: self._rows[key] for key in keys if key in self._rows}
+
+    def add(self, keys: Sequence[str], rows: np.ndarray) -> None:
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        with self._lock:
+            for key, row in zip(keys, rows):
+                self._rows[key] = row
+            if self.folder is not None and len(keys):
+                self._write_shard(list(keys), rows)
+
+    def _write_shard(self, keys: list[str], rows: np.ndarray) -> None:
+        from safetensors.numpy import save_file
+
+        self.folder.mkdir(parents=True, exist_ok=True)
+        description = self.folder / "backbone.json"
+        if not description.is_file():
+            temporary = self.folder / f".backbone.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+            temporary.write_text(json.dumps(self.description, indent=1, sort_keys=True, default=str))
+            os.replace(temporary, description)
+        name = f"{os.getpid()}-{uuid.uuid4().hex}{SHARD_SUFFIX}"
+        temporary = self.folder / f".{name}.tmp"
+        save_file({"embeddings": rows}, str(temporary), metadata={"keys": json.dumps(keys)})
+        os.replace(temporary, self.folder / name)
+        self._loaded_shards.add(name)
+
+
+_STORES: dict[tuple[str, str], EmbeddingStore] = {}
+_REFERENCES: dict[tuple[str, str], torch.Tensor] = {}
+_TEXTS: dict[str, dict[str, torch.Tensor]] = {}
+_LOCK = threading.Lock()
+
+
+def embedding_store(backbone: LoadedBackbone, cache_dir: Path | None) -> EmbeddingStore:
+    """The process-wide store of ``backbone`` (+ its pipeline) for ``cache_dir`` (None: memory only)."""
+    pipeline = backbone.pipeline.describe() if backbone.pipeline else None
+    key = backbone.key(pipeline)
+    folder = Path(cache_dir) / "embeddings" / key if cache_dir is not None else None
+    with _LOCK:
+        index = (key, str(folder))
+        if index not in _STORES:
+            description = {"backbone": backbone.fingerprint(), "pipeline": pipeline}
+            _STORES[index] = EmbeddingStore(key, folder, description)
+        return _STORES[index]
+
+
+def clear_embedding_caches() -> None:
+    """Forget every in-memory embedding (the disk shards stay)."""
+    with _LOCK:
+        _STORES.clear()
+        _REFERENCES.clear()
+        _TEXTS.clear()
+
+
+def encode_batch(backbone: LoadedBackbone, images: torch.Tensor) -> torch.Tensor:
+    """L2-normalized float32 embeddings (on the CPU) of N×3×H×W images in [0, 1]."""
+    pixels = backbone.pipeline(images.to(backbone.device, non_blocking=True))
+    if backbone.device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), backbone.autocast():
+        features = backbone.encode_image(pixels)
+    return F.normalize(features.float(), dim=-1).cpu()
+
+
+def image_embeddings(
+    backbone: LoadedBackbone,
+    images: torch.Tensor,
+    keys: Sequence[str],
+    batch_size: int,
+    cache_dir: Path | None,
+) -> torch.Tensor:
+    """N×D normalized embeddings of ``images``; only those not cached under ``keys`` are computed."""
+    store = embedding_store(backbone, cache_dir)
+    known = store.lookup(keys)
+    missing = [index for index, key in enumerate(keys) if key not in known]
+    computed: dict[str, np.ndarray] = {}
+    for start in range(0, len(missing), batch_size):
+        chunk = missing[start : start + batch_size]
+        rows = encode_batch(backbone, images[chunk]).numpy()
+        computed.update(zip((keys[i] for i in chunk), rows))
+    if computed:
+        store.add(list(computed), np.stack(list(computed.values())))
+    known.update(computed)
+    if not keys:
+        return torch.zeros(0, 0)
+    return torch.from_numpy(np.stack([known[key] for key in keys]))
+
+
+def reference_embeddings(
+    backbone: LoadedBackbone, references: Sequence[torch.Tensor], reference_key: str
+) -> torch.Tensor:
+    """R×D normalized embeddings of a subject's real images, computed once per reference_key."""
+    index = (backbone.key(backbone.pipeline.describe()), reference_key)
+    with _LOCK:
+        cached = _REFERENCES.get(index)
+    if cached is not None and cached.shape[0] == len(references):
+        return cached
+    # References come in their own sizes, so each is resized on its own.
+    rows = torch.cat([encode_batch(backbone, reference.unsqueeze(0)) for reference in references])
+    with _LOCK:
+        _REFERENCES[index] = rows
+    return rows
+
+
+def text_store(backbone: LoadedBackbone) -> dict[str, torch.Tensor]:
+    """The process-wide text -> normalized embedding map of ``backbone`` (texts repeat per prompt)."""
+    with _LOCK:
+        return _TEXTS.setdefault(backbone.key(None), {})

@@ -1,0 +1,145 @@
+"""LPIPS distances and DIV (diversity among sibling images), on the ``lpips`` package's networks.
+
+``lpips.LPIPS.forward(a, b)`` runs the trunk on both images of every pair; for DIV, a group of
+n images has n(n-1)/2 pairs, so we run the trunk once per image and form the pairs from the
+cached, unit-normalized features with the package's own linear heads — the same arithmetic as
+its forward (tested against it), n trunk passes instead of n(n-1).
+
+Inputs are [0, 1]; they are mapped to the [-1, 1] range LPIPS is calibrated for (the range
+confusion behind torchmetrics #1214/#1296 cannot happen here: the conversion is internal and
+asserted). Images are compared at their native resolution.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from metrics.backbones import LoadedBackbone, get_lpips
+from metrics.base import Metric, MetricInputError, MetricSettings, ScoringInputs
+from metrics.inputs import check_image_tensor, check_inputs
+from metrics.preprocess import LPIPS_PREPROCESS, to_lpips_range
+
+DIV_METRIC_VERSION = 1
+MIN_SIDE = 32  # AlexNet's two stride-2 pools leave no pixel below 31 px (VGG: 16)
+SINGLETON_NOTE = "div undefined: the image is alone in its group (DIV needs at least 2 siblings)"
+
+
+def check_lpips_size(images: torch.Tensor, name: str) -> None:
+    if min(images.shape[-2:]) < MIN_SIDE:
+        raise MetricInputError(
+            f"{name}: LPIPS needs images of at least {MIN_SIDE}x{MIN_SIDE} px, got "
+            f"{images.shape[-2]}x{images.shape[-1]}"
+        )
+
+
+def lpips_features(backbone: LoadedBackbone, images: torch.Tensor) -> list[torch.Tensor]:
+    """Unit-normalized (over channels) trunk features of N×3×H×W images in [0, 1], float32."""
+    import lpips
+
+    model = backbone.model
+    pixels = to_lpips_range(images.to(backbone.device, non_blocking=True))
+    if backbone.device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode(), backbone.autocast():
+        outputs = model.net.forward(model.scaling_layer(pixels))
+    return [lpips.normalize_tensor(output.float()) for output in outputs]
+
+
+def lpips_from_features(
+    backbone: LoadedBackbone, first: Sequence[torch.Tensor], second: Sequence[torch.Tensor]
+) -> torch.Tensor:
+    """LPIPS of feature pairs (row i of ``first`` with row i of ``second``): a float32 vector."""
+    model = backbone.model
+    total = None
+    with torch.inference_mode():
+        for layer, (a, b) in enumerate(zip(first, second)):
+            value = model.lins[layer]((a - b) ** 2).float().mean(dim=(2, 3))
+            total = value if total is None else total + value
+    return total.flatten()
+
+
+def lpips_distance(first: torch.Tensor, second: torch.Tensor, settings: MetricSettings) -> np.ndarray:
+    """LPIPS between paired images (N×3×H×W each, [0, 1]): one distance per pair."""
+    check_image_tensor(first, "first")
+    check_image_tensor(second, "second")
+    check_lpips_size(first, "first")
+    if first.shape != second.shape:
+        raise MetricInputError(
+            f"second: expected the shape of first {tuple(first.shape)}, got {tuple(second.shape)}"
+        )
+    backbone = get_lpips(settings)
+    out = []
+    for start in range(0, first.shape[0], settings.batch_size):
+        end = start + settings.batch_size
+        a, b = lpips_features(backbone, first[start:end]), lpips_features(backbone, second[start:end])
+        out.append(lpips_from_features(backbone, a, b).cpu())
+    return torch.cat(out).double().numpy() if out else np.zeros(0)
+
+
+def pairwise_lpips(backbone: LoadedBackbone, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """n×n symmetric matrix of LPIPS among ``images`` (zero diagonal)."""
+    count = images.shape[0]
+    features = [lpips_features(backbone, images[s : s + batch_size]) for s in range(0, count, batch_size)]
+    layers = [torch.cat([chunk[layer] for chunk in features]) for layer in range(len(features[0]))]
+    matrix = torch.zeros(count, count)
+    rows, cols = torch.triu_indices(count, count, offset=1)
+    for start in range(0, rows.numel(), batch_size):
+        i, j = rows[start : start + batch_size], cols[start : start + batch_size]
+        values = lpips_from_features(
+            backbone, [layer[i.to(layer.device)] for layer in layers], [layer[j.to(layer.device)] for layer in layers]
+        ).cpu()
+        matrix[i, j] = values
+        matrix[j, i] = values
+    return matrix
+
+
+class Div(Metric):
+    name = "div"
+    higher_is_better = True
+    description = "diversity: mean pairwise LPIPS among images of the same subject and prompt"
+    version = DIV_METRIC_VERSION
+
+    def __init__(self, settings: MetricSettings) -> None:
+        self.settings = settings
+        self.notes: list[str] = []
+
+    @property
+    def backbone(self) -> LoadedBackbone:
+        return get_lpips(self.settings)
+
+    def fingerprint(self) -> dict:
+        backbone = self.backbone
+        return {
+            "metric": self.name,
+            "version": self.version,
+            "weights": backbone.weights,
+            "backbone": backbone.fingerprint(),
+            "preprocessing": dict(LPIPS_PREPROCESS),
+            "convention": "per image: mean LPIPS to the other images of its group (inputs.groups), "
+            "so the mean over a group's images is its mean pairwise LPIPS; an image alone in its "
+            "group scores NaN with the reason in notes",
+        }
+
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        check_inputs(inputs, groups=True)
+        count = inputs.images.shape[0]
+        values = np.full(count, np.nan)
+        self.notes = [""] * count
+        if count == 0:
+            return values
+        check_lpips_size(inputs.images, "inputs.images")
+        members: dict[str, list[int]] = defaultdict(list)
+        for index, group in enumerate(inputs.groups):
+            members[group].append(index)
+        backbone = self.backbone
+        for indices in members.values():
+            if len(indices) < 2:
+                self.notes[indices[0]] = SINGLETON_NOTE
+                continue
+            matrix = pairwise_lpips(backbone, inputs.images[indices], self.settings.batch_size)
+            values[indices] = (matrix.sum(dim=1) / (len(indices) - 1)).double().numpy()
+        return values

@@ -1,0 +1,109 @@
+"""Backbone input pipelines on tensors, step for step those of each backbone's reference code.
+
+The references work on PIL images (torchvision ``Resize`` + ``CenterCrop`` + ``Normalize``); we
+work on float tensors already on the scoring device so that a GPU batch never leaves it. The
+differences that remain are documented and bounded by tests: PIL resamples uint8 with its own
+fixed-point bicubic (a = -0.5) and rounds the output; torch's antialiased bicubic uses the same
+kernel in float, and we clamp to [0, 1] as PIL's uint8 output saturates.
+
+- CLIP (open_clip ``image_transform``, OpenAI weights): shortest side to 224, bicubic with
+  antialias, center crop 224, OpenAI mean/std.
+- DINO (timm ``pretrained_cfg`` of ``vit_small_patch16_224.dino``: crop_pct 0.9, crop_mode
+  center, bicubic): shortest side to floor(224 / 0.9) = 248, center crop 224, ImageNet mean/std.
+- LPIPS: no resize; [0, 1] is mapped to [-1, 1], the range the ``lpips`` networks expect.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def shortest_side_size(height: int, width: int, size: int) -> tuple[int, int]:
+    """(height, width) after torchvision ``Resize(size)`` (shortest side to ``size``, ratio kept)."""
+    if width <= height:
+        return int(size * height / width), size
+    return size, int(size * width / height)
+
+
+def center_crop_offsets(height: int, width: int, crop: int) -> tuple[int, int]:
+    """(top, left) of torchvision ``CenterCrop(crop)`` (which rounds half to even)."""
+    return int(round((height - crop) / 2.0)), int(round((width - crop) / 2.0))
+
+
+@dataclass(frozen=True)
+class ResizeCropNormalize:
+    """Resize the shortest side, center crop, normalize: one backbone's reference input pipeline."""
+
+    resize: int
+    crop: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    reference: str  # where the numbers come from
+
+    def describe(self) -> dict:
+        return {
+            "resize": f"shortest side to {self.resize}, bicubic, antialias, clamp to [0, 1]",
+            "crop": f"center {self.crop}x{self.crop}",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_range": [0.0, 1.0],
+            "reference": self.reference,
+        }
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """N×3×H×W float in [0, 1] (any device) to the normalized N×3×crop×crop model input."""
+        images = images.float()
+        height, width = images.shape[-2:]
+        new_height, new_width = shortest_side_size(height, width, self.resize)
+        if (new_height, new_width) != (height, width):
+            images = F.interpolate(
+                images, size=(new_height, new_width), mode="bicubic", align_corners=False, antialias=True
+            ).clamp_(0.0, 1.0)
+        top, left = center_crop_offsets(new_height, new_width, self.crop)
+        images = images[..., top : top + self.crop, left : left + self.crop]
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+
+CLIP_PREPROCESS = ResizeCropNormalize(
+    resize=224,
+    crop=224,
+    mean=OPENAI_CLIP_MEAN,
+    std=OPENAI_CLIP_STD,
+    reference="open_clip image_transform(224, is_train=False, resize_mode='shortest')",
+)
+
+DINO_CROP_PCT = 0.9  # timm pretrained_cfg of vit_small_patch16_224.dino
+DINO_PREPROCESS = ResizeCropNormalize(
+    resize=math.floor(224 / DINO_CROP_PCT),
+    crop=224,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    reference="timm create_transform(resolve_data_config(vit_small_patch16_224.dino)): crop_pct 0.9",
+)
+
+
+def to_lpips_range(images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images to the [-1, 1] range the ``lpips`` networks are calibrated for."""
+    scaled = images.float() * 2.0 - 1.0
+    low, high = float(scaled.min()), float(scaled.max())
+    assert low >= -1.0 and high <= 1.0, f"LPIPS input outside [-1, 1]: [{low}, {high}]"
+    return scaled
+
+
+LPIPS_PREPROCESS = {
+    "resize": "none (native resolution)",
+    "input_range": [0.0, 1.0],
+    "network_range": [-1.0, 1.0],
+    "scaling": "2x - 1, then lpips ScalingLayer",
+}
