@@ -41,15 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from benchmark import commands as harness_commands
     from data import cli as data_cli
+    from reports import cli as reports_cli
 
     harness_commands.add_commands(commands)
     data_cli.add_commands(commands)
-    try:
-        from reports import cli as reports_cli
-    except ImportError:  # reports are optional while they are being built
-        reports_cli = None
-    if reports_cli is not None:
-        reports_cli.add_commands(commands)
+    reports_cli.add_commands(commands)
     return parser
 
 
@@ -68,8 +64,13 @@ def main(argv: list[str] | None = None) -> int:
         from data.images import ImageLoadError
         from data.subjects import DatasetError
         from methods.backbones import BackboneError
+        from metrics.base import MetricInputError
+        from metrics.mask_noise import MaskSpecError
 
-        user_errors = (UserError, ConfigError, DatasetError, ImageLoadError, BackboneError, RunLockedError, StoreError)
+        user_errors = (
+            UserError, ConfigError, DatasetError, ImageLoadError, BackboneError, RunLockedError,
+            StoreError, MetricInputError, MaskSpecError,
+        )
         if isinstance(error, user_errors):
             print(f"error: {error}", file=sys.stderr)
             return 2

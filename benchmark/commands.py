@@ -166,11 +166,17 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def _build_report(run_dir):
+    """Build the report; a report failure is logged and never hides the run's own results."""
+    import logging
+
+    from reports.build import build_report
+
     try:
-        from reports.build import build_report
-    except ImportError:
+        return build_report(run_dir)
+    except Exception as error:  # noqa: BLE001 - the run itself succeeded; say how to retry
+        logging.getLogger("subjectbench").exception("report failed")
+        print(f"report failed ({type(error).__name__}: {error}); rebuild it with `subjectbench report {run_dir}`")
         return None
-    return build_report(run_dir)
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -182,6 +188,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from benchmark.results import load_plan, load_subject_table
     from benchmark.scoring import score_run
     from benchmark.store import Store
+    from metrics.registry import get_metric_class
 
     store = Store(args.run_dir)
     document = store.load_config_dict()
@@ -193,7 +200,8 @@ def cmd_score(args: argparse.Namespace) -> int:
         setup_logging(store.log_path, args.quiet)
         plan = load_plan(store)
         device = environment.resolve_device(config.device)
-        progress = StageProgress({"score": len(plan) * len(config.metrics.names)}, quiet=args.quiet)
+        roles = [get_metric_class(name).role for name in config.metrics.names]
+        progress = StageProgress({"score": sum(roles.count(role) for role in plan["role"])}, quiet=args.quiet)
         try:
             computed, failures = score_run(store, plan, load_subject_table(store), config.metrics, device, progress, force=args.force)
         finally:

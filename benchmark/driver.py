@@ -20,7 +20,7 @@ from benchmark.executors import make_executor
 from benchmark.progress import StageProgress, setup_logging
 from benchmark.results import load_subject_table, save_plan
 from benchmark.runner import JobSpec
-from benchmark.scoring import score_run
+from benchmark.scoring import score_run, scoring_workload
 from benchmark.store import Store
 from benchmark.units import expand, method_context, shard
 from data.subjects import cache_root
@@ -143,7 +143,7 @@ def run_benchmark(
         )
         totals = {"prepare": len(groups), "generate": summary.planned}
         if score and config.metrics.names:
-            totals["score"] = summary.planned * len(config.metrics.names)
+            totals["score"] = scoring_workload(groups, config.metrics.names)
         progress = StageProgress(totals, quiet=quiet)
         try:
             results = make_executor(executor, gpus=gpus, workers=workers, address=address).run(groups, job, progress)

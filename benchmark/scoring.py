@@ -133,6 +133,9 @@ def score_run(
     return computed, failures
 
 
-def scoring_workload(store: Store, plan: pd.DataFrame, metric_names) -> int:
-    """Upper bound of values to compute (for the progress bar)."""
-    return int(len(plan)) * len(metric_names)
+def scoring_workload(groups, metric_names) -> int:
+    """Values the score stage computes at most: each metric scores the images of its role."""
+    from metrics.registry import get_metric_class
+
+    roles = [get_metric_class(name).role for name in metric_names]
+    return sum(roles.count(unit.role) for group in groups for unit in group.images)

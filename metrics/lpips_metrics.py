@@ -102,6 +102,7 @@ class Div(Metric):
     higher_is_better = True
     description = "diversity: mean pairwise LPIPS among images of the same subject and prompt"
     version = DIV_METRIC_VERSION
+    needs_complete_groups = True  # an image's value depends on its siblings
 
     def __init__(self, settings: MetricSettings) -> None:
         self.settings = settings
