@@ -52,7 +52,9 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
+        from benchmark.errors import ConfigError
+
+        raise ConfigError("device=cuda but no CUDA GPU is visible; use device=cpu or device=auto")
     return requested
 
 

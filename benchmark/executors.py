@@ -13,6 +13,7 @@ import queue
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from benchmark.errors import ConfigError
 from benchmark.runner import GroupResult, JobSpec, execute_group
 from benchmark.units import WorkGroup
 
@@ -138,7 +139,7 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise RuntimeError("--executor ray needs Ray: pip install 'subjectbench[ray]'") from None
+            raise ConfigError("--executor ray needs Ray: pip install 'subjectbench[ray]'") from None
         package_root = str(Path(__file__).resolve().parents[1])
         runtime_env = {
             "env_vars": {
@@ -181,13 +182,13 @@ def make_executor(name: str, gpus: int | None = None, workers: int | None = None
     import torch
 
     if name not in EXECUTORS:
-        raise ValueError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
+        raise ConfigError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
     if name == "ray":
         return RayExecutor(address=address, num_cpus=workers)
     if gpus:
         available = torch.cuda.device_count()
         if gpus > available:
-            raise ValueError(f"--gpus {gpus}: only {available} CUDA GPU(s) visible; use --gpus {available or 'N'} or omit it")
+            raise ConfigError(f"--gpus {gpus}: only {available} CUDA GPU(s) visible; use --gpus {available or 'N'} or omit it")
         return LocalProcessExecutor(workers=gpus, gpu_ids=range(gpus))
     if workers and workers > 1 or name == "local":
         return LocalProcessExecutor(workers=workers or 2)

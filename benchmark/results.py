@@ -98,15 +98,19 @@ def load_records(store: Store) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def context_keys(frame: pd.DataFrame) -> pd.Series:
-    """Per image: a hash of every piece of scoring context (references, text, siblings).
+def context_keys(frame: pd.DataFrame, with_siblings: bool) -> pd.Series:
+    """Per image: a hash of the scoring context a metric sees (references and CLIP-T text, plus
+    the image's sibling set for metrics whose values depend on it, e.g. DIV).
 
-    A cached score is reused only while its context key is unchanged, so e.g. DIV is recomputed
-    when a sibling image joins the group.
+    A cached score is reused only while its context key is unchanged, so DIV is recomputed when
+    a sibling joins the group, and nothing else is.
     """
-    siblings = frame.groupby(["prepare_key", "checkpoint", "template", "role"])["key"].transform(
-        lambda keys: stable_hash(sorted(keys))
-    )
+    if with_siblings:
+        siblings = frame.groupby(["prepare_key", "checkpoint", "template", "role"])["key"].transform(
+            lambda keys: stable_hash(sorted(keys))
+        )
+    else:
+        siblings = pd.Series("", index=frame.index)
     return pd.Series(
         [stable_hash([d, t, s]) for d, t, s in zip(frame["data_sha"], frame["eval_text"], siblings)],
         index=frame.index,
@@ -133,11 +137,11 @@ def load_scores(store: Store, plan: pd.DataFrame | None = None) -> pd.DataFrame:
     done = plan[store.done_mask(plan)]
     if done.empty:
         return pd.DataFrame(columns=["key", "metric", "value", "metric_fingerprint"])
-    done = done.assign(context_key=context_keys(done))
     frames = []
     for metric, info in current_fingerprints(store).items():
         scores = read_score_parts(store.scores_dir(metric, info["hash"]))
-        merged = done[["key", "context_key"]].merge(
+        keyed = done.assign(context_key=context_keys(done, info.get("needs_complete_groups", False)))
+        merged = keyed[["key", "context_key"]].merge(
             scores, left_on=["key", "context_key"], right_on=["image_key", "context_key"]
         )
         merged = merged.assign(metric=metric, metric_fingerprint=info["hash"])

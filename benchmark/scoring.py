@@ -51,7 +51,7 @@ def score_run(
     done = plan[store.done_mask(plan)]
     if done.empty or not metrics_config.names:
         return 0, []
-    done = done.assign(context_key=context_keys(done)).reset_index(drop=True)
+    done = done.reset_index(drop=True)
     by_subject = {s["id"]: s for s in subjects}
     settings = MetricSettings(
         weights=metrics_config.weights,
@@ -70,8 +70,10 @@ def score_run(
         fingerprint_hash = stable_hash(fingerprint)
         folder = store.scores_dir(name, fingerprint_hash)
         atomic_write_json(folder / "fingerprint.json", fingerprint)
-        current[name] = {"hash": fingerprint_hash, "fingerprint": fingerprint}
-        rows = done[done["role"] == metric.role]
+        needs_groups = bool(getattr(metric, "needs_complete_groups", False))
+        current[name] = {"hash": fingerprint_hash, "fingerprint": fingerprint, "needs_complete_groups": needs_groups}
+        keyed = done.assign(context_key=context_keys(done, needs_groups))
+        rows = keyed[keyed["role"] == metric.role]
         if not force:
             have = read_score_parts(folder)
             have_pairs = set(zip(have["image_key"], have["context_key"]))
@@ -84,9 +86,9 @@ def score_run(
                     references[subject_id] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
                 # DIV needs every sibling of a group in one call, even those already scored.
                 groups = subject_rows["prepare_key"] + "|" + subject_rows["checkpoint"] + "|" + subject_rows["template"]
-                if getattr(metric, "needs_complete_groups", False):
+                if needs_groups:
                     wanted = set(groups)
-                    all_rows = done[(done["subject"] == subject_id) & (done["role"] == metric.role)]
+                    all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
                     all_groups = all_rows["prepare_key"] + "|" + all_rows["checkpoint"] + "|" + all_rows["template"]
                     subject_rows, groups = all_rows[all_groups.isin(wanted)], all_groups[all_groups.isin(wanted)]
                 inputs = ScoringInputs(

@@ -19,6 +19,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import logging
 import threading
 import warnings
 import weakref
@@ -123,6 +124,17 @@ def clear_backbone_cache() -> None:
         _SHA256.clear()
 
 
+@contextlib.contextmanager
+def _root_log_level(level: int):
+    root = logging.getLogger()
+    previous = root.level
+    root.setLevel(max(level, previous))
+    try:
+        yield
+    finally:
+        root.setLevel(previous)
+
+
 def _seeded(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
     # Built on the CPU under a private RNG state: identical in every process, whatever the
     # caller's seeds, and the caller's RNG stream is left untouched.
@@ -203,7 +215,9 @@ def _load_clip(arch: str, weights: str, device: torch.device, precision: str) ->
             raise MetricWeightsError(f"{what}: could not load {path}: {error}") from None
         tag, source = CLIP_PRETRAINED_TAG, hub_source(repo_id, path)
     else:
-        model = _seeded(lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=True))
+        # open_clip warns on the root logger that no weights were loaded: that is the point here.
+        with _root_log_level(logging.ERROR):
+            model = _seeded(lambda: open_clip.create_model(arch, pretrained=None, force_quick_gelu=True))
         tag, source = f"random-init-seed-{RANDOM_INIT_SEED}", "built"
     model = _freeze(model, device)
     tokenizer = open_clip.get_tokenizer(arch)
