@@ -10,7 +10,19 @@ import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-VOLATILE = {"seconds", "time", "peak_rss_mb", "peak_cuda_mb", "device", "git", "packages"}
+VOLATILE = {
+    "seconds", "time", "peak_rss_mb", "peak_cuda_mb", "device", "git", "packages",
+    # wall-clock fields of the training summaries methods keep in state.json
+    "seconds_per_step", "checkpoint_seconds", "peak_memory_bytes",
+}
+
+
+def without_volatile(value):
+    if isinstance(value, dict):
+        return {k: without_volatile(v) for k, v in value.items() if k not in VOLATILE}
+    if isinstance(value, list):
+        return [without_volatile(v) for v in value]
+    return value
 
 
 def cli_env() -> dict:
@@ -41,9 +53,13 @@ def snapshot(run_dir: Path) -> dict:
         out[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
     for path in sorted((run_dir / "images").rglob("*.json")):
         record = json.loads(path.read_text())
-        out[str(path.relative_to(run_dir))] = {k: v for k, v in record.items() if k not in VOLATILE}
+        out[str(path.relative_to(run_dir))] = without_volatile(record)
     for path in sorted((run_dir / "states").rglob("*")):
-        if path.is_file() and path.name != "DONE":
+        if not path.is_file() or path.name == "DONE":
+            continue
+        if path.suffix == ".json":
+            out[str(path.relative_to(run_dir))] = without_volatile(json.loads(path.read_text()))
+        else:
             out[str(path.relative_to(run_dir))] = hashlib.sha256(path.read_bytes()).hexdigest()
     scores = run_dir / "scores"
     if scores.exists():
