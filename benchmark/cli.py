@@ -13,7 +13,7 @@ from benchmark import __version__
 
 EPILOG = """\
 examples:
-  subjectbench run                          # embedded default: offline, CPU, ~3 minutes
+  subjectbench run                          # embedded default: offline, CPU, about a minute
   subjectbench run dreambooth --out runs/db # the paper protocol (GPU, hub weights)
   subjectbench list methods
   subjectbench data verify --dataset-dir ../shared/datasets/dreambooth
