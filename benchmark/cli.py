@@ -51,7 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may come after options (`run --quiet methods=dummy`); argparse stops
+    # collecting positionals at the first option, so gather the rest here.
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extras):
+            args.overrides = [*args.overrides, *extras]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return int(args.handler(args) or 0)
     except KeyboardInterrupt:

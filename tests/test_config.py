@@ -124,3 +124,12 @@ def test_list_commands(capsys):
     for what, expected in (("methods", "dummy"), ("suites", "dreambooth"), ("backbones", "sd15-random"), ("metrics", "clip_t")):
         assert main(["list", what]) == 0
         assert expected in capsys.readouterr().out
+
+
+def test_overrides_may_follow_options(tmp_path, capsys):
+    code = main(["run", "default", "--out", str(tmp_path), "--quiet", "methods=dummy", "metrics.names=[]", "--no-report"])
+    assert code == 0
+    assert "24 generated" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["run", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
