@@ -10,7 +10,7 @@ import pandas as pd
 
 from benchmark.hashing import stable_hash
 from benchmark.store import TMP_PREFIX, Store, atomic_write_bytes, atomic_write_json
-from benchmark.units import Plan
+from benchmark.units import Plan, unit_spec
 
 PLAN_FILE = "plan.parquet"
 SUBJECTS_FILE = "subjects.json"
@@ -20,33 +20,9 @@ CURRENT_SCORES_FILE = "scores/current.json"
 def plan_frame(plan: Plan) -> pd.DataFrame:
     rows = []
     for group in plan.groups:
-        cell = group.prepare.cell
-        subject = group.prepare.subject
         for unit in group.images:
-            rows.append(
-                {
-                    "key": unit.key,
-                    "prepare_key": unit.prepare_key,
-                    "label": cell.label,
-                    "method": cell.method,
-                    "cell_id": cell.cell_id,
-                    "grid": json.dumps(cell.grid, sort_keys=True),
-                    "subject": subject.id,
-                    "class_noun": subject.class_noun,
-                    "kind": subject.kind,
-                    "data_sha": subject.data_sha,
-                    "checkpoint": unit.checkpoint,
-                    "checkpoint_index": unit.checkpoint_index,
-                    "role": unit.role,
-                    "prompt_index": unit.prompt.index,
-                    "category": unit.prompt.category,
-                    "template": unit.prompt.template,
-                    "prompt_text": unit.prompt_text,
-                    "eval_text": unit.eval_text,
-                    "k": unit.k,
-                    "seed": unit.seed,
-                }
-            )
+            spec = unit_spec(group, unit)
+            rows.append({**spec, "grid": json.dumps(spec["grid"], sort_keys=True)})
     return pd.DataFrame(rows)
 
 

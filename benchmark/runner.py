@@ -17,7 +17,7 @@ import torch
 
 from benchmark import environment
 from benchmark.store import Store
-from benchmark.units import ImageUnit, WorkGroup
+from benchmark.units import ImageUnit, WorkGroup, unit_spec
 from methods.base import MethodContext, SamplerConfig
 
 log = logging.getLogger("subjectbench")
@@ -80,30 +80,10 @@ def _pending(store: Store, job: JobSpec, units: tuple[ImageUnit, ...]) -> tuple[
 
 
 def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, memory: dict) -> dict:
-    cell = group.prepare.cell
-    subject = group.prepare.subject
+    """The manifest row of one finished image: its full spec and where/how it was made."""
     return {
-        "key": unit.key,
-        "prepare_key": unit.prepare_key,
-        "label": cell.label,
-        "method": cell.method,
-        "cell_id": cell.cell_id,
-        "grid": cell.grid,
-        "fingerprint": cell.fingerprint,
-        "subject": subject.id,
-        "class_noun": subject.class_noun,
-        "kind": subject.kind,
-        "data_sha": subject.data_sha,
-        "checkpoint": unit.checkpoint,
-        "checkpoint_index": unit.checkpoint_index,
-        "role": unit.role,
-        "prompt_index": unit.prompt.index,
-        "category": unit.prompt.category,
-        "template": unit.prompt.template,
-        "prompt_text": unit.prompt_text,
-        "eval_text": unit.eval_text,
-        "k": unit.k,
-        "seed": unit.seed,
+        **unit_spec(group, unit),
+        "fingerprint": group.prepare.cell.fingerprint,
         "sampler": job.sampler.__dict__,
         "resolution": job.context.resolution,
         "backbone": job.context.backbone.fingerprint(),

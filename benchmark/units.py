@@ -82,6 +82,33 @@ class Plan:
         return [unit for group in self.groups for unit in group.images]
 
 
+def unit_spec(group: WorkGroup, unit: ImageUnit) -> dict:
+    """The identity of an image unit, as the plan and every manifest row record it."""
+    cell, subject = group.prepare.cell, group.prepare.subject
+    return {
+        "key": unit.key,
+        "prepare_key": unit.prepare_key,
+        "label": cell.label,
+        "method": cell.method,
+        "cell_id": cell.cell_id,
+        "grid": cell.grid,
+        "subject": subject.id,
+        "class_noun": subject.class_noun,
+        "kind": subject.kind,
+        "data_sha": subject.data_sha,
+        "checkpoint": unit.checkpoint,
+        "checkpoint_index": unit.checkpoint_index,
+        "role": unit.role,
+        "prompt_index": unit.prompt.index,
+        "category": unit.prompt.category,
+        "template": unit.prompt.template,
+        "prompt_text": unit.prompt_text,
+        "eval_text": unit.eval_text,
+        "k": unit.k,
+        "seed": unit.seed,
+    }
+
+
 def _grid_suffix(grid: dict) -> str:
     if not grid:
         return ""

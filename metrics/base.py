@@ -69,6 +69,47 @@ class Metric(ABC):
         """One float per image of ``inputs``."""
 
 
+class BackboneMetric(Metric):
+    """A metric computed with one shared, process-cached backbone.
+
+    Construction, backbone access and the fingerprint fields every metric records live here;
+    subclasses name their backbone loader (``load_backbone = staticmethod(get_clip)``), their
+    ``convention`` text, and extend ``fingerprint`` with anything specific to them.
+    """
+
+    version: ClassVar[int] = 1
+    convention: ClassVar[str] = ""
+
+    def __init__(self, settings: MetricSettings) -> None:
+        self.settings = settings
+        self.notes: list[str] = []
+
+    @staticmethod
+    @abstractmethod
+    def load_backbone(settings: MetricSettings):
+        """The process-cached backbone for ``settings``."""
+
+    @property
+    def backbone(self):
+        return self.load_backbone(self.settings)
+
+    def preprocessing(self) -> dict:
+        return self.backbone.pipeline.describe()
+
+    def fingerprint(self) -> dict:
+        backbone = self.backbone
+        return {
+            "metric": self.name,
+            "version": self.version,
+            "role": self.role,
+            "higher_is_better": self.higher_is_better,
+            "weights": backbone.weights,
+            "backbone": backbone.fingerprint(),
+            "preprocessing": self.preprocessing(),
+            "convention": self.convention,
+        }
+
+
 @dataclass(frozen=True)
 class MetricSettings:
     """How metric backbones are built: real weights or random init of the same architectures.

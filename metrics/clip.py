@@ -16,8 +16,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from metrics.backbones import LoadedBackbone, get_clip
-from metrics.base import Metric, MetricSettings, ScoringInputs
+from metrics.backbones import get_clip
+from metrics.base import BackboneMetric, ScoringInputs
 from metrics.embeddings import image_embeddings, reference_embeddings, text_store
 from metrics.inputs import check_inputs
 
@@ -50,26 +50,9 @@ def truncation_note(length: int, context_length: int = CONTEXT_LENGTH) -> str:
     return f"clip text truncated from {length} to {context_length} tokens (kept the first {context_length - 2})"
 
 
-class _ClipMetric(Metric):
+class _ClipMetric(BackboneMetric):
     version = CLIP_METRIC_VERSION
-
-    def __init__(self, settings: MetricSettings) -> None:
-        self.settings = settings
-        self.notes: list[str] = []
-
-    @property
-    def backbone(self) -> LoadedBackbone:
-        return get_clip(self.settings)
-
-    def _base_fingerprint(self) -> dict:
-        backbone = self.backbone
-        return {
-            "metric": self.name,
-            "version": self.version,
-            "weights": backbone.weights,
-            "backbone": backbone.fingerprint(),
-            "preprocessing": backbone.pipeline.describe(),
-        }
+    load_backbone = staticmethod(get_clip)
 
     def _image_embeddings(self, inputs: ScoringInputs) -> torch.Tensor:
         return image_embeddings(
@@ -82,11 +65,14 @@ class ClipT(_ClipMetric):
     higher_is_better = True
     description = "CLIP image-text cosine to the prompt without the identifier (raw cosine)"
 
+    convention = (
+        "cosine(image embedding, text embedding), per image; stored raw "
+        "(100*cos and CLIPScore 2.5*max(cos,0) are derived)"
+    )
+
     def fingerprint(self) -> dict:
         return {
-            **self._base_fingerprint(),
-            "convention": "cosine(image embedding, text embedding), per image; stored raw "
-            "(100*cos and CLIPScore 2.5*max(cos,0) are derived)",
+            **super().fingerprint(),
             "text": "inputs.texts: the prompt with the identifier removed, class noun kept",
             "truncation": {
                 "context_length": CONTEXT_LENGTH,
@@ -130,12 +116,10 @@ class ClipI(_ClipMetric):
     higher_is_better = True
     description = "CLIP image-image cosine to the real subject images, mean over references"
 
-    def fingerprint(self) -> dict:
-        return {
-            **self._base_fingerprint(),
-            "convention": "mean over the subject's real references of cosine(image, reference) "
-            "(mean over images = mean over all generated x reference pairs); stored raw",
-        }
+    convention = (
+        "mean over the subject's real references of cosine(image, reference) "
+        "(mean over images = mean over all generated x reference pairs); stored raw"
+    )
 
     def score(self, inputs: ScoringInputs) -> np.ndarray:
         check_inputs(inputs, references=True)

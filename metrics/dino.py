@@ -11,15 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from metrics.backbones import LoadedBackbone, get_dino
-from metrics.base import Metric, MetricSettings, ScoringInputs
+from metrics.backbones import get_dino
+from metrics.base import BackboneMetric, ScoringInputs
 from metrics.embeddings import image_embeddings, reference_embeddings
 from metrics.inputs import check_inputs
 
 DINO_METRIC_VERSION = 1
 
 
-class Dino(Metric):
+class Dino(BackboneMetric):
     name = "dino"
     higher_is_better = True
     description = "DINO ViT-S/16 CLS cosine to the real subject images, mean over references"
@@ -29,25 +29,7 @@ class Dino(Metric):
         "(mean over images = mean over all generated x reference pairs); stored raw"
     )
 
-    def __init__(self, settings: MetricSettings) -> None:
-        self.settings = settings
-        self.notes: list[str] = []
-
-    @property
-    def backbone(self) -> LoadedBackbone:
-        return get_dino(self.settings)
-
-    def fingerprint(self) -> dict:
-        backbone = self.backbone
-        return {
-            "metric": self.name,
-            "version": self.version,
-            "role": self.role,
-            "weights": backbone.weights,
-            "backbone": backbone.fingerprint(),
-            "preprocessing": backbone.pipeline.describe(),
-            "convention": self.convention,
-        }
+    load_backbone = staticmethod(get_dino)
 
     def score(self, inputs: ScoringInputs) -> np.ndarray:
         check_inputs(inputs, references=True)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from metrics.backbones import LoadedBackbone, get_lpips
-from metrics.base import Metric, MetricInputError, MetricSettings, ScoringInputs
+from metrics.base import BackboneMetric, MetricInputError, MetricSettings, ScoringInputs
 from metrics.inputs import check_image_tensor, check_inputs
 from metrics.preprocess import LPIPS_PREPROCESS, to_lpips_range
 
@@ -97,33 +97,22 @@ def pairwise_lpips(backbone: LoadedBackbone, images: torch.Tensor, batch_size: i
     return matrix
 
 
-class Div(Metric):
+class Div(BackboneMetric):
     name = "div"
     higher_is_better = True
     description = "diversity: mean pairwise LPIPS among images of the same subject and prompt"
     version = DIV_METRIC_VERSION
     needs_complete_groups = True  # an image's value depends on its siblings
 
-    def __init__(self, settings: MetricSettings) -> None:
-        self.settings = settings
-        self.notes: list[str] = []
+    load_backbone = staticmethod(get_lpips)
+    convention = (
+        "per image: mean LPIPS to the other images of its group (inputs.groups), so the mean over "
+        "a group's images is its mean pairwise LPIPS; an image alone in its group scores NaN with "
+        "the reason in notes"
+    )
 
-    @property
-    def backbone(self) -> LoadedBackbone:
-        return get_lpips(self.settings)
-
-    def fingerprint(self) -> dict:
-        backbone = self.backbone
-        return {
-            "metric": self.name,
-            "version": self.version,
-            "weights": backbone.weights,
-            "backbone": backbone.fingerprint(),
-            "preprocessing": dict(LPIPS_PREPROCESS),
-            "convention": "per image: mean LPIPS to the other images of its group (inputs.groups), "
-            "so the mean over a group's images is its mean pairwise LPIPS; an image alone in its "
-            "group scores NaN with the reason in notes",
-        }
+    def preprocessing(self) -> dict:
+        return dict(LPIPS_PREPROCESS)
 
     def score(self, inputs: ScoringInputs) -> np.ndarray:
         check_inputs(inputs, groups=True)
