@@ -30,3 +30,22 @@ def _session_cache(tmp_path_factory):
     if "SUBJECTBENCH_CACHE" not in os.environ:
         os.environ["SUBJECTBENCH_CACHE"] = str(tmp_path_factory.mktemp("cache"))
     yield
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models lose nothing on one BLAS thread, and two oversubscribe a shared 2-core box."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def dog():
+    """The bundled mini set's live subject."""
+    from data.subjects import load_subjects
+
+    return load_subjects("mini", subjects=["dog"])[0]

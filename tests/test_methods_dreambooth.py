@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from data.subjects import Subject, load_subjects
 from methods.backbones import load_backbone, resolve_backbone
 from methods.base import MethodContext, ParamsError, SamplerConfig, expand_params
 from methods.diffusion import (
@@ -31,22 +30,12 @@ STEPS = 30
 PRIOR = {"class_images": 4, "class_image_steps": 5}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory) -> MethodContext:
     return MethodContext(backbone=resolve_backbone("tiny"), resolution=64, cache_dir=tmp_path_factory.mktemp("db-cache"))
-
-
-@pytest.fixture(scope="module")
-def dog() -> Subject:
-    return load_subjects("mini", subjects=["dog"])[0]
 
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -28,23 +28,12 @@ from methods.training import TrainingParams, build_optimizer, train_loop
 FAST = SamplerConfig(steps=8)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Two BLAS threads on a shared 2-core machine oversubscribe badly; tiny models lose nothing.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def backbone():
     return load_backbone(resolve_backbone("tiny"))
-
-
-@pytest.fixture(scope="module")
-def dog():
-    return load_subjects("mini", subjects=["dog"])[0]
 
 
 def _pixels(image) -> np.ndarray:

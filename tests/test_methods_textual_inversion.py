@@ -13,7 +13,6 @@ import torch
 from safetensors.torch import load_file
 
 from data.protocol import prompt_templates
-from data.subjects import Subject, load_subjects
 from methods.backbones import load_backbone, resolve_backbone
 from methods.base import MethodContext, ParamsError, SamplerConfig, expand_params
 from methods.diffusion import encode_text, fixed_draw_loss, make_noise_scheduler, subject_latents
@@ -25,22 +24,12 @@ FAST = SamplerConfig(steps=8)
 STEPS = 30
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
 def context(tmp_path_factory) -> MethodContext:
     return MethodContext(backbone=resolve_backbone("tiny"), resolution=64, cache_dir=tmp_path_factory.mktemp("ti-cache"))
-
-
-@pytest.fixture(scope="module")
-def dog() -> Subject:
-    return load_subjects("mini", subjects=["dog"])[0]
 
 
 @pytest.fixture(scope="module")
