@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from http.client import HTTPException
 from pathlib import Path
 from urllib.error import HTTPError, URLError
@@ -376,7 +376,7 @@ def _obtain(staging: Path, source: str, manifest: Mapping[str, str], url: str | 
 
 def _place(dataset: Path, target: Path, provenance: dict, log) -> None:
     """Rename the verified folder into place; an unverified one already there is set aside."""
-    provenance["verified_at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    provenance["verified_at"] = datetime.now(UTC).isoformat(timespec="seconds")
     (dataset / MARKER).write_text(json.dumps(provenance, indent=1) + "\n")
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists():
