@@ -9,12 +9,15 @@ from pathlib import Path
 import pandas as pd
 
 from benchmark.hashing import stable_hash
-from benchmark.store import TMP_PREFIX, Store, atomic_write_bytes, atomic_write_json
+from benchmark.store import TMP_PREFIX, Store, StoreError, atomic_write_bytes, atomic_write_json
 from benchmark.units import Plan, unit_spec
 
 PLAN_FILE = "plan.parquet"
 SUBJECTS_FILE = "subjects.json"
 CURRENT_SCORES_FILE = "scores/current.json"
+# How context keys are computed (``context_keys``). Bump it when that changes: stores scored
+# under another version then ask for `subjectbench score` instead of silently showing nothing.
+CONTEXT_KEY_VERSION = 2
 
 
 def plan_frame(plan: Plan) -> pd.DataFrame:
@@ -115,6 +118,12 @@ def load_scores(store: Store, plan: pd.DataFrame | None = None) -> pd.DataFrame:
         return pd.DataFrame(columns=["key", "metric", "value", "metric_fingerprint"])
     frames = []
     for metric, info in current_fingerprints(store).items():
+        if info.get("context_version") != CONTEXT_KEY_VERSION:
+            raise StoreError(
+                f"{store.root}: the {metric} scores were written by another version of subjectbench "
+                f"(context keys v{info.get('context_version', 1)}, this one reads v{CONTEXT_KEY_VERSION}); "
+                f"recompute them with `subjectbench score {store.root}` (images are kept)"
+            )
         scores = read_score_parts(store.scores_dir(metric, info["hash"]))
         keyed = done.assign(context_key=context_keys(done, info.get("needs_complete_groups", False)))
         merged = keyed[["key", "context_key"]].merge(

@@ -15,6 +15,7 @@ from PIL import Image
 
 from benchmark.hashing import stable_hash
 from benchmark.results import (
+    CONTEXT_KEY_VERSION,
     CURRENT_SCORES_FILE,
     context_keys,
     read_score_parts,
@@ -71,7 +72,12 @@ def score_run(
         folder = store.scores_dir(name, fingerprint_hash)
         atomic_write_json(folder / "fingerprint.json", fingerprint)
         needs_groups = bool(getattr(metric, "needs_complete_groups", False))
-        current[name] = {"hash": fingerprint_hash, "fingerprint": fingerprint, "needs_complete_groups": needs_groups}
+        current[name] = {
+            "hash": fingerprint_hash,
+            "fingerprint": fingerprint,
+            "needs_complete_groups": needs_groups,
+            "context_version": CONTEXT_KEY_VERSION,
+        }
         keyed = done.assign(context_key=context_keys(done, needs_groups))
         rows = keyed[keyed["role"] == metric.role]
         if not force:

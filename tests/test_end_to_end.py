@@ -98,3 +98,20 @@ def test_bad_executor_options_are_named(tmp_path, bad):
     result = run_cli("run", "default", *DUMMY, "--out", str(tmp_path), *bad.split())
     assert result.returncode == 2
     assert ("--gpus 1: only 0 CUDA GPU(s) visible" in result.stderr) or ("--shard '3/3'" in result.stderr)
+
+
+def test_scores_from_another_context_key_version_ask_for_rescoring(tmp_path):
+    import json
+
+    run_benchmark(load_config("default", DUMMY), tmp_path, quiet=True)
+    current = tmp_path / "scores" / "current.json"
+    stale = json.loads(current.read_text())
+    for info in stale.values():
+        info.pop("context_version")
+    current.write_text(json.dumps(stale))
+    result = run_cli("report", str(tmp_path))
+    assert result.returncode == 2
+    assert "written by another version of subjectbench" in result.stderr
+    assert f"subjectbench score {tmp_path}" in result.stderr and "Traceback" not in result.stderr
+    assert run_cli("score", str(tmp_path), "--quiet").returncode == 0
+    assert run_cli("report", str(tmp_path)).returncode == 0
