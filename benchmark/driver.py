@@ -6,8 +6,8 @@ reports. Rerunning the same command resumes: finished work is skipped, half-done
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import fcntl
 import logging
 import time
 from contextlib import contextmanager
@@ -21,7 +21,7 @@ from benchmark.progress import StageProgress, setup_logging
 from benchmark.results import load_subject_table, save_plan
 from benchmark.runner import JobSpec
 from benchmark.scoring import score_run, scoring_workload
-from benchmark.store import Store
+from benchmark.store import Store, file_lock
 from benchmark.units import expand, method_context, shard
 from data.subjects import cache_root
 from methods.registry import get_method
@@ -81,19 +81,14 @@ def resolved_config(config: RunConfig) -> dict:
 @contextmanager
 def run_lock(store: Store):
     store.ensure()
-    handle = open(store.root / ".lock", "w")
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise RunLockedError(
-            f"another subjectbench process is using {store.root}; wait for it or use another --out"
-        ) from None
-    try:
+    with contextlib.ExitStack() as held:
+        try:
+            held.enter_context(file_lock(store.root / ".lock", blocking=False))
+        except BlockingIOError:
+            raise RunLockedError(
+                f"another subjectbench process is using {store.root}; wait for it or use another --out"
+            ) from None
         yield
-    finally:
-        fcntl.flock(handle, fcntl.LOCK_UN)
-        handle.close()
 
 
 def failures_in_scope(store: Store, plan_keys: set[str]) -> list[dict]:

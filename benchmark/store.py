@@ -15,13 +15,15 @@ process killed at any moment leaves either the old state or the new one, never h
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,32 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, value: Any) -> None:
     atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, default=str))
+
+
+def atomic_write_image(path: Path, image, format: str = "PNG", **options: Any) -> None:
+    """A PIL image, encoded in memory, then written like every other file here."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format, **options)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
+    """An exclusive advisory lock on ``path`` (created if needed) for the block; it dies with
+    the process. Non-blocking: raises ``BlockingIOError`` when another process holds it.
+    Where fcntl does not exist (Windows) there is no lock; atomic renames keep files whole."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 class StoreError(RuntimeError):
@@ -172,11 +200,7 @@ class Store:
 
     def write_image(self, label: str, subject_id: str, key: str, image, record: dict) -> None:
         """PNG first, then its record: the record's presence means the image is complete."""
-        import io
-
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        atomic_write_bytes(self.image_path(label, subject_id, key), buffer.getvalue())
+        atomic_write_image(self.image_path(label, subject_id, key), image)
         atomic_write_json(self.record_path(label, subject_id, key), record)
         self.clear_failure(key)
 

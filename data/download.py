@@ -16,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from http.client import HTTPException
@@ -25,6 +25,7 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import ProxyHandler, Request, build_opener
 
+from benchmark.store import atomic_write_json, file_lock
 from data.archive import copy_verified, extract_verified, map_to_manifest
 from data.errors import DatasetError
 from data.manifest import shipped_manifest
@@ -95,9 +96,7 @@ def _read_meta(path: Path) -> dict:
 
 
 def _write_meta(path: Path, meta: dict) -> None:
-    temporary = path.with_suffix(".tmp")
-    temporary.write_text(json.dumps(meta))
-    os.replace(temporary, path)
+    atomic_write_json(path, meta)
 
 
 def _fetch_once(url: str, part: Path, meta_path: Path, timeout: float, log) -> None:
@@ -267,22 +266,14 @@ def _from_hub(staging: Path, manifest: Mapping[str, str], repo: str, revision: s
 @contextmanager
 def _exclusive(staging: Path) -> Iterator[None]:
     """One download per target at a time (the lock dies with its process)."""
-    staging.mkdir(parents=True, exist_ok=True)
-    handle = open(staging / ".lock", "w")  # noqa: SIM115 - held for the whole block
-    try:
+    with ExitStack() as held:
         try:
-            import fcntl
-
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except ImportError:  # not POSIX: no lock, the rename at the end is still atomic
-            pass
-        except OSError:
+            held.enter_context(file_lock(staging / ".lock", blocking=False))
+        except BlockingIOError:
             raise DatasetError(
                 f"another `subjectbench data download` is writing {staging}; wait for it to end"
             ) from None
         yield
-    finally:
-        handle.close()
 
 
 def _present(target: Path, manifest: Mapping[str, str]) -> list[str] | None:

@@ -26,7 +26,7 @@ import hashlib
 import json
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from benchmark.store import atomic_write_image, atomic_write_json, atomic_write_text
 from data.images import open_image
 from data.subjects import (
     DATASET_SOURCES,
@@ -236,11 +237,6 @@ def load_mask(path: str | Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L")) >= 128
 
 
-def _write_atomic(path: Path, write: Callable[[Path], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
 
 
 def _sidecar_matches(sidecar: Path, producer: str, params: dict, source_sha: str) -> bool:
@@ -277,11 +273,11 @@ def _make_one(job: dict) -> MaskRecord:
     if mask.shape != (image.height, image.width):
         raise MaskError(f"{image_path}: mask size {mask.shape[::-1]} differs from the image {image.size}")
     fraction, flags = mask_quality(mask)
-    _write_atomic(out, lambda p: Image.fromarray(mask.astype(np.uint8) * 255, mode="L").save(p, format="PNG"))
+    atomic_write_image(out, Image.fromarray(mask.astype(np.uint8) * 255, mode="L"))
     record = {"producer": job["producer"], "params": job["params"], "version": MASKS_VERSION,
               "source_image": image_path.name, "source_sha256": source_sha,
               "size": [image.width, image.height], "foreground_fraction": round(fraction, 6), "flags": flags}
-    _write_atomic(sidecar, lambda p: p.write_text(json.dumps(record, indent=1)))
+    atomic_write_json(sidecar, record)
     return MaskRecord(job["subject"], image_path.name, str(out), fraction, flags, False,
                       time.perf_counter() - started)
 
@@ -400,6 +396,6 @@ def cmd_masks(args: argparse.Namespace) -> int:
     print(report)
     summary = {"seconds": round(seconds, 2), "segmenter": args.segmenter, "dataset_dir": str(dataset_dir),
                "masks": [dataclasses.asdict(r) for r in records]}
-    _write_atomic(root / f"report-{producer_name(args.segmenter, args.sam_model)}.json",
-                  lambda p: p.write_text(json.dumps(summary, indent=1)))
+    atomic_write_text(root / f"report-{producer_name(args.segmenter, args.sam_model)}.json",
+                      json.dumps(summary, indent=1))
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from benchmark.hub import hub_reachable  # noqa: F401 - re-exported for callers
+from benchmark.store import atomic_write_text
 
 HUB_BACKBONES: dict[str, dict[str, str | int]] = {
     # name: hub repository, pinned commit, native resolution. The commits are snapshots that
@@ -130,13 +131,8 @@ def clip_bpe_files(cache_dir: Path | None = None) -> Path:
     vocab += ["".join(merge.split()) for merge in merges]
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     target.mkdir(parents=True, exist_ok=True)
-    for filename, text in (
-        ("vocab.json", json.dumps({token: i for i, token in enumerate(vocab)})),
-        ("merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n"),
-    ):
-        temporary = target / f".{filename}.{os.getpid()}.tmp"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, target / filename)
+    atomic_write_text(target / "vocab.json", json.dumps({token: i for i, token in enumerate(vocab)}))
+    atomic_write_text(target / "merges.txt", "#version: 0.2\n" + "\n".join(merges) + "\n")
     return target
 
 

@@ -17,16 +17,14 @@ on the folder, so concurrent workers never read half-written files or generate t
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
-import os
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmark.store import atomic_write_image, atomic_write_json, file_lock
 from data.protocol import PRIOR_PROMPT, derive_seed
 from methods.backbones import Backbone
 from methods.base import SamplerConfig
@@ -64,27 +62,6 @@ def class_prior_folder(cache_dir: Path, key: dict, class_noun: str) -> Path:
     return cache_dir / "class_prior" / f"{slug}-{digest}"
 
 
-@contextlib.contextmanager
-def _folder_lock(folder: Path) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # no advisory locks (Windows): atomic renames still keep files whole
-        yield
-        return
-    with open(folder / ".lock", "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _write_atomic(image, path: Path) -> None:
-    temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.png")
-    image.save(temporary, format="PNG")
-    os.replace(temporary, path)
-
-
 def class_prior_images(
     backbone: Backbone,
     class_noun: str,
@@ -108,12 +85,9 @@ def class_prior_images(
     paths = tuple(folder / f"{k:05d}.png" for k in range(count))
     generated = 0
     if not all(p.is_file() for p in paths):
-        with _folder_lock(folder):
-            key_path = folder / "key.json"
-            if not key_path.is_file():
-                temporary = folder / f".key.{os.getpid()}.tmp"
-                temporary.write_text(json.dumps(key, indent=2, sort_keys=True))
-                os.replace(temporary, key_path)
+        with file_lock(folder / ".lock"):
+            if not (folder / "key.json").is_file():
+                atomic_write_json(folder / "key.json", key)
             missing = [k for k, p in enumerate(paths) if not p.is_file()]
             pipeline = build_pipeline(backbone, sampler) if missing else None
             for start in range(0, len(missing), batch_size):
@@ -126,6 +100,6 @@ def class_prior_images(
                     resolution,
                 )
                 for k, image in zip(chunk, images):
-                    _write_atomic(image, paths[k])
+                    atomic_write_image(paths[k], image)
                 generated += len(chunk)
     return ClassPrior(folder=folder, paths=paths, prompt=key["prompt"], generated=generated)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from benchmark.store import atomic_write_bytes, atomic_write_json
 from metrics.backbones import LoadedBackbone
 
 log = logging.getLogger(__name__)
@@ -83,18 +84,13 @@ class EmbeddingStore:
                 self._write_shard(list(keys), rows)
 
     def _write_shard(self, keys: list[str], rows: np.ndarray) -> None:
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
-        self.folder.mkdir(parents=True, exist_ok=True)
         description = self.folder / "backbone.json"
         if not description.is_file():
-            temporary = self.folder / f".backbone.{os.getpid()}.{uuid.uuid4().hex}.tmp"
-            temporary.write_text(json.dumps(self.description, indent=1, sort_keys=True, default=str))
-            os.replace(temporary, description)
+            atomic_write_json(description, self.description)
         name = f"{os.getpid()}-{uuid.uuid4().hex}{SHARD_SUFFIX}"
-        temporary = self.folder / f".{name}.tmp"
-        save_file({"embeddings": rows}, str(temporary), metadata={"keys": json.dumps(keys)})
-        os.replace(temporary, self.folder / name)
+        atomic_write_bytes(self.folder / name, save({"embeddings": rows}, metadata={"keys": json.dumps(keys)}))
         self._loaded_shards.add(name)
 
 

@@ -11,12 +11,12 @@ outside the run directory, so they are copied (as thumbnails) under ``report/gal
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import pandas as pd
 from PIL import Image
 
+from benchmark.store import atomic_write_image
 from reports.leaderboard import slug
 from reports.render import MISSING, fmt, page, smoke_banner
 from reports.rundata import RunData
@@ -38,10 +38,7 @@ def _thumbnail(source: Path, target: Path, size: int = THUMB_PX) -> bool:
         with Image.open(source) as image:
             image = image.convert("RGB")
             image.thumbnail((size, size))
-            target.parent.mkdir(parents=True, exist_ok=True)
-            temporary = target.with_name(f".tmp-{target.name}.{os.getpid()}")
-            image.save(temporary, format="JPEG", quality=85)
-            os.replace(temporary, target)
+            atomic_write_image(target, image, "JPEG", quality=85)
         return True
     except OSError:
         return False
