@@ -8,6 +8,11 @@ anything.
 Contract (the harness relies on each point):
 - ``fingerprint()`` holds everything that changes the method's output except the subject and the
   seed: name, ``version`` (bump it when a change alters outputs), all params, backbone, dtype.
+- ``training_fingerprint()`` holds everything that changes what ``prepare`` writes: the same
+  minus the *generation-only* params (fields declared with ``param(..., generation=True)``),
+  under the name of the method whose training it is (``trains_as``). The harness keys states by
+  it, so grid cells (and suite entries, e.g. ``dreamblend`` on ``dreambooth``) whose training
+  fingerprints are equal share one training per subject; image keys add the generation part.
 - ``checkpoints()`` is a function of the params alone (so runs can be planned before training).
 - ``prepare(subject, workdir, seed)`` writes the learned state into ``workdir`` (safetensors and
   JSON only); it may assume ``workdir`` is empty and private. The harness makes it atomic.
@@ -77,6 +82,10 @@ class Method(ABC):
     version: ClassVar[str] = "1"
     Params: ClassVar[type]  # a frozen dataclass with a default for every field
     description: ClassVar[str] = ""
+    # The method whose ``prepare`` output this one's equals (None: itself). A method that reuses
+    # another's training (DreamBlend on DreamBooth) names it and gives the same training params,
+    # so both entries share one state per subject.
+    trains_as: ClassVar[type[Method] | None] = None
 
     def __init__(self, params: Any, context: MethodContext):
         if not isinstance(params, self.Params):
@@ -94,6 +103,23 @@ class Method(ABC):
             "resolution": self.context.resolution,
             "identifier": self.context.identifier,
         }
+
+    def training_fingerprint(self) -> dict:
+        """The fingerprint of what ``prepare`` writes: generation-only params left out."""
+        trainer = self.trains_as or type(self)
+        return {
+            "method": trainer.name,
+            "version": trainer.version,
+            "params": training_params_dict(self.params),
+            "backbone": self.context.backbone.fingerprint(),
+            "dtype": self.context.dtype,
+            "resolution": self.context.resolution,
+            "identifier": self.context.identifier,
+        }
+
+    def generation_fingerprint(self) -> dict:
+        """What changes images beyond the training state: method identity and generation params."""
+        return {"method": self.name, "version": self.version, "params": generation_params_dict(self.params)}
 
     def checkpoints(self) -> Sequence[str]:
         return ["final"]
@@ -133,12 +159,42 @@ class ParamsError(ValueError):
     """A hyper-parameter that is unknown or of the wrong type, naming it and the valid ones."""
 
 
+def param(default: Any, *, source: str = "", doc: str = "", generation: bool = False) -> Any:
+    """A ``Params`` field with its provenance: where the default comes from ("paper",
+    "official code", "diffusers example", "ours: <why>") and what it does. ``generation=True``
+    marks a knob that changes only how images are generated from a trained state (guidance
+    weights, which checkpoints to blend, reference guidance on/off): grids over it reuse one
+    training per subject."""
+    metadata = {"source": source, "doc": doc, "generation": generation}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("param defaults must be immutable (use a tuple)")
+    return field(default=default, metadata=metadata)
+
+
+def is_generation_param(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("generation", False))
+
+
+def generation_param_names(params_class: type) -> tuple[str, ...]:
+    return tuple(f.name for f in dataclasses.fields(params_class) if is_generation_param(f))
+
+
 def params_to_dict(params: Any) -> dict:
     out = {}
     for f in dataclasses.fields(params):
         value = getattr(params, f.name)
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def training_params_dict(params: Any) -> dict:
+    generation = set(generation_param_names(type(params)))
+    return {k: v for k, v in params_to_dict(params).items() if k not in generation}
+
+
+def generation_params_dict(params: Any) -> dict:
+    generation = set(generation_param_names(type(params)))
+    return {k: v for k, v in params_to_dict(params).items() if k in generation}
 
 
 def _is_sequence_type(annotation: Any) -> bool:
