@@ -180,6 +180,7 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
         resolution=config.protocol.resolution or backbone.resolution,
         identifier=config.protocol.identifier,
         cache_dir=cache_dir,
+        deterministic=config.deterministic,
     )
 
 
