@@ -46,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compare.add_argument("baseline", metavar="BASELINE_RUN")
+    compare.add_argument("baseline", metavar="BASELINE", help="baseline run directory or result bundle (subjectbench export)")
     compare.add_argument("current", metavar="CURRENT_RUN")
     compare.add_argument(
         "--tolerance", action="append", metavar="[METRIC=]X",
@@ -56,6 +56,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     compare.add_argument("--out", metavar="DIR", help="where compare.md/compare.json go (default CURRENT_RUN/report/compare)")
     _bootstrap_arguments(compare)
     compare.set_defaults(handler=cmd_compare)
+
+    from reports import bundle_cli
+
+    bundle_cli.add_commands(commands)
 
 
 def _check_bootstrap(args: argparse.Namespace) -> None:
