@@ -188,7 +188,8 @@ def export_bundle(run_dir: str | Path, out: str | Path, thumbnails: bool = False
         raise BundleError(f"--out {out} already exists and is not empty; remove it or choose another folder")
     if run.images.empty:
         raise BundleError(f"{run.root} has no finished images to export; run `subjectbench run ... --out {run.root}` first")
-    name = out.name
+    # Named after the run, not the bundle folder: one run exported twice has one content hash.
+    name = run.root.name
     staging = out.with_name(f"{TMP_PREFIX}{out.name}.{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
