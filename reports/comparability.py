@@ -81,10 +81,10 @@ def _prompt_difference(mine: dict, theirs: dict) -> str:
             extra, missing = sorted(a - b), sorted(b - a)
             detail = []
             if extra:
-                detail.append(f"{len(extra)} only here, e.g. {extra[0]!r}")
+                detail.append(f"{len(extra)} of its {len(a)} templates are not in the reference, e.g. {extra[0]!r}")
             if missing:
-                detail.append(f"{len(missing)} missing here, e.g. {missing[0]!r}")
-            parts.append(f"{kind}: {len(a)} vs {len(b)} templates ({'; '.join(detail)})")
+                detail.append(f"{len(missing)} of the reference's {len(b)} are missing, e.g. {missing[0]!r}")
+            parts.append(f"{kind}: {'; '.join(detail)}")
     return "prompts differ (" + "; ".join(parts) + ")"
 
 

@@ -129,3 +129,8 @@ def test_compare_cli_takes_a_bundle_baseline(runs, tmp_path, capsys):
     markdown = (tmp_path / "compare.md").read_text()
     assert "FAIL: significant regression" in markdown and f"baseline: `{runs['bundle']}`" in markdown
     verify_bundle(runs["bundle"])  # compare wrote nothing into the bundle
+    # A bundle is a baseline only: the current side is a run directory (reports are written there).
+    assert main(["compare", str(runs["less"]), str(runs["bundle"]), "--out", str(tmp_path)]) == 2
+    assert "is a result bundle, not a run directory" in capsys.readouterr().err
+    assert main(["report", str(runs["bundle"])]) == 2
+    verify_bundle(runs["bundle"])
