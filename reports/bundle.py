@@ -85,6 +85,31 @@ def _bundle_files(root: Path) -> list[str]:
     )
 
 
+def _hosting_file(name: str) -> bool:
+    """Files a hub repository or its download adds around a pushed bundle (not part of the results)."""
+    return name == ".gitattributes" or name.startswith(".cache/")
+
+
+HUB_PREFIX = "hf://datasets/"
+
+
+def resolve_source(given: str | Path) -> tuple[Path, str | None]:
+    """A local path, or ``hf://datasets/OWNER/NAME[@REVISION]`` downloaded with huggingface_hub;
+    returns (folder, its hub web address or None)."""
+    text = str(given)
+    if not text.startswith(HUB_PREFIX):
+        return Path(given).expanduser().resolve(), None
+    from huggingface_hub import snapshot_download
+
+    repo, _, revision = text[len(HUB_PREFIX):].partition("@")
+    try:
+        folder = snapshot_download(repo_id=repo, repo_type="dataset", revision=revision or None)
+    except Exception as error:  # noqa: BLE001 - hub errors are many; the message carries the cause
+        raise BundleError(f"{text}: cannot download the bundle ({type(error).__name__}: {str(error).splitlines()[0]}); "
+                          "check the repository id, the network and HF_HUB_OFFLINE") from None
+    return Path(folder), f"https://huggingface.co/datasets/{repo}"
+
+
 def is_bundle(path: str | Path) -> bool:
     return (Path(path) / BUNDLE_FILE).is_file()
 
@@ -252,7 +277,7 @@ def verify_bundle(path: str | Path) -> dict:
         if _sha256_file(root / name) != files[name]:
             raise BundleError(f"bundle {root}: {name} was modified since export (sha256 differs); "
                               "re-export the bundle from its run directory, or restore the original file")
-    extra = sorted(present - set(files))
+    extra = sorted(name for name in present - set(files) if not _hosting_file(name))
     if extra:
         raise BundleError(f"bundle {root}: {extra[0]} is not part of the exported bundle; remove it or re-export the bundle")
     return manifest

@@ -13,6 +13,7 @@ fingerprint) from two sources is shown once with both sources, flagged when thei
 examples:
   subjectbench export runs/main --out bundles/main --thumbnails
   subjectbench leaderboard bundles/lab-a bundles/lab-b runs/mine --out site
+  subjectbench leaderboard hf://datasets/lab/results@v1 runs/mine --out site   # a bundle pushed to the hub
 """
 
 
@@ -36,7 +37,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         epilog=LEADERBOARD_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    board.add_argument("sources", nargs="+", metavar="BUNDLE_OR_RUN")
+    board.add_argument("sources", nargs="+", metavar="BUNDLE_OR_RUN", help="bundle folder, run directory, or hf://datasets/OWNER/NAME[@REV]")
     board.add_argument("--out", required=True, metavar="SITE", help="folder for the site (index.html)")
     board.add_argument("--rank-by", default="dino", metavar="METRIC", help="ranking metric (default dino)")
     board.add_argument("--resamples", type=int, default=2000, metavar="N", help="bootstrap resamples (default 2000)")

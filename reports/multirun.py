@@ -14,7 +14,7 @@ Numbers, tables and plots come from the per-run report code (``reports.tables``,
 
 SITE/
   index.html                sources, comparability groups and why, one leaderboard per group
-  group-<x>.html            that group's leaderboard, per-category and per-subject tables, pareto plots
+  group-<x>.html            that group's leaderboard, per-category, per-subject and cost tables, pareto plots
   plots/group-<x>_pareto_<y>_vs_<x>.png/.svg
   leaderboard.csv           every ranked row of every group (group, sources, means, CIs)
   sources.json              each source: path, kind, content hash, comparability key, group, differences
@@ -33,7 +33,7 @@ import pandas as pd
 
 from benchmark.store import atomic_write_json, atomic_write_text
 from reports import leaderboard as lb
-from reports.bundle import is_bundle, read_source, verify_bundle
+from reports.bundle import is_bundle, read_source, resolve_source, verify_bundle
 from reports.comparability import (
     differences,
     entry_fingerprints,
@@ -41,13 +41,13 @@ from reports.comparability import (
     protocol_signature,
     signature_key,
 )
-from reports.pages import metric_rows
+from reports.pages import cost_rows, metric_rows
 from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure
 from reports.render import Cell, estimate, fmt, fmt_int, html_table, smoke_banner, stylesheet, text
 from reports.rundata import ReportError, RunData
 from reports.schema import METRIC_MEANING, metric_direction, metric_label
 from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
-from reports.tables import summary_tables
+from reports.tables import cost_table, summary_tables
 
 
 @dataclass
@@ -59,6 +59,7 @@ class Source:
     content_hash: str | None
     key: str
     tables: dict = field(default_factory=dict)
+    url: str | None = None  # hub page of a bundle given as hf://datasets/...
     group: str = ""
     differs: list[str] = field(default_factory=list)
 
@@ -86,7 +87,7 @@ class Site:
 def _load(paths: list[str | Path], resamples: int, seed: int, confidence: float) -> list[Source]:
     sources, names, seen = [], set(), set()
     for given in paths:
-        path = Path(given).expanduser().resolve()
+        path, url = resolve_source(given)
         if not path.exists():
             raise ReportError(f"{given}: no such bundle or run directory")
         if path in seen:
@@ -94,13 +95,14 @@ def _load(paths: list[str | Path], resamples: int, seed: int, confidence: float)
         seen.add(path)
         run = read_source(path)
         bundle = is_bundle(path)
-        name, n = path.name, 2
+        stem = str(given).rstrip("/").split("/")[-1].split("@")[0] if url else path.name
+        name, n = stem, 2
         while name in names:
-            name, n = f"{path.name}-{n}", n + 1
+            name, n = f"{stem}-{n}", n + 1
         names.add(name)
         key = signature_key(protocol_signature(run), metric_signature(run))
         source = Source(path, name, "bundle" if bundle else "run", run,
-                        verify_bundle(path)["content_hash"] if bundle else None, key)
+                        verify_bundle(path)["content_hash"] if bundle else None, key, url=url)
         source.tables = summary_tables(run, resamples, seed, confidence)
         sources.append(source)
     return sources
@@ -272,7 +274,9 @@ def _source_table(sources: list[Source], site: Path) -> str:
     for s in sources:
         base = _relative(s.path, site)
         links = [f"<a href='{html.escape(base)}/'>folder</a>"]
-        if s.kind == "bundle":
+        if s.url:
+            links = [f"<a href='{html.escape(s.url)}'>hub dataset</a>"]
+        elif s.kind == "bundle":
             links.append(f"<a href='{html.escape(base)}/README.md'>dataset card</a>")
         elif (s.path / "report" / "index.html").is_file():
             links.append(f"<a href='{html.escape(base)}/report/index.html'>run report</a>")
@@ -347,6 +351,15 @@ def _group_page(group: Group, groups: list[Group], rank_by: str, confidence: flo
         keep = [c for c in table.columns if c in keys or c.endswith(("_mean", "_ci_low", "_ci_high", "_n_images"))]
         headers, rows = metric_rows(table[keep], keys, intervals=intervals)
         body.append(html_table(headers, rows))
+    costs = [cost_table(s.run).assign(source=s.name) for s in group.sources]
+    costs = pd.concat([c for c in costs if not c.empty], ignore_index=True) if any(not c.empty for c in costs) else pd.DataFrame()
+    body.append("<h2>Cost</h2><p class='note'>Per method cell and source, as measured on the source's own hardware "
+                "(device class beside each figure).</p>")
+    if costs.empty:
+        body.append("<p class='empty'>— nothing prepared</p>")
+    else:
+        headers, rows = cost_rows(costs.assign(cell_id=costs["cell_id"] + " (" + costs["source"] + ")"))
+        body.append(html_table(headers, rows))
     body.append("<h2>Pareto plots</h2><div class='plots'>" + "".join(
         f"<a href='{base}.svg'><img src='{base}.png' alt='{html.escape(title)}'></a>" for base, title in group.plots) + "</div>")
     return _page(f"Group {group.letter}", "".join(body), groups)
@@ -414,7 +427,7 @@ def build_site(
     atomic_write_text(index, _page("subjectbench leaderboard", "".join(body), groups))
     atomic_write_text(site / "leaderboard.csv", _csv(groups).to_csv(index=False))
     atomic_write_json(site / "sources.json", [
-        {"name": s.name, "path": str(s.path), "kind": s.kind, "content_hash": s.content_hash, "key": s.key,
+        {"name": s.name, "path": str(s.path), "url": s.url, "kind": s.kind, "content_hash": s.content_hash, "key": s.key,
          "group": s.group, "differs_from_group_" + groups[0].letter: s.differs,
          "protocol": protocol_signature(s.run), "metrics": metric_signature(s.run)}
         for s in sources

@@ -83,6 +83,17 @@ def test_bundle_loads_with_datasets(runs):
     verify_bundle(runs["bundle"])  # loading wrote nothing into the bundle
 
 
+def test_hub_hosting_files_are_not_tampering(runs, tmp_path, capsys, monkeypatch):
+    # A dataset repository made by huggingface_hub.upload_folder holds a .gitattributes beside the files.
+    bundle = tmp_path / "pushed"
+    shutil.copytree(runs["bundle"], bundle)
+    (bundle / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    assert verify_bundle(bundle)["content_hash"] == runs["digest"]
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert main(["leaderboard", "hf://datasets/nobody/no-such-results", "--out", str(tmp_path / "site")]) == 2
+    assert "hf://datasets/nobody/no-such-results: cannot download the bundle" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("change", ["modify", "remove", "add", "manifest"])
 def test_modified_bundle_is_refused_naming_the_file(runs, tmp_path, capsys, change):
     bundle = tmp_path / "b"

@@ -71,6 +71,7 @@ def test_two_compatible_sources_are_ranked_together(sources, tmp_path):
     assert "/bundle_a/README.md'>dataset card</a>" in index and "href='../" in index  # relative links to sources
     page = (tmp_path / "site" / "group-a.html").read_text()
     assert "By prompt category" in page and "Per subject" in page and "recontextualization" in page
+    assert "dummy (bundle_a)" in page and "dummy_low (lab_b)" in page  # cost table, read from the bundle too
     for y in ("dino", "clip_i"):
         assert (tmp_path / "site" / "plots" / f"group-a_pareto_{y}_vs_clip_t.png").stat().st_size > 1000
     listed = json.loads((tmp_path / "site" / "sources.json").read_text())
