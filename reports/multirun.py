@@ -327,8 +327,9 @@ def _group_section(group: Group, reference: Group, rank_by: str, confidence: flo
     direction = "higher first" if metric_direction(rank_by) is not False else "lower first"
     parts.append(f"<p class='note'>Ranked by {html.escape(metric_label(rank_by))} ({direction}); ties share a rank. "
                  f"Means over images with {confidence:.0%} hierarchical-bootstrap CIs, computed per source. "
-                 "'rank range': the ranks the CIs allow. Details: "
-                 f"<a href='group-{group.letter.lower()}.html'>tables and plots of group {group.letter}</a>.</p>")
+                 "'rank range': the ranks the CIs allow."
+                 + (f" Details: <a href='group-{group.letter.lower()}.html'>tables and plots of group {group.letter}</a>."
+                    if heading == "h2" else "") + "</p>")
     parts.append(_board_table(group.board, rank_by, show_published=not group.smoke))
     if group.duplicates:
         items = []
