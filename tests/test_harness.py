@@ -343,3 +343,16 @@ def test_div_siblings_stay_within_a_cell_when_cells_share_a_training(tmp_path):
     alone, shared = div(tmp_path / "alone", "dummy"), div(tmp_path / "grid", "dummy[noise=0.3]")
     assert len(alone) == 3 and alone.keys() == shared.keys()
     assert all(alone[k] == pytest.approx(shared[k], abs=1e-6) for k in alone)
+
+
+def test_two_identical_entries_are_refused_by_name():
+    from benchmark.config import ConfigError
+
+    cfg = load_config("default", ["metrics.names=[]"])
+    document = cfg.to_dict()
+    document["methods"] = [{"name": "dummy", "label": "a"}, {"name": "dummy", "label": "b"}]
+    from benchmark.config import config_from_dict
+
+    twin = config_from_dict(document)
+    with pytest.raises(ConfigError, match=r"'a' and 'b' are the same method with the same parameters"):
+        expand(twin, method_context(twin, "cpu", "float32"))
