@@ -101,7 +101,7 @@ def ddim_inversion_step(
     return alpha_next**0.5 * predicted_x0 + (1 - alpha_next) ** 0.5 * noise
 
 
-def _unet_noise(unet: torch.nn.Module, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
+def unet_noise(unet: torch.nn.Module, latents: torch.Tensor, timestep: int, context: torch.Tensor) -> torch.Tensor:
     dtype = frozen_dtype(unet)
     t = torch.full((latents.shape[0],), timestep, device=latents.device, dtype=torch.long)
     return unet(latents.to(dtype), t, context.to(dtype), return_dict=False)[0].float()
@@ -125,7 +125,7 @@ def ddim_invert(
     trajectory = [latents.float()]
     current = latents.float()
     for timestep in reversed(schedule.timesteps):
-        noise = _unet_noise(unet, current, timestep, cond)
+        noise = unet_noise(unet, current, timestep, cond)
         current = ddim_inversion_step(schedule, noise, timestep, current)
         trajectory.append(current)
     return trajectory
@@ -164,14 +164,14 @@ def optimise_null_step(
     _check(latents, cond, "cond")
     _check(latents, null_init, "null_init")
     with torch.no_grad():
-        noise_cond = _unet_noise(unet, latents, timestep, cond)
+        noise_cond = unet_noise(unet, latents, timestep, cond)
     null = null_init.detach().float().clone().requires_grad_(True)
     optimizer = torch.optim.Adam([null], lr=learning_rate)
     active = torch.ones(latents.shape[0], dtype=torch.bool, device=latents.device)
     losses = torch.full((latents.shape[0],), float("nan"), device=latents.device)
     for _ in range(iterations):
         with torch.enable_grad():
-            noise_null = _unet_noise(unet, latents, timestep, null)
+            noise_null = unet_noise(unet, latents, timestep, null)
             noise = noise_null + guidance * (noise_cond - noise_null)
             per_image = masked_mse(ddim_step(schedule, noise, timestep, latents), target, mask)
             kept = null.detach().clone()
@@ -201,7 +201,7 @@ def guided_step(
     guidance: float,
 ) -> torch.Tensor:
     """One classifier-free-guided DDIM step with per-image null embeddings."""
-    noise_both = _unet_noise(unet, torch.cat([latents, latents]), timestep, torch.cat([null, cond]))
+    noise_both = unet_noise(unet, torch.cat([latents, latents]), timestep, torch.cat([null, cond]))
     noise_null, noise_cond = noise_both.chunk(2)
     return ddim_step(schedule, noise_null + guidance * (noise_cond - noise_null), timestep, latents)
 
