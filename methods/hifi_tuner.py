@@ -17,7 +17,7 @@ Textual Inversion: the same images for the same seed, bit for bit (tested).
 | ``embedding=token`` | ``TextualInversion`` | TI's input-space word | the TI baseline row |
 | mask-guided loss ‖M ⊙ (ε_θ − ε)‖² | ``training_masks`` → ``TrainBatch.mask`` → ``diffusion_loss`` | ``mask_loss=true``; mask at latent size = area fraction ≥ 0.5, mirrored with its image | paper (SAM masks); binarisation ours |
 | mask producer | ``subject_masks`` (``data.masks``) | ``segmenter=auto``: SAM if its weights are present, GrabCut otherwise; recorded in ``state.json`` (``masks.producer``) | paper: SAM; GrabCut is our offline fallback |
-| mask corruption (mask-noise suite) | ``training_masks`` | ``mask_corruption=""`` (e.g. ``erode:4``), seed = training seed; IoU with the clean mask recorded | ours (``metrics/mask_noise.py``) |
+| mask corruption (mask-noise suite) | ``training_masks`` | ``mask_corruption=""`` (e.g. ``erode:4``: radius in pixels at the protocol resolution), random fields seeded by image index; IoU with the clean mask recorded in ``state.json`` | ours (``metrics/mask_noise.py``) |
 | regularization w_s‖c_s − φ_s‖² | ``_prepare_output`` (``extra_loss``) | ``reg_weight=1e-3`` | **w_s unknown in the paper**; ours: with n·d = 3840 terms, 1e-3 makes the penalty equal the typical SD noise-prediction loss (~0.1) at an RMS drift of ~0.16 per coordinate (CLIP output features are of order 1), so small moves are nearly free and large ones cost more than the data term. Swept in ``hifi_ablation`` |
 | optimiser for c_s | ``train_loop`` | Adam (``adam_weight_decay=0``), lr 5e-3 (not scaled by batch), 1000 steps | paper; batch 2 from the official TI config (paper silent) |
 | step-wise embeddings: for t = T…1, c_s^t ← c_s^{t+1}, optimise with noise at t only | ``_stepwise`` (``TrainBatch.timesteps``) | ``stepwise_iters=10`` per step over ``stepwise_steps=50`` DDIM steps, lr as above, same loss (mask, reg), a fresh Adam per step | paper (Algorithm 1); lr and Adam reset ours (unstated) |
@@ -42,9 +42,11 @@ State (``embedding=output``): ``subject_embedding.safetensors`` ({c_s, phi_s}), 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,8 +214,26 @@ class HifiTuner(TextualInversion):
         self._dreambooth_method = None
         self._dino = None
         self.last_guidance: list[dict] = []  # per image of the last generate call (for tests, logs)
+        self.last_timings: dict[str, float] = {}  # seconds per stage of the last prepare/generate
+        self.last_peaks: dict[str, int] = {}  # CUDA peak bytes per stage (CUDA only)
 
     # ------------------------------------------------------------------ identity
+
+    @contextlib.contextmanager
+    def timed(self, stage: str):
+        """Seconds (and CUDA peak memory) of one stage into ``last_timings`` / ``last_peaks``."""
+        cuda = torch.device(self.context.device).type == "cuda" and torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            if cuda:
+                torch.cuda.synchronize()
+                self.last_peaks[stage] = int(torch.cuda.max_memory_allocated())
+            self.last_timings[stage] = self.last_timings.get(stage, 0.0) + time.perf_counter() - started
 
     def training_fingerprint(self) -> dict:
         """Only the params that change what ``prepare`` writes for this base."""
@@ -261,6 +281,8 @@ class HifiTuner(TextualInversion):
         from metrics.mask_noise import corrupt, parse_sweep
 
         masks, producer = subject_masks(subject, p.segmenter)
+        # Corrupted at the protocol resolution, so a radius means the same pixels for every photo.
+        masks = [square_mask(m, self.context.resolution) for m in masks]
         ious = []
         if p.mask_corruption:
             corruption = parse_sweep(p.mask_corruption)[0]
@@ -269,7 +291,7 @@ class HifiTuner(TextualInversion):
             masks = [c.mask for c in corrupted]
         backbone = self._backbone()
         size = self.context.resolution // backbone.vae_scale_factor
-        latent = torch.stack([latent_mask(square_mask(m, self.context.resolution), size) for m in masks])
+        latent = torch.stack([latent_mask(m, size) for m in masks])
         latent = latent.to(backbone.device)
         self._mask_info = {
             "mask_loss": True, "producer": producer, "corruption": p.mask_corruption or None,
@@ -328,12 +350,16 @@ class HifiTuner(TextualInversion):
                 generator=generator, device=device, dtype=backbone.dtype, extra_loss=extra,
             )
 
-        result = train_loop(params=p, learning_rate=p.effective_learning_rate, next_batch=next_batch, **objective(c_s))
+        self.last_timings, self.last_peaks = {}, {}
+        with self.timed("embedding_training"):
+            result = train_loop(params=p, learning_rate=p.effective_learning_rate, next_batch=next_batch,
+                                **objective(c_s))
         save_file({"c_s": c_s.detach().cpu().contiguous(), "phi_s": phi_s.cpu().contiguous()},
                   str(workdir / "subject_embedding.safetensors"))
         stepwise = None
         if p.trains_stepwise:
-            stepwise = self._stepwise(backbone, c_s.detach(), next_batch, objective)
+            with self.timed("stepwise"):
+                stepwise = self._stepwise(backbone, c_s.detach(), next_batch, objective)
             steps, timesteps, losses = stepwise
             save_file({"c_s_steps": steps.cpu().contiguous(), "timesteps": timesteps},
                       str(workdir / "stepwise_embeddings.safetensors"))
@@ -343,7 +369,7 @@ class HifiTuner(TextualInversion):
             "hifi": {"base": "textual_inversion", "embedding": "output", "masks": self._mask_info,
                      "stepwise": bool(stepwise), "stepwise_losses": stepwise[2] if stepwise else None},
             "checkpoints": {"final": "subject_embedding.safetensors"},
-            "training": result.summary(), "losses": result.losses,
+            "training": result.summary(), "losses": result.losses, "stage_seconds": self.last_timings,
         }
         (workdir / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -392,6 +418,7 @@ class HifiTuner(TextualInversion):
         p = self.params
         guided = self.guides(state.subject)
         self.last_guidance = []
+        self.last_timings, self.last_peaks = {}, {}
         if p.base == "dreambooth" and not guided:
             return self._dreambooth().generate(state, checkpoint, prompts, seeds, sampler)
         if p.base == "textual_inversion" and p.embedding == "token" and not guided:
@@ -402,7 +429,8 @@ class HifiTuner(TextualInversion):
                 f"steps; use sampler ddim with eta 0 (got {sampler.name}, eta {sampler.eta})"
             )
         with self._conditioning(state, checkpoint, list(prompts), sampler) as (pipeline, unet, conditioning, null):
-            images = self._sample(pipeline, conditioning, null, prompts, seeds, sampler)
+            with self.timed("first_generation"):
+                images = self._sample(pipeline, conditioning, null, prompts, seeds, sampler)
             if not guided:
                 return images
             return self._reference_guided(state, images, pipeline, unet, conditioning, null, prompts, seeds, sampler)
@@ -518,11 +546,14 @@ class HifiTuner(TextualInversion):
         subject = state.subject
         backbone = self._backbone()
         resolution = self.context.resolution
-        generated_masks = self._segment(first)
+        with self.timed("subject_masks"):
+            generated_masks = self._segment(first)
         eligible = [i for i, mask in enumerate(generated_masks) if mask.mean() >= MIN_MASK_FRACTION]
         self.last_guidance = [{"guided": i in eligible} for i in range(len(first))]
         if not eligible:
             return first
+        stopwatch = self.timed("reference_selection_alignment")
+        stopwatch.__enter__()
         references = [load_image(path, resolution) for path in subject.images]
         reference_masks = [square_mask(m, resolution) for m in subject_masks(subject, p.segmenter)[0]]
         best = self._best_references([first[i] for i in eligible], references)
@@ -537,13 +568,15 @@ class HifiTuner(TextualInversion):
             warped_images.append(Image.fromarray(warp(np.asarray(references[r]), matrix, resolution)))
             warped_masks.append(warp(reference_masks[r].astype(np.uint8), matrix, resolution, nearest=True) > 0)
             self.last_guidance[i].update(reference=subject.images[r].name, transform=matrix.round(4).tolist())
+        stopwatch.__exit__(None, None, None)
         index = torch.tensor(eligible, device=backbone.device)
-        latents = encode_pixels(backbone, to_tensor(warped_images) * 2.0 - 1.0)
-        with torch.no_grad():
-            caption = encode_text(backbone.text_encoder, backbone.tokenizer,
-                                  [f"a photo of a {subject.class_noun}"] * len(eligible), backbone.device)
-        schedule = DdimSchedule.from_config(backbone.scheduler_config, sampler.steps)
-        trajectory = ddim_invert(unet, schedule, latents, caption)
+        with self.timed("inversion"):
+            latents = encode_pixels(backbone, to_tensor(warped_images) * 2.0 - 1.0)
+            with torch.no_grad():
+                caption = encode_text(backbone.text_encoder, backbone.tokenizer,
+                                      [f"a photo of a {subject.class_noun}"] * len(eligible), backbone.device)
+            schedule = DdimSchedule.from_config(backbone.scheduler_config, sampler.steps)
+            trajectory = ddim_invert(unet, schedule, latents, caption)
         size = resolution // backbone.vae_scale_factor
         mask = torch.stack([latent_mask(m, size) for m in warped_masks]).to(backbone.device)
         chosen_seeds = [seeds[i] for i in eligible]
@@ -555,8 +588,10 @@ class HifiTuner(TextualInversion):
 
         callback = ReferenceCallback(unet, schedule, trajectory, mask, sub_null, sub_conditioning, sampler.guidance,
                                      settings, start)
-        second = self._sample(pipeline, sub_conditioning, sub_null, [prompts[i] for i in eligible], chosen_seeds,
-                              sampler, callback=callback)
+        with self.timed("guided_generation"):
+            second = self._sample(pipeline, sub_conditioning, sub_null, [prompts[i] for i in eligible], chosen_seeds,
+                                  sampler, callback=callback)
+        self.last_timings["null_text_optimisation"] = callback.optimise_seconds
         out = list(first)
         for i, image in zip(eligible, second):
             out[i] = image

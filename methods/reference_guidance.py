@@ -138,6 +138,14 @@ def warp(array: np.ndarray, matrix: np.ndarray, size: int, nearest: bool = False
 # ----------------------------------------------------------------------------- the guided pass
 
 
+def _synchronized_clock(device: torch.device) -> float:
+    import time
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 class ReferenceCallback:
     """Pipeline step-end callback: paste the reference latent at t_s, then optimise a masked
     null embedding per image and overwrite the masked latent at each step down to t_e.
@@ -167,6 +175,7 @@ class ReferenceCallback:
         self.previous = start_latents.float()
         self.start, self.end = settings.window(schedule.steps)
         self.losses: list[float] = []
+        self.optimise_seconds = 0.0  # wall time of the null-text optimisation (device synchronised)
 
     def __call__(self, pipeline, step: int, timestep, kwargs: dict) -> dict:
         steps = self.schedule.steps
@@ -175,12 +184,14 @@ class ReferenceCallback:
         if self.end <= t <= self.start:
             cond = self.conditioning(step)
             target = self.trajectory[t - 1]
+            started = _synchronized_clock(latents.device)
             self.null_h, loss = optimise_null_step(
                 self.unet, self.schedule, self.previous, int(timestep), cond, self.null_h, target,
                 guidance=self.guidance, iterations=self.settings.iterations,
                 learning_rate=self.settings.learning_rate, mask=self.mask,
             )
             self.losses.append(float(loss.mean()))
+            self.optimise_seconds += _synchronized_clock(latents.device) - started
             guided = guided_step(
                 self.unet, self.schedule, self.previous, int(timestep), cond, self.null_h, self.guidance
             )
