@@ -554,8 +554,16 @@ class HifiTuner(TextualInversion):
             return first
         stopwatch = self.timed("reference_selection_alignment")
         stopwatch.__enter__()
-        references = [load_image(path, resolution) for path in subject.images]
         reference_masks = [square_mask(m, resolution) for m in subject_masks(subject, p.segmenter)[0]]
+        # Only photos whose own mask found the subject can be aligned and pasted.
+        usable = [r for r, m in enumerate(reference_masks) if m.mean() >= MIN_MASK_FRACTION]
+        if not usable:
+            stopwatch.__exit__(None, None, None)
+            log.warning("%s: no reference photo of %s has a usable mask; reference guidance skipped", DISPLAY_NAME, subject.id)
+            self.last_guidance = [{"guided": False} for _ in first]
+            return first
+        references = [load_image(subject.images[r], resolution) for r in usable]
+        reference_masks = [reference_masks[r] for r in usable]
         best = self._best_references([first[i] for i in eligible], references)
         settings = ReferenceGuidance(
             start=p.reference_start, end=p.reference_end, iterations=p.reference_iters,
@@ -567,7 +575,7 @@ class HifiTuner(TextualInversion):
                                     settings.align_learning_rate)
             warped_images.append(Image.fromarray(warp(np.asarray(references[r]), matrix, resolution)))
             warped_masks.append(warp(reference_masks[r].astype(np.uint8), matrix, resolution, nearest=True) > 0)
-            self.last_guidance[i].update(reference=subject.images[r].name, transform=matrix.round(4).tolist())
+            self.last_guidance[i].update(reference=subject.images[usable[r]].name, transform=matrix.round(4).tolist())
         stopwatch.__exit__(None, None, None)
         index = torch.tensor(eligible, device=backbone.device)
         with self.timed("inversion"):

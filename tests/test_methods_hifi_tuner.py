@@ -187,6 +187,26 @@ def test_reference_guidance_on_an_object_changes_the_subject_region(output_state
     assert np.array_equal(_pixels(first)[1], _pixels(second)[1])  # no subject found: left alone
 
 
+def test_dreambooth_variant_trains_dreambooth_and_guides_generation(context, teapot, tmp_path):
+    params = HifiTunerParams(base="dreambooth", dreambooth_steps=2, dreambooth_class_images=0, segmenter="grabcut",
+                             reference_dino="random", reference_guidance=False)
+    plain = HifiTuner(params, context)
+    state = _trained(plain, teapot, tmp_path)
+    assert state.data["hifi"]["base"] == "dreambooth" and list(state.data["checkpoints"]) == ["final"]
+    prompts = [plain.render_prompt(p, teapot) for p in teapot.prompts()[:1]]
+    assert prompts[0].startswith("a sks teapot")
+    sampler = SamplerConfig(steps=10)
+    from methods.dreambooth import DreamBooth
+
+    as_dreambooth = DreamBooth(plain._dreambooth().params, context).generate(state, "final", prompts, [1], sampler)
+    first = plain.generate(state, "final", prompts, [1], sampler)
+    assert np.array_equal(_pixels(first)[0], _pixels(as_dreambooth)[0])  # reference guidance off = DreamBooth
+    guided = CentredSubject(dataclasses.replace(params, reference_guidance=True), context)
+    second = guided.generate(state, "final", prompts, [1], sampler)
+    assert guided.last_guidance[0]["guided"] and not np.array_equal(_pixels(first)[0], _pixels(second)[0])
+    assert {"first_generation", "inversion", "guided_generation", "null_text_optimisation"} <= set(guided.last_timings)
+
+
 def test_dreambooth_base_shares_training_across_reference_guidance(context):
     on = HifiTuner(HifiTunerParams(base="dreambooth"), context)
     off = HifiTuner(HifiTunerParams(base="dreambooth", reference_guidance=False, reg_weight=0.5), context)

@@ -43,8 +43,10 @@ def _edit(backbone, source: str, target: str, settings: EditSettings, start: tor
 
 
 def test_identical_prompts_reproduce_the_source(backbone):
+    before = {k: type(v) for k, v in backbone.unet.attn_processors.items()}
     images, controller = _edit(backbone, "a photo of a cat", "a photo of a cat", EditSettings(self_replace_steps=1.0))
     assert controller.step == STEPS
+    assert {k: type(v) for k, v in backbone.unet.attn_processors.items()} == before  # restored after sampling
     np.testing.assert_array_equal(images[0], images[1])
     # The controlled source equals the pipeline's own sampling (explicit softmax vs SDPA: rounding).
     pipeline = build_pipeline(backbone, SamplerConfig(steps=STEPS))
