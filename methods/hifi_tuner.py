@@ -539,8 +539,33 @@ class HifiTuner(TextualInversion):
         real = torch.nn.functional.normalize(encode_batch(dino, to_tensor(references)).float(), dim=-1)
         return (generated @ real.T).argmax(dim=1).tolist()
 
+    def _aligned_references(self, subject, first, generated_masks, eligible, settings):
+        """Per guided image: its best-DINO reference photo and mask, moved by the fitted similarity
+        onto its generated mask; None when no photo of the subject has a usable mask."""
+        from data.images import load_image
+
+        resolution = self.context.resolution
+        reference_masks = [square_mask(m, resolution) for m in subject_masks(subject, self.params.segmenter)[0]]
+        # Only photos whose own mask found the subject can be aligned and pasted.
+        usable = [r for r, m in enumerate(reference_masks) if m.mean() >= MIN_MASK_FRACTION]
+        if not usable:
+            log.warning("%s: no reference photo of %s has a usable mask; reference guidance skipped",
+                        DISPLAY_NAME, subject.id)
+            return None
+        references = [load_image(subject.images[r], resolution) for r in usable]
+        reference_masks = [reference_masks[r] for r in usable]
+        best = self._best_references([first[i] for i in eligible], references)
+        warped_images, warped_masks = [], []
+        for i, r in zip(eligible, best):
+            matrix = fit_similarity(reference_masks[r], generated_masks[i], settings.align_iterations,
+                                    settings.align_learning_rate)
+            warped_images.append(Image.fromarray(warp(np.asarray(references[r]), matrix, resolution)))
+            warped_masks.append(warp(reference_masks[r].astype(np.uint8), matrix, resolution, nearest=True) > 0)
+            self.last_guidance[i].update(reference=subject.images[usable[r]].name, transform=matrix.round(4).tolist())
+        return warped_images, warped_masks
+
     def _reference_guided(self, state, first, pipeline, unet, conditioning, null, prompts, seeds, sampler):
-        from data.images import load_image, to_tensor
+        from data.images import to_tensor
 
         p = self.params
         subject = state.subject
@@ -552,31 +577,16 @@ class HifiTuner(TextualInversion):
         self.last_guidance = [{"guided": i in eligible} for i in range(len(first))]
         if not eligible:
             return first
-        stopwatch = self.timed("reference_selection_alignment")
-        stopwatch.__enter__()
-        reference_masks = [square_mask(m, resolution) for m in subject_masks(subject, p.segmenter)[0]]
-        # Only photos whose own mask found the subject can be aligned and pasted.
-        usable = [r for r, m in enumerate(reference_masks) if m.mean() >= MIN_MASK_FRACTION]
-        if not usable:
-            stopwatch.__exit__(None, None, None)
-            log.warning("%s: no reference photo of %s has a usable mask; reference guidance skipped", DISPLAY_NAME, subject.id)
-            self.last_guidance = [{"guided": False} for _ in first]
-            return first
-        references = [load_image(subject.images[r], resolution) for r in usable]
-        reference_masks = [reference_masks[r] for r in usable]
-        best = self._best_references([first[i] for i in eligible], references)
         settings = ReferenceGuidance(
             start=p.reference_start, end=p.reference_end, iterations=p.reference_iters,
             learning_rate=p.reference_learning_rate, align_iterations=p.reference_align_iters,
         )
-        warped_images, warped_masks = [], []
-        for i, r in zip(eligible, best):
-            matrix = fit_similarity(reference_masks[r], generated_masks[i], settings.align_iterations,
-                                    settings.align_learning_rate)
-            warped_images.append(Image.fromarray(warp(np.asarray(references[r]), matrix, resolution)))
-            warped_masks.append(warp(reference_masks[r].astype(np.uint8), matrix, resolution, nearest=True) > 0)
-            self.last_guidance[i].update(reference=subject.images[usable[r]].name, transform=matrix.round(4).tolist())
-        stopwatch.__exit__(None, None, None)
+        with self.timed("reference_selection_alignment"):
+            aligned = self._aligned_references(subject, first, generated_masks, eligible, settings)
+        if aligned is None:
+            self.last_guidance = [{"guided": False} for _ in first]
+            return first
+        warped_images, warped_masks = aligned
         index = torch.tensor(eligible, device=backbone.device)
         with self.timed("inversion"):
             latents = encode_pixels(backbone, to_tensor(warped_images) * 2.0 - 1.0)
