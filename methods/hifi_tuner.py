@@ -30,7 +30,7 @@ Textual Inversion: the same images for the same seed, bit for bit (tested).
 | … inversion caption | ``_reference_guided`` | "a photo of a {class}" | paper: BLIP-2 caption; ours: no captioner offline |
 | … DDIM inversion, guidance 1 | ``methods/inversion.py`` | sampler's DDIM schedule | paper |
 | … paste at t_s, masked null-text optimisation to t_e | ``reference_guidance.ReferenceCallback`` | t_s=40, t_e=10 (of 50; scaled for other step counts), J=10, lr 1e-2, M = transformed reference mask | paper; the choice of M ours |
-| DreamBooth variant | ``base=dreambooth`` → ``DreamBooth`` | 400 steps (``dreambooth_steps``), lr 5e-6, prior preservation as ``dreambooth``; then reference guidance; the subject-embedding switches do not apply | paper |
+| DreamBooth variant | ``base=dreambooth`` → ``DreamBooth`` | 400 steps (``dreambooth_steps``), lr 5e-6, no prior preservation (``dreambooth_class_images=0``); then reference guidance; the subject-embedding switches do not apply | paper (400 steps, then reference guidance); lr from DreamBooth; no prior ours: 400 steps is diffusers' example without prior preservation (800 with) |
 
 Step-wise embeddings and reference guidance are generation-only switches: ablation cells that
 differ only in them share one training per subject.
@@ -114,7 +114,10 @@ class HifiTunerParams(TextualInversionParams):
     reference_dino: Literal["pretrained", "random"] = param("pretrained", source="paper: DINO ViT-S/16", generation=True)
     dreambooth_steps: int = param(400, source="paper")
     dreambooth_learning_rate: float = param(5e-6, source="paper (DreamBooth)")
-    dreambooth_class_images: int = param(200, source="diffusers example")
+    dreambooth_class_images: int = param(
+        0, source="ours: the paper gives only 400 steps, which is diffusers' example without prior "
+        "preservation (it uses 800 with); 0 turns prior preservation off",
+    )
     dreambooth_prior_loss_weight: float = param(1.0, source="paper (DreamBooth)")
     dreambooth_class_image_steps: int = param(50, source="ours, as dreambooth")
 
