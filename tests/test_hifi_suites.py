@@ -81,3 +81,21 @@ def test_mask_noise_figure_draws_one_curve_per_operator():
     level_axis, iou_axis = figure.axes[0], figure.axes[3]
     assert [line.get_label() for line in level_axis.containers] == ["erode"]  # bbox has no level
     assert [c.get_label() for c in iou_axis.containers] == ["erode", "bbox"]
+
+
+@pytest.mark.slow
+def test_tiny_ablation_runs_and_reports(tmp_path):
+    """The embedded check end to end (two subjects, one prompt): shared trainings, every switch,
+    the ablation table with the published rows beside ours."""
+    from tests.helpers import run_cli
+
+    out = tmp_path / "run"
+    result = run_cli("run", "hifi_ablation_tiny", "--out", str(out), "--quiet", "subjects=teapot,dog",
+                     "protocol.prompts=[0]", timeout=1800)
+    assert result.returncode == 0, result.stderr[-3000:]
+    states = [p for p in (out / "states").glob("*/*/*") if (p / "DONE").is_file()]
+    # ti, +c_s, +mask, the shared +reg/+stepwise/+reference_guidance, the shared DreamBooth pair,
+    # and the sweep points 0 and 1e-2 (its 1e-3 is +reg's training): 7 per subject.
+    assert len(states) == 2 * 7
+    table = (out / "report" / "ablation.md").read_text()
+    assert "0.665 (published)" in table and "| +stepwise |" in table and "Smoke numbers" in table
