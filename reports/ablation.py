@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -59,21 +60,33 @@ def paired_delta(long: pd.DataFrame, entry: str, previous: str, metric: str, **b
     )
 
 
-def _chains(entries: list[str]) -> list[list[str]]:
+def _sweep_weight(entry: str) -> float | None:
+    """reg_weight of a sweep cell, from its entry name 'reg_sweep[reg_weight=0.01]'."""
+    match = re.fullmatch(rf"{re.escape(SWEEP_LABEL)}\[reg_weight=([^,\]]+)\]", entry)
+    return float(match.group(1)) if match else None
+
+
+def _chains(entries: list[str], reg_row_weight: float | None = None) -> list[list[str]]:
+    """The ablation chains present, then the reg_weight sweep in weight order; "+reg" joins the
+    sweep at its own weight (the suite leaves that point out of the grid so as not to repeat it)."""
     chains = [[e for e in chain if e in entries] for chain in CHAINS]
-    sweep = [e for e in entries if e.startswith(f"{SWEEP_LABEL}[")]
-    sweep.sort(key=lambda e: float(e.split("=")[-1].rstrip("]")) if "=" in e else 0.0)
+    weights = {e: _sweep_weight(e) for e in entries if _sweep_weight(e) is not None}
+    if weights and "+reg" in entries and reg_row_weight is not None:
+        weights["+reg"] = reg_row_weight
+    sweep = sorted(weights, key=lambda e: weights[e])
     return [c for c in [*chains, sweep] if c]
 
 
-def ablation_table(long: pd.DataFrame, resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> pd.DataFrame:
+def ablation_table(
+    long: pd.DataFrame, resamples: int = 2000, seed: int = 0, confidence: float = 0.95, reg_row_weight: float | None = None
+) -> pd.DataFrame:
     """One row per ablation entry present in ``long``: means, CIs, paired deltas, published values."""
     if long.empty:
         return pd.DataFrame()
     bootstrap = dict(resamples=resamples, seed=seed, confidence=confidence)
     entries = list(dict.fromkeys(long["entry"]))
     rows = []
-    for chain in _chains(entries):
+    for chain in _chains(entries, reg_row_weight):
         for position, entry in enumerate(chain):
             row = {"entry": entry, "previous": chain[position - 1] if position else None}
             for index, metric in enumerate(METRICS):
@@ -208,6 +221,17 @@ def mask_noise_figure(frame: pd.DataFrame, smoke: bool, confidence: float):
     return figure
 
 
+def _reg_row_weight(config: dict) -> float | None:
+    """The reg_weight of the suite's "+reg" row (its params, else HiFi Tuner's default)."""
+    for entry in config.get("methods") or []:
+        if entry.get("label") == "+reg" and entry.get("name") == "hifi_tuner":
+            from methods.hifi_tuner import HifiTunerParams
+
+            value = (entry.get("params") or {}).get("reg_weight", HifiTunerParams().reg_weight)
+            return float(value) if not isinstance(value, list) else None
+    return None
+
+
 def write_hifi_reports(run, out: Path, resamples: int, seed: int, confidence: float) -> list[tuple[str, str]]:
     """Write the ablation table and mask-noise plot when the run has them; returns index links."""
     from benchmark.store import atomic_write_text
@@ -217,7 +241,7 @@ def write_hifi_reports(run, out: Path, resamples: int, seed: int, confidence: fl
     files = []
     smoke = run.smoke_reasons()
     name = run.config.get("name", run.root.name)
-    table = ablation_table(run.long, resamples, seed, confidence)
+    table = ablation_table(run.long, resamples, seed, confidence, _reg_row_weight(run.config))
     if not table.empty:
         markdown = ablation_markdown(table, smoke, confidence)
         atomic_write_text(out / "ablation.md", markdown)

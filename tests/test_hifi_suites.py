@@ -23,11 +23,11 @@ def test_ablation_trains_once_per_subject_for_rows_that_differ_in_generation_onl
     labels_per_training = [sorted({unit.label for unit in group.images}) for group in plan.groups]
     for labels in labels_per_training:
         if "+reg" in labels:
-            assert {"+reg", "+stepwise", "+reference_guidance", "reg_sweep"} <= set(labels)
+            assert labels == ["+reference_guidance", "+reg", "+stepwise"]
         if "dreambooth_400" in labels:
             assert labels == ["dreambooth_400", "dreambooth_400+reference_guidance"]
     # ti_baseline, +output_embedding, +mask, the shared +reg training, the shared DreamBooth
-    # training, and the reg_sweep points other than +reg's 1e-3 (3 in the full suite, 2 tiny).
+    # training, and the reg_sweep points (+reg is the sweep's default 1e-3; 3 in the full suite, 2 tiny).
     sweep_only = 3 if suite == "hifi_ablation" else 2
     assert len(plan.groups) == subjects * (5 + sweep_only)
 
@@ -55,9 +55,11 @@ def _long(entries: dict[str, float], subjects=("a", "b", "c"), prompts=4, k=2, s
 
 
 def test_ablation_table_paired_deltas_and_published_rows():
-    long = _long({"ti_baseline": 0.0, "+output_embedding": 0.02, "+mask": 0.05, "dreambooth_400": 0.1})
-    table = ablation_table(long, resamples=200)
-    assert list(table["entry"]) == ["ti_baseline", "+output_embedding", "+mask", "dreambooth_400"]
+    long = _long({"ti_baseline": 0.0, "+output_embedding": 0.02, "+mask": 0.05, "dreambooth_400": 0.1,
+                  "+reg": 0.06, "reg_sweep[reg_weight=0.01]": 0.04, "reg_sweep[reg_weight=0.0]": 0.05})
+    table = ablation_table(long, resamples=200, reg_row_weight=1e-3)
+    assert list(table["entry"]) == ["ti_baseline", "+output_embedding", "+mask", "+reg", "dreambooth_400",
+                                    "reg_sweep[reg_weight=0.0]", "+reg", "reg_sweep[reg_weight=0.01]"]
     mask = table.set_index("entry").loc["+mask"]
     # Every image moved by exactly +0.03: the paired CI has no width, the unpaired ones do.
     assert mask["dino_delta"] == pytest.approx(0.03) and mask["dino_delta_high"] - mask["dino_delta_low"] < 1e-9
