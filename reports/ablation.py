@@ -202,20 +202,27 @@ def mask_noise_figure(frame: pd.DataFrame, smoke: bool, confidence: float):
     for column, metric in enumerate(METRICS):
         for row, x in enumerate(("level", "iou")):
             axis = axes[row][column]
-            for operator in operators:
+            # Flip rates (0-1) get their own axis on top of the level panel; radii are pixels.
+            rate_axis = axis.twiny() if x == "level" and "flip" in operators else None
+            for number, operator in enumerate(operators):
                 own = frame[frame["operator"] == operator]
                 if own[x].isna().all():  # bbox/empty/full have no level
                     continue
                 points = pd.concat([clean, own]).dropna(subset=[x])
                 points = points.sort_values(x)
                 errors = [points[metric] - points[f"{metric}_low"], points[f"{metric}_high"] - points[metric]]
-                axis.errorbar(points[x], points[metric], yerr=errors, marker="o", capsize=3, label=operator)
-            axis.set_xlabel("corruption level (px or flip rate)" if x == "level" else "mask IoU with the clean mask")
+                target = rate_axis if rate_axis is not None and operator == "flip" else axis
+                target.errorbar(points[x], points[metric], yerr=errors, marker="o", capsize=3, label=operator,
+                                color=f"C{number}", linestyle="--" if target is rate_axis else "-")
+            if rate_axis is not None:
+                rate_axis.set_xlabel("flip rate (dashed)")
+            axis.set_xlabel("level: radius / jitter, px" if x == "level"
+                            else "mask IoU with the clean mask")
             axis.set_ylabel(LABELS[metric])
             if x == "iou":
                 axis.invert_xaxis()
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=8)
+    axes[1][0].legend(fontsize=8)  # every operator has an IoU
     title = f"Mask-noise sensitivity (mask-guided HiFi Tuner, reconstructed); whiskers = {confidence:.0%} CIs"
     figure.suptitle(title + (" — SMOKE NUMBERS" if smoke else ""))
     return figure

@@ -83,6 +83,10 @@ def test_mask_noise_figure_draws_one_curve_per_operator():
     level_axis, iou_axis = figure.axes[0], figure.axes[3]
     assert [line.get_label() for line in level_axis.containers] == ["erode"]  # bbox has no level
     assert [c.get_label() for c in iou_axis.containers] == ["erode", "bbox"]
+    frame.loc[len(frame)] = {**frame.iloc[1].to_dict(), "operator": "flip", "level": 0.1}
+    figure = mask_noise_figure(frame, smoke=True, confidence=0.95)
+    rates = [axis for axis in figure.axes if axis.get_xlabel() == "flip rate (dashed)"]
+    assert len(rates) == 3 and [c.get_label() for c in rates[0].containers] == ["flip"]
 
 
 @pytest.mark.slow
