@@ -118,7 +118,11 @@ def generate_images(
     resolution: int,
     **pipeline_kwargs,
 ) -> list[Image.Image]:
-    """One PIL image per (prompt, seed), all in one pipeline call."""
+    """One PIL image per (prompt, seed), all in one pipeline call.
+
+    With ``prompt_embeds`` in ``pipeline_kwargs`` (methods that condition in the text encoder's
+    output space, e.g. HiFi Tuner) the prompts only count the images; the embeddings are used.
+    """
     prompts = list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -132,7 +136,7 @@ def generate_images(
     latents = initial_latents(generators, (channels, resolution // scale, resolution // scale))
     unet_dtype = frozen_dtype(pipeline.unet)
     output = pipeline(
-        prompt=prompts,
+        prompt=None if "prompt_embeds" in pipeline_kwargs else prompts,
         height=resolution,
         width=resolution,
         num_inference_steps=sampler.steps,
@@ -140,7 +144,6 @@ def generate_images(
         eta=sampler.eta,
         generator=generators,
         latents=latents.to(device=pipeline.unet.device, dtype=unet_dtype),
-        output_type="pil",
-        **pipeline_kwargs,
+        **{"output_type": "pil", **pipeline_kwargs},
     )
     return list(output.images)

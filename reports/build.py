@@ -21,6 +21,7 @@ import pandas as pd
 
 from benchmark.store import atomic_write_bytes, atomic_write_text
 from reports import leaderboard as lb
+from reports.ablation import write_hifi_reports
 from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
@@ -112,6 +113,7 @@ def build_report(
     atomic_write_text(out / "plots.html", plots_html(run, plots, plot_note))
 
     build_gallery(run, out)
+    hifi_files = write_hifi_reports(run, out, resamples, seed, confidence)
 
     files = [
         ("leaderboard.html", "Leaderboard (also leaderboard.md, leaderboard.csv)"),
@@ -120,6 +122,7 @@ def build_report(
         ("gallery/index.html", "Gallery: reference and generated images per subject, prompt and method"),
         (RESULTS_FILE, "results.parquet: every (image, metric) value"),
         ("fingerprints.json", "fingerprints.json: metric and method fingerprints behind these numbers"),
+        *hifi_files,
     ]
     leaderboard_fragment = lb.leaderboard_html(board, rank_by, [], coverage, resamples, confidence, heading="h2")
     index = out / "index.html"
