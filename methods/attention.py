@@ -340,3 +340,19 @@ def step_callback(controller: AttentionController) -> Callable:
         return callback_kwargs
 
     return advance
+
+
+def word_token_positions(tokenizer, prompt: str, word: str) -> list[int]:
+    """Positions (in the padded 77-token sequence, BOS at 0) of ``word``'s tokens in ``prompt``.
+
+    Finds the first occurrence of the word's token sequence; raises naming both when absent.
+    """
+    prompt_ids = tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids
+    word_ids = tokenizer(word, add_special_tokens=False).input_ids
+    for start in range(len(prompt_ids) - len(word_ids) + 1):
+        if prompt_ids[start : start + len(word_ids)] == word_ids:
+            return list(range(start, start + len(word_ids)))
+    raise AttentionControlError(
+        f"the word {word!r} does not occur in the prompt {prompt!r} (as tokens); use a prompt "
+        "that contains it, or guide all tokens"
+    )
