@@ -11,9 +11,15 @@ import pytest
 from safetensors.torch import load_file
 
 from methods.backbones import resolve_backbone
-from methods.base import MethodContext, ParamsError, SamplerConfig, expand_params, generation_param_names
-from methods.dreambooth import DreamBooth, DreamBoothParams
+from methods.base import (
+    MethodContext,
+    ParamsError,
+    SamplerConfig,
+    expand_params,
+    generation_param_names,
+)
 from methods.dreamblend import DreamBlend, DreamBlendParams
+from methods.dreambooth import DreamBooth, DreamBoothParams
 from methods.registry import get_method
 from tests.helpers import without_volatile
 
