@@ -124,7 +124,8 @@ def generate_images(
 
     ``adjust_initial_latents`` may change the seeded initial latents (on the UNet's device and
     dtype, before the pipeline scales them by the scheduler's ``init_noise_sigma``), e.g. a
-    guidance step on x_T; ``pipeline_kwargs`` go to the pipeline (e.g. ``callback_on_step_end``).
+    guidance step on x_T; ``pipeline_kwargs`` go to the pipeline (e.g. ``callback_on_step_end``;
+    ``output_type="latent"`` returns latents instead of images, for callers that only observe).
     """
     prompts = list(prompts)
     if len(prompts) != len(seeds):
@@ -150,7 +151,6 @@ def generate_images(
         eta=sampler.eta,
         generator=generators,
         latents=latents,
-        output_type="pil",
-        **pipeline_kwargs,
+        **{"output_type": "pil", **pipeline_kwargs},
     )
     return list(output.images)
