@@ -8,6 +8,7 @@ Writes under ``RUN_DIR/report/``:
   tables.html / tables.md        summary, by kind, by category, per subject, CLIP-T scales, cost
   tables/<name>.csv              the same tables, numeric (mean, ci_low, ci_high, n per metric)
   plots.html, plots/pareto_<y>_vs_<x>.png/.svg   DINO vs CLIP-T and CLIP-I vs CLIP-T
+  plots/attention_collapse.png/.svg, tables/attention_collapse.csv   when states hold the diagnostic
   gallery/index.html, gallery/s-<subject>.html   images per subject × prompt × entry
 """
 
@@ -21,6 +22,7 @@ import pandas as pd
 
 from benchmark.store import atomic_write_bytes, atomic_write_text
 from reports import leaderboard as lb
+from reports.collapse import write_collapse
 from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
@@ -109,6 +111,9 @@ def build_report(
         "a checkpoint sweep in step order." + (" Published figures are hollow diamonds." if not smoke else
                                                 " Published figures are left out: smoke numbers are on another scale.")
     )
+    collapse = write_collapse(run, out, bool(smoke))
+    if collapse is not None:
+        plots.append(collapse)
     atomic_write_text(out / "plots.html", plots_html(run, plots, plot_note))
 
     build_gallery(run, out)
