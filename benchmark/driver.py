@@ -131,7 +131,6 @@ def run_benchmark(
         job = JobSpec(
             run_dir=str(store.root),
             context=context,
-            sampler=config.protocol.sampler,
             batch_size=config.generation.batch_size,
             force=force,
             retry_failed=retry_failed,
