@@ -33,7 +33,8 @@ def collapse_frame(run: RunData) -> pd.DataFrame:
     if states.empty or "done" not in states:
         return pd.DataFrame(columns=COLUMNS)
     for state in states[states["done"]].itertuples():
-        folder = run.store.state_dir(state.method, state.subject, state.prepare_key)
+        # States live under the trainer's name (a DreamBlend entry reads DreamBooth's state).
+        folder = run.store.state_dir(getattr(state, "trainer", state.method), state.subject, state.prepare_key)
         path = folder / "state.json"
         if folder.resolve() in seen or not path.is_file():
             continue
