@@ -20,6 +20,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "dreambooth": "methods.dreambooth:DreamBooth",
     "dreambooth_lora": "methods.dreambooth:DreamBoothLoRA",
     "dreamblend": "methods.dreamblend:DreamBlend",
+    "custom_diffusion": "methods.custom_diffusion:CustomDiffusion",
 }
 
 
