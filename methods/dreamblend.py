@@ -23,7 +23,7 @@ knob is generation-only.
 | guidance weight w | ``guidance_weight`` | 0.1 | Pix2Pix-Zero's default step size (paper **unknown**) |
 | guided steps | ``guidance_window`` (fractions of the sampling steps, [start, end)) | (0, 1): every step | Pix2Pix-Zero guides every step (paper **unknown**) |
 | guided layers | ``guided_blocks`` ("down", "mid", "up"), ``guided_resolutions`` (attention-grid sides; empty = all) | every cross-attention (attn2) layer | Pix2Pix-Zero uses every attn2 layer (paper **unknown**) |
-| guided tokens | ``guided_tokens``: "all" (77 positions) or "subject" (the identifier's tokens) | all | Pix2Pix-Zero matches whole maps (paper **unknown**) |
+| guided tokens | ``guided_tokens``: "all" (77 positions) or "subject" (the identifier's tokens; a prompt without the identifier, e.g. the class-prior "a dog", is then not guided) | all | Pix2Pix-Zero matches whole maps (paper **unknown**) |
 | the paper's "cross-attention guidance regularization" across checkpoints | — | not reconstructed | the body of the paper is unavailable |
 
 ``guidance_weight=0`` still generates the reference and runs the guidance passes (the losses are
@@ -54,6 +54,7 @@ from PIL import Image
 
 from data.subjects import Subject
 from methods.attention import (
+    AttentionControlError,
     AttentionRecorder,
     attention_control,
     is_cross_attention_layer,
@@ -205,7 +206,12 @@ class DreamBlend(Method):
             return torch.ones((len(prompts), length), device=device)
         mask = torch.zeros((len(prompts), length), device=device)
         for row, prompt in enumerate(prompts):
-            mask[row, word_token_positions(tokenizer, prompt, self.context.identifier)] = 1.0
+            # A prompt without the identifier (the protocol's class-prior prompt "a dog") has no
+            # subject token: its image gets no guidance (a zero row).
+            try:
+                mask[row, word_token_positions(tokenizer, prompt, self.context.identifier)] = 1.0
+            except AttentionControlError:
+                continue
         return mask
 
     def _reference_maps(

@@ -120,8 +120,13 @@ def test_window_tokens_and_layers(context, trained, dog):
     images = blend.generate(blend.load_state(trained, dog), blend.checkpoints()[0], PROMPTS, SEEDS, SAMPLER)
     assert len(images) == 2
     assert [entry["step"] for entry in blend.guidance_log] == [3, 4, 5]
-    with pytest.raises(ValueError, match="'sks' does not occur in the prompt 'a dog'"):
-        blend.generate(blend.load_state(trained, dog), blend.checkpoints()[0], ["a dog"], [1], SAMPLER)
+    # a class-prior prompt has no subject token: not guided, so the overfit checkpoint's image
+    strong = _blend(context, guided_tokens="subject", guidance_weight=1000.0)
+    prior = strong.generate(strong.load_state(trained, dog), strong.checkpoints()[0], ["a dog"], [1], SAMPLER)
+    assert all(entry["loss"] == 0 for entry in strong.guidance_log)
+    booth = DreamBooth(DreamBoothParams(**TRAINING), context)
+    unguided = booth.generate(booth.load_state(trained, dog), "step-10", ["a dog"], [1], SAMPLER)
+    assert np.array_equal(_pixels(prior)[0], _pixels(unguided)[0])
     nothing = _blend(context, guided_resolutions=(64,))
     with pytest.raises(ValueError, match=r"no cross-attention layer matches .*guided_resolutions=\[64\]"):
         nothing.generate(nothing.load_state(trained, dog), nothing.checkpoints()[0], PROMPTS, SEEDS, SAMPLER)
