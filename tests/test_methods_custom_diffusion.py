@@ -160,3 +160,17 @@ def test_a_file_of_another_backbone_is_refused(trained, tmp_path):
 def test_bad_params_fail_at_config_validation(raw, message):
     with pytest.raises(ParamsError, match=message):
         expand_params(CustomDiffusionParams, raw, "methods.custom_diffusion.params")
+
+
+def test_mixed_precision_path_runs_in_bfloat16(dog, tmp_path):
+    """The GPU recipe on a CPU: bf16 frozen UNet, fp32 K/V master copies from fp32 weights."""
+    context = MethodContext(backbone=resolve_backbone("tiny"), resolution=64, dtype="bfloat16", cache_dir=tmp_path / "cache")
+    method = CustomDiffusion(CustomDiffusionParams(steps=3, class_images=2, class_image_steps=3, gradient_checkpointing=True), context)
+    method.prepare(dog, tmp_path, seed=0)
+    state = method.load_state(tmp_path, dog)
+    assert all(np.isfinite(state.data["losses"]))
+    weights = load_file(str(tmp_path / state.data["checkpoints"]["final"] / WEIGHTS_FILE))
+    assert {v.dtype for v in weights.values()} == {torch.float32}
+    assert method.generate(state, "final", PROMPTS[:1], SEEDS[:1], FAST)[0].size == (64, 64)
+    unet, _, _ = method.generation_modules(state, "final")
+    assert {p.dtype for p in unet.parameters()} == {torch.bfloat16}

@@ -185,3 +185,15 @@ def test_defaults_and_grid_cells():
     assert defaults.checkpoint_steps == (5, 250) and defaults.guidance_weight == 0.1
     cells = expand_params(DreamBlendParams, {"guidance_weight": [0.0, 0.1], "overfit_step": [250, 1000]}, "x")
     assert len(cells) == 4
+
+
+def test_mixed_precision_path_runs_in_bfloat16(dog, tmp_path):
+    """The GPU recipe on a CPU: bf16 modules, guidance gradients through a bf16 UNet."""
+    context = MethodContext(backbone=resolve_backbone("tiny"), resolution=64, dtype="bfloat16", cache_dir=tmp_path / "cache")
+    blend = DreamBlend(DreamBlendParams(**{**TRAINING, "steps": 10, "collapse_prompts": 1}, **BLEND), context)
+    blend.prepare(dog, tmp_path, seed=0)
+    state = blend.load_state(tmp_path, dog)
+    images = blend.generate(state, blend.checkpoints()[0], PROMPTS[:1], SEEDS[:1], SAMPLER)
+    assert images[0].size == (64, 64)
+    assert len(blend.guidance_log) == SAMPLER.steps and all(np.isfinite(e["grad_norm"]) for e in blend.guidance_log)
+    assert all(np.isfinite(row["entropy"]) for rows in state.data["attention_collapse"]["rows"].values() for row in rows)
