@@ -4,8 +4,9 @@ Only the key and value projections of every cross-attention layer (attn2 ``to_k`
 learn, plus the input embedding of a new modifier token ``<new1>``; prompts read
 "a <new1> dog in the jungle" (the modifier takes the identifier's place). Trained through the
 shared ``methods.training.train_loop`` with diffusers' own ``CustomDiffusionAttnProcessor``
-holding the trainable K/V copies (so the paper's detail of not training through the BOS token's
-key/value is diffusers' code, not ours), and saved in the diffusers example's format.
+(the SDPA ``CustomDiffusionAttnProcessor2_0``, as the example uses) holding the trainable K/V
+copies (so the paper's detail of not training through the BOS token's key/value is diffusers'
+code, not ours), and saved in the diffusers example's format.
 
 | step | where in code | value (default) | source |
 |---|---|---|---|
@@ -112,17 +113,19 @@ def custom_diffusion_processors(
 ) -> dict:
     """diffusers' Custom Diffusion processors for every layer of ``unet``: K/V copies on attn2
     (from ``weights`` in the saved-file layout, else from the to_k/to_v of ``source``, default
-    ``unet`` itself), plain explicit attention on attn1 — what the diffusers example installs and
-    its loader builds. fp32, on the UNet's device."""
-    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor
+    ``unet`` itself), plain attention on attn1 — what the diffusers example installs (its
+    SDPA variant ``CustomDiffusionAttnProcessor2_0``, as the example picks when torch has SDPA;
+    diffusers' loader builds the explicit-softmax class, the same math). fp32, on the UNet's
+    device."""
+    from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
     processors = {}
     for name in unet.attn_processors:
         layer = unet.get_submodule(name.removesuffix(".processor"))
         if not name.endswith("attn2.processor"):
-            processors[name] = CustomDiffusionAttnProcessor(train_kv=False, train_q_out=False)
+            processors[name] = CustomDiffusionAttnProcessor2_0(train_kv=False, train_q_out=False)
             continue
-        processor = CustomDiffusionAttnProcessor(
+        processor = CustomDiffusionAttnProcessor2_0(
             train_kv=True, train_q_out=False, hidden_size=layer.to_k.out_features, cross_attention_dim=layer.to_k.in_features
         )
         if weights is None:

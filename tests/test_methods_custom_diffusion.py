@@ -112,10 +112,18 @@ def test_saved_weights_load_with_diffusers_and_reproduce_the_trained_model(train
         )
         with torch.no_grad():
             theirs = _probe(unet, encode_text(text_encoder, tokenizer, PROMPTS[:1], backbone.device))
-        torch.testing.assert_close(theirs, probe, rtol=0, atol=1e-6)  # fp32 CPU: the trained model's output
+        # diffusers' loader builds the explicit-softmax processor, we train and sample with its SDPA
+        # twin: the same math, fp32 rounding apart
+        torch.testing.assert_close(theirs, probe, rtol=0, atol=1e-5)
+        our_unet, our_text_encoder, our_tokenizer = method.generation_modules(state, name)
+        with torch.no_grad():
+            ours_probe = _probe(our_unet, encode_text(our_text_encoder, our_tokenizer, PROMPTS[:1], backbone.device))
+        torch.testing.assert_close(ours_probe, probe, rtol=0, atol=1e-6)  # our loader: the trained model
         images_theirs = generate_images(pipeline, PROMPTS, SEEDS, FAST, 64)
         ours = method.generate(state, name, PROMPTS, SEEDS, FAST)
-        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, images_theirs))
+        for a, b in zip(ours, images_theirs):
+            difference = np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16))
+            assert difference.max() <= 1 and (difference > 0).mean() < 0.01  # uint8 rounding at most
     base = generate_images(build_pipeline(backbone, FAST), ["a dog in the jungle"], SEEDS[:1], FAST, 64)
     assert not np.array_equal(np.asarray(base[0]), np.asarray(method.generate(state, "final", PROMPTS[:1], SEEDS[:1], FAST)[0]))
     early = method.generate(state, "step-5", PROMPTS, SEEDS, FAST)
@@ -134,7 +142,7 @@ def test_diffusers_load_attn_procs_is_a_silent_no_op_here(trained):
         unet.load_attn_procs(str(folder), weight_name=WEIGHTS_FILE)
     assert {type(p).__name__ for p in unet.attn_processors.values()} == {"AttnProcessor2_0"}
     load_custom_diffusion_processors(unet, folder / WEIGHTS_FILE)
-    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"CustomDiffusionAttnProcessor"}
+    assert {type(p).__name__ for p in unet.attn_processors.values()} == {"CustomDiffusionAttnProcessor2_0"}
 
 
 def test_a_file_of_another_backbone_is_refused(trained, tmp_path):
