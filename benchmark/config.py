@@ -91,6 +91,9 @@ class RunConfig:
     backbone: str = "tiny"
     dtype: str = "auto"
     device: str = "auto"
+    # Bit-reproducible runs on one GPU and software stack (deterministic kernels, at a measured
+    # cost; benchmark/environment.py). The default fast mode has a documented run-to-run spread.
+    deterministic: bool = False
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     methods: tuple[MethodEntry, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -274,6 +277,14 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
+def _boolean(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
 def _positive(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
@@ -401,6 +412,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         backbone=backbone,
         dtype=_choice(DTYPES)(document.get("dtype", "auto"), "dtype"),
         device=_choice(DEVICES)(document.get("device", "auto"), "device"),
+        deterministic=_boolean(document.get("deterministic", False), "deterministic"),
         protocol=_protocol(document.get("protocol")),
         methods=_methods(document.get("methods"), "methods"),
         metrics=_build(

@@ -116,6 +116,7 @@ def run_benchmark(
         removed = store.clean_temporaries()
         if removed:
             log.info("removed %d half-written files left by an interrupted run", removed)
+        environment.apply_determinism(config.deterministic)
         device = environment.resolve_device(config.device)
         dtype = environment.resolve_dtype(config.dtype, device)
         context = method_context(config, device, dtype, cache_dir=cache_root())

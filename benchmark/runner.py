@@ -100,6 +100,7 @@ def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, mem
 def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = None) -> GroupResult:
     """Run one group to completion; never raises for a unit's failure."""
     progress = progress or (lambda stage, n: None)
+    environment.apply_determinism(job.context.deterministic)  # workers are fresh processes
     store = Store(job.run_dir)
     prepare = group.prepare
     cell, subject = prepare.cell, prepare.subject
