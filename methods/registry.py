@@ -20,6 +20,8 @@ BUILTIN_METHODS: dict[str, str] = {
     "dreambooth": "methods.dreambooth:DreamBooth",
     "dreambooth_lora": "methods.dreambooth:DreamBoothLoRA",
     "hifi_tuner": "methods.hifi_tuner:HifiTuner",
+    "dreamblend": "methods.dreamblend:DreamBlend",
+    "custom_diffusion": "methods.custom_diffusion:CustomDiffusion",
 }
 
 

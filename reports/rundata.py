@@ -95,7 +95,8 @@ def _states(store: Store, plan: pd.DataFrame) -> pd.DataFrame:
         ["label", "trainer", "cell_id", "subject", "prepare_key"], sort=False
     ):
         info = store.state_info(trainer, subject, key)
-        row = {"method": label, "cell_id": cell_id, "subject": subject, "prepare_key": key, "done": info is not None}
+        row = {"method": label, "trainer": trainer, "cell_id": cell_id, "subject": subject, "prepare_key": key,
+               "done": info is not None}
         if info is not None:
             row.update(
                 prepare_seconds=info.get("seconds"),
