@@ -25,7 +25,6 @@ from benchmark.store import Store, atomic_write_json
 from data.images import load_image, to_tensor
 from data.single_image import ALL_IMAGES
 
-
 log = logging.getLogger("subjectbench")
 
 

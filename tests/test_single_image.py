@@ -26,9 +26,9 @@ from data.errors import DatasetError
 from data.images import load_image, to_tensor
 from data.single_image import training_view
 from data.subjects import load_subjects, make_subject
+from methods.base import Method, SamplerConfig, State
 from metrics.base import Metric, ScoringInputs
 from metrics.copying import copy_threshold, leave_one_out_nearest
-from methods.base import Method, SamplerConfig, State
 
 SMALL = ["subjects=dog,teapot", "protocol.prompts=[0]", "protocol.images_per_prompt=2", "protocol.prior_images=0"]
 
