@@ -43,6 +43,13 @@ def copy_threshold(real_nearest: np.ndarray, percentile: float = COPY_PERCENTILE
     return float(np.percentile(real_nearest, percentile))
 
 
+def _index_of(image: torch.Tensor, photos: list[torch.Tensor]) -> int | None:
+    for index, photo in enumerate(photos):
+        if photo.shape == image.shape and torch.equal(photo, image):
+            return index
+    return None
+
+
 class _CopyMetric(BackboneMetric):
     higher_is_better = False
     load_backbone = staticmethod(get_dino)
@@ -58,8 +65,14 @@ class _CopyMetric(BackboneMetric):
                 f"{self.name}: inputs.training_images and inputs.subject_images are required (the images the "
                 "method trained on and all of the subject's photos); the harness's score stage passes them"
             )
-        training = reference_embeddings(self.backbone, inputs.training_images, "train:" + inputs.training_key)
         photos = reference_embeddings(self.backbone, inputs.subject_images, "photos:" + inputs.subject_key)
+        # Training images are the subject's photos (all of them, or the one of the single-image
+        # track): their rows are reused rather than encoded again.
+        rows = [_index_of(image, inputs.subject_images) for image in inputs.training_images]
+        if all(row is not None for row in rows):
+            training = photos[rows]
+        else:
+            training = reference_embeddings(self.backbone, inputs.training_images, "train:" + inputs.training_key)
         images = image_embeddings(
             self.backbone, inputs.images, inputs.image_keys, self.settings.batch_size, self.settings.cache_dir
         )

@@ -140,38 +140,49 @@ def test_a_subject_with_one_image_cannot_be_scored_on_held_out_images(tmp_path):
 # --------------------------------------------------------------------------- runs
 
 
-def test_training_image_never_enters_the_reference_set(tmp_path, instruments):
-    subjects = load_subjects("mini", subjects=["dog", "teapot"])
-    ReferenceProbe.forbidden = [to_tensor([load_image(s.images[1])])[0] for s in subjects]
+def _run_copy_photo(tmp_path, metric_names: str) -> pd.DataFrame:
     config = load_config(
         "default",
-        ["methods=copy_photo", *SMALL, "protocol.single_image=[all,1]",
-         "metrics.names=[reference_probe,dino,copy,copy_nn,copy_real]"],
+        ["methods=copy_photo", *SMALL, "subjects=dog", "protocol.single_image=[all,1]", f"metrics.names={metric_names}"],
     )
     run_benchmark(config, tmp_path, quiet=True)
-    store = Store(tmp_path)
     plan = pd.read_parquet(tmp_path / "plan.parquet")
-    scores = load_scores(store, plan).merge(plan[["key", "train_image", "subject"]], on="key")
-    probe = scores[scores["metric"] == "reference_probe"].groupby("train_image")["value"].max()
+    return load_scores(Store(tmp_path), plan).merge(plan[["key", "train_image", "subject"]], on="key")
+
+
+def test_training_image_never_enters_the_reference_set(tmp_path, instruments):
+    subject = load_subjects("mini", subjects=["dog"])[0]
+    ReferenceProbe.forbidden = [to_tensor([load_image(subject.images[1])])[0]]
+    scores = _run_copy_photo(tmp_path, "[reference_probe]")
+    probe = scores.groupby("train_image")["value"].max()
     assert probe["1"] == 0.0  # the held-out set never holds image 1
     assert probe["all"] == 1.0  # (the probe does see it where it belongs)
-    # The one-image copier's DINO is an independent recomputation against the held-out images.
+    views = json.loads((tmp_path / "subjects.json").read_text())[0]["views"]
+    assert views["1"]["train"] == [str(subject.images[1])]
+    assert str(subject.images[1]) not in views["1"]["references"] and len(views["1"]["references"]) == 3
+
+
+def test_copy_rate_is_one_for_a_method_returning_its_training_photo(tmp_path, instruments):
+    scores = _run_copy_photo(tmp_path, "[copy,copy_nn]")
+    copy = scores[scores["metric"] == "copy"].groupby("train_image")["value"].mean()
+    assert copy["1"] == 1.0 and copy["all"] == 1.0
+    nearest = scores[(scores["metric"] == "copy_nn")]["value"]
+    assert (nearest > 0.99).all()
+
+
+@pytest.mark.slow
+def test_single_image_dino_equals_an_independent_computation_on_held_out_images(tmp_path, instruments):
     from metrics.backbones import get_dino
     from metrics.base import MetricSettings
     from metrics.embeddings import encode_batch
 
+    subject = load_subjects("mini", subjects=["dog"])[0]
+    scores = _run_copy_photo(tmp_path, "[dino]")
     backbone = get_dino(MetricSettings(weights="random"))
-    for subject in subjects:
-        rows = scores[(scores["subject"] == subject.id) & (scores["train_image"] == "1") & (scores["metric"] == "dino")]
-        generated = encode_batch(backbone, to_tensor([load_image(subject.images[1], 64)]))
-        held_out = torch.cat([encode_batch(backbone, to_tensor([load_image(p)])) for i, p in enumerate(subject.images) if i != 1])
-        expected = float((generated @ held_out.T).mean())
-        np.testing.assert_allclose(rows["value"], expected, atol=1e-5)
-    # Copying the one training photo is a copy in every image; its nearest training cosine is ~1.
-    copy = scores[scores["metric"] == "copy"].groupby("train_image")["value"].mean()
-    assert copy["1"] == 1.0 and copy["all"] == 1.0
-    nearest = scores[(scores["metric"] == "copy_nn") & (scores["train_image"] == "1")]["value"]
-    assert (nearest > 0.99).all()
+    generated = encode_batch(backbone, to_tensor([load_image(subject.images[1], 64)]))
+    held_out = torch.cat([encode_batch(backbone, to_tensor([load_image(p)])) for i, p in enumerate(subject.images) if i != 1])
+    rows = scores[(scores["train_image"] == "1") & (scores["metric"] == "dino")]
+    np.testing.assert_allclose(rows["value"], float((generated @ held_out.T).mean()), atol=1e-5)
 
 
 def test_copy_rate_of_the_dummy_method_is_near_zero(tmp_path):
