@@ -202,3 +202,35 @@ def test_copy_threshold_matches_an_independent_leave_one_out():
     brute = [max(float(rows[i] @ rows[j]) for j in range(5) if j != i) for i in range(5)]
     np.testing.assert_allclose(nearest, brute, atol=1e-6)
     assert copy_threshold(nearest) == pytest.approx(np.percentile(brute, 95))
+
+
+def test_report_pairs_one_image_rows_with_all_images_rows(tmp_path, instruments):
+    from reports.build import build_report
+    from reports.rundata import read_run
+    from reports.single_image import single_image_table
+
+    subjects = load_subjects("mini", subjects=["dog", "teapot"])
+    ReferenceProbe.forbidden = [to_tensor([load_image(s.images[0])])[0] for s in subjects]
+    config = load_config(
+        "default", ["methods=dummy", *SMALL, "protocol.single_image=[all,0]", "metrics.names=[reference_probe]"]
+    )
+    run_benchmark(config, tmp_path, quiet=True)
+    build_report(tmp_path, resamples=200)
+    table = pd.read_csv(tmp_path / "report" / "tables" / "single_image.csv")
+    row = table[table["metric"] == "reference_probe"].iloc[0]
+    assert (row["base_cell"], str(row["train_image"]), row["pairs"], row["subjects"]) == ("dummy", "0", 4, 2)
+    # all-images rows see photo 0 among their references (1), one-image rows never (0): drop -1
+    assert (row["all_images_mean"], row["one_image_mean"], row["drop"]) == (1.0, 0.0, -1.0)
+    assert "One image vs all images" in (tmp_path / "report" / "single_image.md").read_text()
+    assert "single_image.html" in (tmp_path / "report" / "index.html").read_text()
+    # an independent paired difference of the long results gives the same drop
+    long = read_run(tmp_path).long
+    one = long[long["train_image"] == "0"].set_index(["subject", "template", "k"])["value"]
+    every = long[long["train_image"] == "all"].set_index(["subject", "template", "k"])["value"]
+    assert single_image_table(long, resamples=50)["drop"].iloc[0] == pytest.approx(float((one - every).mean()))
+
+
+def test_single_image_suite_is_valid():
+    config = load_config("single_image", [])
+    assert config.protocol.single_image == ("all", 0)
+    assert {m.name for m in config.methods} >= {"textual_inversion", "dreambooth", "dreambooth_lora"}
