@@ -19,6 +19,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "textual_inversion": "methods.textual_inversion:TextualInversion",
     "dreambooth": "methods.dreambooth:DreamBooth",
     "dreambooth_lora": "methods.dreambooth:DreamBoothLoRA",
+    "two_stage": "methods.single_image:TwoStage",
 }
 
 
