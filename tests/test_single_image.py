@@ -233,4 +233,5 @@ def test_report_pairs_one_image_rows_with_all_images_rows(tmp_path, instruments)
 def test_single_image_suite_is_valid():
     config = load_config("single_image", [])
     assert config.protocol.single_image == ("all", 0)
-    assert {m.name for m in config.methods} >= {"textual_inversion", "dreambooth", "dreambooth_lora"}
+    assert {m.name for m in config.methods} >= {"textual_inversion", "dreambooth", "dreambooth_lora", "two_stage"}
+    assert "reconstructed" in next(m.label for m in config.methods if m.name == "two_stage")
