@@ -48,6 +48,7 @@ def save_plan(store: Store, plan: Plan) -> pd.DataFrame:
             "images": [str(p) for p in s.images],
             # per single-image choice: the training image(s) and the held-out references
             "views": view_table(s, plan.config.protocol.single_image),
+            "scene": [str(p) for p in s.scene] if s.scene else None,  # the scene + instance task
         }
         for s in plan.subjects
     ]

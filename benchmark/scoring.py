@@ -92,6 +92,8 @@ def score_run(
             started = time.perf_counter()
             try:
                 view = subject_view(subject, choice)
+                if (subject_id, "scene") not in references:
+                    references[(subject_id, "scene")] = [to_tensor([load_image(p)])[0] for p in subject.get("scene") or []]
                 if (subject_id, "photos") not in references:
                     references[(subject_id, "photos")] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
                 for role in ("references", "train"):
@@ -117,6 +119,7 @@ def score_run(
                     training_key=view["train_sha"],
                     subject_images=references[(subject_id, "photos")],
                     subject_key=subject["data_sha"],
+                    scene_images=references[(subject_id, "scene")],
                 )
                 values = np.asarray(metric.score(inputs), dtype=np.float64)
                 if values.shape != (len(subject_rows),):

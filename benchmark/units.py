@@ -191,7 +191,7 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
 
 def select_prompts(config: RunConfig, subject: Subject) -> tuple[Prompt, ...]:
     prompts = subject.prompts()
-    if config.protocol.prompts == "all":
+    if config.protocol.prompts == "all" or subject.scene:  # a scene pair has its one prompt
         return prompts
     return tuple(prompts[i] for i in config.protocol.prompts)
 

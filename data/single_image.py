@@ -70,7 +70,9 @@ def training_view(subject: Subject, choice: str | int) -> TrainingView:
         )
     trained = (images[choice],)
     masks = (subject.masks[choice],) if subject.masks and len(subject.masks) == len(images) else None
-    view = dataclasses.replace(subject, images=trained, data_sha=subject_data_sha(trained), masks=masks)
+    # The view's own hash: its training photo within this subject (a scene pair's scene included).
+    view_sha = hashlib.sha256(f"view\0{subject.data_sha}\0{subject_data_sha(trained)}".encode()).hexdigest()[:16]
+    view = dataclasses.replace(subject, images=trained, data_sha=view_sha, masks=masks)
     references = images[:choice] + images[choice + 1 :]
     return TrainingView(choice, view, references, reference_set_sha(references, subject))
 

@@ -22,7 +22,7 @@ checkpoint files, class-prior cache and generation) and the shared ``methods.tra
 | stage II steps, lr | ``steps``, ``learning_rate`` | 400, 5e-6 | ours, as stage I (the seed: "critical knobs", no numbers) — sweep them |
 | stage II checkpoints | ``checkpoint_steps`` → ``step-N``, ``final`` | none | a sweep over stage-II steps is one training with ``checkpoint_steps`` |
 | λ, class images, batch, AdamW, clipping | ``DreamBoothParams`` | 1, 200, 1, (0.9, 0.999, 1e-8, 1e-2), 1.0 | DreamBooth paper / diffusers (see ``methods.dreambooth``) |
-| generation prompt | ``render_prompt`` | protocol prompt; with a scene: "a {identifier} {class} in the {scene_identifier} {scene_class}" | ours |
+| generation prompt | ``render_prompt`` | protocol prompt; in the scene + instance task the pair's prompt with ``{scene}`` = "zwx scene" (default "a sks dog in the zwx scene") | ours |
 
 State: ``unet-stage1.safetensors`` (+ text encoder when trained), one file per stage-II
 checkpoint, and ``state.json`` with each stage's seconds and peak memory (``stages``), which
@@ -126,10 +126,10 @@ class TwoStage(DreamBooth):
         return f"a {self.params.scene_identifier} {self.params.scene_class}"
 
     def render_prompt(self, prompt: Prompt, subject: Subject) -> str:
-        if getattr(subject, "scene", None):
-            return (f"a {self.context.identifier} {subject.class_noun} in the "
-                    f"{self.params.scene_identifier} {self.params.scene_class}")
-        return super().render_prompt(prompt, subject)
+        """The protocol prompt; in the scene + instance task its ``{scene}`` slot becomes stage I's
+        "zwx scene" (other methods and CLIP-T read plain "scene")."""
+        bound = f"{self.params.scene_identifier} {self.params.scene_class}"
+        return super().render_prompt(dataclasses.replace(prompt, template=prompt.template.replace("{scene}", bound)), subject)
 
     # ------------------------------------------------------------------ training
 

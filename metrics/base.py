@@ -50,6 +50,7 @@ class ScoringInputs:
     training_key: str = ""  # identifies ``training_images``
     subject_images: list[torch.Tensor] | None = None  # all of the subject's own photos
     subject_key: str = ""  # identifies ``subject_images`` (the subject's data_sha)
+    scene_images: list[torch.Tensor] | None = None  # the scene + instance task's scene image(s)
 
 
 class Metric(ABC):

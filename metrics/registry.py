@@ -15,6 +15,7 @@ BUILTIN_METRICS: dict[str, str] = {
     "copy_nn": "metrics.copying:CopyNearest",
     "copy_real": "metrics.copying:CopyReal",
     "copy": "metrics.copying:CopyRate",
+    "lpips_scene": "metrics.scene:LpipsScene",
 }
 
 
