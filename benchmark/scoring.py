@@ -90,6 +90,8 @@ def score_run(
         for (subject_id, choice), subject_rows in rows.groupby(["subject", "train_image"], sort=False):
             subject = by_subject[subject_id]
             started = time.perf_counter()
+            # one failure record per (metric, subject[, single-image choice]); plain runs keep their names
+            failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
             try:
                 view = subject_view(subject, choice)
                 if (subject_id, "scene") not in references:
@@ -126,7 +128,7 @@ def score_run(
                     raise RuntimeError(f"metric {name} returned shape {values.shape} for {len(subject_rows)} images")
             except Exception as error:  # noqa: BLE001 - a scoring failure is recorded, the rest goes on
                 failure = {
-                    "key": f"score-{name}-{subject_id}",
+                    "key": failure_key,
                     "stage": "score",
                     "kind": "error",
                     "label": "-",
@@ -140,7 +142,7 @@ def score_run(
                 failures.append(failure)
                 log.error("scoring %s on %s failed: %s", name, subject_id, failure["message"])
                 continue
-            store.clear_failure(f"score-{name}-{subject_id}")
+            store.clear_failure(failure_key)
             seconds = time.perf_counter() - started
             part = pd.DataFrame(
                 {
