@@ -387,7 +387,8 @@ def _methods(value: Any, where: str) -> tuple[MethodEntry, ...]:
             cls = get_method(str(name))
         except UnknownMethodError as error:
             raise ConfigError(f"{where}[{number}]: {error}") from None
-        label = str(item.get("label") or name)
+        # a method may name its default label (two_stage: "… (reconstructed)", so reports say so)
+        label = str(item.get("label") or getattr(cls, "default_label", None) or name)
         if label in labels:
             raise ConfigError(f"{where}: two methods labelled {label!r}; give each a distinct 'label'")
         labels.add(label)

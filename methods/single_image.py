@@ -108,6 +108,7 @@ class Component:
 
 class TwoStage(DreamBooth):
     name = "two_stage"
+    default_label = "two_stage (reconstructed)"  # what reports show unless a suite labels it
     version = "1"
     Params = TwoStageParams
     description = (

@@ -70,6 +70,10 @@ def test_registered_and_labelled_a_reconstruction():
     assert get_method("two_stage") is TwoStage
     assert "reconstructed" in TwoStage.description and "reconstructed" in module.DISPLAY_NAME
     assert "reconstruction" in " ".join(module.__doc__.splitlines()[:2])
+    from benchmark.config import load_config
+
+    (entry,) = load_config("default", ["methods=two_stage"]).methods
+    assert entry.label == "two_stage (reconstructed)"  # what every report shows
 
 
 def test_checkpoints_per_stage_and_stage_timings(replay):
