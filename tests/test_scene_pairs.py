@@ -119,4 +119,5 @@ def test_scene_instance_run_scores_and_shows_the_scene(tmp_path):
     results = pd.read_parquet(tmp_path / "report" / "results.parquet")
     assert set(results["metric"]) == {"lpips_scene"} and results["value"].notna().all()
     page = next((tmp_path / "report" / "gallery").glob("s-*.html")).read_text()
-    assert "<h2>Scene</h2>" in page and "<h2>Instance</h2>" in page
+    assert "<h2>Scene</h2>" in page and "<h2>Instance (reference images)</h2>" in page
+    assert page.index("<h2>Scene</h2>") < page.index("<h2>Instance") < page.index("<h2>Generated images</h2>")
