@@ -24,6 +24,9 @@ def check_run_dir(run_dir: str | Path) -> Store:
     store = Store(run_dir)
     if not store.root.is_dir():
         raise ReportError(f"run directory {store.root} does not exist; pass the --out of a `subjectbench run`")
+    if (store.root / "bundle.json").is_file():
+        raise ReportError(f"{store.root} is a result bundle, not a run directory; bundles go to `subjectbench leaderboard` "
+                          "or are the BASELINE of `subjectbench compare`")
     try:
         store.load_config_dict()
     except StoreError as error:
