@@ -45,6 +45,11 @@ class ProtocolConfig:
     # Sampler fields given as lists (``protocol.sampler.guidance=[3,5,7.5]``): grid axes over
     # generation only, so every point reuses the same trainings.
     sampler_grid: tuple[tuple[str, tuple], ...] = ()
+    # The single-image track (data/single_image.py): "all" trains on every image of a subject;
+    # an index trains on that image alone and scores against the others. Several choices form
+    # a grid (``single_image=[all,0,1]``): the one-image rows beside the all-images rows, and
+    # the sensitivity to which photo is used.
+    single_image: tuple[str | int, ...] = ("all",)
 
     def samplers(self) -> list[tuple[SamplerConfig, dict]]:
         """Every sampler setting of the run, with the grid values that distinguish it."""
@@ -71,7 +76,7 @@ class MethodEntry:
 
 @dataclass(frozen=True)
 class MetricsConfig:
-    names: tuple[str, ...] = ("clip_t", "clip_i", "dino", "div", "pres")
+    names: tuple[str, ...] = ("clip_t", "clip_i", "dino", "div", "pres", "copy", "copy_nn", "copy_real")
     weights: str = "pretrained"  # or "random": same architectures, random init (tests, offline)
     clip: str = "ViT-B-32"
     lpips_net: str = "alex"
@@ -113,6 +118,8 @@ class RunConfig:
         # a sampler grid is written as the user gives it: list-valued sampler fields
         for name, values in document["protocol"].pop("sampler_grid"):
             document["protocol"]["sampler"][name] = list(values)
+        choices = document["protocol"]["single_image"]
+        document["protocol"]["single_image"] = choices[0] if len(choices) == 1 else choices
         return document
 
 
@@ -315,6 +322,30 @@ def _subjects(value: Any, where: str) -> tuple[str, ...] | None:
     return tuple(values)
 
 
+def _single_image(value: Any, where: str) -> tuple[str | int, ...]:
+    """``all`` / false, true (= image 0), an image index, or a list of these (a grid)."""
+    values = value if isinstance(value, list) else [value]
+    out: list[str | int] = []
+    for item in values:
+        if item is None or item is False or item == "all":
+            choice: str | int = "all"
+        elif item is True:
+            choice = 0
+        elif isinstance(item, int) and item >= 0:
+            choice = item
+        else:
+            raise ConfigError(
+                f"{where}: {item!r} is not valid; give 'all' (every image), true or an image index >= 0 "
+                "(train on that one image), or a list of these (e.g. [all, 0, 1])"
+            )
+        if any(type(choice) is type(seen) and choice == seen for seen in out):
+            raise ConfigError(f"{where}: {value} repeats {choice!r}")
+        out.append(choice)
+    if not out:
+        raise ConfigError(f"{where}: an empty list; give 'all', an image index or a list of them")
+    return tuple(out)
+
+
 def _sampler(value: Any, where: str) -> SamplerConfig:
     sampler = _build(SamplerConfig, value, where, name=_choice(SAMPLERS), steps=_positive)
     if sampler.guidance < 0 or not 0.0 <= sampler.eta <= 1.0:
@@ -356,7 +387,8 @@ def _methods(value: Any, where: str) -> tuple[MethodEntry, ...]:
             cls = get_method(str(name))
         except UnknownMethodError as error:
             raise ConfigError(f"{where}[{number}]: {error}") from None
-        label = str(item.get("label") or name)
+        # a method may name its default label (two_stage: "… (reconstructed)", so reports say so)
+        label = str(item.get("label") or getattr(cls, "default_label", None) or name)
         if label in labels:
             raise ConfigError(f"{where}: two methods labelled {label!r}; give each a distinct 'label'")
         labels.add(label)
@@ -388,6 +420,7 @@ def _protocol(value: Any) -> ProtocolConfig:
     protocol = _build(
         ProtocolConfig, mapping, "protocol",
         prompts=_prompts, images_per_prompt=_positive, prior_images=_non_negative,
+        single_image=_single_image,
     )
     return dataclasses.replace(protocol, sampler=sampler, sampler_grid=grid)
 

@@ -11,6 +11,7 @@ import pandas as pd
 from benchmark.hashing import stable_hash
 from benchmark.store import TMP_PREFIX, Store, StoreError, atomic_write_bytes, atomic_write_json
 from benchmark.units import Plan, unit_spec
+from data.single_image import view_table
 
 PLAN_FILE = "plan.parquet"
 SUBJECTS_FILE = "subjects.json"
@@ -45,6 +46,9 @@ def save_plan(store: Store, plan: Plan) -> pd.DataFrame:
             "kind": s.kind,
             "data_sha": s.data_sha,
             "images": [str(p) for p in s.images],
+            # per single-image choice: the training image(s) and the held-out references
+            "views": view_table(s, plan.config.protocol.single_image),
+            "scene": [str(p) for p in s.scene] if s.scene else None,  # the scene + instance task
         }
         for s in plan.subjects
     ]
@@ -99,8 +103,11 @@ def context_keys(frame: pd.DataFrame, with_siblings: bool) -> pd.Series:
         )
     else:
         siblings = pd.Series("", index=frame.index)
+    # The reference set: the subject's images (its data_sha), or the held-out ones of the
+    # single-image track; plans written before the track have no reference_sha column.
+    references = frame["reference_sha"] if "reference_sha" in frame else frame["data_sha"]
     return pd.Series(
-        [stable_hash([d, t, s]) for d, t, s in zip(frame["data_sha"], frame["eval_text"], siblings)],
+        [stable_hash([d, t, s]) for d, t, s in zip(references, frame["eval_text"], siblings)],
         index=frame.index,
     )
 

@@ -24,6 +24,7 @@ from benchmark.results import (
 )
 from benchmark.store import Store, atomic_write_json
 from data.images import load_image, to_tensor
+from data.single_image import ALL_IMAGES
 
 log = logging.getLogger("subjectbench")
 
@@ -85,33 +86,50 @@ def score_run(
             have = read_score_parts(folder)
             have_pairs = set(zip(have["image_key"], have["context_key"]))
             rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
-        for subject_id, subject_rows in rows.groupby("subject", sort=False):
+        if "train_image" not in rows:  # plans written before the single-image track
+            rows = rows.assign(train_image=ALL_IMAGES)
+        for (subject_id, choice), subject_rows in rows.groupby(["subject", "train_image"], sort=False):
             subject = by_subject[subject_id]
             started = time.perf_counter()
+            # one failure record per (metric, subject[, single-image choice]); plain runs keep their names
+            failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
             try:
-                if subject_id not in references:
-                    references[subject_id] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
+                view = subject_view(subject, choice)
+                if (subject_id, "scene") not in references:
+                    references[(subject_id, "scene")] = [to_tensor([load_image(p)])[0] for p in subject.get("scene") or []]
+                if (subject_id, "photos") not in references:
+                    references[(subject_id, "photos")] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
+                for role in ("references", "train"):
+                    if (subject_id, choice, role) not in references:
+                        references[(subject_id, choice, role)] = [to_tensor([load_image(p)])[0] for p in view[role]]
                 # DIV needs every sibling of a group in one call, even those already scored.
                 groups = sibling_groups(subject_rows)
                 if needs_groups:
                     wanted = set(groups)
                     all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
+                    if "train_image" in all_rows:
+                        all_rows = all_rows[all_rows["train_image"] == choice]
                     all_groups = sibling_groups(all_rows)
                     subject_rows, groups = all_rows[all_groups.isin(wanted)], all_groups[all_groups.isin(wanted)]
                 inputs = ScoringInputs(
                     images=_images(store, subject_rows),
                     image_keys=list(subject_rows["key"]),
                     texts=list(subject_rows["eval_text"]),
-                    references=references[subject_id],
-                    reference_key=subject["data_sha"],
+                    references=references[(subject_id, choice, "references")],
+                    reference_key=view["reference_sha"],
                     groups=list(groups),
+                    training_images=references[(subject_id, choice, "train")],
+                    training_key=view["train_sha"],
+                    subject_images=references[(subject_id, "photos")],
+                    subject_key=subject["data_sha"],
+                    scene_images=references[(subject_id, "scene")],
                 )
                 values = np.asarray(metric.score(inputs), dtype=np.float64)
                 if values.shape != (len(subject_rows),):
                     raise RuntimeError(f"metric {name} returned shape {values.shape} for {len(subject_rows)} images")
             except Exception as error:  # noqa: BLE001 - a scoring failure is recorded, the rest goes on
                 failure = {
-                    "key": f"score-{name}-{subject_id}",
+                    "key": failure_key,
                     "stage": "score",
                     "kind": "error",
                     "label": "-",
@@ -125,7 +143,7 @@ def score_run(
                 failures.append(failure)
                 log.error("scoring %s on %s failed: %s", name, subject_id, failure["message"])
                 continue
-            store.clear_failure(f"score-{name}-{subject_id}")
+            store.clear_failure(failure_key)
             seconds = time.perf_counter() - started
             part = pd.DataFrame(
                 {
@@ -140,6 +158,19 @@ def score_run(
             progress("score", len(part))
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
     return computed, failures
+
+
+def subject_view(subject: dict, choice: str) -> dict:
+    """The reference and training images of ``subject`` under a single-image choice (subjects.json)."""
+    views = subject.get("views") or {}
+    if choice in views:
+        view = dict(views[choice])
+    elif choice == ALL_IMAGES:  # a store written before the single-image track
+        view = {"train": subject["images"], "references": subject["images"], "reference_sha": subject["data_sha"]}
+    else:
+        raise KeyError(f"subject {subject['id']!r} has no single-image view {choice!r} in subjects.json; rerun the suite")
+    view["train_sha"] = stable_hash(["train", subject["data_sha"], [str(p) for p in view["train"]]])
+    return view
 
 
 def scoring_workload(groups, metric_names) -> int:

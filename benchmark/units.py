@@ -18,6 +18,7 @@ from typing import Any
 from benchmark.config import MethodEntry, RunConfig
 from benchmark.hashing import stable_hash
 from data.protocol import PRIOR_PROMPT, Prompt, image_seed, training_seed
+from data.single_image import ALL_IMAGES, GRID_NAME, TrainingView, training_views
 from data.subjects import Subject, load_subjects
 from methods.backbones import resolve_backbone
 from methods.base import Method, MethodContext, SamplerConfig, expand_params
@@ -83,6 +84,8 @@ class ImageUnit:
     sampler: SamplerConfig = SamplerConfig()
     grid: tuple = ()  # (name, value) pairs: the method cell's grid, then the sampler grid
     method_cell_id: str = ""  # the MethodCell generating it (cell_id without the sampler grid)
+    train_image: str = ALL_IMAGES  # the single-image track's choice ("all" or the image index)
+    reference_sha: str = ""  # the reference set scored against ("" = the subject's data_sha)
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,8 @@ def unit_spec(group: WorkGroup, unit: ImageUnit) -> dict:
         "eval_text": unit.eval_text,
         "k": unit.k,
         "seed": unit.seed,
+        "train_image": unit.train_image,
+        "reference_sha": unit.reference_sha or subject.data_sha,
     }
 
 
@@ -186,7 +191,7 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
 
 def select_prompts(config: RunConfig, subject: Subject) -> tuple[Prompt, ...]:
     prompts = subject.prompts()
-    if config.protocol.prompts == "all":
+    if config.protocol.prompts == "all" or subject.scene:  # a scene pair has its one prompt
         return prompts
     return tuple(prompts[i] for i in config.protocol.prompts)
 
@@ -200,10 +205,14 @@ def expand(config: RunConfig, context: MethodContext, subjects: list[Subject] | 
     device_type = context.device.split(":")[0]
     cells = [cell for entry in config.methods for cell in expand_cells(entry, context)]
     by_training: dict[str, tuple[PrepareUnit, list[ImageUnit], list[MethodCell]]] = {}
+    choices = protocol.single_image
+    views: dict[str, list[TrainingView]] = {s.id: training_views(s, choices) for s in subjects}
     for cell in cells:
         method = cell.build(context)
         checkpoints = list(method.checkpoints())
-        for subject in subjects:
+        for subject, view in ((v.subject, v) for s in subjects for v in views[s.id]):
+            # the track's choice is a grid axis whenever a run asks for anything but "all"
+            view_grid = {GRID_NAME: view.choice} if choices != (ALL_IMAGES,) else {}
             train_seed = training_seed(protocol.seed, subject.id)
             prepare_key = stable_hash(
                 {
@@ -221,7 +230,7 @@ def expand(config: RunConfig, context: MethodContext, subjects: list[Subject] | 
             jobs = [(p, "eval", k) for p in select_prompts(config, subject) for k in range(protocol.images_per_prompt)]
             jobs += [(PRIOR_PROMPT, "prior", k) for k in range(protocol.prior_images)]
             for sampler, sampler_grid in samplers:
-                grid = {**cell.grid, **sampler_grid}
+                grid = {**cell.grid, **view_grid, **sampler_grid}
                 cell_id = cell.label + _grid_suffix(grid)
                 for checkpoint_index, checkpoint in enumerate(checkpoints):
                     for prompt, role, k in jobs:
@@ -257,6 +266,8 @@ def expand(config: RunConfig, context: MethodContext, subjects: list[Subject] | 
                                 sampler=sampler,
                                 grid=tuple(grid.items()),
                                 method_cell_id=cell.cell_id,
+                                train_image=str(view.choice),
+                                reference_sha=view.reference_sha,
                             )
                         )
     groups = tuple(

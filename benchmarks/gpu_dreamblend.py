@@ -97,6 +97,7 @@ def bench_method_level(args, context: MethodContext, subject, device: torch.devi
     _, unguided_seconds = timed(lambda: booth.generate(state, "final", prompts, seeds, sampler), device)
     unguided = {"s_per_image": round(unguided_seconds / len(prompts), 4), "peak_memory_gib": peak_gib(device)}
     booth.release()
+    print("training", round(prepare_seconds, 2), "unguided", json.dumps(unguided), flush=True)
 
     cells = []
     warmed = False
@@ -119,6 +120,7 @@ def bench_method_level(args, context: MethodContext, subject, device: torch.devi
                 "loss_last_step": round(log[-1]["loss"], 6) if log else None,
             })
             blend.release()
+            print("cell", json.dumps(cells[-1]), flush=True)  # partial figures survive a time limit
     guided = [cell["s_per_image"] for cell in cells]
     return {
         "training": {"prepare_seconds": round(prepare_seconds, 3), "trainings": 1,

@@ -35,6 +35,8 @@ class Prompt:
     def render(self, identifier: str, class_noun: str) -> str:
         """The prompt text; an empty identifier drops it (and its space), keeping the class."""
         text = self.template.replace("{0}", identifier).replace("{1}", class_noun)
+        # the scene + instance task's slot: plain "scene" unless a method bound words to it
+        text = text.replace("{scene}", "scene")
         return re.sub(r"\s+", " ", text).strip()
 
     def evaluation_text(self, class_noun: str) -> str:

@@ -36,7 +36,7 @@ __all__ = [
     "read_subject_table",
 ]
 
-DATASET_SOURCES = ("mini", "dreambooth", "custom")
+DATASET_SOURCES = ("mini", "dreambooth", "custom", "pairs")  # pairs: data/scene_pairs.py
 LIVE_CLASSES = frozenset({"cat", "dog"})  # the paper's 9 live subjects are its cats and dogs
 DATASET_ENV = "SUBJECTBENCH_DATASET_DIR"
 CACHE_ENV = "SUBJECTBENCH_CACHE"
@@ -53,8 +53,14 @@ class Subject:
     images: tuple[Path, ...]
     data_sha: str
     masks: tuple[Path, ...] | None = field(default=None, compare=False)
+    # The scene + instance task (data/scene_pairs.py): the scene image(s) and the one prompt
+    # placing the instance in it; both are covered by data_sha.
+    scene: tuple[Path, ...] | None = None
+    scene_prompt: str | None = None
 
     def prompts(self) -> tuple[Prompt, ...]:
+        if self.scene:
+            return (Prompt(template=self.scene_prompt or "a {0} {1} in the {scene}", category="scene", index=0),)
         return prompt_templates(self.kind)
 
 
@@ -258,6 +264,10 @@ def load_subjects(
     """Load the subjects of a dataset, optionally only those named, in the dataset's order."""
     if source not in DATASET_SOURCES:
         raise DatasetError(f"unknown dataset source {source!r}; expected one of {DATASET_SOURCES}")
+    if source == "pairs":
+        from data.scene_pairs import load_pairs
+
+        return load_pairs(path, subjects)
     if source == "dreambooth":
         root = dreambooth_dataset_dir(path)
         if not root.is_dir():

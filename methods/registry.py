@@ -22,6 +22,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "hifi_tuner": "methods.hifi_tuner:HifiTuner",
     "dreamblend": "methods.dreamblend:DreamBlend",
     "custom_diffusion": "methods.custom_diffusion:CustomDiffusion",
+    "two_stage": "methods.single_image:TwoStage",
 }
 
 

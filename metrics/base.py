@@ -45,6 +45,12 @@ class ScoringInputs:
     references: list[torch.Tensor]  # real subject images, each 3×h×w float in [0, 1]
     reference_key: str  # identifies the reference set (the subject's data_sha)
     groups: list[str] = field(default_factory=list)  # sibling group per image (DIV)
+    # What the method trained on (the copy check): every photo, or the single-image track's one.
+    training_images: list[torch.Tensor] | None = None
+    training_key: str = ""  # identifies ``training_images``
+    subject_images: list[torch.Tensor] | None = None  # all of the subject's own photos
+    subject_key: str = ""  # identifies ``subject_images`` (the subject's data_sha)
+    scene_images: list[torch.Tensor] | None = None  # the scene + instance task's scene image(s)
 
 
 class Metric(ABC):

@@ -12,6 +12,10 @@ BUILTIN_METRICS: dict[str, str] = {
     "dino": "metrics.dino:Dino",
     "div": "metrics.lpips_metrics:Div",
     "pres": "metrics.dino:Pres",
+    "copy_nn": "metrics.copying:CopyNearest",
+    "copy_real": "metrics.copying:CopyReal",
+    "copy": "metrics.copying:CopyRate",
+    "lpips_scene": "metrics.scene:LpipsScene",
 }
 
 

@@ -32,6 +32,7 @@ from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure, write
 from reports.render import page
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import METRIC_ORDER, metric_label
+from reports.single_image import single_image_html, single_image_markdown, single_image_table
 from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from reports.tables import cost_table, summary_tables
 
@@ -52,6 +53,19 @@ def _fingerprints(run: RunData) -> dict:
         for cell_id, frame in run.images.groupby("cell_id", sort=False):
             methods[cell_id] = sorted(set(frame["method_fingerprint"].dropna()))
     return {"metrics": run.fingerprints, "method_fingerprint_hashes": methods, "config": run.config}
+
+
+def write_single_image(run: RunData, out: Path, resamples: int, seed: int, confidence: float) -> list[tuple[str, str]]:
+    """The one-image vs all-images table, when the run has both tracks (else nothing)."""
+    table = single_image_table(run.long, resamples, seed, confidence)
+    if table.empty:
+        return []
+    _write_csv(out / "tables" / "single_image.csv", table)
+    atomic_write_text(out / "single_image.md", single_image_markdown(table, confidence))
+    atomic_write_text(out / "single_image.html", page("One image vs all images", single_image_html(table, confidence),
+                                                      run_name=run.config.get("name", run.root.name)))
+    return [("single_image.html", "One image vs all images: the drop per method and metric, paired CIs "
+                                  "(also single_image.md, tables/single_image.csv)")]
 
 
 def check_rank_by(rank_by: str, run: RunData) -> None:
@@ -91,6 +105,7 @@ def build_report(
         f"Means over images with {confidence:.0%} confidence intervals from a hierarchical bootstrap "
         f"({resamples} resamples of subjects, then prompts within subjects; seed {seed}). Missing values show as —."
     )
+    files_extra = write_single_image(run, out, resamples, seed, confidence)
     atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation))
     atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
 
@@ -131,6 +146,7 @@ def build_report(
         (RESULTS_FILE, "results.parquet: every (image, metric) value"),
         ("fingerprints.json", "fingerprints.json: metric and method fingerprints behind these numbers"),
         *hifi_files,
+        *files_extra,
     ]
     leaderboard_fragment = lb.leaderboard_html(board, rank_by, [], coverage, resamples, confidence, heading="h2")
     index = out / "index.html"

@@ -136,7 +136,12 @@ def build_gallery(run: RunData, report_dir: Path) -> Path:
         units = plan[plan["subject"] == subject_id]
         first = units.iloc[0]
         body = [f"<h1>{html.escape(subject_id)} <span class='muted'>({html.escape(first['class_noun'])}, {html.escape(first['kind'])})</span></h1>", banner]
-        body.append("<h2>Reference images</h2>" + (_reference_strip(run, subjects[subject_id], report_dir) if subject_id in subjects else ""))
+        heading = "Reference images"
+        if subjects.get(subject_id, {}).get("scene"):  # the scene + instance task: scene, then instance
+            scene = {**subjects[subject_id], "id": f"{subject_id}-scene", "images": subjects[subject_id]["scene"]}
+            body.append("<h2>Scene</h2>" + _reference_strip(run, scene, report_dir))
+            heading = "Instance (reference images)"
+        body.append(f"<h2>{heading}</h2>" + (_reference_strip(run, subjects[subject_id], report_dir) if subject_id in subjects else ""))
         body.append("<h2>Generated images</h2><p class='note'>One row per prompt, one column per method entry; "
                     "hover an image for its seed and scores, click for the full image.</p>")
         headers = "".join(f"<th class='text' id='{slug(e)}'>{html.escape(e)}</th>" for e in order)

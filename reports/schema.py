@@ -11,13 +11,17 @@ from collections.abc import Iterable
 import numpy as np
 
 # Leaderboard/table order; metrics the store has beyond these follow in name order.
-METRIC_ORDER = ("dino", "clip_i", "clip_t", "div", "pres")
+METRIC_ORDER = ("dino", "clip_i", "clip_t", "div", "pres", "copy", "copy_nn", "copy_real", "lpips_scene")
 METRIC_LABELS = {
     "dino": "DINO",
     "clip_i": "CLIP-I",
     "clip_t": "CLIP-T",
     "div": "DIV",
     "pres": "PRES",
+    "copy": "copy rate",
+    "copy_nn": "DINO to nearest training image",
+    "copy_real": "real-vs-real DINO (LOO)",
+    "lpips_scene": "LPIPS to scene",
     "clip_t_x100": "CLIP-T×100",
     "clipscore": "CLIPScore",
 }
@@ -27,9 +31,15 @@ METRIC_MEANING = {
     "clip_t": "prompt fidelity: CLIP cosine to the prompt without the identifier (higher is better)",
     "div": "diversity: mean pairwise LPIPS among images of one prompt (higher = more diverse)",
     "pres": "prior collapse: DINO of class-prior images 'a {class}' to the subject (higher is worse)",
+    "copy": "copy rate: share of images whose DINO cosine to the nearest training image exceeds the 95th "
+            "percentile of the subject's real-vs-real leave-one-out cosines (lower = less copying)",
+    "copy_nn": "DINO cosine of each image to its nearest training image (compare with copy_real)",
+    "copy_real": "real-vs-real reference: mean DINO cosine of each real photo to its nearest other photo",
+    "lpips_scene": "scene preservation: LPIPS of the image to its scene image (lower is better)",
 }
 # Directions of the built-in metrics (DESIGN.md); a metric's fingerprint or class overrides.
-KNOWN_DIRECTIONS = {"dino": True, "clip_i": True, "clip_t": True, "div": True, "pres": False}
+KNOWN_DIRECTIONS = {"dino": True, "clip_i": True, "clip_t": True, "div": True, "pres": False, "copy": False,
+                    "lpips_scene": False}
 
 CLIPSCORE_WEIGHT = 2.5  # Hessel et al. (2021), CLIPScore = w * max(cos, 0)
 

@@ -25,7 +25,7 @@ def test_embedded_default_runs_and_reports_all_three_methods(tmp_path):
     assert "report:" in result.stdout and "0 unit failures" in result.stdout
     frame = pd.read_parquet(tmp_path / "run" / "report" / "results.parquet")
     assert set(frame["method"]) == {"textual_inversion", "dreambooth", "dreambooth_lora"}
-    assert set(frame["metric"]) == {"clip_t", "clip_i", "dino", "div", "pres"}
+    assert set(frame["metric"]) == {"clip_t", "clip_i", "dino", "div", "pres", "copy", "copy_nn", "copy_real"}
     assert set(frame.loc[frame["method"] == "dreambooth", "checkpoint"]) == {"step-15", "final"}
     # 3 subjects × (3 prompts × 2 images + 2 prior) × (1 + 2 + 1 checkpoints)
     assert frame["key"].nunique() == 3 * 8 * 4
@@ -38,8 +38,9 @@ def test_embedded_default_runs_and_reports_all_three_methods(tmp_path):
 def test_scores_are_cached_and_only_missing_or_changed_values_are_computed(tmp_path):
     config = load_config("default", DUMMY)
     first = run_benchmark(config, tmp_path, quiet=True)
-    # eval images: 2 subjects × 2 prompts × 2 = 8, scored by 4 metrics; prior: 2 × 2 by pres.
-    assert first.scored == 8 * 4 + 4
+    # eval images: 2 subjects × 2 prompts × 2 = 8, scored by 7 metrics (4 + the copy check's 3);
+    # prior: 2 × 2 by pres.
+    assert first.scored == 8 * 7 + 4
     before = load_scores(Store(tmp_path))
     again = run_benchmark(config, tmp_path, quiet=True)
     assert again.scored == 0
@@ -52,7 +53,7 @@ def test_scores_are_cached_and_only_missing_or_changed_values_are_computed(tmp_p
     bigger = load_config("default", [*DUMMY, "protocol.images_per_prompt=3"])
     grown = run_benchmark(bigger, tmp_path, quiet=True)
     new_eval = 4  # 2 subjects × 2 prompts × 1 new image
-    assert grown.scored == new_eval * 3 + (8 + new_eval)
+    assert grown.scored == new_eval * 6 + (8 + new_eval)
     after = load_scores(Store(tmp_path))
     merged = before.merge(after, on=["key", "metric"], suffixes=("_before", "_after"))
     unchanged = merged[merged["metric"] != "div"]

@@ -88,7 +88,9 @@ def test_long_format_one_row_per_image_and_metric(run_dir):
     # 2 cells×1 checkpoint + 1 cell×3 checkpoints = 5 entries; per subject 3 prompts × 2 images + 2 prior.
     eval_images, prior_images = 5 * 3 * 6, 5 * 3 * 2
     counts = results.groupby("metric").size().to_dict()
-    assert counts == {"dino": eval_images, "clip_i": eval_images, "clip_t": eval_images, "div": eval_images, "pres": prior_images}
+    copy_check = {"copy": eval_images, "copy_nn": eval_images, "copy_real": eval_images}  # in every report
+    assert counts == {"dino": eval_images, "clip_i": eval_images, "clip_t": eval_images, "div": eval_images, "pres": prior_images,
+                      **copy_check}
     assert not results.duplicated(["key", "metric"]).any()
     for column in ("method", "cell_id", "grid", "grid_fidelity", "subject", "kind", "prompt", "category", "checkpoint",
                    "k", "seed", "backbone", "metric_fingerprint", "metric_weights", "value", "clip_t_x100", "clipscore", "image"):
@@ -99,7 +101,7 @@ def test_long_format_one_row_per_image_and_metric(run_dir):
     assert set(results["checkpoint"]) == {"final", "step-10", "step-20"}
     assert set(results["category"]) == {"recontextualization", "property", "prior"}
     assert results["smoke"].all() and set(results["metric_weights"]) == {"random"}
-    assert results["higher_is_better"].tolist() == [m != "pres" for m in results["metric"]]
+    assert results["higher_is_better"].tolist() == [m not in ("pres", "copy", "copy_nn", "copy_real") for m in results["metric"]]
     clip_t = results[results["metric"] == "clip_t"]
     np.testing.assert_allclose(clip_t["clip_t_x100"], 100 * clip_t["value"])
     np.testing.assert_allclose(clip_t["clipscore"], 2.5 * np.maximum(clip_t["value"], 0))
