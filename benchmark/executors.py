@@ -15,6 +15,7 @@ from pathlib import Path
 
 from benchmark.errors import ConfigError
 from benchmark.runner import GroupResult, JobSpec, execute_group
+from benchmark.store import StoreWriteError
 from benchmark.units import WorkGroup
 
 log = logging.getLogger("subjectbench")
@@ -56,6 +57,9 @@ def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events)
         events.put(("start", worker_id, index))
         try:
             result = execute_group(groups[index], job, lambda stage, n: events.put(("progress", stage, n)))
+        except StoreWriteError as error:  # the disk, not the group: the whole run stops
+            events.put(("fatal", worker_id, index, str(error)))
+            return
         except BaseException as error:  # noqa: BLE001 - report, then keep serving
             result = _crash_result(groups[index], f"{type(error).__name__}: {error}")
         events.put(("result", worker_id, index, result))
@@ -108,6 +112,10 @@ class LocalProcessExecutor:
                     for index in range(len(groups)):
                         results.setdefault(index, _crash_result(groups[index], "no worker left to run this group"))
                 continue
+            if event[0] == "fatal":
+                for process in processes:
+                    process.terminate()
+                raise StoreWriteError(event[3])
             if event[0] == "start":
                 holding[event[1]] = event[2]
             elif event[0] == "progress":

@@ -16,6 +16,7 @@ process killed at any moment leaves either the old state or the new one, never h
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -33,6 +34,14 @@ DONE = "DONE"
 TMP_PREFIX = ".tmp-"
 
 
+class StoreError(RuntimeError):
+    """A run directory that cannot be used, naming the path and the fix."""
+
+
+class StoreWriteError(StoreError):
+    """The disk refused a write (full, read-only, no permission): the run stops, no unit is blamed."""
+
+
 def _safe(name: str) -> str:
     """A path component for labels/subject ids (no separators, no dot-files)."""
     cleaned = re.sub(r"[^A-Za-z0-9._=+,\-\[\]]", "_", name).lstrip(".")
@@ -46,15 +55,40 @@ def _fsync_write(path: Path, data: bytes) -> None:
         os.fsync(handle.fileno())
 
 
+# Errors of the disk, not of a unit: retrying other units cannot succeed, so the run stops.
+DISK_ERRNOS = frozenset(
+    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EACCES, errno.EPERM) if code
+)
+
+
+def disk_error(error: BaseException, path: Path | str | None = None) -> StoreWriteError | None:
+    """The clear error for a full, read-only or forbidden disk; None for any other error."""
+    if isinstance(error, StoreWriteError):
+        return error
+    if not isinstance(error, OSError) or error.errno not in DISK_ERRNOS:
+        return None
+    where = error.filename or path or "a file"
+    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        fix = "free space on that disk (or write elsewhere), then rerun the same command: finished work is kept"
+    else:
+        fix = "make that folder writable (or write elsewhere), then rerun the same command: finished work is kept"
+    return StoreWriteError(f"cannot write {where}: {error.strerror or error}; {fix}")
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         _fsync_write(temporary, data)
         os.replace(temporary, path)
+    except OSError as error:
+        fatal = disk_error(error, path)
+        if fatal is None:
+            raise
+        raise fatal from None
     finally:
-        if temporary.exists():
-            temporary.unlink()
+        with contextlib.suppress(OSError):
+            temporary.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -91,8 +125,6 @@ def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class StoreError(RuntimeError):
-    pass
 
 
 class Store:
@@ -123,7 +155,21 @@ class Store:
 
     # ------------------------------------------------------------------ lifecycle
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the run directory and check it can be written, before any work starts."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(
+                f"{self.root} is a file, not a run directory; give --out a folder (a new one, or an earlier run's)"
+            )
+        probe = self.root / f"{TMP_PREFIX}write-probe.{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _fsync_write(probe, b"")
+            probe.unlink()
+        except OSError as error:
+            raise StoreError(
+                f"cannot write to run directory {self.root} ({error.strerror or error}); "
+                "choose a writable --out, or free space / fix permissions there"
+            ) from None
 
     def clean_temporaries(self) -> int:
         """Remove what killed processes left half-written (temp files and temp state folders)."""
