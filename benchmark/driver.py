@@ -91,6 +91,24 @@ def run_lock(store: Store):
         yield
 
 
+def check_before_running(store: Store, context, groups, force: bool) -> None:
+    """What would fail every unit alike fails once, here, before any unit runs: a backbone whose
+    weights are missing and subject images that cannot be decoded (as `data verify` finds them)."""
+    from data.subjects import check_subject_images
+    from methods.backbones import check_backbone_available
+
+    pending = [g for g in groups if force or not all(store.image_done(u.label, u.subject_id, u.key) for u in g.images)]
+    if not pending:
+        return
+    check_backbone_available(context.backbone)
+    checked: set[str] = set()
+    for group in pending:
+        subject = group.prepare.subject
+        if subject.id not in checked:
+            checked.add(subject.id)
+            check_subject_images(subject)
+
+
 def failures_in_scope(store: Store, plan_keys: set[str]) -> list[dict]:
     return [f for key, f in store.failures().items() if key in plan_keys or f.get("stage") == "score"]
 
@@ -124,6 +142,7 @@ def run_benchmark(
         plan_table = save_plan(store, plan)
         groups = plan.groups if shard_spec is None else shard(plan.groups, *shard_spec)
         summary.planned = sum(len(g.images) for g in groups)
+        check_before_running(store, context, groups, force)
         log.info(
             "run %s: %d groups, %d images, device %s (%s), executor %s",
             config.name, len(groups), summary.planned, device, dtype, executor,

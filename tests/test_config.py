@@ -138,7 +138,13 @@ def test_overrides_may_follow_options(tmp_path, capsys):
 def _every_field():
     import dataclasses
 
-    from benchmark.config import DatasetConfig, GenerationConfig, MetricsConfig, ProtocolConfig, RunConfig
+    from benchmark.config import (
+        DatasetConfig,
+        GenerationConfig,
+        MetricsConfig,
+        ProtocolConfig,
+        RunConfig,
+    )
     from methods.base import SamplerConfig
 
     sections = {"dataset": DatasetConfig, "protocol": ProtocolConfig, "protocol.sampler": SamplerConfig,

@@ -127,3 +127,51 @@ def test_out_in_a_read_only_directory_is_one_error_line(read_only_dir, capsys, i
     assert err.startswith("error: cannot write to run directory ") and str(out) in err, err
     assert "writable --out" in err and "Traceback" not in err
     assert list(read_only_dir.iterdir()) == []
+
+
+def _one_error_line(capsys, code: int) -> str:
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in captured.err, captured.err
+    return lines[0]
+
+
+TINY_TI = ["methods=textual_inversion", "metrics.names=[]", "protocol.prompts=[0]", "protocol.images_per_prompt=1",
+           "protocol.prior_images=0", "--quiet", "--no-report"]
+
+
+def test_backbone_folder_without_weights_fails_once_before_any_unit(tmp_path, capsys):
+    folder = tmp_path / "my-sd"
+    for component in ("unet", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (folder / component).mkdir(parents=True)
+        (folder / component / "config.json").write_text("{}")
+    (folder / "model_index.json").write_text("{}")
+    out = tmp_path / "run"
+    line = _one_error_line(capsys, main(["run", "default", *TINY_TI, f"backbone={folder}", "--out", str(out)]))
+    assert f"backbone folder {folder} is incomplete" in line and "holds no weights" in line
+    assert not (out / "failures").exists() and not (out / "states").exists()
+
+
+def test_hub_backbone_missing_offline_fails_once_before_any_unit(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    line = _one_error_line(capsys, main(["run", "default", *TINY_TI, "backbone=sd14", "--out", str(out)]))
+    assert "backbone 'sd14'" in line and "not in the local Hugging Face cache" in line and "huggingface-cli download" in line
+    assert not (out / "failures").exists()
+
+
+def test_unreadable_dataset_image_is_found_before_training(tmp_path, capsys):
+    import shutil
+
+    from data.subjects import mini_dataset_dir
+
+    dataset = tmp_path / "subjects"
+    shutil.copytree(mini_dataset_dir(), dataset)
+    broken = dataset / "teapot" / "01.png"
+    broken.write_bytes(broken.read_bytes()[:200])  # truncated
+    out = tmp_path / "run"
+    args = ["run", "default", *BASE, "dataset.source=custom", f"dataset.path={dataset}", "--quiet", "--no-report"]
+    line = _one_error_line(capsys, main([*args, "--out", str(out)]))
+    assert str(broken) in line and "corrupt or truncated" in line and "data verify" in line
+    assert not (out / "states").exists() and not (out / "failures").exists()
