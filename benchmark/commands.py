@@ -158,7 +158,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     print(f"results: {summary.run_dir}")
-    if not args.no_report and not args.no_score:
+    if not config.metrics.names:
+        print(
+            "nothing was scored: metrics.names is empty, so there are no numbers and no report; score these "
+            f"images with `subjectbench score {summary.run_dir} metrics.names=[clip_t,clip_i,dino,div,pres]`"
+        )
+    elif not args.no_report and not args.no_score:
         report = _build_report(summary.run_dir)
         if report:
             print(f"report:  {report}")
@@ -196,6 +201,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         if not item.startswith("metrics."):
             raise ConfigError(f"score override {item!r}: only metrics.* settings can change when scoring")
     config = config_from_dict(apply_overrides(document, args.overrides, "saved config"))
+    if not config.metrics.names:
+        raise ConfigError(
+            f"{store.root}: metrics.names is empty, nothing to score; name the metrics, e.g. "
+            f"`subjectbench score {store.root} metrics.names=[clip_t,clip_i,dino,div,pres]`"
+        )
     with run_lock(store):
         setup_logging(store.log_path, args.quiet)
         plan = load_plan(store)

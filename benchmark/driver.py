@@ -91,6 +91,25 @@ def run_lock(store: Store):
         yield
 
 
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix[:-1]}[{i}].").items()}
+    return {prefix[:-1]: value}
+
+
+def config_changes(store: Store, resolved: dict) -> list[str]:
+    """The keys in which ``resolved`` differs from the config this run directory last ran with."""
+    path = store.root / "config.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    old, new = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flatten(resolved)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
 def check_before_running(store: Store, context, groups, force: bool) -> None:
     """What would fail every unit alike fails once, here, before any unit runs: a backbone whose
     weights are missing and subject images that cannot be decoded (as `data verify` finds them)."""
@@ -138,7 +157,17 @@ def run_benchmark(
         dtype = environment.resolve_dtype(config.dtype, device)
         context = method_context(config, device, dtype, cache_dir=cache_root())
         plan = expand(config, context)
-        store.save_config(resolved_config(config))
+        resolved = resolved_config(config)
+        changed = config_changes(store, resolved)
+        if changed:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            log.warning(
+                "%s last ran with a different config (changed: %s); its earlier results stay in the store, "
+                "but status and the report now follow this config (every config it ran is kept in %s); "
+                "use another --out to keep the runs apart",
+                store.root, shown, store.root / "configs",
+            )
+        store.save_config(resolved)
         plan_table = save_plan(store, plan)
         groups = plan.groups if shard_spec is None else shard(plan.groups, *shard_spec)
         summary.planned = sum(len(g.images) for g in groups)

@@ -196,6 +196,13 @@ class Store:
         atomic_write_text(self.root / "configs" / f"{stamp}-{stable_hash(resolved, 8)}.yaml", text)
         atomic_write_text(self.root / "config.yaml", text)
 
+    def config_history(self) -> list[Path]:
+        """The saved config of each distinct config this directory has run with, oldest first."""
+        distinct: dict[str, Path] = {}
+        for path in sorted((self.root / "configs").glob("*.yaml")):
+            distinct.setdefault(path.stem.rsplit("-", 1)[-1], path)
+        return list(distinct.values())
+
     def load_config_dict(self) -> dict:
         path = self.root / "config.yaml"
         if not path.is_file():

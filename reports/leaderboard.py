@@ -143,8 +143,24 @@ SMOKE_SEPARATOR = (
 )
 
 
+NOTHING_SCORED = (
+    "Nothing was scored: this run has no metric values (its metrics.names is empty, or scoring has not run), "
+    "so there is no ranking. Score it with `subjectbench score RUN_DIR metrics.names=[clip_t,clip_i,dino,div,pres]`."
+)
+
+
+def nothing_scored(board: pd.DataFrame) -> bool:
+    """True when none of this run's entries has a value for any metric."""
+    ours = board[board["source"] == "this run"]
+    columns = [c for c in ours.columns if c.endswith("_mean")]
+    return ours.empty or not ours[columns].notna().any().any()
+
+
 def _blocks(board: pd.DataFrame) -> list[tuple[str | None, pd.DataFrame]]:
-    """One table, or — for smoke runs — ours and the published figures in separate tables."""
+    """One table, or — for smoke runs — ours and the published figures in separate tables.
+    When nothing was scored, only the published figures, under a title that says so."""
+    if nothing_scored(board):
+        return [("Published figures only (this run has no scores)", board[board["source"] == "published"])]
     if not board["smoke"].astype(bool).any():
         return [(None, board)]
     published = board["source"] == "published"
@@ -165,6 +181,7 @@ def leaderboard_html(
     return (
         f"<{heading}>Leaderboard</{heading}>"
         + smoke_banner(smoke_reasons)
+        + (f"<p class='warning'><strong>{html.escape(NOTHING_SCORED)}</strong></p>" if nothing_scored(board) else "")
         + f"<p class='note'>{html.escape(explanation(rank_by, resamples, confidence))}</p>"
         + f"<p class='note'>{html.escape(coverage)}. Method names link to their images in the gallery.</p>"
         + tables
@@ -184,6 +201,7 @@ def leaderboard_markdown(board: pd.DataFrame, rank_by: str, smoke_reasons: list[
     return (
         "# Leaderboard\n\n"
         + smoke_markdown(smoke_reasons)
+        + (f"**{NOTHING_SCORED}**\n\n" if nothing_scored(board) else "")
         + explanation(rank_by, resamples, confidence)
         + f"\n\n{coverage}.\n\n"
         + tables

@@ -150,7 +150,16 @@ def index_html(run: RunData, leaderboard_body: str, plots: list[tuple[str, str]]
         ("metrics", metrics),
         ("scores", f"{len(run.long)} (image, metric) rows"),
     ]
+    configs = run.store.config_history()
+    if len(configs) > 1:
+        facts.append(("configs", f"this directory ran {len(configs)} different configs: "
+                      + ", ".join(p.name for p in configs) + " (in configs/); this report follows the latest, config.yaml"))
     body = ["<h1>subjectbench report</h1>", smoke_banner(run.smoke_reasons())]
+    if len(configs) > 1:
+        body.append(f"<div class='warning'><strong>This run directory holds {len(configs)} different configs.</strong> "
+                    "The report shows the plan of the latest one (config.yaml); images of the earlier ones stay in "
+                    "the store but are not in these tables. Their configs: "
+                    + html.escape(", ".join(f"configs/{p.name}" for p in configs)) + ".</div>")
     body.append("<table>" + "".join(f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(v)}</td></tr>" for k, v in facts) + "</table>")
     body.append("<h2>Contents</h2><ul>" + "".join(f"<li><a href='{href}'>{html.escape(name)}</a></li>" for href, name in files) + "</ul>")
     body.append(leaderboard_body)
