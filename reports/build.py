@@ -25,7 +25,7 @@ from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
 from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure
-from reports.render import page
+from reports.render import FEW_NOTE, page
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import METRIC_ORDER, metric_label
 from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
@@ -85,13 +85,15 @@ def build_report(
         _write_csv(out / "tables" / f"{table_name}.csv", table)
     explanation = (
         f"Means over images with {confidence:.0%} confidence intervals from a hierarchical bootstrap "
-        f"({resamples} resamples of subjects, then prompts within subjects; seed {seed}). Missing values show as —."
+        f"({resamples} resamples of subjects, then prompts within subjects; seed {seed}). Missing values show as —. "
+        f"{FEW_NOTE} 'images' counts the images each metric averaged (PRES: the class-prior images)."
     )
     atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation))
     atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
 
-    board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke))
-    coverage = lb.coverage_note(run.images)
+    partial = "" if smoke else lb.partial_protocol(run.images, run.config)
+    board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke), apart=bool(partial))
+    coverage = lb.coverage_note(run.images) + (f". Not ranked among the published figures: {partial}" if partial else "")
     body = lb.leaderboard_html(board, rank_by, smoke, coverage, resamples, confidence)
     atomic_write_text(out / "leaderboard.html", page("Leaderboard", body, run_name=name))
     atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence))

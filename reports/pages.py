@@ -14,8 +14,8 @@ from reports.render import (
     Cell,
     estimate,
     fmt,
-    fmt_int,
     html_table,
+    image_counts,
     markdown_table,
     number,
     page,
@@ -59,9 +59,9 @@ def metric_rows(table: pd.DataFrame, keys: list[str], intervals: bool = True) ->
     for _, row in table.iterrows():
         cells = [text(row[k]) for k in keys]
         for m in metrics:
-            cells.append(estimate(row[f"{m}_mean"], row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")) if intervals else number(row[f"{m}_mean"]))
-        counts = [row[f"{m}_n_images"] for m in metrics if f"{m}_n_images" in row and not pd.isna(row[f"{m}_n_images"])]
-        cells.append(Cell(fmt_int(max(counts)) if counts else "—"))
+            cells.append(estimate(row[f"{m}_mean"], row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high"),
+                                  n_subjects=row.get(f"{m}_n_subjects")) if intervals else number(row[f"{m}_mean"]))
+        cells.append(image_counts(row, metrics))
         rows.append(cells)
     return headers, rows
 

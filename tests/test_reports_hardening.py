@@ -104,3 +104,70 @@ def test_plain_subject_ids_keep_their_page_names(subject_id):
 
     assert _subject_file(subject_id) == f"s-{subject_id}.html"
     assert _subject_file("a#b") != _subject_file("a_b") != _subject_file("A_b")
+
+
+# ----------------------------------------------------------------------------- statistics that do not overclaim
+
+
+def _summary(**columns):
+    import pandas as pd
+
+    n = len(next(iter(columns.values())))
+    base = {"entry": [f"ours-{i}" for i in range(n)], "method": ["m"] * n, "cell_id": [f"c{i}" for i in range(n)],
+            "checkpoint": ["final"] * n}
+    return pd.DataFrame({**base, **columns})
+
+
+def test_equal_displayed_values_share_a_rank():
+    from reports.leaderboard import leaderboard_frame
+
+    board = leaderboard_frame(_summary(dino_mean=[0.70001, 0.70004, 0.6]), "dino", smoke=True)
+    ours = board[board["source"] == "this run"].set_index("entry")["rank"]
+    assert ours.to_dict() == {"ours-0": 1, "ours-1": 1, "ours-2": 3}
+
+
+def test_intervals_from_few_subjects_are_marked():
+    from reports.leaderboard import leaderboard_frame, leaderboard_markdown
+    from reports.render import FEW_MARK, estimate
+
+    assert FEW_MARK in estimate(0.5, 0.4, 0.6, n_subjects=3).text and "few subjects" in estimate(0.5, 0.4, 0.6, n_subjects=3).as_html()
+    assert FEW_MARK not in estimate(0.5, 0.4, 0.6, n_subjects=5).text
+    summary = _summary(dino_mean=[0.7, 0.6], dino_ci_low=[0.6, 0.5], dino_ci_high=[0.8, 0.7], dino_n_subjects=[3, 30])
+    markdown = leaderboard_markdown(leaderboard_frame(summary, "dino"), "dino", [], "", 100, 0.95)
+    rows = {line.split("|")[2].strip(): line for line in markdown.splitlines() if "ours-" in line}
+    assert f"[0.600, 0.800] {FEW_MARK}" in rows["ours-0"] and FEW_MARK not in rows["ours-1"]
+    assert "fewer than 5 subjects" in markdown
+
+
+def test_a_run_short_of_the_full_protocol_is_not_ranked_among_published_rows():
+    import pandas as pd
+
+    from reports.leaderboard import (
+        PARTIAL_SEPARATOR,
+        leaderboard_frame,
+        leaderboard_markdown,
+        partial_protocol,
+    )
+
+    images = pd.DataFrame({"role": ["eval"] * 4, "subject": ["dog", "dog", "cat", "cat"], "entry": ["e"] * 4,
+                           "template": ["a", "b", "a", "b"]})
+    reason = partial_protocol(images, {"dataset": {"source": "custom"}})
+    assert "not the DreamBooth dataset (dataset.source=custom)" in reason
+    assert "2 subject(s) × 2 prompt(s) × 1 image(s) per prompt, not the full 30 × 25 × 4" in reason
+    summary = _summary(dino_mean=[0.70, 0.60])
+    board = leaderboard_frame(summary, "dino", smoke=False, apart=True)
+    assert list(board["source"]) == ["this run"] * 2 + ["published"] * 6
+    assert PARTIAL_SEPARATOR in leaderboard_markdown(board, "dino", [], reason, 100, 0.95)
+    full = pd.DataFrame([{"role": "eval", "subject": f"s{s}", "entry": "e", "template": f"t{p}"}
+                         for s in range(30) for p in range(25) for _ in range(4)])
+    assert partial_protocol(full, {"dataset": {"source": "dreambooth"}}) == ""
+
+
+def test_images_column_counts_what_each_metric_averaged():
+    from reports.leaderboard import leaderboard_frame, leaderboard_markdown
+
+    summary = _summary(dino_mean=[0.7], dino_n_images=[6], clip_t_mean=[0.3], clip_t_n_images=[6],
+                       pres_mean=[0.5], pres_n_images=[2])
+    markdown = leaderboard_markdown(leaderboard_frame(summary, "dino", smoke=True), "dino", [], "", 100, 0.95)
+    row = next(line for line in markdown.splitlines() if "ours-0" in line)
+    assert row.rstrip(" |").endswith("6 (PRES: 2)")
