@@ -23,13 +23,14 @@ from benchmark.runner import JobSpec
 from benchmark.scoring import score_run, scoring_workload
 from benchmark.store import Store, file_lock
 from benchmark.units import expand, method_context, shard
+from data.common import UserError
 from data.subjects import cache_root
 from methods.registry import get_method
 
 log = logging.getLogger("subjectbench")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     pass
 
 

@@ -15,116 +15,47 @@ process killed at any moment leaves either the old state or the new one, never h
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+# The one atomic writer and file lock live in data.common (every package writes through them);
+# they are re-exported here, where the harness and older code import them from.
+from data.common import (  # noqa: F401 - re-exports
+    DISK_ERRNOS,
+    TMP_PREFIX,
+    DiskWriteError,
+    UserError,
+    _fsync_write,
+    atomic_write_bytes,
+    atomic_write_image,
+    atomic_write_json,
+    atomic_write_text,
+    disk_error,
+    file_lock,
+)
+
 DONE = "DONE"
-TMP_PREFIX = ".tmp-"
 
 
-class StoreError(RuntimeError):
+class StoreError(UserError, RuntimeError):
     """A run directory that cannot be used, naming the path and the fix."""
 
 
-class StoreWriteError(StoreError):
-    """The disk refused a write (full, read-only, no permission): the run stops, no unit is blamed."""
+StoreWriteError = DiskWriteError  # the disk refused a write: the run stops, no unit is blamed
 
 
 def _safe(name: str) -> str:
     """A path component for labels/subject ids (no separators, no dot-files)."""
     cleaned = re.sub(r"[^A-Za-z0-9._=+,\-\[\]]", "_", name).lstrip(".")
     return cleaned or "_"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-# Errors of the disk, not of a unit: retrying other units cannot succeed, so the run stops.
-DISK_ERRNOS = frozenset(
-    code for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EACCES, errno.EPERM) if code
-)
-
-
-def disk_error(error: BaseException, path: Path | str | None = None) -> StoreWriteError | None:
-    """The clear error for a full, read-only or forbidden disk; None for any other error."""
-    if isinstance(error, StoreWriteError):
-        return error
-    if not isinstance(error, OSError) or error.errno not in DISK_ERRNOS:
-        return None
-    where = error.filename or path or "a file"
-    if error.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        fix = "free space on that disk (or write elsewhere), then rerun the same command: finished work is kept"
-    else:
-        fix = "make that folder writable (or write elsewhere), then rerun the same command: finished work is kept"
-    return StoreWriteError(f"cannot write {where}: {error.strerror or error}; {fix}")
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _fsync_write(temporary, data)
-        os.replace(temporary, path)
-    except OSError as error:
-        fatal = disk_error(error, path)
-        if fatal is None:
-            raise
-        raise fatal from None
-    finally:
-        with contextlib.suppress(OSError):
-            temporary.unlink(missing_ok=True)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, default=str))
-
-
-def atomic_write_image(path: Path, image, format: str = "PNG", **options: Any) -> None:
-    """A PIL image, encoded in memory, then written like every other file here."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if needed) for the block; it dies with
-    the process. Non-blocking: raises ``BlockingIOError`` when another process holds it.
-    Where fcntl does not exist (Windows) there is no lock; atomic renames keep files whole."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 
 
 class Store:

@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmark.store import atomic_write_image, atomic_write_json, atomic_write_text
+from data.common import atomic_write_image, atomic_write_json, atomic_write_text
 from data.images import open_image
 from data.subjects import (
     DATASET_SOURCES,
@@ -162,7 +162,7 @@ def check_sam_available(model_id: str) -> str:
         return str(local)
     from huggingface_hub import try_to_load_from_cache
 
-    from methods.backbones import hub_reachable
+    from data.common import hub_reachable
 
     if not isinstance(try_to_load_from_cache(model_id, "config.json"), str) and not hub_reachable():
         raise MaskError(

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.hub import hub_reachable  # noqa: F401 - re-exported for callers
-from benchmark.store import atomic_write_text
+from data.common import UserError, atomic_write_text, hub_reachable
 
 HUB_BACKBONES: dict[str, dict[str, str | int]] = {
     # name: hub repository, pinned commit, native resolution. The commits are snapshots that
@@ -45,7 +44,7 @@ BUILT_BACKBONES = {"tiny": 64, "sd15-random": 512}
 BACKBONE_NAMES = (*HUB_BACKBONES, *BUILT_BACKBONES)
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone that cannot be resolved or loaded, with the fix stated."""
 
 

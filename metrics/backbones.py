@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from methods.backbones import BackboneError, hub_reachable
+from data.common import UserError, hub_reachable
 from metrics.base import MetricSettings
 from metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, ResizeCropNormalize
 
@@ -40,7 +40,7 @@ CLIP_PRETRAINED_TAG = "openai"
 LPIPS_VERSION = "0.1"
 
 
-class MetricWeightsError(BackboneError):
+class MetricWeightsError(UserError, ValueError):
     """Metric weights that cannot be loaded; the message says how to get them or avoid them."""
 
 

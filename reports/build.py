@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.store import atomic_write_bytes, atomic_write_text
+from data.common import atomic_write_bytes, atomic_write_text
 from reports import leaderboard as lb
 from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE

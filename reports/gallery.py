@@ -19,7 +19,7 @@ from urllib.parse import quote
 import pandas as pd
 from PIL import Image
 
-from benchmark.store import atomic_write_image
+from data.common import atomic_write_image
 from reports.leaderboard import slug
 from reports.render import MISSING, fmt, page, smoke_banner
 from reports.rundata import RunData

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import benchmark.store as store_module
+import data.common as store_module
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.driver import run_benchmark
@@ -25,7 +25,7 @@ def config(*overrides: str):
 
 
 class FailingImageWrites:
-    """Fault injection: PNG writes under images/ fail with ``code`` once ``allowed`` have succeeded."""
+    """Fault injection (in the one atomic writer): PNG writes under images/ fail with ``code`` once ``allowed`` have succeeded."""
 
     def __init__(self, monkeypatch, allowed: int, code: int):
         self.allowed, self.code, self.active = allowed, code, True

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.backbones import BackboneError
+from data.common import UserError
 from metrics import embeddings
 from metrics.backbones import MetricWeightsError, _load_dino, get_clip, get_dino
 from metrics.base import MetricSettings
@@ -120,7 +120,7 @@ def test_pretrained_weights_offline_fail_fast_with_the_fix(name, monkeypatch, tm
         assert time.monotonic() - started < 30  # a hang guard, not a speed test: no download attempt
     finally:
         torch.hub.set_dir(previous)
-    assert isinstance(caught.value, BackboneError)  # the CLI prints it without a traceback
+    assert isinstance(caught.value, UserError)  # the CLI prints it without a traceback
     assert "HF_HUB_OFFLINE" in str(caught.value)
 
 
