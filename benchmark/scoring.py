@@ -83,9 +83,12 @@ def score_run(
         if not force:
             have = read_score_parts(folder)
             have_pairs = set(zip(have["image_key"], have["context_key"]))
+            wanted = len(rows)
             rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
+            progress("score", wanted - len(rows))  # already scored: done, as skipped images are
         for subject_id, subject_rows in rows.groupby("subject", sort=False):
             subject = by_subject[subject_id]
+            wanted_here = len(subject_rows)  # DIV below rescores scored siblings too; they count once
             started = time.perf_counter()
             try:
                 if subject_id not in references:
@@ -136,7 +139,7 @@ def score_run(
             )
             write_parquet(folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
             computed += len(part)
-            progress("score", len(part))
+            progress("score", wanted_here)
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
     return computed, failures
 

@@ -8,6 +8,15 @@ from benchmark.results import current_fingerprints, load_plan, read_score_parts
 from benchmark.store import Store
 
 
+def _metric_role(metric: str) -> str | None:
+    from metrics.registry import get_metric_class
+
+    try:
+        return get_metric_class(metric).role
+    except Exception:  # noqa: BLE001 - a metric no longer installed: count every finished image
+        return None
+
+
 def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
     plan = load_plan(store)
     failures = store.failures()
@@ -39,7 +48,10 @@ def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
         finished |= done_keys
         for metric, info in current_fingerprints(store).items():
             scored = set(read_score_parts(store.scores_dir(metric, info["hash"]))["image_key"])
-            row[f"{metric} scored"] = len(done_keys & scored)
+            # Out of the finished images the metric applies to (PRES: the class-prior images).
+            role = _metric_role(metric)
+            eligible = {k for k, r in zip(cell["key"], cell["role"]) if k in done_keys and (role is None or r == role)}
+            row[f"{metric} scored"] = f"{len(eligible & scored)}/{len(eligible)}"
         rows.append(row)
     return pd.DataFrame(rows), {key: f for key, f in failures.items() if key not in finished}
 
