@@ -23,7 +23,7 @@ from benchmark.runner import JobSpec
 from benchmark.scoring import score_run, scoring_workload
 from benchmark.store import Store, file_lock
 from benchmark.units import expand, method_context, shard
-from data.common import UserError
+from data.common import UserError, available_cores
 from data.subjects import cache_root
 from methods.registry import get_method
 
@@ -156,6 +156,8 @@ def run_benchmark(
             log.info("removed %d half-written files left by an interrupted run", removed)
         device = environment.resolve_device(config.device)
         dtype = environment.resolve_dtype(config.dtype, device)
+        threads = environment.configure_cpu_threads(1)  # workers of other executors size their own
+        log.info("cpu: %d core(s) available, torch uses %d thread(s) here", available_cores(), threads)
         context = method_context(config, device, dtype, cache_dir=cache_root())
         plan = expand(config, context)
         resolved = resolved_config(config)

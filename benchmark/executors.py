@@ -17,6 +17,7 @@ from benchmark.errors import ConfigError
 from benchmark.runner import GroupResult, JobSpec, execute_group
 from benchmark.store import StoreWriteError
 from benchmark.units import WorkGroup
+from data.common import available_cores, threads_per_process
 
 log = logging.getLogger("subjectbench")
 Progress = Callable[[str, int], None]
@@ -48,8 +49,11 @@ class InProcessExecutor:
         return [execute_group(group, job, progress) for group in groups]
 
 
-def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events) -> None:
+def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events, processes: int = 1) -> None:
     os.environ.update(env)
+    from benchmark.environment import configure_cpu_threads
+
+    configure_cpu_threads(processes)  # this worker's share of the cores, not all of them
     while True:
         index = tasks.get()
         if index is None:
@@ -83,11 +87,11 @@ class LocalProcessExecutor:
         tasks, events = context.Queue(), context.Queue()
         processes = []
         for worker_id in range(min(self.workers, len(groups)) or 1):
-            env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if self.gpu_ids is None else {}
+            env = {"OMP_NUM_THREADS": str(threads_per_process(self.workers))} if self.gpu_ids is None else {}
             if self.gpu_ids is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[worker_id])
             process = context.Process(
-                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events), daemon=True
+                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events, self.workers), daemon=True
             )
             process.start()
             processes.append(process)
@@ -199,7 +203,10 @@ def make_executor(name: str, gpus: int | None = None, workers: int | None = None
             raise ConfigError(f"--gpus {gpus}: only {available} CUDA GPU(s) visible; use --gpus {available or 'N'} or omit it")
         return LocalProcessExecutor(workers=gpus, gpu_ids=range(gpus))
     if workers and workers > 1 or name == "local":
-        return LocalProcessExecutor(workers=workers or 2)
+        cores = available_cores()
+        if (workers or 2) > cores and not gpus:
+            log.warning("--workers %d: only %d core(s) are available to this process; using %d", workers or 2, cores, cores)
+        return LocalProcessExecutor(workers=min(workers or 2, cores))
     return InProcessExecutor()
 
 

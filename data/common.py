@@ -1,4 +1,5 @@
-"""The helpers every package uses: user errors, did-you-mean, atomic writes, file locks, hub checks.
+"""The helpers every package uses: user errors, did-you-mean, atomic writes, file locks, hub
+checks, and the CPU budget.
 
 This module is the floor of the import graph: it imports nothing of ours, so every package
 (data, methods, metrics, the harness, reports) can use it without importing upward. It lives in
@@ -125,6 +126,32 @@ def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ----------------------------------------------------------------------------- CPU budget
+
+
+def available_cores() -> int:
+    """The cores this process may actually use: its CPU affinity (``os.sched_getaffinity``),
+    lowered by a cgroup CPU quota when one is set (containers), never below 1. ``os.cpu_count()``
+    counts the machine's cores, which a shared or confined process does not have."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cores)
+
+
+def threads_per_process(processes: int = 1) -> int:
+    """Threads each of ``processes`` concurrent workers may use so that together they use the
+    available cores once: workers x threads <= cores (never nested pools of full size)."""
+    return max(1, available_cores() // max(1, processes))
 
 
 # ----------------------------------------------------------------------------- hub checks

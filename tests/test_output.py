@@ -52,3 +52,54 @@ def test_status_shows_each_metric_out_of_the_images_it_applies_to(tmp_path, monk
     run_benchmark(load_config("default", [*DUMMY, "metrics.names=[dino,pres]"]), tmp_path, quiet=True)
     row = status_frame(Store(tmp_path))[0].iloc[0]
     assert row["dino scored"] == "12/12" and row["pres scored"] == "3/3"
+
+
+# ----------------------------------------------------------------------------- CPU budget
+
+
+def test_thread_budget_follows_the_cores_actually_available():
+    import os
+
+    from data.common import available_cores, threads_per_process
+
+    cores = len(os.sched_getaffinity(0))
+    assert 1 <= available_cores() <= cores
+    assert threads_per_process(1) == available_cores() and threads_per_process(10 * cores) == 1
+    assert threads_per_process(2) * 2 <= max(2, available_cores())
+
+
+def test_a_run_confined_to_one_core_uses_one_thread(tmp_path):
+    import os
+    import subprocess
+
+    from tests.helpers import REPO_ROOT, cli_command, cli_env
+
+    if not hasattr(os, "sched_setaffinity"):
+        import pytest
+
+        pytest.skip("no CPU affinity on this platform")
+    first_core = min(os.sched_getaffinity(0))
+    env = {k: v for k, v in cli_env().items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    result = subprocess.run(
+        cli_command("run", "default", *DUMMY, "metrics.names=[]", "--quiet", "--out", str(tmp_path)),
+        cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300,
+        preexec_fn=lambda: os.sched_setaffinity(0, {first_core}),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "cpu: 1 core(s) available, torch uses 1 thread(s)" in (tmp_path / "run.log").read_text()
+
+
+def test_more_workers_than_cores_are_capped(caplog):
+    import logging
+
+    from benchmark.executors import make_executor
+    from data.common import available_cores
+
+    logger = logging.getLogger("subjectbench")  # run_benchmark stops its propagation
+    logger.addHandler(caplog.handler)
+    try:
+        executor = make_executor("local", workers=available_cores() + 3)
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert executor.workers == available_cores()
+    assert "only" in caplog.text and "core(s) are available" in caplog.text
