@@ -349,6 +349,23 @@ def check_backbone_available(spec: BackboneSpec) -> None:
         )
 
 
+def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``. diffusers warns on every such cast of a model whose list of
+    modules to keep in fp32 exists but is empty (AutoencoderKL: ``[]``): nothing is kept, so the
+    warning says nothing and would repeat in every run and worker. A non-empty list still warns."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(device=device, dtype=dtype)
+        return
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(device=device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 _CACHE: dict[tuple, Backbone] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -374,7 +391,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", dtype:
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.eval()
-            module.to(device=device, dtype=dtype)
+            _cast(module, device, dtype)
         backbone = Backbone(spec, unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
         _CACHE[key] = backbone
         return backbone

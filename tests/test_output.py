@@ -103,3 +103,14 @@ def test_more_workers_than_cores_are_capped(caplog):
         logger.removeHandler(caplog.handler)
     assert executor.workers == available_cores()
     assert "only" in caplog.text and "core(s) are available" in caplog.text
+
+
+def test_loading_the_backbone_prints_no_library_warning(capfd):
+    import torch
+
+    from methods.backbones import clear_backbone_cache, load_backbone, resolve_backbone
+
+    clear_backbone_cache()
+    load_backbone(resolve_backbone("tiny"), "cpu", torch.float32)
+    err = capfd.readouterr().err
+    assert "should be kept in float32" not in err, err
