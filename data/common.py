@@ -40,6 +40,33 @@ class DiskWriteError(UserError, OSError):
     """The disk refused a write (full, read-only, no permission); names the path and the fix."""
 
 
+class ChecksumError(UserError, ValueError):
+    """A downloaded file whose content is not the pinned one; names the file and both hashes."""
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, what: str) -> str:
+    """The sha256 of ``path`` if it starts with ``expected`` (a full hash or the prefix a file
+    name pins, as torchvision's do); else a ChecksumError. Checked before loading, every time:
+    downloaders check only what they download, never a file already in the cache."""
+    actual = file_sha256(path)
+    if not actual.startswith(expected.lower()):
+        raise ChecksumError(
+            f"{what}: {path} has sha256 {actual}, expected {expected}{'...' if len(expected) < 64 else ''}; "
+            "the file is corrupt or not the pinned one: delete it so that it is downloaded again"
+        )
+    return actual
+
+
 def did_you_mean(value: str, choices) -> str:
     close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""

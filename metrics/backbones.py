@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from data.common import UserError, hub_reachable
+from data.common import UserError, check_sha256, hub_reachable
 from metrics.base import MetricSettings
 from metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, ResizeCropNormalize
 
@@ -315,6 +315,13 @@ def _load_lpips(net: str, weights: str, device: torch.device, precision: str) ->
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if not cached.is_file() and not hub_reachable():
             raise MetricWeightsError(offline_message(what, url))
+        # torchvision pins each trunk by URL, whose file name ends in its sha256 prefix
+        # (alexnet-owt-7be5be79.pth); check the cached file before lpips loads it.
+        expected = Path(url).stem.rsplit("-", 1)[-1]
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), hash_prefix=expected, progress=False)
+        check_sha256(cached, expected, f"{what} ImageNet trunk")
         try:
             model = _quiet_lpips(net=net, pretrained=True, pnet_rand=False)
         except Exception as error:

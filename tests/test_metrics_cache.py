@@ -3,6 +3,7 @@ pretrained weights failing fast offline, derived report columns."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -195,3 +196,23 @@ def test_pretrained_loading_path_reads_the_local_caches(monkeypatch, tmp_path):
     assert fingerprint["weights"] == "pretrained" and fingerprint["weights_tag"] == "openai"
     assert fingerprint["weights_source"].startswith("hf:timm/vit_base_patch32_clip_224.openai/open_clip_model")
     assert loaded_dino.fingerprint()["weights_tag"] == "dino" and loaded_lpips.weights == "pretrained"
+
+
+def test_a_cached_lpips_trunk_with_other_content_is_refused_before_loading(monkeypatch, tmp_path):
+    """Downloaders check only what they download; a cached file is checked before every load."""
+    from data.common import ChecksumError
+    from metrics.backbones import _torchvision_trunk_url
+
+    previous = _empty_hub_cache(monkeypatch, tmp_path)
+    try:
+        url = _torchvision_trunk_url("alex")
+        cached = tmp_path / "torch-hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(b"not the alexnet weights")
+        with pytest.raises(ChecksumError) as caught:
+            build_metric("div", MetricSettings(weights="pretrained", lpips_net="alex")).fingerprint()
+    finally:
+        torch.hub.set_dir(previous)
+    message = str(caught.value)
+    assert str(cached) in message and "expected 7be5be79..." in message
+    assert hashlib.sha256(b"not the alexnet weights").hexdigest() in message and "delete it" in message
