@@ -190,6 +190,11 @@ def add_harness_commands(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--no-score", action="store_true", help="generate only; score later with `subjectbench score`")
     run.add_argument("--no-report", action="store_true", help="do not build the report at the end")
     run.add_argument("--quiet", action="store_true", help="no progress bars; errors only")
+    run.add_argument(
+        "--deterministic", action="store_true",
+        help="deterministic GPU kernels: two runs of one config on the same GPU and software give "
+        "bit-identical states and images (slower; same as the config key deterministic=true)",
+    )
     run.set_defaults(handler=cmd_run)
 
     score = commands.add_parser(
@@ -222,6 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     suite, overrides = _split_suite(args.suite, args.overrides)
     if args.dataset_dir:
         overrides.append(f"dataset.path={args.dataset_dir}")
+    if getattr(args, "deterministic", False):
+        overrides.append("deterministic=true")
     config = load_config(suite, overrides)
     run_dir = Path(args.out or Path("runs") / config.name)
     executor = "local" if (args.gpus or (args.workers and args.executor == "inprocess")) and args.executor != "ray" else args.executor

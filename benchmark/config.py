@@ -42,7 +42,23 @@ class ProtocolConfig:
     prior_images: int = 0  # images of "a {class}" per subject and checkpoint (for PRES)
     identifier: str = "sks"
     seed: int = 0
-    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)  # the first point of any grid
+    # Sampler fields given as lists (``protocol.sampler.guidance=[3,5,7.5]``): grid axes over
+    # generation only, so every point reuses the same trainings.
+    sampler_grid: tuple[tuple[str, tuple], ...] = ()
+
+    def samplers(self) -> list[tuple[SamplerConfig, dict]]:
+        """Every sampler setting of the run, with the grid values that distinguish it."""
+        import itertools
+
+        if not self.sampler_grid:
+            return [(self.sampler, {})]
+        names = [name for name, _ in self.sampler_grid]
+        out = []
+        for values in itertools.product(*(values for _, values in self.sampler_grid)):
+            grid = dict(zip(names, values))
+            out.append((dataclasses.replace(self.sampler, **grid), grid))
+        return out
 
 
 @dataclass(frozen=True)
@@ -76,6 +92,9 @@ class RunConfig:
     backbone: str = "tiny"
     dtype: str = "auto"
     device: str = "auto"
+    # Bit-reproducible runs on one GPU and software stack (deterministic kernels, at a measured
+    # cost; benchmark/environment.py). The default fast mode has a documented run-to-run spread.
+    deterministic: bool = False
     protocol: ProtocolConfig = field(default_factory=ProtocolConfig)
     methods: tuple[MethodEntry, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -91,7 +110,11 @@ class RunConfig:
                 return {k: plain(v) for k, v in value.items()}
             return value
 
-        return plain(self)
+        document = plain(self)
+        # a sampler grid is written as the user gives it: list-valued sampler fields
+        for name, values in document["protocol"].pop("sampler_grid"):
+            document["protocol"]["sampler"][name] = list(values)
+        return document
 
 
 def available_suites() -> dict[str, str]:
@@ -259,6 +282,14 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
+def _boolean(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    raise ConfigError(f"{where}: expected true or false, got {value!r}")
+
+
 def _positive(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
@@ -304,6 +335,22 @@ def _sampler(value: Any, where: str) -> SamplerConfig:
     if sampler.guidance < 0 or not 0.0 <= sampler.eta <= 1.0:
         raise ConfigError(f"{where}: guidance must be >= 0 and eta in [0, 1], got {sampler}")
     return sampler
+
+
+def _sampler_grid(value: Any, where: str) -> tuple[SamplerConfig, tuple[tuple[str, tuple], ...]]:
+    """A sampler mapping whose fields may be lists (grid axes): (first point, axes)."""
+    mapping = _check_keys(value, [f.name for f in dataclasses.fields(SamplerConfig)], where)
+    for key, values in mapping.items():
+        if isinstance(values, list) and not values:
+            raise ConfigError(f"{where}.{key}: an empty list; give one value or a list of values to sweep")
+        if isinstance(values, list) and len(set(map(str, values))) != len(values):
+            raise ConfigError(f"{where}.{key}: {values} repeats a value")
+    first = {key: (values[0] if isinstance(values, list) else values) for key, values in mapping.items()}
+    axes = []
+    for key, values in mapping.items():
+        if isinstance(values, list):  # each point is validated as a whole sampler
+            axes.append((key, tuple(getattr(_sampler({**first, key: v}, where), key) for v in values)))
+    return _sampler(first, where), tuple(axes)
 
 
 def _methods(value: Any, where: str) -> tuple[MethodEntry, ...]:
@@ -352,6 +399,16 @@ def _metric_names(value: Any, where: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def _protocol(value: Any) -> ProtocolConfig:
+    mapping = dict(_check_keys(value, [f.name for f in dataclasses.fields(ProtocolConfig) if f.name != "sampler_grid"], "protocol"))
+    sampler, grid = _sampler_grid(mapping.pop("sampler", None), "protocol.sampler")
+    protocol = _build(
+        ProtocolConfig, mapping, "protocol",
+        prompts=_prompts, images_per_prompt=_positive, prior_images=_non_negative, resolution=_resolution,
+    )
+    return dataclasses.replace(protocol, sampler=sampler, sampler_grid=grid)
+
+
 def validate(document: dict, origin: str = "config") -> RunConfig:
     names = [f.name for f in dataclasses.fields(RunConfig)]
     document = _check_keys(document, names, origin)
@@ -372,11 +429,8 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         backbone=backbone,
         dtype=_choice(DTYPES)(document.get("dtype", "auto"), "dtype"),
         device=_choice(DEVICES)(document.get("device", "auto"), "device"),
-        protocol=_build(
-            ProtocolConfig, document.get("protocol"), "protocol",
-            prompts=_prompts, sampler=_sampler, images_per_prompt=_positive,
-            prior_images=_non_negative, resolution=_resolution,
-        ),
+        deterministic=_boolean(document.get("deterministic", False), "deterministic"),
+        protocol=_protocol(document.get("protocol")),
         methods=_methods(document.get("methods"), "methods"),
         metrics=_build(
             MetricsConfig, document.get("metrics"), "metrics",

@@ -154,6 +154,7 @@ def run_benchmark(
         removed = store.clean_temporaries()
         if removed:
             log.info("removed %d half-written files left by an interrupted run", removed)
+        environment.apply_determinism(config.deterministic)
         device = environment.resolve_device(config.device)
         dtype = environment.resolve_dtype(config.dtype, device)
         threads = environment.configure_cpu_threads(1)  # workers of other executors size their own
@@ -182,7 +183,6 @@ def run_benchmark(
         job = JobSpec(
             run_dir=str(store.root),
             context=context,
-            sampler=config.protocol.sampler,
             batch_size=config.generation.batch_size,
             force=force,
             retry_failed=retry_failed,

@@ -115,3 +115,29 @@ def configure_cpu_threads(processes: int = 1) -> int:
     except RuntimeError:  # already set, or inter-op work already ran in this process: keep it
         pass
     return threads
+
+
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+def apply_determinism(enabled: bool) -> None:
+    """Deterministic kernels for bit-reproducible runs (``deterministic: true`` / ``--deterministic``).
+
+    What it sets, and why each is needed on a GPU:
+    - ``torch.use_deterministic_algorithms(True)``: every op takes its deterministic kernel, or
+      raises instead of silently varying (scatter-add, index_put, some attention backwards);
+    - ``CUBLAS_WORKSPACE_CONFIG=:4096:8``: cuBLAS needs a fixed workspace for reproducible
+      reductions (set before the first cuBLAS call of the process; a worker sets it on start);
+    - cuDNN deterministic and not benchmarking (the VAE's convolutions otherwise pick kernels by
+      timing, run to run).
+    Seeds are already fixed by the protocol; this removes the kernels' own nondeterminism. The
+    cost is measured in ``benchmarks/gpu_determinism.py``. On a CPU, runs are reproducible either way.
+    """
+    import os
+
+    if enabled:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(enabled)
+    torch.backends.cudnn.deterministic = enabled
+    if enabled:
+        torch.backends.cudnn.benchmark = False

@@ -1,7 +1,8 @@
-"""Runs one work group — one (method cell, subject) — inside whichever worker holds it.
+"""Runs one work group — one training of one subject — inside whichever worker holds it.
 
-Prepare once (unless its state is already published), reload the state from disk, then generate
-the group's missing images in batches. Every failure is recorded with its traceback and the
+Prepare once (unless its state is already published), then for each method cell that shares the
+training: reload the state from disk and generate the cell's missing images in batches (one
+checkpoint and sampler setting per batch). Every failure is recorded with its traceback and the
 rest of the group goes on; CUDA out-of-memory frees memory and is recorded as ``oom``.
 """
 
@@ -18,7 +19,7 @@ import torch
 from benchmark import environment
 from benchmark.store import Store, disk_error
 from benchmark.units import ImageUnit, WorkGroup, unit_spec
-from methods.base import MethodContext, SamplerConfig
+from methods.base import MethodContext
 
 log = logging.getLogger("subjectbench")
 Progress = Callable[[str, int], None]
@@ -30,7 +31,6 @@ class JobSpec:
 
     run_dir: str
     context: MethodContext
-    sampler: SamplerConfig
     batch_size: int
     force: bool = False
     retry_failed: bool = False
@@ -84,8 +84,8 @@ def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, mem
     """The manifest row of one finished image: its full spec and where/how it was made."""
     return {
         **unit_spec(group, unit),
-        "fingerprint": group.prepare.cell.fingerprint,
-        "sampler": job.sampler.__dict__,
+        "fingerprint": group.cell(unit.method_cell_id or unit.cell_id).fingerprint,
+        "sampler": dict(unit.sampler.__dict__),
         "resolution": job.context.resolution,
         "backbone": job.context.backbone.fingerprint(),
         "dtype": job.context.dtype,
@@ -101,6 +101,7 @@ def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, mem
 def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = None) -> GroupResult:
     """Run one group to completion; never raises for a unit's failure."""
     progress = progress or (lambda stage, n: None)
+    environment.apply_determinism(job.context.deterministic)  # workers are fresh processes
     store = Store(job.run_dir)
     prepare = group.prepare
     cell, subject = prepare.cell, prepare.subject
@@ -108,7 +109,8 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
     pending, result.skipped = _pending(store, job, group.images)
     if result.skipped:
         progress("generate", result.skipped)
-    state_ready = store.state_done(cell.label, subject.id, prepare.key) and not job.force
+    trainer = prepare.trainer
+    state_ready = store.state_done(trainer, subject.id, prepare.key) and not job.force
     if not pending:
         progress("prepare", 1)
         return result
@@ -123,24 +125,25 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
         if not state_ready:
             log.info("prepare %s on %s (key %s)", cell.cell_id, subject.id, prepare.key)
             environment.reset_peak_memory(job.context.device)
-            workdir = store.new_state_workdir(cell.label, subject.id, prepare.key)
+            workdir = store.new_state_workdir(trainer, subject.id, prepare.key)
             started = time.perf_counter()
             method.prepare(subject, workdir, prepare.seed)
             info = {
                 "seconds": time.perf_counter() - started,
                 **environment.peak_memory_mb(job.context.device),
                 "device": environment.device_name(job.context.device),
-                "fingerprint": cell.fingerprint,
+                "fingerprint": cell.training_fingerprint,
+                "cells": [c.cell_id for c in group.cells],
                 "subject": subject.id,
                 "data_sha": subject.data_sha,
                 "seed": prepare.seed,
                 "git": environment.git_hash(),
                 "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
             }
-            store.publish_state(workdir, cell.label, subject.id, prepare.key, info)
+            store.publish_state(workdir, trainer, subject.id, prepare.key, info)
             store.clear_failure(prepare.key)
             result.prepared = True
-        state = method.load_state(store.state_dir(cell.label, subject.id, prepare.key), subject)
+        state_dir = store.state_dir(trainer, subject.id, prepare.key)
     except Exception as error:  # noqa: BLE001 - isolate the failure, the run goes on
         if (fatal := disk_error(error)) is not None:
             raise fatal from None  # a full or read-only disk fails every unit alike: stop the run
@@ -153,17 +156,30 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
         return result
     progress("prepare", 1)
 
-    try:
-        by_checkpoint: dict[str, list[ImageUnit]] = {}
-        for unit in pending:
-            by_checkpoint.setdefault(unit.checkpoint, []).append(unit)
-        for checkpoint, units in by_checkpoint.items():
-            for start in range(0, len(units), job.batch_size):
-                batch = units[start : start + job.batch_size]
-                _generate_batch(method, state, checkpoint, batch, group, job, store, result)
-                progress("generate", len(batch))
-    finally:
-        method.release()
+    by_cell: dict[str, list[ImageUnit]] = {}
+    for unit in pending:
+        by_cell.setdefault(unit.method_cell_id or unit.cell_id, []).append(unit)
+    for cell_id, cell_units in by_cell.items():
+        cell_method = method if cell_id == cell.cell_id else group.cell(cell_id).build(job.context)
+        try:
+            state = cell_method.load_state(state_dir, subject)
+        except Exception as error:  # noqa: BLE001 - this cell's images fail, other cells go on
+            failure = _failure("load", prepare.key, group, error, images=len(cell_units), cell=cell_id)
+            log.error("loading the state for %s failed: %s", cell_id, failure["message"])
+            result.failed.append(failure)
+            progress("generate", len(cell_units))
+            continue
+        try:
+            batches: dict[tuple, list[ImageUnit]] = {}
+            for unit in cell_units:
+                batches.setdefault((unit.checkpoint, unit.sampler), []).append(unit)
+            for (checkpoint, _), units in batches.items():
+                for start in range(0, len(units), job.batch_size):
+                    batch = units[start : start + job.batch_size]
+                    _generate_batch(cell_method, state, checkpoint, batch, group, job, store, result)
+                    progress("generate", len(batch))
+        finally:
+            cell_method.release()
     return result
 
 
@@ -179,10 +195,10 @@ def _generate_batch(method, state, checkpoint, batch, group, job, store, result)
     def attempt(units: list[ImageUnit]) -> None:
         environment.reset_peak_memory(job.context.device)
         started = time.perf_counter()
-        images = method.generate(state, checkpoint, [u.prompt_text for u in units], [u.seed for u in units], job.sampler)
+        images = method.generate(state, checkpoint, [u.prompt_text for u in units], [u.seed for u in units], units[0].sampler)
         if len(images) != len(units):
             raise RuntimeError(
-                f"{group.prepare.cell.method}.generate returned {len(images)} images for {len(units)} prompts"
+                f"{method.name}.generate returned {len(images)} images for {len(units)} prompts"
             )
         seconds = (time.perf_counter() - started) / len(units)
         memory = environment.peak_memory_mb(job.context.device)

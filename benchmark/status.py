@@ -19,13 +19,15 @@ def _metric_role(metric: str) -> str | None:
 
 def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
     plan = load_plan(store)
+    if "trainer" not in plan:  # plans written before trainings were shared across cells
+        plan = plan.assign(trainer=plan["label"])
     failures = store.failures()
     rows, finished = [], set()
     for cell_id, cell in plan.groupby("cell_id", sort=False):
         prepare = cell.drop_duplicates("prepare_key")
         states_done = sum(
-            store.state_done(label, subject, key)
-            for label, subject, key in zip(prepare["label"], prepare["subject"], prepare["prepare_key"])
+            store.state_done(trainer, subject, key)
+            for trainer, subject, key in zip(prepare["trainer"], prepare["subject"], prepare["prepare_key"])
         )
         states_failed = sum(key in failures for key in prepare["prepare_key"])
         images_done = store.done_mask(cell)
@@ -60,6 +62,14 @@ def run_status(run_dir) -> tuple[str, int]:
     store = Store(run_dir)
     frame, failures = status_frame(store)
     lines = [f"run {store.root}", frame.to_string(index=False) if not frame.empty else "(empty plan)"]
+    plan = load_plan(store)
+    if not plan.empty:
+        trainings = plan["prepare_key"].nunique()
+        cells = plan["cell_id"].nunique()
+        lines.append(
+            f"trainings: {trainings} for {cells} method cells × {plan['subject'].nunique()} subjects"
+            + (" (cells that differ only in generation settings share one training)" if trainings < cells * plan["subject"].nunique() else "")
+        )
     if failures:
         lines.append(f"failures ({len(failures)}; tracebacks in {store.root / 'failures'}):")
         for failure in failures.values():

@@ -1,8 +1,12 @@
 """Expansion: config -> method cells (grids) × subjects × checkpoints × prompts × k -> run units.
 
-A ``WorkGroup`` is one (method cell, subject): one prepare unit and its image units. Keys hash
-everything that changes an output (DESIGN.md "Run unit and store"); seeds follow the protocol's
-seed rule, so the same config gives the same units however the work is split.
+A ``WorkGroup`` is one *training* of one subject: one prepare unit and the image units of every
+method cell that shares it. Cells share a training when their training fingerprints are equal:
+grid points that differ only in generation-only params (``param(..., generation=True)``) or in
+the protocol's sampler grid, and entries of methods that train as another (``trains_as``, e.g.
+DreamBlend on DreamBooth). Keys hash everything that changes an output (DESIGN.md "Run unit and
+store"); seeds follow the protocol's seed rule, so the same config gives the same units however
+the work is split, and grid points of one subject see the same seeds (paired comparisons).
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from benchmark.hashing import stable_hash
 from data.protocol import PRIOR_PROMPT, Prompt, image_seed, training_seed
 from data.subjects import Subject, load_subjects
 from methods.backbones import resolve_backbone
-from methods.base import Method, MethodContext, expand_params
+from methods.base import Method, MethodContext, SamplerConfig, expand_params
 from methods.registry import get_method
 
 ROLES = ("eval", "prior")
@@ -33,17 +37,32 @@ class MethodCell:
     cell_id: str  # label + grid, e.g. "dreambooth[lr=1e-05]"
     fingerprint: dict
     fingerprint_hash: str
+    training_fingerprint: dict  # what prepare writes depends on this alone
+    trainer: str  # name of the method whose training this is; names the state folder
+    generation_fingerprint: dict
 
     def build(self, context: MethodContext) -> Method:
         return get_method(self.method)(self.params, context)
 
+    @property
+    def generation_key_part(self) -> dict | None:
+        """What image keys add to the prepare key: None for a method generating as it trains
+        (keeps the keys of methods without generation-only params as they always were)."""
+        if self.method == self.trainer and not self.generation_fingerprint.get("params"):
+            return None
+        return self.generation_fingerprint
+
 
 @dataclass(frozen=True)
 class PrepareUnit:
-    cell: MethodCell
+    cell: MethodCell  # the first cell that needs this training (any sharing cell prepares alike)
     subject: Subject
     seed: int
     key: str
+
+    @property
+    def trainer(self) -> str:
+        return self.cell.trainer
 
 
 @dataclass(frozen=True)
@@ -61,12 +80,24 @@ class ImageUnit:
     prompt_text: str  # what the model is given
     eval_text: str  # what CLIP-T compares to: identifier removed, class kept
     key: str
+    sampler: SamplerConfig = SamplerConfig()
+    grid: tuple = ()  # (name, value) pairs: the method cell's grid, then the sampler grid
+    method_cell_id: str = ""  # the MethodCell generating it (cell_id without the sampler grid)
 
 
 @dataclass(frozen=True)
 class WorkGroup:
+    """One training of one subject and every image generated from it (possibly by several cells)."""
+
     prepare: PrepareUnit
     images: tuple[ImageUnit, ...]
+    cells: tuple[MethodCell, ...] = ()
+
+    def cell(self, method_cell_id: str) -> MethodCell:
+        for cell in self.cells or (self.prepare.cell,):
+            if cell.cell_id == method_cell_id:
+                return cell
+        raise KeyError(method_cell_id)
 
 
 @dataclass(frozen=True)
@@ -84,14 +115,15 @@ class Plan:
 
 def unit_spec(group: WorkGroup, unit: ImageUnit) -> dict:
     """The identity of an image unit, as the plan and every manifest row record it."""
-    cell, subject = group.prepare.cell, group.prepare.subject
+    cell, subject = group.cell(unit.method_cell_id or unit.cell_id), group.prepare.subject
     return {
         "key": unit.key,
         "prepare_key": unit.prepare_key,
+        "trainer": group.prepare.trainer,
         "label": cell.label,
         "method": cell.method,
-        "cell_id": cell.cell_id,
-        "grid": cell.grid,
+        "cell_id": unit.cell_id,
+        "grid": dict(unit.grid) if unit.grid else cell.grid,
         "subject": subject.id,
         "class_noun": subject.class_noun,
         "kind": subject.kind,
@@ -121,6 +153,7 @@ def expand_cells(entry: MethodEntry, context: MethodContext) -> list[MethodCell]
     for params, grid in expand_params(cls.Params, entry.params, f"methods.{entry.label}.params"):
         method = cls(params, context)
         fingerprint = method.fingerprint()
+        training = method.training_fingerprint()
         cells.append(
             MethodCell(
                 label=entry.label,
@@ -130,6 +163,9 @@ def expand_cells(entry: MethodEntry, context: MethodContext) -> list[MethodCell]
                 cell_id=entry.label + _grid_suffix(grid),
                 fingerprint=fingerprint,
                 fingerprint_hash=stable_hash(fingerprint),
+                training_fingerprint=training,
+                trainer=training.get("method", entry.name),
+                generation_fingerprint=method.generation_fingerprint(),
             )
         )
     return cells
@@ -144,6 +180,7 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
         resolution=config.protocol.resolution or backbone.resolution,
         identifier=config.protocol.identifier,
         cache_dir=cache_dir,
+        deterministic=config.deterministic,
     )
 
 
@@ -155,14 +192,14 @@ def select_prompts(config: RunConfig, subject: Subject) -> tuple[Prompt, ...]:
 
 
 def expand(config: RunConfig, context: MethodContext, subjects: list[Subject] | None = None) -> Plan:
-    """All work of ``config``: one WorkGroup per (method cell, subject), in config order."""
+    """All work of ``config``: one WorkGroup per (training, subject), in config order."""
     if subjects is None:
         subjects = load_subjects(config.dataset.source, config.dataset.path, config.dataset.subjects)
     protocol = config.protocol
-    sampler = dataclasses.asdict(protocol.sampler)
+    samplers = protocol.samplers()
     device_type = context.device.split(":")[0]
     cells = [cell for entry in config.methods for cell in expand_cells(entry, context)]
-    groups = []
+    by_training: dict[str, tuple[PrepareUnit, list[ImageUnit], list[MethodCell]]] = {}
     for cell in cells:
         method = cell.build(context)
         checkpoints = list(method.checkpoints())
@@ -170,51 +207,63 @@ def expand(config: RunConfig, context: MethodContext, subjects: list[Subject] | 
             train_seed = training_seed(protocol.seed, subject.id)
             prepare_key = stable_hash(
                 {
-                    "method": cell.fingerprint,
+                    "method": cell.training_fingerprint,
                     "subject": [subject.id, subject.class_noun, subject.kind, subject.data_sha],
                     "seed": train_seed,
                     "device_type": device_type,
                 }
             )
-            prepare = PrepareUnit(cell=cell, subject=subject, seed=train_seed, key=prepare_key)
+            if prepare_key not in by_training:
+                prepare = PrepareUnit(cell=cell, subject=subject, seed=train_seed, key=prepare_key)
+                by_training[prepare_key] = (prepare, [], [])
+            _, images, group_cells = by_training[prepare_key]
+            group_cells.append(cell)
             jobs = [(p, "eval", k) for p in select_prompts(config, subject) for k in range(protocol.images_per_prompt)]
             jobs += [(PRIOR_PROMPT, "prior", k) for k in range(protocol.prior_images)]
-            images = []
-            for checkpoint_index, checkpoint in enumerate(checkpoints):
-                for prompt, role, k in jobs:
-                    seed = image_seed(protocol.seed, subject.id, prompt.template, k)
-                    prompt_text = (
-                        prompt.render("", subject.class_noun) if role == "prior" else method.render_prompt(prompt, subject)
-                    )
-                    key = stable_hash(
-                        {
+            for sampler, sampler_grid in samplers:
+                grid = {**cell.grid, **sampler_grid}
+                cell_id = cell.label + _grid_suffix(grid)
+                for checkpoint_index, checkpoint in enumerate(checkpoints):
+                    for prompt, role, k in jobs:
+                        seed = image_seed(protocol.seed, subject.id, prompt.template, k)
+                        prompt_text = (
+                            prompt.render("", subject.class_noun) if role == "prior" else method.render_prompt(prompt, subject)
+                        )
+                        identity = {
                             "prepare": prepare_key,
                             "checkpoint": checkpoint,
                             "prompt": prompt_text,
                             "seed": seed,
-                            "sampler": sampler,
+                            "sampler": dataclasses.asdict(sampler),
                             "resolution": context.resolution,
                         }
-                    )
-                    images.append(
-                        ImageUnit(
-                            prepare_key=prepare_key,
-                            cell_id=cell.cell_id,
-                            label=cell.label,
-                            subject_id=subject.id,
-                            checkpoint=checkpoint,
-                            checkpoint_index=checkpoint_index,
-                            prompt=prompt,
-                            role=role,
-                            k=k,
-                            seed=seed,
-                            prompt_text=prompt_text,
-                            eval_text=prompt.evaluation_text(subject.class_noun),
-                            key=key,
+                        if cell.generation_key_part is not None:
+                            identity["generation"] = cell.generation_key_part
+                        images.append(
+                            ImageUnit(
+                                prepare_key=prepare_key,
+                                cell_id=cell_id,
+                                label=cell.label,
+                                subject_id=subject.id,
+                                checkpoint=checkpoint,
+                                checkpoint_index=checkpoint_index,
+                                prompt=prompt,
+                                role=role,
+                                k=k,
+                                seed=seed,
+                                prompt_text=prompt_text,
+                                eval_text=prompt.evaluation_text(subject.class_noun),
+                                key=stable_hash(identity),
+                                sampler=sampler,
+                                grid=tuple(grid.items()),
+                                method_cell_id=cell.cell_id,
+                            )
                         )
-                    )
-            groups.append(WorkGroup(prepare=prepare, images=tuple(images)))
-    return Plan(config, context, tuple(subjects), tuple(cells), tuple(groups))
+    groups = tuple(
+        WorkGroup(prepare=prepare, images=tuple(images), cells=tuple(group_cells))
+        for prepare, images, group_cells in by_training.values()
+    )
+    return Plan(config, context, tuple(subjects), tuple(cells), groups)
 
 
 def shard(groups: tuple[WorkGroup, ...], index: int, count: int) -> tuple[WorkGroup, ...]:

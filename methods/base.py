@@ -60,6 +60,7 @@ class MethodContext:
     resolution: int = 64
     identifier: str = "sks"
     cache_dir: Path | None = None  # shared caches (class-prior images, ...) across runs
+    deterministic: bool = False  # deterministic kernels (benchmark.environment.apply_determinism)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -94,7 +95,7 @@ class Method(ABC):
         self.context = context
 
     def fingerprint(self) -> dict:
-        return {
+        return self._with_determinism({
             "method": self.name,
             "version": self.version,
             "params": params_to_dict(self.params),
@@ -102,12 +103,19 @@ class Method(ABC):
             "dtype": self.context.dtype,
             "resolution": self.context.resolution,
             "identifier": self.context.identifier,
-        }
+        })
+
+    def _with_determinism(self, fingerprint: dict) -> dict:
+        # Deterministic kernels give other low bits than the fast ones: their states and images
+        # are keyed apart (and fast-mode keys stay as they were).
+        if self.context.deterministic:
+            fingerprint["deterministic"] = True
+        return fingerprint
 
     def training_fingerprint(self) -> dict:
         """The fingerprint of what ``prepare`` writes: generation-only params left out."""
         trainer = self.trains_as or type(self)
-        return {
+        return self._with_determinism({
             "method": trainer.name,
             "version": trainer.version,
             "params": training_params_dict(self.params),
@@ -115,7 +123,7 @@ class Method(ABC):
             "dtype": self.context.dtype,
             "resolution": self.context.resolution,
             "identifier": self.context.identifier,
-        }
+        })
 
     def generation_fingerprint(self) -> dict:
         """What changes images beyond the training state: method identity and generation params."""

@@ -46,6 +46,7 @@ from data.subjects import Subject, cache_root
 from methods.backbones import Backbone, load_backbone
 from methods.base import Method, ParamsError, SamplerConfig, State, param
 from methods.class_prior import class_prior_images
+from methods.dependencies import require_compatible_peft
 from methods.diffusion import (
     CachedTextEncoding,
     cycle_indices,
@@ -340,6 +341,7 @@ class DreamBoothLoRA(DreamBooth):
         modules = [unet]
         text_encoder = None
         if self.params.train_text_encoder:
+            require_compatible_peft()
             text_encoder = working_copy(backbone.text_encoder)
             text_encoder.add_adapter(self._lora_config(TEXT_ENCODER_LORA_TARGETS))
             modules.append(text_encoder)

@@ -23,13 +23,15 @@ from safetensors.numpy import load_file, save_file
 
 from data.images import load_image
 from data.subjects import Subject
-from methods.base import Method, SamplerConfig, State
+from methods.base import Method, SamplerConfig, State, param
 
 
 @dataclass(frozen=True)
 class DummyParams:
-    fidelity: float = 0.7  # weight of the subject mean in each image, 0..1
-    noise: float = 0.3
+    # Both act in ``generate`` alone (``prepare`` stores the subject mean), so they are
+    # generation-only: a grid over them trains once per subject.
+    fidelity: float = param(0.7, source="ours", doc="weight of the subject mean in each image, 0..1", generation=True)
+    noise: float = param(0.3, source="ours", doc="weight of the seeded noise", generation=True)
     sleep_s: float = 0.0  # per generated image
     prepare_sleep_s: float = 0.0
     fail_subjects: tuple[str, ...] = ()
@@ -53,6 +55,12 @@ class DummyMethod(Method):
 
     def fingerprint(self) -> dict:
         fingerprint = super().fingerprint()
+        for knob in self._CONTROL_KNOBS:
+            fingerprint["params"].pop(knob)
+        return fingerprint
+
+    def training_fingerprint(self) -> dict:
+        fingerprint = super().training_fingerprint()
         for knob in self._CONTROL_KNOBS:
             fingerprint["params"].pop(knob)
         return fingerprint

@@ -87,8 +87,11 @@ def _states(store: Store, plan: pd.DataFrame) -> pd.DataFrame:
     if plan.empty:
         return pd.DataFrame(columns=["method", "cell_id", "subject", "prepare_key"])
     rows = []
-    for (label, cell_id, subject, key), _ in plan.groupby(["label", "cell_id", "subject", "prepare_key"], sort=False):
-        info = store.state_info(label, subject, key)
+    trainers = plan["trainer"] if "trainer" in plan else plan["label"]
+    for (label, trainer, cell_id, subject, key), _ in plan.assign(trainer=trainers).groupby(
+        ["label", "trainer", "cell_id", "subject", "prepare_key"], sort=False
+    ):
+        info = store.state_info(trainer, subject, key)
         row = {"method": label, "cell_id": cell_id, "subject": subject, "prepare_key": key, "done": info is not None}
         if info is not None:
             row.update(
@@ -97,7 +100,7 @@ def _states(store: Store, plan: pd.DataFrame) -> pd.DataFrame:
                 prepare_peak_cuda_mb=info.get("peak_cuda_mb"),
                 prepare_device=info.get("device"),
                 # DONE itself is bookkeeping, not learned weights.
-                state_bytes=folder_bytes(store.state_dir(label, subject, key)) - (store.state_dir(label, subject, key) / "DONE").stat().st_size,
+                state_bytes=folder_bytes(store.state_dir(trainer, subject, key)) - (store.state_dir(trainer, subject, key) / "DONE").stat().st_size,
             )
         rows.append(row)
     return pd.DataFrame(rows)

@@ -115,3 +115,33 @@ def test_scores_from_another_context_key_version_ask_for_rescoring(tmp_path):
     assert f"subjectbench score {tmp_path}" in result.stderr and "Traceback" not in result.stderr
     assert run_cli("score", str(tmp_path), "--quiet").returncode == 0
     assert run_cli("report", str(tmp_path)).returncode == 0
+
+
+def test_deterministic_mode_runs_every_method_and_keys_apart(tmp_path):
+    """``--deterministic`` turns on deterministic kernels for the run (no op of TI, DreamBooth or
+    DreamBooth-LoRA training or sampling refuses them), is recorded in the saved config, and
+    keys its states and images apart from the fast mode's."""
+    import torch
+
+    from benchmark.config import load_config
+    from benchmark.driver import run_benchmark
+    from benchmark.units import expand, method_context
+
+    overrides = [
+        "subjects=dog", "protocol.prompts=[0]", "protocol.images_per_prompt=1", "protocol.prior_images=0",
+        "protocol.sampler.steps=2", "metrics.names=[]",
+        "methods.textual_inversion.steps=2", "methods.dreambooth.steps=2", "methods.dreambooth.checkpoint_steps=[1]",
+        "methods.dreambooth.class_images=1", "methods.dreambooth_lora.steps=2", "methods.dreambooth_lora.class_images=1",
+    ]
+    fast = load_config("default", overrides)
+    exact = load_config("default", [*overrides, "deterministic=true"])
+    try:
+        summary = run_benchmark(exact, tmp_path, quiet=True)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert summary.exit_code == 0 and summary.done == 4
+    assert "deterministic: true" in (tmp_path / "config.yaml").read_text()
+    fast_keys = {u.key for u in expand(fast, method_context(fast, "cpu", "float32")).image_units}
+    exact_keys = {u.key for u in expand(exact, method_context(exact, "cpu", "float32")).image_units}
+    assert fast_keys.isdisjoint(exact_keys)

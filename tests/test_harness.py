@@ -28,7 +28,9 @@ def test_expansion_counts_grid_and_seed_rule():
     plan = expand(cfg, method_context(cfg, "cpu", "float32"))
     assert len(plan.cells) == 3
     assert [c.cell_id for c in plan.cells] == ["dummy[fidelity=0.2]", "dummy[fidelity=0.5]", "dummy[fidelity=0.9]"]
-    assert len(plan.groups) == 3 * 3  # cells × subjects
+    # fidelity is generation-only: the three cells share one training per subject
+    assert len(plan.groups) == 3
+    assert all(len(g.cells) == 3 for g in plan.groups)
     assert len(plan.image_units) == 9 * (3 * 3 + 1)
     keys = [u.key for u in plan.image_units]
     assert len(set(keys)) == len(keys)
@@ -41,6 +43,56 @@ def test_expansion_counts_grid_and_seed_rule():
     smaller = load_config("default", [*BASE, "methods.dummy.fidelity=[0.2,0.5,0.9]", "protocol.images_per_prompt=2", "protocol.prior_images=1"])
     small_keys = {u.key for u in expand(smaller, method_context(smaller, "cpu", "float32")).image_units}
     assert small_keys < set(keys)
+
+
+def test_generation_only_grids_train_once_per_subject(tmp_path):
+    """A 2 × 2 grid over a generation-only param and the sampler trains each subject once;
+    every cell's images equal those of a run of that cell alone."""
+    grid = config("methods.dummy.fidelity=[0.2,0.9]", "protocol.sampler.guidance=[3,7.5]", "protocol.prompts=[0]")
+    plan = expand(grid, method_context(grid, "cpu", "float32"))
+    assert len(plan.groups) == len(plan.subjects) == 3
+    cell_ids = sorted({u.cell_id for u in plan.image_units})
+    assert cell_ids == sorted(
+        f"dummy[fidelity={f},guidance={g}]" for f in (0.2, 0.9) for g in (3.0, 7.5)
+    )
+    summary = run_benchmark(grid, tmp_path / "grid", quiet=True)
+    assert summary.exit_code == 0
+    states = sorted((tmp_path / "grid" / "states").glob("*/*/*/DONE"))
+    assert len(states) == 3  # trainings counted on disk: one per subject
+    lines = run_cli("status", str(tmp_path / "grid")).stdout
+    assert "trainings: 3 for 4 method cells × 3 subjects" in lines
+    # one cell alone gives the same keys and bytes as in the grid
+    alone = config("methods.dummy.fidelity=0.9", "protocol.sampler.guidance=3", "protocol.prompts=[0]")
+    run_benchmark(alone, tmp_path / "alone", quiet=True)
+    def pngs(run_dir):
+        return {p.relative_to(run_dir): p.read_bytes() for p in (run_dir / "images").rglob("*.png")}
+
+    grid_images, alone_images = pngs(tmp_path / "grid"), pngs(tmp_path / "alone")
+    assert alone_images and set(alone_images) < set(grid_images)
+    assert all(grid_images[k] == v for k, v in alone_images.items())
+    # seeds are paired across grid points
+    seeds = {}
+    for unit in plan.image_units:
+        seeds.setdefault((unit.subject_id, unit.prompt.template, unit.k), set()).add(unit.seed)
+    assert all(len(s) == 1 for s in seeds.values())
+
+
+def test_training_params_still_split_trainings():
+    cfg = config("methods.dummy.fidelity=[0.2,0.9]")
+    shared = expand(cfg, method_context(cfg, "cpu", "float32"))
+    # a training-relevant change (protocol seed changes the training seed) gives new prepare keys
+    other = config("methods.dummy.fidelity=[0.2,0.9]", "protocol.seed=3")
+    split = expand(other, method_context(other, "cpu", "float32"))
+    assert {g.prepare.key for g in shared.groups}.isdisjoint({g.prepare.key for g in split.groups})
+
+
+def test_sampler_grid_errors_name_the_value():
+    from benchmark.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"protocol.sampler: guidance must be >= 0"):
+        config("protocol.sampler.guidance=[3,-1]")
+    with pytest.raises(ConfigError, match=r"protocol.sampler.steps: an empty list"):
+        config("protocol.sampler.steps=[]")
 
 
 def test_keys_change_with_everything_that_changes_output():
@@ -210,3 +262,64 @@ def test_resolved_config_is_saved_with_defaults(tmp_path):
     params = saved["methods"][0]["params"]
     assert params["noise"] == 0.1 and params["fidelity"] == 0.7 and "sleep_s" in params
     assert len(list((tmp_path / "configs").glob("*.yaml"))) == 1
+
+
+def test_clip_t_receives_the_identifier_free_prompts(tmp_path, monkeypatch):
+    """Through the harness, CLIP-T sees exactly the protocol's evaluation texts: the rendered
+    prompt without the identifier, class noun kept (never 'a sks dog ...')."""
+    from metrics.clip import ClipT
+
+    seen: list[str] = []
+    original = ClipT.score
+
+    def spy(self, inputs):
+        seen.extend(inputs.texts)
+        return original(self, inputs)
+
+    monkeypatch.setattr(ClipT, "score", spy)
+    cfg = load_config("default", ["methods=dummy", "metrics.names=[clip_t]", "metrics.weights=random", "protocol.prompts=[0,20]"])
+    summary = run_benchmark(cfg, tmp_path, quiet=True)
+    assert summary.exit_code == 0 and summary.scored > 0
+    plan = expand(cfg, method_context(cfg, "cpu", "float32"))
+    nouns = {s.id: s.class_noun for s in plan.subjects}
+    # the templates' "{0} {1}" with the identifier left out: "a {0} {1} in the jungle" -> "a dog in the jungle"
+    expected = [
+        " ".join(u.prompt.template.format("", nouns[u.subject_id]).split())
+        for u in plan.image_units if u.role == "eval"
+    ]
+    assert sorted(seen) == sorted(expected)
+    assert not any("sks" in text for text in seen)
+    assert "a dog in the jungle" in seen
+
+
+def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    """Atomic writes: a failure after the bytes are on disk but before the rename (disk full at
+    fsync) keeps the old content whole and leaves no temporary file behind."""
+    from benchmark.store import atomic_write_bytes, atomic_write_json
+
+    target = tmp_path / "scores" / "current.json"
+    atomic_write_json(target, {"old": True})
+    old = target.read_bytes()
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(target, b'{"new": true, "padding": "' + b"x" * 100_000 + b'"}')
+    monkeypatch.undo()
+    assert target.read_bytes() == old
+    assert sorted(p.name for p in target.parent.iterdir()) == ["current.json"]
+    # and a store image: the old PNG and record survive a failed rewrite
+    store = Store(tmp_path / "run")
+    from PIL import Image
+
+    store.write_image("m", "s", "k", Image.new("RGB", (8, 8), "red"), {"key": "k"})
+    png = store.image_path("m", "s", "k").read_bytes()
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        store.write_image("m", "s", "k", Image.new("RGB", (8, 8), "blue"), {"key": "k", "v": 2})
+    monkeypatch.undo()
+    assert store.image_path("m", "s", "k").read_bytes() == png
+    assert json.loads(store.record_path("m", "s", "k").read_text()) == {"key": "k"}
+    assert not [p for p in (tmp_path / "run").rglob("*") if p.name.startswith(".tmp-")]

@@ -230,3 +230,32 @@ def test_missing_class_noun_names_the_subject(context, dog, tmp_path):
 def test_bad_params_fail_at_config_validation(cls, raw, message):
     with pytest.raises(ParamsError, match=message):
         expand_params(cls, raw, "methods.dreambooth.params")
+
+
+def test_prior_loss_weight_scales_the_class_term(context, dog, tmp_path):
+    """λ enters the loss as L_inst + λ·L_class: with the same draws (same seed), first-step
+    losses for λ = 0.5, 1, 2 lie on a line of positive slope (the class term); λ = 0 generates
+    no class images and uses no class prompt."""
+    first = {}
+    for weight in (0.5, 1.0, 2.0):
+        workdir = tmp_path / f"lambda-{weight}"
+        workdir.mkdir()
+        params = DreamBoothParams(steps=1, learning_rate=1e-3, prior_loss_weight=weight, **PRIOR)
+        DreamBooth(params, context).prepare(dog, workdir, seed=0)
+        state = json.loads((workdir / "state.json").read_text())
+        assert state["class_prompt"] == "a dog"
+        first[weight] = state["losses"][0]
+    class_term = first[2.0] - first[1.0]
+    assert class_term > 1e-4  # λ changes the loss at all
+    assert first[1.0] - first[0.5] == pytest.approx(class_term / 2, rel=1e-4)
+    instance_term = first[1.0] - class_term
+    assert instance_term > 0
+    # λ = 0: prior preservation off, so nothing is generated and no class prompt is used.
+    empty_cache = tmp_path / "cache-lambda-0"
+    off_context = replace(context, cache_dir=empty_cache)
+    workdir = tmp_path / "lambda-0"
+    workdir.mkdir()
+    DreamBooth(DreamBoothParams(steps=1, learning_rate=1e-3, prior_loss_weight=0.0, **PRIOR), off_context).prepare(dog, workdir, seed=0)
+    state = json.loads((workdir / "state.json").read_text())
+    assert state["class_prompt"] is None and state["class_images_generated"] == 0
+    assert not any(empty_cache.rglob("*.png"))

@@ -53,11 +53,16 @@ def test_golden_values(name):
     metric = build_metric(name, RANDOM)
     fingerprint = metric.fingerprint()
     kind = fingerprint["backbone"]["kind"]
-    assert fingerprint["backbone"]["weights_sha256"] == WEIGHTS_SHA256[kind], (
-        f"random-init {kind} weights changed (torch/timm/open_clip init?): every golden value moves"
-    )
     values = metric.score(mini_scoring_inputs("dog"))
-    np.testing.assert_allclose(values, GOLDEN[name], atol=TOLERANCE, rtol=0)
+    # The weights' sha256 pins the init bit for bit on the machine that made the golden values;
+    # another CPU may round the init's erfinv/trunc-normal differently in the last bit (seen:
+    # DINO on an AMD EPYC vs the machine that wrote these), which moves no value beyond
+    # TOLERANCE. So values decide; a changed hash only explains a failure.
+    same_weights = fingerprint["backbone"]["weights_sha256"] == WEIGHTS_SHA256[kind]
+    np.testing.assert_allclose(
+        values, GOLDEN[name], atol=TOLERANCE, rtol=0,
+        err_msg="" if same_weights else f"random-init {kind} weights changed (torch/timm/open_clip init?)",
+    )
 
 
 def test_every_registered_metric_has_golden_values():

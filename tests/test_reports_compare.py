@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
+import numpy as np
 import pytest
 
 from benchmark.cli import main
@@ -12,7 +14,7 @@ from benchmark.config import load_config
 from benchmark.driver import run_benchmark
 from reports.compare import Tolerance, compare_runs
 from reports.rundata import ReportError
-from tests.report_fakes import use_fakes
+from tests.report_fakes import FakeDino, use_fakes
 
 FAST = ["--resamples", "500"]
 # The fake metrics have known responses to the dummy's fidelity; random-weight real metrics
@@ -110,3 +112,80 @@ def test_unscored_runs_compare_image_bytes(tmp_path, capsys):
     assert main(["compare", baseline, current, "--out", str(tmp_path / "diff")]) == 0
     assert main(["compare", baseline, current, "--out", str(tmp_path / "diff"), "--fail-on-difference"]) == 1
     assert "only image bytes are compared" in capsys.readouterr().out
+
+
+def _unit(text: str) -> float:
+    return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+
+class ShiftedDino(FakeDino):
+    """A DINO stand-in: subjects differ a lot (0.2 / 0.5 / 0.8), images a little, and with
+    ``shift`` set every image moves by about that much (spread a little per subject and image,
+    so that the interval is not a point)."""
+
+    shift = 0.0
+    offsets: dict = {}
+
+    def score(self, inputs):
+        base = ShiftedDino.offsets[inputs.reference_key]
+        value = base + 0.01 * np.array([_unit(k) for k in inputs.image_keys])
+        if ShiftedDino.shift:
+            spread = 0.004 * (np.array([_unit("c" + k) for k in inputs.image_keys]) - 0.5)
+            value = value + ShiftedDino.shift + 0.01 * (base - 0.5) + spread
+        return value
+
+
+def _independent_paired_ci(differences, subjects, prompts, resamples=4000, seed=123):
+    """Paired hierarchical bootstrap written plainly: subjects, then prompts within subjects."""
+    rng = np.random.default_rng(seed)
+    by_subject = {}
+    for d, s, p in zip(differences, subjects, prompts):
+        by_subject.setdefault(s, {}).setdefault(p, []).append(d)
+    names = sorted(by_subject)
+    means = []
+    for _ in range(resamples):
+        drawn = []
+        for s in rng.choice(names, size=len(names)):
+            prompt_names = sorted(by_subject[s])
+            for p in rng.choice(prompt_names, size=len(prompt_names)):
+                drawn += by_subject[s][p]
+        means.append(np.mean(drawn))
+    return np.quantile(means, [0.025, 0.975])
+
+
+def test_small_uniform_shift_is_found_only_by_pairing(tmp_path, monkeypatch):
+    """Subjects differ by 0.3 while the regression is −0.02 on every image: a paired analysis
+    flags it at the default tolerance (an unpaired one could not), and the interval matches an
+    independent paired bootstrap."""
+    import metrics.registry
+    from data.subjects import load_subjects
+    from reports.rundata import read_run
+
+    offsets = {s.data_sha: offset for s, offset in zip(load_subjects("mini"), (0.2, 0.5, 0.8))}
+    monkeypatch.setattr(ShiftedDino, "offsets", offsets)
+    monkeypatch.setitem(metrics.registry.BUILTIN_METRICS, "dino", f"{__name__}:ShiftedDino")
+    overrides = ["metrics.names=[dino]", "protocol.prompts=[0,1,2,3,4]"]
+    baseline = run(tmp_path / "baseline", *overrides)
+    monkeypatch.setattr(ShiftedDino, "shift", -0.02)
+    current = run(tmp_path / "current", *overrides)
+
+    comparison = compare_runs(baseline, current)  # default tolerance and resamples
+    row = comparison.rows.set_index("metric").loc["dino"]
+    assert row["verdict"] == "worse" and comparison.exit_code == 1
+    assert row["ci_high"] < -0.01
+    # an unpaired look cannot see it: the spread between subjects swamps a −0.02 shift
+    base_long, cur_long = read_run(baseline).long, read_run(current).long
+    base_values = base_long[base_long["metric"] == "dino"]["value"].to_numpy()
+    cur_values = cur_long[cur_long["metric"] == "dino"]["value"].to_numpy()
+    pooled_sd = np.sqrt((base_values.var(ddof=1) + cur_values.var(ddof=1)) / 2)
+    assert pooled_sd > 10 * 0.02
+    # the interval agrees with an independent paired bootstrap over the same differences
+    identity = ["cell_id", "checkpoint", "subject", "role", "template", "k", "seed"]
+    merged = base_long[base_long["metric"] == "dino"].merge(
+        cur_long[cur_long["metric"] == "dino"], on=identity, suffixes=("_b", "_c"))
+    assert len(merged) == len(base_values) == 3 * 5 * 2
+    differences = (merged["value_c"] - merged["value_b"]).to_numpy()
+    low, high = _independent_paired_ci(differences, merged["subject"].to_numpy(), merged["template"].to_numpy())
+    assert row["delta"] == pytest.approx(differences.mean(), abs=1e-12)
+    assert row["ci_low"] == pytest.approx(low, abs=1.5e-3)
+    assert row["ci_high"] == pytest.approx(high, abs=1.5e-3)
