@@ -307,6 +307,19 @@ def _quiet_lpips(**kwargs) -> torch.nn.Module:
         return lpips.LPIPS(version=LPIPS_VERSION, verbose=False, **kwargs)
 
 
+def _load_trunk(model: torch.nn.Module, net: str, path: Path) -> None:
+    """Copy torchvision's ImageNet ``features`` from ``path`` into the lpips trunk's slices,
+    which hold those very modules under their ``features`` indices."""
+    from torchvision import models
+
+    features = (models.alexnet() if net == "alex" else models.vgg16()).features
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+    for number in range(1, model.net.N_slices + 1):
+        for index, module in getattr(model.net, f"slice{number}").named_children():
+            module.load_state_dict(features[int(index)].state_dict())
+
+
 def _load_lpips(net: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
 
     what = f"LPIPS {net}"
@@ -323,9 +336,11 @@ def _load_lpips(net: str, weights: str, device: torch.device, precision: str) ->
             torch.hub.download_url_to_file(url, str(cached), hash_prefix=expected, progress=False)
         check_sha256(cached, expected, f"{what} ImageNet trunk")
         try:
-            model = _quiet_lpips(net=net, pretrained=True, pnet_rand=False)
+            # The checked file itself is loaded (lpips would look the trunk up by name again).
+            model = _quiet_lpips(net=net, pretrained=True, pnet_rand=True)
+            _load_trunk(model, net, cached)
         except Exception as error:
-            raise MetricWeightsError(f"{what}: could not load the ImageNet trunk ({url}): {error}") from None
+            raise MetricWeightsError(f"{what}: could not load the ImageNet trunk ({cached}): {error}") from None
         tag, source = f"imagenet-trunk+lpips-v{LPIPS_VERSION}-linear", url
     else:
         # The linear heads ship inside the lpips package, so only the trunk is random.

@@ -182,7 +182,13 @@ def test_pretrained_loading_path_reads_the_local_caches(monkeypatch, tmp_path):
                        dino.model.state_dict())
         trunk = models.alexnet().state_dict()
         (tmp_path / "torch-hub" / "checkpoints").mkdir(parents=True)
-        torch.save(trunk, tmp_path / "torch-hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+        staged = tmp_path / "torch-hub" / "checkpoints" / "staged.pth"
+        torch.save(trunk, staged)
+        # The trunk is pinned by the sha256 prefix in its URL's file name: pin the fake one alike.
+        prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+        staged.rename(staged.with_name(f"alexnet-owt-{prefix}.pth"))
+        monkeypatch.setattr("metrics.backbones._torchvision_trunk_url",
+                            lambda net: f"https://download.pytorch.org/models/alexnet-owt-{prefix}.pth")
 
         loaded_clip = _load_clip("ViT-B-32", "pretrained", cpu, "fp32")
         loaded_dino = _load_dino("pretrained", cpu, "fp32")
