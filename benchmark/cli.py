@@ -38,10 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     from benchmark import commands as harness_commands
+    from benchmark import edit as edit_commands
     from data import cli as data_cli
     from reports import cli as reports_cli
 
     harness_commands.add_commands(commands)
+    edit_commands.add_commands(commands)
     data_cli.add_commands(commands)
     reports_cli.add_commands(commands)
     return parser

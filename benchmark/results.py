@@ -77,6 +77,15 @@ def load_records(store: Store) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+SIBLING_GROUP = ["prepare_key", "cell_id", "checkpoint", "template", "role"]
+
+
+def sibling_groups(frame: pd.DataFrame) -> pd.Series:
+    """Per image: its sibling group (DIV) — same training, same cell (cells that share a training
+    differ in how they generate), checkpoint, prompt and role."""
+    return frame[SIBLING_GROUP].astype(str).agg("|".join, axis=1)
+
+
 def context_keys(frame: pd.DataFrame, with_siblings: bool) -> pd.Series:
     """Per image: a hash of the scoring context a metric sees (references and CLIP-T text, plus
     the image's sibling set for metrics whose values depend on it, e.g. DIV).
@@ -85,7 +94,7 @@ def context_keys(frame: pd.DataFrame, with_siblings: bool) -> pd.Series:
     a sibling joins the group, and nothing else is.
     """
     if with_siblings:
-        siblings = frame.groupby(["prepare_key", "checkpoint", "template", "role"])["key"].transform(
+        siblings = frame.groupby(SIBLING_GROUP)["key"].transform(
             lambda keys: stable_hash(sorted(keys))
         )
     else:

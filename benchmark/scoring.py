@@ -19,6 +19,7 @@ from benchmark.results import (
     CURRENT_SCORES_FILE,
     context_keys,
     read_score_parts,
+    sibling_groups,
     write_parquet,
 )
 from benchmark.store import Store, atomic_write_json
@@ -94,11 +95,11 @@ def score_run(
                 if subject_id not in references:
                     references[subject_id] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
                 # DIV needs every sibling of a group in one call, even those already scored.
-                groups = subject_rows["prepare_key"] + "|" + subject_rows["checkpoint"] + "|" + subject_rows["template"]
+                groups = sibling_groups(subject_rows)
                 if needs_groups:
                     wanted = set(groups)
                     all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
-                    all_groups = all_rows["prepare_key"] + "|" + all_rows["checkpoint"] + "|" + all_rows["template"]
+                    all_groups = sibling_groups(all_rows)
                     subject_rows, groups = all_rows[all_groups.isin(wanted)], all_groups[all_groups.isin(wanted)]
                 inputs = ScoringInputs(
                     images=_images(store, subject_rows),

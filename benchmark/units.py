@@ -263,7 +263,25 @@ def expand(config: RunConfig, context: MethodContext, subjects: list[Subject] | 
         WorkGroup(prepare=prepare, images=tuple(images), cells=tuple(group_cells))
         for prepare, images, group_cells in by_training.values()
     )
+    _refuse_duplicate_cells(groups)
     return Plan(config, context, tuple(subjects), tuple(cells), groups)
+
+
+def _refuse_duplicate_cells(groups: tuple[WorkGroup, ...]) -> None:
+    """Two entries (or grid points) that would make the very same images: one is redundant, and
+    scoring them twice under two names would double-count. Say which and how to fix it."""
+    from benchmark.errors import ConfigError
+
+    owner: dict[str, str] = {}
+    for group in groups:
+        for unit in group.images:
+            other = owner.setdefault(unit.key, unit.cell_id)
+            if other != unit.cell_id:
+                raise ConfigError(
+                    f"methods: {other!r} and {unit.cell_id!r} are the same method with the same "
+                    "parameters, so they would produce identical images; drop one or change a "
+                    "parameter of one (a label alone does not make a different method)"
+                )
 
 
 def shard(groups: tuple[WorkGroup, ...], index: int, count: int) -> tuple[WorkGroup, ...]:

@@ -55,9 +55,11 @@ def run(run_dir: Path, args, deterministic: bool) -> float:
 
 
 def state_hashes(run_dir: Path) -> dict[str, str]:
+    """trainer/subject/file -> sha256 (the key folder left out: fast and deterministic keys differ)."""
     out = {}
     for path in sorted((run_dir / "states").rglob("*.safetensors")):
-        out[str(path.relative_to(run_dir / "states"))] = hashlib.sha256(path.read_bytes()).hexdigest()
+        trainer, subject, _key, *rest = path.relative_to(run_dir / "states").parts
+        out["/".join([trainer, subject, *rest])] = hashlib.sha256(path.read_bytes()).hexdigest()
     return out
 
 

@@ -13,6 +13,10 @@ disk and shared by every subject of the class). Defaults and where they come fro
 - Class images are sampled with DDIM (``class_image_steps=50``, ``class_image_guidance=7.5``), our
   choice (the script uses the backbone's default scheduler at 50 steps, guidance 7.5).
 - ``prior_loss_weight=0`` or ``class_images=0`` turns prior preservation off (no images made).
+- ``collapse_prompts=4`` (ours): after saving each checkpoint, the attention-collapse diagnostic
+  (``methods.attention_collapse``) samples that many protocol prompts with it and stores entropy
+  and subject share of its cross-attention per resolution in ``state.json``
+  (``attention_collapse``); the report plots them against the training step. 0 turns it off.
 
 Checkpoints: ``checkpoint_steps`` save ``step-N`` states for sweeps (DreamBlend, pareto
 fronts); the end is ``final``. The full fine-tune saves the whole UNet state dict (and the text
@@ -32,6 +36,7 @@ by ``StableDiffusionPipeline.save_lora_weights`` that ``pipe.load_lora_weights(f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,8 +46,9 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from data.protocol import Prompt
+from data.protocol import Prompt, derive_seed
 from data.subjects import Subject, cache_root
+from methods.attention_collapse import COLLAPSE_SAMPLER, COLLAPSE_VERSION, collapse_statistics
 from methods.backbones import Backbone, load_backbone
 from methods.base import Method, ParamsError, SamplerConfig, State, param
 from methods.class_prior import class_prior_images
@@ -78,9 +84,12 @@ class DreamBoothParams(TrainingParams):
     class_image_seed: int = param(0, source="ours: any fixed seed, so class images are reproducible")
     class_image_steps: int = param(50, source="ours: DDIM 50 (the script: its default scheduler at 50 steps)")
     class_image_guidance: float = param(7.5, source="diffusers example")
+    collapse_prompts: int = param(4, source="ours: attention-collapse diagnostic prompts per checkpoint", doc="0 = off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.collapse_prompts < 0:
+            raise ParamsError(f"collapse_prompts must be >= 0 (0 turns the diagnostic off), got {self.collapse_prompts}")
         if self.class_images < 0:
             raise ParamsError(f"class_images must be >= 0 (0 disables prior preservation), got {self.class_images}")
         if self.prior_loss_weight < 0:
@@ -107,7 +116,7 @@ class DreamBoothLoRAParams(DreamBoothParams):
 
 class DreamBooth(Method):
     name = "dreambooth"
-    version = "1"
+    version = "2"  # 2: state.json holds the attention-collapse diagnostic
     Params = DreamBoothParams
     description = "DreamBooth (Ruiz et al. 2023): full UNet fine-tune with prior preservation"
 
@@ -160,6 +169,8 @@ class DreamBooth(Method):
                 backbone, prior.paths, resolution, mode=p.vae_latents, seed=p.class_image_seed
             )
             prior_data = (class_latents, prior.prompt)
+        self._collapse_prompts = self.collapse_prompts(subject)
+        self._collapse: dict[str, list[dict]] = {}
         result, files = self._train(backbone, (instance_latents, instance_prompt), prior_data, workdir, seed)
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()  # the fp32 copies and optimizer state died with _train
@@ -175,6 +186,7 @@ class DreamBooth(Method):
             "checkpoints": files,
             "training": result.summary(),
             "losses": result.losses,
+            "attention_collapse": self._collapse_record(),
         }
         (workdir / "state.json").write_text(json.dumps(state, indent=1))
 
@@ -221,6 +233,12 @@ class DreamBooth(Method):
         def on_checkpoint(step: int) -> None:
             name = checkpoint_name(step, p.steps)
             files[name] = self._save_checkpoint(workdir, name, unet, text_encoder, backbone.dtype)
+            if self._collapse_prompts:
+                prompts, seeds = self._collapse_prompts
+                rows = collapse_statistics(
+                    backbone, unet, text_encoder, prompts, seeds, self.context.identifier, self.context.resolution
+                )
+                self._collapse[name] = [{"training_step": step, **row} for row in rows]
 
         with contextlib.ExitStack() as stack:
             for module in (unet, text_encoder):
@@ -240,6 +258,28 @@ class DreamBooth(Method):
                 on_checkpoint=on_checkpoint,
             )
         return result, files
+
+    def collapse_prompts(self, subject: Subject) -> tuple[list[str], list[int]] | None:
+        """The diagnostic's prompts (evenly spaced protocol templates of the subject's kind) and seeds."""
+        count = self.params.collapse_prompts
+        if count == 0:
+            return None
+        templates = subject.prompts()
+        chosen = [templates[round(i * (len(templates) - 1) / max(count - 1, 1))] for i in range(count)]
+        prompts = [self.render_prompt(prompt, subject) for prompt in chosen]
+        return prompts, [derive_seed("attention-collapse", subject.id, i) for i in range(count)]
+
+    def _collapse_record(self) -> dict | None:
+        if not self._collapse_prompts:
+            return None
+        prompts, seeds = self._collapse_prompts
+        return {
+            "version": COLLAPSE_VERSION,
+            "prompts": prompts,
+            "seeds": seeds,
+            "sampler": dataclasses.asdict(COLLAPSE_SAMPLER),
+            "rows": {name: rows for name, rows in self._collapse.items()},
+        }
 
     def _trainable_modules(
         self, backbone: Backbone, generator: torch.Generator
@@ -322,7 +362,7 @@ class DreamBooth(Method):
 
 class DreamBoothLoRA(DreamBooth):
     name = "dreambooth_lora"
-    version = "1"
+    version = "2"  # 2: state.json holds the attention-collapse diagnostic
     Params = DreamBoothLoRAParams
     description = "DreamBooth with LoRA adapters (peft) on the UNet attention, prior preservation"
 

@@ -19,6 +19,9 @@ BUILTIN_METHODS: dict[str, str] = {
     "textual_inversion": "methods.textual_inversion:TextualInversion",
     "dreambooth": "methods.dreambooth:DreamBooth",
     "dreambooth_lora": "methods.dreambooth:DreamBoothLoRA",
+    "hifi_tuner": "methods.hifi_tuner:HifiTuner",
+    "dreamblend": "methods.dreamblend:DreamBlend",
+    "custom_diffusion": "methods.custom_diffusion:CustomDiffusion",
 }
 
 

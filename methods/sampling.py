@@ -17,7 +17,7 @@ image per call would be bit-exact but throws the batching away.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
@@ -116,9 +116,19 @@ def generate_images(
     seeds: Sequence[int],
     sampler: SamplerConfig,
     resolution: int,
+    *,
+    adjust_initial_latents: Callable[[torch.Tensor], torch.Tensor] | None = None,
     **pipeline_kwargs,
 ) -> list[Image.Image]:
-    """One PIL image per (prompt, seed), all in one pipeline call."""
+    """One PIL image per (prompt, seed), all in one pipeline call.
+
+    With ``prompt_embeds`` in ``pipeline_kwargs`` (methods that condition in the text encoder's
+    output space, e.g. HiFi Tuner) the prompts only count the images; the embeddings are used.
+    ``adjust_initial_latents`` may change the seeded initial latents (on the UNet's device and
+    dtype, before the pipeline scales them by the scheduler's ``init_noise_sigma``), e.g. a
+    guidance step on x_T; ``pipeline_kwargs`` go to the pipeline (e.g. ``callback_on_step_end``;
+    ``output_type="latent"`` returns latents instead of images, for callers that only observe).
+    """
     prompts = list(prompts)
     if len(prompts) != len(seeds):
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds; give one seed per prompt")
@@ -131,16 +141,18 @@ def generate_images(
     channels = pipeline.unet.config.in_channels
     latents = initial_latents(generators, (channels, resolution // scale, resolution // scale))
     unet_dtype = frozen_dtype(pipeline.unet)
+    latents = latents.to(device=pipeline.unet.device, dtype=unet_dtype)
+    if adjust_initial_latents is not None:
+        latents = adjust_initial_latents(latents)
     output = pipeline(
-        prompt=prompts,
+        prompt=None if "prompt_embeds" in pipeline_kwargs else prompts,
         height=resolution,
         width=resolution,
         num_inference_steps=sampler.steps,
         guidance_scale=sampler.guidance,
         eta=sampler.eta,
         generator=generators,
-        latents=latents.to(device=pipeline.unet.device, dtype=unet_dtype),
-        output_type="pil",
-        **pipeline_kwargs,
+        latents=latents,
+        **{"output_type": "pil", **pipeline_kwargs},
     )
     return list(output.images)

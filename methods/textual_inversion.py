@@ -37,7 +37,7 @@ import copy
 import json
 import re
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -288,6 +288,49 @@ class TextualInversion(Method):
 
     # ------------------------------------------------------------------ training
 
+    def training_latents(self, backbone: Backbone, subject: Subject, seed: int) -> list[torch.Tensor]:
+        """[latents, mirrored latents] of the subject's images (the mirrored set only if flip_p > 0)."""
+        p, resolution = self.params, self.context.resolution
+        latents = [subject_latents(backbone, subject, resolution, mode=p.vae_latents, seed=seed)]
+        if p.flip_p > 0:
+            latents.append(
+                subject_latents(backbone, subject, resolution, flip=True, mode=p.vae_latents, seed=seed)
+            )
+        return latents
+
+    def training_masks(self, subject: Subject) -> list[torch.Tensor] | None:
+        """Loss masks parallel to ``training_latents`` ((N,1,h,w) each), or None: Textual
+        Inversion has none; mask-guided methods (HiFi Tuner) override this."""
+        return None
+
+    def batch_source(
+        self,
+        subject: Subject,
+        latents: list[torch.Tensor],
+        generator: torch.Generator,
+        subject_text: str,
+        masks: list[torch.Tensor] | None = None,
+    ) -> Callable[[int], TrainBatch]:
+        """The official data pipeline: shuffled images, flips with p = flip_p, a random template
+        per sample with ``subject_text`` in its slot; masks follow their images and flips."""
+        p = self.params
+        draw = cycle_indices(len(subject.images), generator)
+        templates = TEMPLATE_SETS[p.templates]
+
+        def next_batch(step: int) -> TrainBatch:
+            indices = [draw() for _ in range(p.batch_size)]
+            flips = (torch.rand(p.batch_size, generator=generator) < p.flip_p).tolist()
+            choices = torch.randint(len(templates), (p.batch_size,), generator=generator).tolist()
+            batch_latents = torch.stack([latents[int(f)][i] for i, f in zip(indices, flips)])
+            batch_masks = None
+            if masks is not None:
+                batch_masks = torch.stack([masks[int(f)][i] for i, f in zip(indices, flips)])
+            return TrainBatch(
+                batch_latents, [templates[c].format(subject_text) for c in choices], mask=batch_masks
+            )
+
+        return next_batch
+
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
         p = self.params
         if not subject.images:
@@ -302,24 +345,9 @@ class TextualInversion(Method):
         embedding = text_encoder.get_input_embeddings()
         embedding.set_vectors(vectors)
 
-        resolution = self.context.resolution
-        latents = [subject_latents(backbone, subject, resolution, mode=p.vae_latents, seed=seed)]
-        if p.flip_p > 0:
-            latents.append(
-                subject_latents(backbone, subject, resolution, flip=True, mode=p.vae_latents, seed=seed)
-            )
+        latents = self.training_latents(backbone, subject, seed)
         generator = torch.Generator().manual_seed(seed)
-        draw = cycle_indices(len(subject.images), generator)
-        templates = TEMPLATE_SETS[p.templates]
-        placeholder_text = " ".join(tokens)
-
-        def next_batch(step: int) -> TrainBatch:
-            indices = [draw() for _ in range(p.batch_size)]
-            flips = (torch.rand(p.batch_size, generator=generator) < p.flip_p).tolist()
-            choices = torch.randint(len(templates), (p.batch_size,), generator=generator).tolist()
-            batch_latents = torch.stack([latents[int(f)][i] for i, f in zip(indices, flips)])
-            return TrainBatch(batch_latents, [templates[c].format(placeholder_text) for c in choices])
-
+        next_batch = self.batch_source(subject, latents, generator, " ".join(tokens), self.training_masks(subject))
         files: dict[str, str] = {}
 
         def on_checkpoint(step: int) -> None:

@@ -95,12 +95,15 @@ def checkpoint_name(step: int, steps: int) -> str:
 
 @dataclass
 class TrainBatch:
-    """One optimisation step's data. ``weights`` (B,) combine per-sample losses (default: mean)."""
+    """One optimisation step's data. ``weights`` (B,) combine per-sample losses (default: mean);
+    ``mask`` (B,1,h,w) weights the loss spatially; ``timesteps`` (B,) fixes the noise levels
+    (default: uniform draws), e.g. for HiFi Tuner's step-wise embeddings."""
 
     latents: torch.Tensor
     prompts: list[str]
     weights: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    timesteps: torch.Tensor | None = None
 
 
 @dataclass
@@ -186,7 +189,8 @@ def train_loop(
         with autocast_context(device, dtype):
             hidden = encode_prompts(batch.prompts)
             loss, _ = diffusion_loss(
-                unet, noise_scheduler, batch.latents, hidden, generator, batch.weights, batch.mask
+                unet, noise_scheduler, batch.latents, hidden, generator, batch.weights, batch.mask,
+                timesteps=batch.timesteps,
             )
             if extra_loss is not None:
                 loss = loss + extra_loss()

@@ -8,6 +8,8 @@ Writes under ``RUN_DIR/report/``:
   tables.html / tables.md        summary, by kind, by category, per subject, CLIP-T scales, cost
   tables/<name>.csv              the same tables, numeric (mean, ci_low, ci_high, n per metric)
   plots.html, plots/pareto_<y>_vs_<x>.png/.svg   DINO vs CLIP-T and CLIP-I vs CLIP-T
+  plots/fronts_<y>_vs_<x>.png/.svg, tables/fronts_*.csv   families' pareto fronts, hypervolumes with CIs
+  plots/attention_collapse.png/.svg, tables/attention_collapse.csv   when states hold the diagnostic
   gallery/index.html, gallery/s-<subject>.html   images per subject × prompt × entry
 """
 
@@ -21,10 +23,12 @@ import pandas as pd
 
 from data.common import atomic_write_bytes, atomic_write_text
 from reports import leaderboard as lb
+from reports.ablation import write_hifi_reports
+from reports.collapse import write_collapse
 from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
-from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure
+from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure, write_fronts
 from reports.render import FEW_NOTE, page
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import METRIC_ORDER, metric_label
@@ -111,9 +115,15 @@ def build_report(
         "a checkpoint sweep in step order." + (" Published figures are hollow diamonds." if not smoke else
                                                 " Published figures are left out: smoke numbers are on another scale.")
     )
+    for y_metric, x_metric in PLOTS:
+        plots.append(write_fronts(run, out, y_metric, x_metric, bool(smoke), resamples, seed, confidence))
+    collapse = write_collapse(run, out, bool(smoke))
+    if collapse is not None:
+        plots.append(collapse)
     atomic_write_text(out / "plots.html", plots_html(run, plots, plot_note))
 
     build_gallery(run, out)
+    hifi_files = write_hifi_reports(run, out, resamples, seed, confidence)
 
     files = [
         ("leaderboard.html", "Leaderboard (also leaderboard.md, leaderboard.csv)"),
@@ -122,6 +132,7 @@ def build_report(
         ("gallery/index.html", "Gallery: reference and generated images per subject, prompt and method"),
         (RESULTS_FILE, "results.parquet: every (image, metric) value"),
         ("fingerprints.json", "fingerprints.json: metric and method fingerprints behind these numbers"),
+        *hifi_files,
     ]
     leaderboard_fragment = lb.leaderboard_html(board, rank_by, [], coverage, resamples, confidence, heading="h2")
     index = out / "index.html"

@@ -18,6 +18,7 @@ examples:
   subjectbench compare runs/main runs/my-change
   subjectbench compare runs/main runs/my-change --tolerance 0.02 --tolerance dino=0.01
   subjectbench compare runs/ci-baseline runs/ci --fail-on-difference   # tiny CI runs: any change fails
+  subjectbench compare bundles/main runs/my-change   # baseline from `subjectbench export` (not re-run)
 """
 
 
@@ -41,12 +42,12 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
 
     compare = commands.add_parser(
         "compare",
-        help="paired regression check of CURRENT_RUN against BASELINE_RUN (exit 1 on a significant regression)",
+        help="paired regression check of CURRENT_RUN against BASELINE (a run or a bundle; exit 1 on a significant regression)",
         description="Compare two runs unit by unit and fail when a metric got significantly worse.",
         epilog=COMPARE_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    compare.add_argument("baseline", metavar="BASELINE_RUN")
+    compare.add_argument("baseline", metavar="BASELINE", help="baseline run directory or result bundle (subjectbench export)")
     compare.add_argument("current", metavar="CURRENT_RUN")
     compare.add_argument(
         "--tolerance", action="append", metavar="[METRIC=]X",
@@ -59,6 +60,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     _bootstrap_arguments(compare)
     compare.set_defaults(handler=cmd_compare)
+
+    from reports import bundle_cli
+
+    bundle_cli.add_commands(commands)
 
 
 def _check_bootstrap(args: argparse.Namespace) -> None:

@@ -1,5 +1,8 @@
 """``subjectbench compare BASELINE CURRENT``: the paired regression check between two runs.
 
+BASELINE may be a result bundle (``subjectbench export``): it records each image's sha256, so
+the comparison is the same as against the run directory it was exported from.
+
 Pairing. Two images are the same unit when they agree on their identity: method label, cell_id
 (label + grid point), checkpoint, subject, role, prompt template, k and seed. The unit *key* is
 deliberately not used: it hashes the method's fingerprint, so a changed method (new code
@@ -20,7 +23,6 @@ Exit code: 0 when nothing is significantly worse, 1 when something is (or, with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from dataclasses import dataclass, field
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from reports.bundle import image_digests, read_source
 from reports.render import Cell, estimate, fmt, markdown_table, text
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import metric_direction, metric_label, ordered_metrics
@@ -103,13 +106,6 @@ class Comparison:
         return 1 if self.fail_on_difference and self.differs else 0
 
 
-def _sha256(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
-    except OSError:
-        return None
-
-
 def _image_pairs(baseline: RunData, current: RunData) -> tuple[pd.DataFrame, pd.DataFrame]:
     columns = [*IDENTITY, "entry", "image"]
     base = baseline.images[columns] if not baseline.images.empty else pd.DataFrame(columns=columns)
@@ -117,8 +113,10 @@ def _image_pairs(baseline: RunData, current: RunData) -> tuple[pd.DataFrame, pd.
     merged = base.merge(cur, on=IDENTITY, how="outer", suffixes=("_baseline", "_current"), indicator=True)
     merged["entry"] = merged["entry_current"].fillna(merged["entry_baseline"])
     pairs = merged[merged["_merge"] == "both"].copy()
+    # A bundle records its images' sha256 instead of holding the PNGs.
+    base_digests, current_digests = image_digests(baseline), image_digests(current)
     pairs["identical"] = [
-        (a := _sha256(baseline.root / b)) is not None and a == _sha256(current.root / c)
+        (a := base_digests.get(b)) is not None and a == current_digests.get(c)
         for b, c in zip(pairs["image_baseline"], pairs["image_current"])
     ]
     rows = []
@@ -154,7 +152,7 @@ def compare_runs(
     fail_on_difference: bool = False,
 ) -> Comparison:
     tolerance = tolerance or Tolerance()
-    baseline, current = read_run(baseline_dir), read_run(current_dir)
+    baseline, current = read_source(baseline_dir), read_run(current_dir)
     pairs, images = _image_pairs(baseline, current)
     if pairs.empty:
         raise ReportError(

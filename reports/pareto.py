@@ -260,3 +260,215 @@ def save_figure(figure: Figure, base: Path) -> list[Path]:
     with matplotlib.rc_context({"svg.hashsalt": "subjectbench"}):
         figure.savefig(svg, metadata={"Date": None})
     return [png, svg]
+
+
+# ----------------------------------------------------------------------------- families' fronts
+
+
+def hypervolume(
+    x: ArrayLike, y: ArrayLike, reference: tuple[float, float], x_higher: bool = True, y_higher: bool = True
+) -> float:
+    """Area dominated by the points and dominating ``reference`` (2-D hypervolume).
+
+    The union of the rectangles spanned by ``reference`` and each point, in the metrics' units
+    (points no better than the reference on an axis add nothing).
+    """
+    sign_x, sign_y = (1 if x_higher else -1), (1 if y_higher else -1)
+    sx, sy = np.asarray(x, float) * sign_x, np.asarray(y, float) * sign_y
+    rx, ry = reference[0] * sign_x, reference[1] * sign_y
+    keep = (sx > rx) & (sy > ry) & ~np.isnan(sx) & ~np.isnan(sy)
+    area, best_y = 0.0, ry
+    for index in np.argsort(-sx[keep], kind="stable"):
+        px, py = sx[keep][index], sy[keep][index]
+        if py > best_y:
+            area += (px - rx) * (py - best_y)
+            best_y = py
+    return float(area)
+
+
+def front_hypervolumes(
+    per_subject: pd.DataFrame,
+    x_higher: bool = True,
+    y_higher: bool = True,
+    resamples: int = 1000,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[pd.DataFrame, pd.DataFrame, tuple[float, float]]:
+    """Each family's pareto front, its hypervolume with a bootstrap CI over subjects, and the
+    paired differences between families.
+
+    ``per_subject``: one row per (family, point, subject) with the subject's mean ``x`` and ``y``
+    for that point (a point = a method entry, cell @ checkpoint). A point's value is the mean over
+    subjects. The reference point is the worst observed point value on each axis over all
+    families (shared, so the families' hypervolumes compare within a plot; not across runs).
+    Each bootstrap replicate draws subjects with replacement — the same draw for every family,
+    so differences are paired — recomputes every point's mean, each family's front and its
+    hypervolume. Returns (fronts: family, hypervolume, ci_low, ci_high, n_subjects, n_points,
+    frontier; differences: family_a, family_b, difference, ci_low, ci_high; reference).
+    """
+    columns = ["family", "hypervolume", "ci_low", "ci_high", "n_subjects", "n_points", "frontier"]
+    diff_columns = ["family_a", "family_b", "difference", "ci_low", "ci_high"]
+    frame = per_subject.dropna(subset=["x", "y"])
+    if frame.empty:
+        return pd.DataFrame(columns=columns), pd.DataFrame(columns=diff_columns), (np.nan, np.nan)
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence}")
+    subjects = sorted(frame["subject"].astype(str).unique())
+    subject_index = {s: i for i, s in enumerate(subjects)}
+    families = list(dict.fromkeys(frame["family"]))
+    # (family, point) -> per-subject values as dense arrays (NaN where a subject lacks the point)
+    tables = {}
+    for family in families:
+        rows = frame[frame["family"] == family]
+        points = list(dict.fromkeys(rows["point"]))
+        xs = np.full((len(points), len(subjects)), np.nan)
+        ys = np.full_like(xs, np.nan)
+        for row in rows.itertuples():
+            xs[points.index(row.point), subject_index[str(row.subject)]] = row.x
+            ys[points.index(row.point), subject_index[str(row.subject)]] = row.y
+        tables[family] = (points, xs, ys)
+
+    def means(values: np.ndarray, weights: np.ndarray) -> np.ndarray:
+        present = ~np.isnan(values)
+        total = np.where(present, values, 0.0) @ weights
+        count = present.astype(float) @ weights
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return total / count
+
+    ones = np.ones(len(subjects))
+    observed = {family: (means(xs, ones), means(ys, ones)) for family, (_, xs, ys) in tables.items()}
+    all_x = np.concatenate([mx for mx, _ in observed.values()])
+    all_y = np.concatenate([my for _, my in observed.values()])
+    reference = (
+        float(np.nanmin(all_x) if x_higher else np.nanmax(all_x)),
+        float(np.nanmin(all_y) if y_higher else np.nanmax(all_y)),
+    )
+    rng = np.random.default_rng(seed)
+    draws = rng.integers(0, len(subjects), size=(resamples, len(subjects)))
+    replicate = {family: np.empty(resamples) for family in families}
+    for b in range(resamples):
+        weights = np.bincount(draws[b], minlength=len(subjects)).astype(float)
+        for family, (_, xs, ys) in tables.items():
+            replicate[family][b] = hypervolume(means(xs, weights), means(ys, weights), reference, x_higher, y_higher)
+    alpha = (1.0 - confidence) / 2.0
+    rows = []
+    for family in families:
+        points, xs, _ = tables[family]
+        mx, my = observed[family]
+        front = pareto_mask(np.nan_to_num(mx, nan=-np.inf if x_higher else np.inf),
+                            np.nan_to_num(my, nan=-np.inf if y_higher else np.inf), x_higher, y_higher)
+        low, high = np.nanquantile(replicate[family], [alpha, 1.0 - alpha]) if len(subjects) > 1 else (np.nan, np.nan)
+        rows.append({
+            "family": family,
+            "hypervolume": hypervolume(mx, my, reference, x_higher, y_higher),
+            "ci_low": float(low), "ci_high": float(high),
+            "n_subjects": int((~np.isnan(xs)).any(axis=0).sum()), "n_points": len(points),
+            "frontier": [p for p, on in zip(points, front) if on],
+        })
+    fronts = pd.DataFrame(rows, columns=columns)
+    differences = []
+    for a, b in itertools.combinations(families, 2):
+        delta = replicate[a] - replicate[b]
+        low, high = np.nanquantile(delta, [alpha, 1.0 - alpha]) if len(subjects) > 1 else (np.nan, np.nan)
+        value = float(fronts.loc[fronts["family"] == a, "hypervolume"].iloc[0] - fronts.loc[fronts["family"] == b, "hypervolume"].iloc[0])
+        differences.append({"family_a": a, "family_b": b, "difference": value, "ci_low": float(low), "ci_high": float(high)})
+    return fronts, pd.DataFrame(differences, columns=diff_columns), reference
+
+
+def per_subject_points(long: pd.DataFrame, y_metric: str, x_metric: str) -> pd.DataFrame:
+    """(family, point, subject, x, y) from the long results: family = method entry label, point =
+    entry (cell @ checkpoint), values = the subject's mean over its images."""
+    wanted = long[long["metric"].isin([x_metric, y_metric])]
+    if wanted.empty:
+        return pd.DataFrame(columns=["family", "point", "subject", "x", "y"])
+    grouped = wanted.groupby(["method", "entry", "subject", "metric"], sort=False)["value"].mean().unstack("metric")
+    grouped = grouped.reindex(columns=[x_metric, y_metric]).reset_index()
+    return grouped.rename(columns={"method": "family", "entry": "point", x_metric: "x", y_metric: "y"})[
+        ["family", "point", "subject", "x", "y"]
+    ]
+
+
+def fronts_figure(
+    points: pd.DataFrame, fronts: pd.DataFrame, y_metric: str, x_metric: str, smoke: bool = False
+) -> Figure:
+    """Every family's points in one colour and marker, its pareto front as a staircase in that
+    colour, and the frontier entries named. ``points``: family, point, x, y (means)."""
+    figure = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(figure)
+    ax = figure.add_subplot()
+    ax.grid(True, color="#e3e7ee", linewidth=0.7)
+    ax.set_axisbelow(True)
+    ax.set_xlabel(_axis_label(x_metric, "x"))
+    ax.set_ylabel(_axis_label(y_metric, "y"))
+    ax.set_title(f"{metric_label(y_metric)} vs {metric_label(x_metric)}: method families and their pareto fronts", fontsize=10.5)
+    if smoke:
+        figure.suptitle("SMOKE NUMBERS — random-init backbone or metric weights; not a measurement",
+                        color="#c2410c", fontsize=11, fontweight="bold")
+    points = points.dropna(subset=["x", "y"])
+    if points.empty:
+        ax.text(0.5, 0.5, f"no entry has both {metric_label(y_metric)} and {metric_label(x_metric)}",
+                ha="center", va="center", transform=ax.transAxes, color="#5b6475")
+        return figure
+    x_higher = metric_direction(x_metric) is not False
+    y_higher = metric_direction(y_metric) is not False
+    palette = matplotlib.colormaps["tab10"]
+    label_x, label_y, label_text, label_color = [], [], [], []
+    for index, family in enumerate(dict.fromkeys(points["family"])):
+        rows = points[points["family"] == family]
+        color, marker = palette(index % palette.N), MARKERS[index % len(MARKERS)]
+        info = fronts[fronts["family"] == family]
+        legend = family
+        if not info.empty:
+            hv = info.iloc[0]
+            interval = "" if np.isnan(hv["ci_low"]) else f" [{hv['ci_low']:.2g}, {hv['ci_high']:.2g}]"
+            legend = f"{family} (HV {hv['hypervolume']:.2g}{interval})"
+        ax.scatter(rows["x"], rows["y"], marker=marker, color=color, s=30, alpha=0.75, label=legend, zorder=4,
+                   edgecolors="white", linewidths=0.5)
+        front = rows[rows["point"].isin(info.iloc[0]["frontier"] if not info.empty else [])]
+        if len(front):
+            xs, ys = frontier_path(front["x"].to_numpy(), front["y"].to_numpy(), x_higher, y_higher)
+            ax.plot(xs, ys, linestyle="--", color=color, linewidth=1.3, zorder=3)
+            for row in front.itertuples():
+                label_x.append(row.x)
+                label_y.append(row.y)
+                label_text.append(str(row.point))
+                label_color.append(color)
+    all_points = points.assign(x_low=points["x"], x_high=points["x"], y_low=points["y"], y_high=points["y"])
+    _pad_limits(ax, points["x"].to_numpy(float), points["y"].to_numpy(float), all_points)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False,
+              title="family (hypervolume [CI])", title_fontsize=8.5)
+    figure.draw_without_rendering()
+    figure.set_layout_engine("none")
+    place_labels(ax, np.array(label_x, float), np.array(label_y, float), label_text, fontsize=7.0, color=label_color)
+    return figure
+
+
+def write_fronts(
+    run, out: Path, y_metric: str, x_metric: str, smoke: bool, resamples: int, seed: int, confidence: float
+) -> tuple[str, str]:
+    """The families' fronts plot and its tables (hypervolumes, paired differences) under ``out``;
+    returns (plot base, title naming each front's hypervolume and frontier entries)."""
+    from data.common import atomic_write_text
+
+    x_higher = metric_direction(x_metric) is not False
+    y_higher = metric_direction(y_metric) is not False
+    per_subject = per_subject_points(run.long, y_metric, x_metric)
+    fronts, differences, reference = front_hypervolumes(per_subject, x_higher, y_higher, resamples, seed, confidence)
+    means = per_subject.groupby(["family", "point"], sort=False)[["x", "y"]].mean().reset_index()
+    name = f"fronts_{y_metric}_vs_{x_metric}"
+    table = fronts.assign(frontier=fronts["frontier"].map("; ".join),
+                          reference_x=reference[0], reference_y=reference[1])
+    atomic_write_text(out / "tables" / f"{name}.csv", table.to_csv(index=False))
+    atomic_write_text(out / "tables" / f"{name}_differences.csv", differences.to_csv(index=False))
+    save_figure(fronts_figure(means, fronts, y_metric, x_metric, smoke), out / "plots" / name)
+    parts = []
+    for row in fronts.itertuples():
+        interval = "" if np.isnan(row.ci_low) else f" [{row.ci_low:.3g}, {row.ci_high:.3g}]"
+        parts.append(f"{row.family}: hypervolume {row.hypervolume:.3g}{interval}, front = {', '.join(row.frontier)}")
+    for row in differences.itertuples():
+        interval = "" if np.isnan(row.ci_low) else f" [{row.ci_low:.3g}, {row.ci_high:.3g}]"
+        parts.append(f"{row.family_a} − {row.family_b}: {row.difference:.3g}{interval}")
+    title = (f"Method families' fronts, {metric_label(y_metric)} vs {metric_label(x_metric)} "
+             f"(hypervolume above the worst observed point, {confidence:.0%} bootstrap CI over subjects). "
+             + ("; ".join(parts) if parts else "no entry has both metrics"))
+    return f"plots/{name}", title

@@ -24,6 +24,9 @@ def check_run_dir(run_dir: str | Path) -> Store:
     store = Store(run_dir)
     if not store.root.is_dir():
         raise ReportError(f"run directory {store.root} does not exist; pass the --out of a `subjectbench run`")
+    if (store.root / "bundle.json").is_file():
+        raise ReportError(f"{store.root} is a result bundle, not a run directory; bundles go to `subjectbench leaderboard` "
+                          "or are the BASELINE of `subjectbench compare`")
     try:
         store.load_config_dict()
     except StoreError as error:
@@ -92,7 +95,8 @@ def _states(store: Store, plan: pd.DataFrame) -> pd.DataFrame:
         ["label", "trainer", "cell_id", "subject", "prepare_key"], sort=False
     ):
         info = store.state_info(trainer, subject, key)
-        row = {"method": label, "cell_id": cell_id, "subject": subject, "prepare_key": key, "done": info is not None}
+        row = {"method": label, "trainer": trainer, "cell_id": cell_id, "subject": subject, "prepare_key": key,
+               "done": info is not None}
         if info is not None:
             row.update(
                 prepare_seconds=info.get("seconds"),

@@ -323,3 +323,36 @@ def test_a_write_that_fails_half_way_leaves_the_old_file_and_no_temporary(tmp_pa
     assert store.image_path("m", "s", "k").read_bytes() == png
     assert json.loads(store.record_path("m", "s", "k").read_text()) == {"key": "k"}
     assert not [p for p in (tmp_path / "run").rglob("*") if p.name.startswith(".tmp-")]
+
+
+def test_div_siblings_stay_within_a_cell_when_cells_share_a_training(tmp_path):
+    """DIV compares an image with its siblings of the same cell, checkpoint and prompt: a second
+    cell generating from the same training must not join the group."""
+    from reports.rundata import read_run
+
+    common = ["metrics.names=[div]", "metrics.weights=random", "subjects=dog", "protocol.prompts=[0]",
+              "protocol.images_per_prompt=3", "protocol.prior_images=0"]
+    run_benchmark(config(*common, "methods.dummy.noise=0.3"), tmp_path / "alone", quiet=True)
+    run_benchmark(config(*common, "methods.dummy.noise=[0.3,0.9]"), tmp_path / "grid", quiet=True)
+
+    def div(run_dir, cell):
+        long = read_run(run_dir).long
+        rows = long[(long["metric"] == "div") & (long["cell_id"] == cell)]
+        return dict(zip(rows["key"], rows["value"]))
+
+    alone, shared = div(tmp_path / "alone", "dummy"), div(tmp_path / "grid", "dummy[noise=0.3]")
+    assert len(alone) == 3 and alone.keys() == shared.keys()
+    assert all(alone[k] == pytest.approx(shared[k], abs=1e-6) for k in alone)
+
+
+def test_two_identical_entries_are_refused_by_name():
+    from benchmark.config import ConfigError
+
+    cfg = load_config("default", ["metrics.names=[]"])
+    document = cfg.to_dict()
+    document["methods"] = [{"name": "dummy", "label": "a"}, {"name": "dummy", "label": "b"}]
+    from benchmark.config import config_from_dict
+
+    twin = config_from_dict(document)
+    with pytest.raises(ConfigError, match=r"'a' and 'b' are the same method with the same parameters"):
+        expand(twin, method_context(twin, "cpu", "float32"))

@@ -19,6 +19,12 @@ ALLOWED = {
     "reports": {"data", "methods", "metrics", "benchmark"},
 }
 ENTRY = {"benchmark.cli", "benchmark.commands", "benchmark.__main__"}
+# Known exceptions, each with its reason; remove an entry once the import is moved down.
+EXCEPTIONS = {
+    # HiFi Tuner picks its reference photo by DINO similarity and trains on masks corrupted by the
+    # mask-noise operators: both live in metrics/ today (candidates for a lower shared module).
+    "methods.hifi_tuner": {"metrics"},
+}
 
 
 def imports_of(path: Path) -> set[str]:
@@ -47,8 +53,9 @@ def test_no_package_imports_upward_or_sideways(module, path):
     package = module.split(".")[0]
     if module in ENTRY:
         return
+    allowed = ALLOWED[package] | EXCEPTIONS.get(module, set())
     wrong = sorted(name for name in imports_of(path)
-                   if name.split(".")[0] != package and name.split(".")[0] not in ALLOWED[package])
+                   if name.split(".")[0] != package and name.split(".")[0] not in allowed)
     assert not wrong, f"{module} imports {wrong}; move the helper to data/common.py or down a layer"
     assert not {name for name in imports_of(path) if name in ENTRY}, f"{module} imports the CLI"
 
