@@ -10,18 +10,16 @@ import argparse
 import sys
 
 from benchmark import __version__
+from data.common import UserError  # noqa: F401 - also importable from here, as before
 
 EPILOG = """\
 examples:
   subjectbench run                          # embedded default: offline, CPU, about a minute
   subjectbench run dreambooth --out runs/db # the paper protocol (GPU, hub weights)
   subjectbench list methods
-  subjectbench data verify --dataset-dir ../shared/datasets/dreambooth
+  subjectbench data download                # the DreamBooth dataset, to the default location
+  subjectbench data verify
 """
-
-
-class UserError(Exception):
-    """An error whose message is the whole story: printed without a traceback, exit code 2."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,21 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
-    except Exception as error:  # noqa: BLE001 - user-facing errors print without traceback
-        from benchmark.driver import RunLockedError
-        from benchmark.errors import ConfigError
-        from benchmark.store import StoreError
-        from data.images import ImageLoadError
-        from data.subjects import DatasetError
-        from methods.backbones import BackboneError
-        from metrics.base import MetricInputError
-        from metrics.mask_noise import MaskSpecError
-
-        user_errors = (
-            UserError, ConfigError, DatasetError, ImageLoadError, BackboneError, RunLockedError,
-            StoreError, MetricInputError, MaskSpecError,
-        )
-        if isinstance(error, user_errors):
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        raise
+    except UserError as error:  # every package's user-facing errors: the message is the whole story
+        print(f"error: {error}", file=sys.stderr)
+        return 2

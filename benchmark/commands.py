@@ -12,11 +12,84 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         description="List what can be named in a suite or on the command line.",
     )
     listing.add_argument("what", choices=["methods", "metrics", "backbones", "suites"])
+    listing.add_argument(
+        "name", nargs="?", metavar="NAME",
+        help="with `methods`: one method's parameters (type, default, source of the default, grid behaviour)",
+    )
     listing.set_defaults(handler=cmd_list)
     add_harness_commands(commands)
 
 
+def _type_name(annotation) -> str:
+    import typing
+
+    if typing.get_origin(annotation) is typing.Literal:
+        return "one of " + "|".join(map(str, typing.get_args(annotation)))
+    text = getattr(annotation, "__name__", None) if not typing.get_args(annotation) else None
+    return text or str(annotation).replace("typing.", "")
+
+
+GRID_LEGEND = (
+    "grid: axis = a list of values makes one cell (one training) per value; "
+    "gen-axis = the same, but generation-only: the cells share one training; "
+    "checkpoints = a list is ONE training that saves more checkpoints (a list of lists is a grid axis); "
+    "list = the value itself is a list (a list of lists is a grid axis)"
+)
+
+
+def _param_kind(f, annotation) -> str:
+    """How a list given to this parameter is read (see GRID_LEGEND)."""
+    from methods.base import _is_sequence_type, is_generation_param
+
+    if f.name == "checkpoint_steps":
+        return "checkpoints"
+    if _is_sequence_type(annotation):
+        return "list"
+    return "gen-axis" if is_generation_param(f) else "axis"
+
+
+def describe_method(name: str) -> str:
+    """Every parameter of method ``name``: type, default, where the default comes from, grid use."""
+    import dataclasses
+    import textwrap
+    import typing
+
+    from benchmark.errors import ConfigError
+    from methods.registry import UnknownMethodError, get_method
+
+    try:
+        cls = get_method(name)
+    except UnknownMethodError as error:
+        raise ConfigError(str(error).strip("'\"")) from None
+    hints = typing.get_type_hints(cls.Params)
+    defaults = cls.Params()
+    rows = [("parameter", "type", "default", "grid", "source of the default")]
+    docs = {}
+    for f in dataclasses.fields(cls.Params):
+        value = getattr(defaults, f.name)
+        shown = list(value) if isinstance(value, tuple) else value
+        rows.append((f.name, _type_name(hints[f.name]), repr(shown) if isinstance(shown, str) else str(shown),
+                     _param_kind(f, hints[f.name]), f.metadata.get("source") or "not recorded"))
+        docs[f.name] = f.metadata.get("doc", "")
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    lines = [f"{cls.name} (version {getattr(cls, 'version', '?')}): {cls.description}", ""]
+    for row in rows:
+        lines.append("  ".join(f"{cell:{widths[i]}}" for i, cell in enumerate(row[:4])) + "  " + row[4])
+        if docs.get(row[0]):
+            lines.append(f"{'':{widths[0]}}  ({docs[row[0]]})")
+    lines += ["", *textwrap.wrap(GRID_LEGEND, 100),
+              f"set one with methods.{cls.name}.PARAM=VALUE, e.g. methods.{cls.name}.{rows[1][0]}=[a,b] for a grid"]
+    return "\n".join(lines)
+
+
 def cmd_list(args: argparse.Namespace) -> int:
+    if args.name and args.what != "methods":
+        from benchmark.errors import ConfigError
+
+        raise ConfigError(f"`list {args.what} {args.name}`: a NAME is only taken by `list methods NAME`")
+    if args.what == "methods" and args.name:
+        print(describe_method(args.name))
+        return 0
     if args.what == "methods":
         from methods.registry import available_methods, get_method
 
@@ -58,7 +131,9 @@ def cmd_list(args: argparse.Namespace) -> int:
 RUN_EPILOG = """\
 overrides (key=value, dotted, YAML values):
   methods=dummy,dreambooth           keep / add these methods only
-  methods.dreambooth.steps=400       set a method parameter (a list makes a grid: lr=[1e-6,5e-6])
+  methods.dreambooth.steps=400       set a method parameter (`subjectbench list methods dreambooth`)
+  methods.dreambooth.learning_rate=[1e-6,5e-6]   a list of values is a grid axis (one training each)
+  methods.dreambooth.checkpoint_steps=[200,400]  ...except checkpoint_steps: one training, more checkpoints
   subjects=dog,teapot                only these subjects
   protocol.images_per_prompt=2  protocol.prompts=[0,1,2]  protocol.sampler.steps=25
   backbone=sd15  device=cuda  dtype=bfloat16  metrics.weights=random  generation.batch_size=4
@@ -165,7 +240,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in summary.lines():
         print(line)
     print(f"results: {summary.run_dir}")
-    if not args.no_report and not args.no_score:
+    if not config.metrics.names:
+        print(
+            "nothing was scored: metrics.names is empty, so there are no numbers and no report; score these "
+            f"images with `subjectbench score {summary.run_dir} metrics.names=[clip_t,clip_i,dino,div,pres]`"
+        )
+    elif not args.no_report and not args.no_score:
         report = _build_report(summary.run_dir)
         if report:
             print(f"report:  {report}")
@@ -203,6 +283,11 @@ def cmd_score(args: argparse.Namespace) -> int:
         if not item.startswith("metrics."):
             raise ConfigError(f"score override {item!r}: only metrics.* settings can change when scoring")
     config = config_from_dict(apply_overrides(document, args.overrides, "saved config"))
+    if not config.metrics.names:
+        raise ConfigError(
+            f"{store.root}: metrics.names is empty, nothing to score; name the metrics, e.g. "
+            f"`subjectbench score {store.root} metrics.names=[clip_t,clip_i,dino,div,pres]`"
+        )
     with run_lock(store):
         setup_logging(store.log_path, args.quiet)
         plan = load_plan(store)

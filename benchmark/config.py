@@ -19,6 +19,7 @@ import yaml
 from benchmark.errors import ConfigError, did_you_mean
 from data.subjects import DATASET_SOURCES
 from methods.base import SamplerConfig
+from metrics.base import CLIP_ARCHS, LPIPS_NETS
 
 SAMPLERS = ("ddim",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -261,6 +262,10 @@ def _build(cls: type, mapping: Any, where: str, **converters) -> Any:
 
 def _scalar(value: Any, annotation: Any, where: str) -> Any:
     kind = str(annotation)
+    if kind.endswith(" | None"):  # optional fields are checked like the others when given
+        if value is None:
+            return None
+        kind = kind[: -len(" | None")]
     if kind in ("int", "<class 'int'>"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
@@ -301,6 +306,16 @@ def _positive(value: Any, where: str) -> int:
 def _non_negative(value: Any, where: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 0:
         raise ConfigError(f"{where}: expected an integer >= 0, got {value!r}")
+    return value
+
+
+def _resolution(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 8 or value % 8:
+        raise ConfigError(
+            f"{where}: expected a positive multiple of 8 in pixels (e.g. 512), or null for the backbone's own, got {value!r}"
+        )
     return value
 
 
@@ -409,6 +424,8 @@ def _metric_names(value: Any, where: str) -> tuple[str, ...]:
     names = value if isinstance(value, list) else [value]
     valid = available_metrics()
     for name in names:
+        if not isinstance(name, str):
+            raise ConfigError(f"{where}: expected metric names (e.g. [clip_t, dino]), got {value!r}")
         if name not in valid:
             raise ConfigError(f"{where}: unknown metric {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
     return tuple(names)
@@ -419,7 +436,7 @@ def _protocol(value: Any) -> ProtocolConfig:
     sampler, grid = _sampler_grid(mapping.pop("sampler", None), "protocol.sampler")
     protocol = _build(
         ProtocolConfig, mapping, "protocol",
-        prompts=_prompts, images_per_prompt=_positive, prior_images=_non_negative,
+        prompts=_prompts, images_per_prompt=_positive, prior_images=_non_negative, resolution=_resolution,
         single_image=_single_image,
     )
     return dataclasses.replace(protocol, sampler=sampler, sampler_grid=grid)
@@ -437,7 +454,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         raise ConfigError(f"{origin}: backbone: {error}") from None
     return RunConfig(
         name=str(document.get("name", "custom")),
-        description=str(document.get("description", "")),
+        description=_scalar(document.get("description", ""), "str", "description"),
         dataset=_build(
             DatasetConfig, document.get("dataset"), "dataset",
             source=_choice(DATASET_SOURCES), subjects=_subjects,
@@ -451,6 +468,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         metrics=_build(
             MetricsConfig, document.get("metrics"), "metrics",
             names=_metric_names, weights=_choice(METRIC_WEIGHTS), batch_size=_positive,
+            clip=_choice(CLIP_ARCHS), lpips_net=_choice(LPIPS_NETS),
         ),
         generation=_build(GenerationConfig, document.get("generation"), "generation", batch_size=_positive),
     )

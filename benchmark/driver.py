@@ -23,13 +23,14 @@ from benchmark.runner import JobSpec
 from benchmark.scoring import score_run, scoring_workload
 from benchmark.store import Store, file_lock
 from benchmark.units import expand, method_context, shard
+from data.common import UserError, available_cores
 from data.subjects import cache_root
 from methods.registry import get_method
 
 log = logging.getLogger("subjectbench")
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     pass
 
 
@@ -91,6 +92,43 @@ def run_lock(store: Store):
         yield
 
 
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    if isinstance(value, list) and any(isinstance(item, dict) for item in value):
+        return {k: v for i, item in enumerate(value) for k, v in _flatten(item, f"{prefix[:-1]}[{i}].").items()}
+    return {prefix[:-1]: value}
+
+
+def config_changes(store: Store, resolved: dict) -> list[str]:
+    """The keys in which ``resolved`` differs from the config this run directory last ran with."""
+    path = store.root / "config.yaml"
+    if not path.is_file():
+        return []
+    import yaml
+
+    old, new = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {}), _flatten(resolved)
+    return sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+
+
+def check_before_running(store: Store, context, groups, force: bool) -> None:
+    """What would fail every unit alike fails once, here, before any unit runs: a backbone whose
+    weights are missing and subject images that cannot be decoded (as `data verify` finds them)."""
+    from data.subjects import check_subject_images
+    from methods.backbones import check_backbone_available
+
+    pending = [g for g in groups if force or not all(store.image_done(u.label, u.subject_id, u.key) for u in g.images)]
+    if not pending:
+        return
+    check_backbone_available(context.backbone)
+    checked: set[str] = set()
+    for group in pending:
+        subject = group.prepare.subject
+        if subject.id not in checked:
+            checked.add(subject.id)
+            check_subject_images(subject)
+
+
 def failures_in_scope(store: Store, plan_keys: set[str]) -> list[dict]:
     return [f for key, f in store.failures().items() if key in plan_keys or f.get("stage") == "score"]
 
@@ -119,12 +157,25 @@ def run_benchmark(
         environment.apply_determinism(config.deterministic)
         device = environment.resolve_device(config.device)
         dtype = environment.resolve_dtype(config.dtype, device)
+        threads = environment.configure_cpu_threads(1)  # workers of other executors size their own
+        log.info("cpu: %d core(s) available, torch uses %d thread(s) here", available_cores(), threads)
         context = method_context(config, device, dtype, cache_dir=cache_root())
         plan = expand(config, context)
-        store.save_config(resolved_config(config))
+        resolved = resolved_config(config)
+        changed = config_changes(store, resolved)
+        if changed:
+            shown = ", ".join(changed[:6]) + (f" and {len(changed) - 6} more" if len(changed) > 6 else "")
+            log.warning(
+                "%s last ran with a different config (changed: %s); its earlier results stay in the store, "
+                "but status and the report now follow this config (every config it ran is kept in %s); "
+                "use another --out to keep the runs apart",
+                store.root, shown, store.root / "configs",
+            )
+        store.save_config(resolved)
         plan_table = save_plan(store, plan)
         groups = plan.groups if shard_spec is None else shard(plan.groups, *shard_spec)
         summary.planned = sum(len(g.images) for g in groups)
+        check_before_running(store, context, groups, force)
         log.info(
             "run %s: %d groups, %d images, device %s (%s), executor %s",
             config.name, len(groups), summary.planned, device, dtype, executor,

@@ -91,6 +91,32 @@ def free_cuda_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def configure_cpu_threads(processes: int = 1) -> int:
+    """Size this process's torch thread pools to its share of the available cores.
+
+    The rule (docs/architecture.md): ``processes`` workers x intra-op threads <= the cores this
+    process may use (affinity and cgroup quota, ``data.common.available_cores``); one inter-op
+    thread, since nothing here runs independent ops in parallel. Oversubscribed OpenMP threads
+    spin against each other and against any other program on the machine. Returns the thread count.
+    """
+    import os
+
+    from data.common import threads_per_process
+
+    # Only ever lowered: a smaller count set by the user (OMP_NUM_THREADS, torch.set_num_threads)
+    # stays.
+    threads = min(threads_per_process(processes), torch.get_num_threads())
+    explicit = os.environ.get("OMP_NUM_THREADS", "")
+    if explicit.isdigit() and int(explicit) > 0:
+        threads = min(threads, int(explicit))
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set, or inter-op work already ran in this process: keep it
+        pass
+    return threads
+
+
 CUBLAS_WORKSPACE = ":4096:8"
 
 

@@ -1,14 +1,8 @@
-"""User-facing errors: each names the culprit (file, key, value) and the fix."""
+"""User-facing errors of the harness; the definitions live in ``data.common`` (the floor of the
+import graph) and are re-exported here for existing imports."""
 
 from __future__ import annotations
 
-import difflib
+from data.common import ConfigError, UserError, did_you_mean
 
-
-class ConfigError(ValueError):
-    """A config key or value that is not valid."""
-
-
-def did_you_mean(value: str, choices) -> str:
-    close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
+__all__ = ["ConfigError", "UserError", "did_you_mean"]

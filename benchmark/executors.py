@@ -15,7 +15,9 @@ from pathlib import Path
 
 from benchmark.errors import ConfigError
 from benchmark.runner import GroupResult, JobSpec, execute_group
+from benchmark.store import StoreWriteError
 from benchmark.units import WorkGroup
+from data.common import available_cores, threads_per_process
 
 log = logging.getLogger("subjectbench")
 Progress = Callable[[str, int], None]
@@ -47,8 +49,11 @@ class InProcessExecutor:
         return [execute_group(group, job, progress) for group in groups]
 
 
-def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events) -> None:
+def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events, processes: int = 1) -> None:
     os.environ.update(env)
+    from benchmark.environment import configure_cpu_threads
+
+    configure_cpu_threads(processes)  # this worker's share of the cores, not all of them
     while True:
         index = tasks.get()
         if index is None:
@@ -56,6 +61,9 @@ def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events)
         events.put(("start", worker_id, index))
         try:
             result = execute_group(groups[index], job, lambda stage, n: events.put(("progress", stage, n)))
+        except StoreWriteError as error:  # the disk, not the group: the whole run stops
+            events.put(("fatal", worker_id, index, str(error)))
+            return
         except BaseException as error:  # noqa: BLE001 - report, then keep serving
             result = _crash_result(groups[index], f"{type(error).__name__}: {error}")
         events.put(("result", worker_id, index, result))
@@ -79,11 +87,11 @@ class LocalProcessExecutor:
         tasks, events = context.Queue(), context.Queue()
         processes = []
         for worker_id in range(min(self.workers, len(groups)) or 1):
-            env = {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")} if self.gpu_ids is None else {}
+            env = {"OMP_NUM_THREADS": str(threads_per_process(self.workers))} if self.gpu_ids is None else {}
             if self.gpu_ids is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[worker_id])
             process = context.Process(
-                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events), daemon=True
+                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events, self.workers), daemon=True
             )
             process.start()
             processes.append(process)
@@ -108,6 +116,10 @@ class LocalProcessExecutor:
                     for index in range(len(groups)):
                         results.setdefault(index, _crash_result(groups[index], "no worker left to run this group"))
                 continue
+            if event[0] == "fatal":
+                for process in processes:
+                    process.terminate()
+                raise StoreWriteError(event[3])
             if event[0] == "start":
                 holding[event[1]] = event[2]
             elif event[0] == "progress":
@@ -191,7 +203,10 @@ def make_executor(name: str, gpus: int | None = None, workers: int | None = None
             raise ConfigError(f"--gpus {gpus}: only {available} CUDA GPU(s) visible; use --gpus {available or 'N'} or omit it")
         return LocalProcessExecutor(workers=gpus, gpu_ids=range(gpus))
     if workers and workers > 1 or name == "local":
-        return LocalProcessExecutor(workers=workers or 2)
+        cores = available_cores()
+        if (workers or 2) > cores and not gpus:
+            log.warning("--workers %d: only %d core(s) are available to this process; using %d", workers or 2, cores, cores)
+        return LocalProcessExecutor(workers=min(workers or 2, cores))
     return InProcessExecutor()
 
 

@@ -1,33 +1,8 @@
-"""Hugging Face hub reachability, decided in seconds (an unreachable hub otherwise hangs ~47 s).
-
-Deliberately free of torch/diffusers imports: the data commands call it too.
-"""
+"""Hugging Face hub reachability; defined in ``data.common`` (imported by every package) and
+re-exported here for existing imports."""
 
 from __future__ import annotations
 
-import os
-import socket
-from urllib.parse import urlparse
+from data.common import HUB_PROBE_TIMEOUT_S, hub_endpoint, hub_offline_requested, hub_reachable
 
-HUB_PROBE_TIMEOUT_S = 3.0
-
-
-def hub_offline_requested() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
-
-
-def hub_endpoint() -> tuple[str, int]:
-    parsed = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    return parsed.hostname or "huggingface.co", parsed.port or (443 if parsed.scheme == "https" else 80)
-
-
-def hub_reachable(timeout: float = HUB_PROBE_TIMEOUT_S) -> bool:
-    """False at once under HF_HUB_OFFLINE; else a TCP connect to the endpoint, bounded by ``timeout``."""
-    if hub_offline_requested():
-        return False
-    host, port = hub_endpoint()
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+__all__ = ["HUB_PROBE_TIMEOUT_S", "hub_endpoint", "hub_offline_requested", "hub_reachable"]

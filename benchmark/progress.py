@@ -12,11 +12,18 @@ STAGES = ("prepare", "generate", "score")
 
 
 class StageProgress:
-    """One tqdm bar per stage with done/total and ETA; silent with ``quiet``."""
+    """One tqdm bar per stage with done/total and ETA; silent with ``quiet``. When stderr is not
+    a terminal (a redirected log), plain lines instead of bars: no carriage returns or escape
+    codes, one line per stage at every further tenth of its total."""
 
-    def __init__(self, totals: dict[str, int], quiet: bool = False):
+    def __init__(self, totals: dict[str, int], quiet: bool = False, stream=None):
         self.bars = {}
+        self.stream = stream or sys.stderr
+        self.plain: dict[str, list[int]] = {}  # stage -> [done, total, next tenth to report]
         if quiet:
+            return
+        if not getattr(self.stream, "isatty", lambda: False)():
+            self.plain = {stage: [0, totals[stage], 1] for stage in STAGES if totals.get(stage)}
             return
         for position, stage in enumerate(s for s in STAGES if totals.get(s)):
             self.bars[stage] = tqdm(
@@ -28,12 +35,21 @@ class StageProgress:
         bar = self.bars.get(stage)
         if bar is not None:
             bar.update(n)
+        line = self.plain.get(stage)
+        if line is not None and n:
+            line[0] += n
+            done, total, tenth = line
+            if total and done * 10 >= tenth * total:
+                print(f"{stage}: {done}/{total} ({100 * done // total}%)", file=self.stream, flush=True)
+                line[2] = done * 10 // total + 1
 
     def set_total(self, stage: str, total: int) -> None:
         bar = self.bars.get(stage)
         if bar is not None:
             bar.total = total
             bar.refresh()
+        if stage in self.plain:
+            self.plain[stage][1] = total
 
     def close(self) -> None:
         for bar in self.bars.values():

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmark import environment
-from benchmark.store import Store
+from benchmark.store import Store, disk_error
 from benchmark.units import ImageUnit, WorkGroup, unit_spec
 from methods.base import MethodContext
 
@@ -71,6 +71,7 @@ def _pending(store: Store, job: JobSpec, units: tuple[ImageUnit, ...]) -> tuple[
     pending, skipped = [], 0
     for unit in units:
         if not job.force and store.image_done(unit.label, unit.subject_id, unit.key):
+            store.clear_failure(unit.key)  # a finished image never carries a failure (older runs left some)
             skipped += 1
         elif not job.retry_failed and not job.force and store.failure(unit.key):
             skipped += 1  # reported as failed by status/summary; --retry-failed redoes it
@@ -144,6 +145,8 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
             result.prepared = True
         state_dir = store.state_dir(trainer, subject.id, prepare.key)
     except Exception as error:  # noqa: BLE001 - isolate the failure, the run goes on
+        if (fatal := disk_error(error)) is not None:
+            raise fatal from None  # a full or read-only disk fails every unit alike: stop the run
         failure = _failure("prepare", prepare.key, group, error, images=len(pending))
         store.record_failure(prepare.key, failure)
         log.error("prepare failed for %s: %s", result.group, failure["message"])
@@ -181,7 +184,13 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
 
 
 def _generate_batch(method, state, checkpoint, batch, group, job, store, result) -> None:
-    """Generate a batch; if it fails, retry its units one by one so one bad unit fails alone."""
+    """Generate a batch; if it fails, retry its units one by one so one bad unit fails alone.
+
+    Units the failed batch had already finished are not retried (and never get a failure); a
+    full or read-only disk stops the run instead of failing every remaining unit.
+    """
+
+    written: set[str] = set()
 
     def attempt(units: list[ImageUnit]) -> None:
         environment.reset_peak_memory(job.context.device)
@@ -195,6 +204,7 @@ def _generate_batch(method, state, checkpoint, batch, group, job, store, result)
         memory = environment.peak_memory_mb(job.context.device)
         for unit, image in zip(units, images):
             store.write_image(unit.label, unit.subject_id, unit.key, image, _record(unit, group, job, seconds, memory))
+            written.add(unit.key)
             result.done += 1
 
     if len(batch) > 1:
@@ -202,13 +212,19 @@ def _generate_batch(method, state, checkpoint, batch, group, job, store, result)
             attempt(batch)
             return
         except Exception as error:  # noqa: BLE001
+            if (fatal := disk_error(error)) is not None:
+                raise fatal from None
             if _is_oom(error):
                 environment.free_cuda_memory()
             log.warning("batch of %d images failed (%s); retrying one by one", len(batch), str(error).splitlines()[0])
     for unit in batch:
+        if unit.key in written:
+            continue  # written before the batch failed
         try:
             attempt([unit])
         except Exception as error:  # noqa: BLE001 - isolate the failure, the run goes on
+            if (fatal := disk_error(error)) is not None:
+                raise fatal from None
             failure = _failure("generate", unit.key, group, error, checkpoint=checkpoint, prompt=unit.prompt_text)
             store.record_failure(unit.key, failure)
             log.error("generate failed for %s %r: %s", result.group, unit.prompt_text, failure["message"])

@@ -85,11 +85,14 @@ def score_run(
         if not force:
             have = read_score_parts(folder)
             have_pairs = set(zip(have["image_key"], have["context_key"]))
+            wanted = len(rows)
             rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
+            progress("score", wanted - len(rows))  # already scored: done, as skipped images are
         if "train_image" not in rows:  # plans written before the single-image track
             rows = rows.assign(train_image=ALL_IMAGES)
         for (subject_id, choice), subject_rows in rows.groupby(["subject", "train_image"], sort=False):
             subject = by_subject[subject_id]
+            wanted_here = len(subject_rows)  # DIV below rescores scored siblings too; they count once
             started = time.perf_counter()
             # one failure record per (metric, subject[, single-image choice]); plain runs keep their names
             failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
@@ -105,12 +108,12 @@ def score_run(
                 # DIV needs every sibling of a group in one call, even those already scored.
                 groups = sibling_groups(subject_rows)
                 if needs_groups:
-                    wanted = set(groups)
+                    wanted_groups = set(groups)
                     all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
                     if "train_image" in all_rows:
                         all_rows = all_rows[all_rows["train_image"] == choice]
                     all_groups = sibling_groups(all_rows)
-                    subject_rows, groups = all_rows[all_groups.isin(wanted)], all_groups[all_groups.isin(wanted)]
+                    subject_rows, groups = all_rows[all_groups.isin(wanted_groups)], all_groups[all_groups.isin(wanted_groups)]
                 inputs = ScoringInputs(
                     images=_images(store, subject_rows),
                     image_keys=list(subject_rows["key"]),
@@ -155,7 +158,7 @@ def score_run(
             )
             write_parquet(folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
             computed += len(part)
-            progress("score", len(part))
+            progress("score", wanted_here)
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
     return computed, failures
 

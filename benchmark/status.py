@@ -8,12 +8,21 @@ from benchmark.results import current_fingerprints, load_plan, read_score_parts
 from benchmark.store import Store
 
 
+def _metric_role(metric: str) -> str | None:
+    from metrics.registry import get_metric_class
+
+    try:
+        return get_metric_class(metric).role
+    except Exception:  # noqa: BLE001 - a metric no longer installed: count every finished image
+        return None
+
+
 def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
     plan = load_plan(store)
     if "trainer" not in plan:  # plans written before trainings were shared across cells
         plan = plan.assign(trainer=plan["label"])
     failures = store.failures()
-    rows = []
+    rows, finished = [], set()
     for cell_id, cell in plan.groupby("cell_id", sort=False):
         prepare = cell.drop_duplicates("prepare_key")
         states_done = sum(
@@ -23,24 +32,30 @@ def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
         states_failed = sum(key in failures for key in prepare["prepare_key"])
         images_done = store.done_mask(cell)
         done_count = sum(images_done)
-        images_failed = sum(key in failures for key in cell["key"])
-        blocked = sum(
-            n for key, n in cell.groupby("prepare_key").size().items() if key in failures
-        ) - sum(d for d, key in zip(images_done, cell["prepare_key"]) if key in failures)
+        # Each image is exactly one of done / failed (itself, or its prepare) / pending, so the
+        # counts add up; a finished image never counts as failed, whatever a file says.
+        images_failed = sum(
+            not done and (key in failures or prepare_key in failures)
+            for done, key, prepare_key in zip(images_done, cell["key"], cell["prepare_key"])
+        )
         row = {
             "method": cell_id,
             "prepare done": f"{states_done}/{len(prepare)}",
             "prepare failed": states_failed,
             "images done": f"{done_count}/{len(cell)}",
-            "images failed": images_failed + max(blocked, 0),
-            "images pending": len(cell) - done_count - images_failed - max(blocked, 0),
+            "images failed": images_failed,
+            "images pending": len(cell) - done_count - images_failed,
         }
         done_keys = set(cell["key"][images_done])
+        finished |= done_keys
         for metric, info in current_fingerprints(store).items():
             scored = set(read_score_parts(store.scores_dir(metric, info["hash"]))["image_key"])
-            row[f"{metric} scored"] = len(done_keys & scored)
+            # Out of the finished images the metric applies to (PRES: the class-prior images).
+            role = _metric_role(metric)
+            eligible = {k for k, r in zip(cell["key"], cell["role"]) if k in done_keys and (role is None or r == role)}
+            row[f"{metric} scored"] = f"{len(eligible & scored)}/{len(eligible)}"
         rows.append(row)
-    return pd.DataFrame(rows), failures
+    return pd.DataFrame(rows), {key: f for key, f in failures.items() if key not in finished}
 
 
 def run_status(run_dir) -> tuple[str, int]:

@@ -15,84 +15,47 @@ process killed at any moment leaves either the old state or the new one, never h
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
 
 import yaml
 
+# The one atomic writer and file lock live in data.common (every package writes through them);
+# they are re-exported here, where the harness and older code import them from.
+from data.common import (  # noqa: F401 - re-exports
+    DISK_ERRNOS,
+    TMP_PREFIX,
+    DiskWriteError,
+    UserError,
+    _fsync_write,
+    atomic_write_bytes,
+    atomic_write_image,
+    atomic_write_json,
+    atomic_write_text,
+    disk_error,
+    file_lock,
+)
+
 DONE = "DONE"
-TMP_PREFIX = ".tmp-"
+
+
+class StoreError(UserError, RuntimeError):
+    """A run directory that cannot be used, naming the path and the fix."""
+
+
+StoreWriteError = DiskWriteError  # the disk refused a write: the run stops, no unit is blamed
 
 
 def _safe(name: str) -> str:
     """A path component for labels/subject ids (no separators, no dot-files)."""
     cleaned = re.sub(r"[^A-Za-z0-9._=+,\-\[\]]", "_", name).lstrip(".")
     return cleaned or "_"
-
-
-def _fsync_write(path: Path, data: bytes) -> None:
-    with open(path, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f"{TMP_PREFIX}{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        _fsync_write(temporary, data)
-        os.replace(temporary, path)
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_write_json(path: Path, value: Any) -> None:
-    atomic_write_text(path, json.dumps(value, indent=1, sort_keys=True, default=str))
-
-
-def atomic_write_image(path: Path, image, format: str = "PNG", **options: Any) -> None:
-    """A PIL image, encoded in memory, then written like every other file here."""
-    buffer = io.BytesIO()
-    image.save(buffer, format=format, **options)
-    atomic_write_bytes(path, buffer.getvalue())
-
-
-@contextlib.contextmanager
-def file_lock(path: Path, blocking: bool = True) -> Iterator[None]:
-    """An exclusive advisory lock on ``path`` (created if needed) for the block; it dies with
-    the process. Non-blocking: raises ``BlockingIOError`` when another process holds it.
-    Where fcntl does not exist (Windows) there is no lock; atomic renames keep files whole."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-class StoreError(RuntimeError):
-    pass
 
 
 class Store:
@@ -123,7 +86,21 @@ class Store:
 
     # ------------------------------------------------------------------ lifecycle
     def ensure(self) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
+        """Create the run directory and check it can be written, before any work starts."""
+        if self.root.exists() and not self.root.is_dir():
+            raise StoreError(
+                f"{self.root} is a file, not a run directory; give --out a folder (a new one, or an earlier run's)"
+            )
+        probe = self.root / f"{TMP_PREFIX}write-probe.{os.getpid()}"
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            _fsync_write(probe, b"")
+            probe.unlink()
+        except OSError as error:
+            raise StoreError(
+                f"cannot write to run directory {self.root} ({error.strerror or error}); "
+                "choose a writable --out, or free space / fix permissions there"
+            ) from None
 
     def clean_temporaries(self) -> int:
         """Remove what killed processes left half-written (temp files and temp state folders)."""
@@ -149,6 +126,13 @@ class Store:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         atomic_write_text(self.root / "configs" / f"{stamp}-{stable_hash(resolved, 8)}.yaml", text)
         atomic_write_text(self.root / "config.yaml", text)
+
+    def config_history(self) -> list[Path]:
+        """The saved config of each distinct config this directory has run with, oldest first."""
+        distinct: dict[str, Path] = {}
+        for path in sorted((self.root / "configs").glob("*.yaml")):
+            distinct.setdefault(path.stem.rsplit("-", 1)[-1], path)
+        return list(distinct.values())
 
     def load_config_dict(self) -> dict:
         path = self.root / "config.yaml"

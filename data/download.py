@@ -25,8 +25,8 @@ from urllib.error import HTTPError, URLError
 from urllib.parse import urlparse
 from urllib.request import ProxyHandler, Request, build_opener
 
-from benchmark.store import atomic_write_json, file_lock
 from data.archive import copy_verified, extract_verified, map_to_manifest
+from data.common import atomic_write_json, file_lock
 from data.errors import DatasetError
 from data.manifest import shipped_manifest
 from data.subjects import dreambooth_dataset_dir
@@ -218,7 +218,7 @@ def _from_hub(staging: Path, manifest: Mapping[str, str], repo: str, revision: s
     The mirror's layout is not pinned by anything we ship, so files are matched by their
     path suffix (``.../dog/00.jpg``) and every checksum is compared before use.
     """
-    from benchmark.hub import hub_reachable
+    from data.common import hub_reachable
 
     if not hub_reachable(timeout=min(timeout, 3.0)):
         raise _SourceFailed(

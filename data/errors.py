@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from data.common import UserError
 
-class DatasetError(ValueError):
+
+class DatasetError(UserError, ValueError):
     """A dataset or subject that cannot be used, naming the file or subject and the fix."""
 
 

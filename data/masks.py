@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from benchmark.store import atomic_write_image, atomic_write_json, atomic_write_text
+from data.common import atomic_write_image, atomic_write_json, atomic_write_text, available_cores
 from data.images import open_image
 from data.subjects import (
     DATASET_SOURCES,
@@ -162,7 +162,7 @@ def check_sam_available(model_id: str) -> str:
         return str(local)
     from huggingface_hub import try_to_load_from_cache
 
-    from methods.backbones import hub_reachable
+    from data.common import hub_reachable
 
     if not isinstance(try_to_load_from_cache(model_id, "config.json"), str) and not hub_reachable():
         raise MaskError(
@@ -374,7 +374,7 @@ def add_masks_command(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--subjects", default=None, help="comma-separated subject ids (default: all)")
     parser.add_argument("--out", default=None, help="mask folder (default: beside the dataset, else the cache)")
     parser.add_argument("--force", action="store_true", help="recompute masks that are already there")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="GrabCut processes")
+    parser.add_argument("--workers", type=int, default=available_cores(), help="GrabCut processes (default: the cores available)")
     parser.add_argument("--sam-model", default=DEFAULT_SAM_MODEL, help="hub id or local folder")
     parser.add_argument("--device", default="cpu", help="SAM device (cpu, cuda)")
     parser.set_defaults(handler=cmd_masks)

@@ -17,8 +17,7 @@ from pathlib import Path
 
 import torch
 
-from benchmark.hub import hub_reachable  # noqa: F401 - re-exported for callers
-from benchmark.store import atomic_write_text
+from data.common import UserError, atomic_write_text, hub_reachable
 
 HUB_BACKBONES: dict[str, dict[str, str | int]] = {
     # name: hub repository, pinned commit, native resolution. The commits are snapshots that
@@ -45,7 +44,7 @@ BUILT_BACKBONES = {"tiny": 64, "sd15-random": 512}
 BACKBONE_NAMES = (*HUB_BACKBONES, *BUILT_BACKBONES)
 
 
-class BackboneError(ValueError):
+class BackboneError(UserError, ValueError):
     """A backbone that cannot be resolved or loaded, with the fix stated."""
 
 
@@ -300,6 +299,73 @@ def _load_hub(spec: BackboneSpec):
     return unet, vae, text_encoder, tokenizer, scheduler_config
 
 
+_COMPONENTS = ("unet", "vae", "text_encoder")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+
+
+def _component_problem(folder: Path, component: str) -> str | None:
+    where = folder / component
+    if not (where / "config.json").is_file():
+        return f"{where / 'config.json'} is missing"
+    if not any(p.suffix in _WEIGHT_SUFFIXES for p in where.iterdir()):
+        return f"{where} holds no weights (*.safetensors)"
+    return None
+
+
+def check_backbone_available(spec: BackboneSpec) -> None:
+    """Fail once, before any unit runs, when the backbone's weights cannot be loaded here.
+
+    Cheap: looks for each component's config and weights file (local folder or the Hugging Face
+    cache) without loading them. A reachable hub is fine: the workers download what is missing.
+    """
+    if spec.source == "built":
+        return
+    if spec.source == "local":
+        folder = Path(spec.location)
+        problems = [p for c in _COMPONENTS if (p := _component_problem(folder, c))]
+        problems += [f"{folder / c} is missing" for c in ("tokenizer", "scheduler") if not (folder / c).is_dir()]
+        if problems:
+            raise BackboneError(
+                f"backbone folder {folder} is incomplete: {'; '.join(problems)}; save a full diffusers "
+                "Stable Diffusion folder there (pipe.save_pretrained) or choose another backbone"
+            )
+        return
+    if hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = []
+    for component in _COMPONENTS:
+        config = try_to_load_from_cache(spec.location, f"{component}/config.json", revision=spec.revision)
+        if not isinstance(config, str) or _component_problem(Path(config).parent.parent, component):
+            missing.append(component)
+    if missing:
+        raise BackboneError(
+            f"backbone {spec.name!r} ({spec.location}@{spec.revision}): {', '.join(missing)} not in the "
+            "local Hugging Face cache and the hub is unreachable (or HF_HUB_OFFLINE=1). Enable the "
+            "network and unset HF_HUB_OFFLINE, or download it elsewhere "
+            f"(`huggingface-cli download {spec.location} --revision {spec.revision}`) and pass "
+            "backbone=/path/to/folder"
+        )
+
+
+def _cast(module: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """``module.to(device, dtype)``. diffusers warns on every such cast of a model whose list of
+    modules to keep in fp32 exists but is empty (AutoencoderKL: ``[]``): nothing is kept, so the
+    warning says nothing and would repeat in every run and worker. A non-empty list still warns."""
+    if getattr(module, "_keep_in_fp32_modules", None):
+        module.to(device=device, dtype=dtype)
+        return
+    from diffusers.utils import logging as diffusers_logging
+
+    level = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()
+    try:
+        module.to(device=device, dtype=dtype)
+    finally:
+        diffusers_logging.set_verbosity(level)
+
+
 _CACHE: dict[tuple, Backbone] = {}
 _CACHE_LOCK = threading.Lock()
 
@@ -325,7 +391,7 @@ def load_backbone(spec: BackboneSpec, device: str | torch.device = "cpu", dtype:
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False)
             module.eval()
-            module.to(device=device, dtype=dtype)
+            _cast(module, device, dtype)
         backbone = Backbone(spec, unet, vae, text_encoder, tokenizer, scheduler_config, device, dtype)
         _CACHE[key] = backbone
         return backbone

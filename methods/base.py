@@ -274,7 +274,7 @@ def expand_params(params_class: type, raw: dict | None, where: str) -> list[tupl
     """
     import itertools
 
-    from benchmark.errors import did_you_mean
+    from data.common import did_you_mean
 
     raw = dict(raw or {})
     hints = typing.get_type_hints(params_class)

@@ -24,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmark.store import atomic_write_image, atomic_write_json, file_lock
+from data.common import atomic_write_image, atomic_write_json, file_lock
 from data.protocol import PRIOR_PROMPT, derive_seed
 from methods.backbones import Backbone
 from methods.base import SamplerConfig

@@ -50,7 +50,7 @@ from data.protocol import Prompt, derive_seed
 from data.subjects import Subject, cache_root
 from methods.attention_collapse import COLLAPSE_SAMPLER, COLLAPSE_VERSION, collapse_statistics
 from methods.backbones import Backbone, load_backbone
-from methods.base import Method, ParamsError, SamplerConfig, State
+from methods.base import Method, ParamsError, SamplerConfig, State, param
 from methods.class_prior import class_prior_images
 from methods.dependencies import require_compatible_peft
 from methods.diffusion import (
@@ -74,17 +74,17 @@ TEXT_ENCODER_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 @dataclass(frozen=True)
 class DreamBoothParams(TrainingParams):
-    steps: int = 1000  # paper
-    learning_rate: float = 5e-6  # paper
-    batch_size: int = 1  # instance images per step (plus as many class images)
-    max_grad_norm: float = 1.0  # diffusers train_dreambooth.py
-    class_images: int = 200  # diffusers README; 0 disables prior preservation
-    prior_loss_weight: float = 1.0  # λ, paper; 0 disables prior preservation
-    train_text_encoder: bool = False
-    class_image_seed: int = 0
-    class_image_steps: int = 50
-    class_image_guidance: float = 7.5
-    collapse_prompts: int = 4  # ours: attention-collapse diagnostic prompts per checkpoint; 0 = off
+    steps: int = param(1000, source="paper")
+    learning_rate: float = param(5e-6, source="paper")
+    batch_size: int = param(1, source="diffusers example", doc="instance images per step (plus as many class images)")
+    max_grad_norm: float = param(1.0, source="diffusers example", doc="train_dreambooth.py clips at 1.0")
+    class_images: int = param(200, source="diffusers example", doc="README value (the paper mentions ~1000); 0 disables prior preservation")
+    prior_loss_weight: float = param(1.0, source="paper", doc="λ; 0 disables prior preservation")
+    train_text_encoder: bool = param(False, source="diffusers example", doc="the script's default")
+    class_image_seed: int = param(0, source="ours: any fixed seed, so class images are reproducible")
+    class_image_steps: int = param(50, source="ours: DDIM 50 (the script: its default scheduler at 50 steps)")
+    class_image_guidance: float = param(7.5, source="diffusers example")
+    collapse_prompts: int = param(4, source="ours: attention-collapse diagnostic prompts per checkpoint", doc="0 = off")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -104,9 +104,9 @@ class DreamBoothParams(TrainingParams):
 
 @dataclass(frozen=True)
 class DreamBoothLoRAParams(DreamBoothParams):
-    steps: int = 500  # diffusers README (LoRA)
-    learning_rate: float = 1e-4  # diffusers README (LoRA)
-    rank: int = 4  # diffusers train_dreambooth_lora.py
+    steps: int = param(500, source="diffusers example", doc="README (LoRA)")
+    learning_rate: float = param(1e-4, source="diffusers example", doc="README (LoRA)")
+    rank: int = param(4, source="diffusers example", doc="train_dreambooth_lora.py")
 
     def __post_init__(self) -> None:
         super().__post_init__()

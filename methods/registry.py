@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from importlib.metadata import entry_points
 
-from benchmark.errors import did_you_mean
+from data.common import did_you_mean
 
 ENTRY_POINT_GROUP = "subjectbench.methods"
 

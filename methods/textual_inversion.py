@@ -50,7 +50,7 @@ from safetensors.torch import load_file, save_file
 from data.protocol import Prompt
 from data.subjects import Subject
 from methods.backbones import Backbone, load_backbone
-from methods.base import Method, ParamsError, SamplerConfig, State
+from methods.base import Method, ParamsError, SamplerConfig, State, param
 from methods.diffusion import (
     cycle_indices,
     encode_text,
@@ -145,16 +145,16 @@ def check_placeholder(token: str, tokenizer=None) -> None:
 
 @dataclass(frozen=True)
 class TextualInversionParams(TrainingParams):
-    steps: int = 5000  # paper
-    learning_rate: float = 5e-3  # official base lr (scaled by batch_size when scale_lr)
-    batch_size: int = 2  # official SD config
-    scale_lr: bool = True  # official main.py default: lr x batch x GPUs (one process here)
-    num_vectors: int = 1
-    placeholder_token: str = ""  # "" -> "<{identifier}-{subject id}>"
-    initializer: str = ""  # "" -> the subject's class noun; several tokens -> mean (our choice)
-    prompt_style: Literal["token", "token_class"] = "token"
-    templates: Literal["paper", "diffusers"] = "paper"
-    flip_p: float = 0.5  # official PersonalizedBase
+    steps: int = param(5000, source="paper", doc="the official SD config stops at 6100")
+    learning_rate: float = param(5e-3, source="official code", doc="base lr, multiplied by batch_size when scale_lr")
+    batch_size: int = param(2, source="official code", doc="SD config v1-finetune.yaml")
+    scale_lr: bool = param(True, source="official code", doc="main.py: lr x batch x GPUs (one process here)")
+    num_vectors: int = param(1, source="paper", doc="one word S*")
+    placeholder_token: str = param("", source='ours: "" means <{identifier}-{subject id}>')
+    initializer: str = param("", source="official code", doc='"" means the class noun; several tokens: their mean (ours)')
+    prompt_style: Literal["token", "token_class"] = param("token", source="paper", doc="token: S* stands for the subject (a photo of S*); token_class keeps the class noun")
+    templates: Literal["paper", "diffusers"] = param("paper", source="official code", doc="imagenet_templates_small (81); diffusers: the example's 27")
+    flip_p: float = param(0.5, source="official code", doc="PersonalizedBase")
 
     def __post_init__(self) -> None:
         super().__post_init__()

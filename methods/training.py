@@ -18,7 +18,7 @@ from typing import Literal
 
 import torch
 
-from methods.base import ParamsError
+from methods.base import ParamsError, param
 from methods.diffusion import autocast_context, diffusion_loss
 
 OPTIMIZERS = ("adamw", "adamw8bit")
@@ -32,18 +32,18 @@ class TrainingParams:
     the end of training is always saved as ``final``.
     """
 
-    steps: int = 1000
-    learning_rate: float = 1e-4
-    batch_size: int = 1
-    checkpoint_steps: tuple[int, ...] = ()
-    optimizer: Literal["adamw", "adamw8bit"] = "adamw"
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    adam_weight_decay: float = 1e-2
-    max_grad_norm: float = 0.0  # 0 disables clipping
-    gradient_checkpointing: bool = False
-    vae_latents: Literal["mean", "sample"] = "mean"
+    steps: int = param(1000, source="ours: placeholder, each method sets its own", doc="optimisation steps")
+    learning_rate: float = param(1e-4, source="ours: placeholder, each method sets its own")
+    batch_size: int = param(1, source="diffusers example", doc="instance images per step")
+    checkpoint_steps: tuple[int, ...] = param((), source="ours: only `final` unless a sweep asks", doc="steps after which a step-N state is also saved")
+    optimizer: Literal["adamw", "adamw8bit"] = param("adamw", source="diffusers example", doc="adamw8bit needs bitsandbytes")
+    adam_beta1: float = param(0.9, source="diffusers example")
+    adam_beta2: float = param(0.999, source="diffusers example")
+    adam_epsilon: float = param(1e-8, source="diffusers example")
+    adam_weight_decay: float = param(1e-2, source="diffusers example")
+    max_grad_norm: float = param(0.0, source="ours: no clipping unless the method's source clips", doc="0 disables clipping")
+    gradient_checkpointing: bool = param(False, source="ours: a memory/speed trade, off")
+    vae_latents: Literal["mean", "sample"] = param("mean", source="ours: the latent mean is deterministic (diffusers' scripts sample)")
 
     def __post_init__(self) -> None:
         if self.steps < 1:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import torch
 
-from methods.backbones import BackboneError, hub_reachable
+from data.common import UserError, check_sha256, hub_reachable
 from metrics.base import MetricSettings
 from metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, ResizeCropNormalize
 
@@ -40,7 +40,7 @@ CLIP_PRETRAINED_TAG = "openai"
 LPIPS_VERSION = "0.1"
 
 
-class MetricWeightsError(BackboneError):
+class MetricWeightsError(UserError, ValueError):
     """Metric weights that cannot be loaded; the message says how to get them or avoid them."""
 
 
@@ -307,6 +307,19 @@ def _quiet_lpips(**kwargs) -> torch.nn.Module:
         return lpips.LPIPS(version=LPIPS_VERSION, verbose=False, **kwargs)
 
 
+def _load_trunk(model: torch.nn.Module, net: str, path: Path) -> None:
+    """Copy torchvision's ImageNet ``features`` from ``path`` into the lpips trunk's slices,
+    which hold those very modules under their ``features`` indices."""
+    from torchvision import models
+
+    features = (models.alexnet() if net == "alex" else models.vgg16()).features
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    features.load_state_dict({k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")})
+    for number in range(1, model.net.N_slices + 1):
+        for index, module in getattr(model.net, f"slice{number}").named_children():
+            module.load_state_dict(features[int(index)].state_dict())
+
+
 def _load_lpips(net: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
 
     what = f"LPIPS {net}"
@@ -315,10 +328,19 @@ def _load_lpips(net: str, weights: str, device: torch.device, precision: str) ->
         cached = Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name
         if not cached.is_file() and not hub_reachable():
             raise MetricWeightsError(offline_message(what, url))
+        # torchvision pins each trunk by URL, whose file name ends in its sha256 prefix
+        # (alexnet-owt-7be5be79.pth); check the cached file before lpips loads it.
+        expected = Path(url).stem.rsplit("-", 1)[-1]
+        if not cached.is_file():
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(cached), hash_prefix=expected, progress=False)
+        check_sha256(cached, expected, f"{what} ImageNet trunk")
         try:
-            model = _quiet_lpips(net=net, pretrained=True, pnet_rand=False)
+            # The checked file itself is loaded (lpips would look the trunk up by name again).
+            model = _quiet_lpips(net=net, pretrained=True, pnet_rand=True)
+            _load_trunk(model, net, cached)
         except Exception as error:
-            raise MetricWeightsError(f"{what}: could not load the ImageNet trunk ({url}): {error}") from None
+            raise MetricWeightsError(f"{what}: could not load the ImageNet trunk ({cached}): {error}") from None
         tag, source = f"imagenet-trunk+lpips-v{LPIPS_VERSION}-linear", url
     else:
         # The linear heads ship inside the lpips package, so only the trunk is random.

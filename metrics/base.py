@@ -25,13 +25,15 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from data.common import UserError
+
 WEIGHTS_CHOICES = ("pretrained", "random")
 CLIP_ARCHS = ("ViT-B-32", "ViT-L-14")
 LPIPS_NETS = ("alex", "vgg")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
-class MetricInputError(ValueError):
+class MetricInputError(UserError, ValueError):
     """Inputs a metric cannot score: the message names the argument and what was expected."""
 
 

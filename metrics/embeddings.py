@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from benchmark.store import atomic_write_bytes, atomic_write_json
+from data.common import atomic_write_bytes, atomic_write_json
 from metrics.backbones import LoadedBackbone
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from benchmark.errors import did_you_mean
+from data.common import UserError, did_you_mean
 
 JITTER_SIGMA = 8.0
 LEVELLED = {"erode": "radius", "dilate": "radius", "jitter": "pixels", "flip": "probability"}
@@ -39,7 +39,7 @@ class MaskInputError(ValueError):
     """A mask that cannot be used (wrong type, shape, or size for its image)."""
 
 
-class MaskSpecError(ValueError):
+class MaskSpecError(UserError, ValueError):
     """A sweep string that cannot be parsed; the message names the bad token."""
 
 

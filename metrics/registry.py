@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from benchmark.errors import did_you_mean
+from data.common import did_you_mean
 
 BUILTIN_METRICS: dict[str, str] = {
     "clip_t": "metrics.clip:ClipT",

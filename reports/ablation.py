@@ -241,7 +241,7 @@ def _reg_row_weight(config: dict) -> float | None:
 
 def write_hifi_reports(run, out: Path, resamples: int, seed: int, confidence: float) -> list[tuple[str, str]]:
     """Write the ablation table and mask-noise plot when the run has them; returns index links."""
-    from benchmark.store import atomic_write_text
+    from data.common import atomic_write_text
     from reports.pareto import save_figure
     from reports.render import page
 

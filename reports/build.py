@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.store import atomic_write_bytes, atomic_write_text
+from data.common import atomic_write_bytes, atomic_write_text
 from reports import leaderboard as lb
 from reports.ablation import write_hifi_reports
 from reports.collapse import write_collapse
@@ -29,7 +29,7 @@ from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
 from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure, write_fronts
-from reports.render import page
+from reports.render import FEW_NOTE, page
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import METRIC_ORDER, metric_label
 from reports.single_image import single_image_html, single_image_markdown, single_image_table
@@ -103,14 +103,16 @@ def build_report(
         _write_csv(out / "tables" / f"{table_name}.csv", table)
     explanation = (
         f"Means over images with {confidence:.0%} confidence intervals from a hierarchical bootstrap "
-        f"({resamples} resamples of subjects, then prompts within subjects; seed {seed}). Missing values show as —."
+        f"({resamples} resamples of subjects, then prompts within subjects; seed {seed}). Missing values show as —. "
+        f"{FEW_NOTE} 'images' counts the images each metric averaged (PRES: the class-prior images)."
     )
     files_extra = write_single_image(run, out, resamples, seed, confidence)
     atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation))
     atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
 
-    board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke))
-    coverage = lb.coverage_note(run.images)
+    partial = "" if smoke else lb.partial_protocol(run.images, run.config)
+    board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke), apart=bool(partial))
+    coverage = lb.coverage_note(run.images) + (f". Not ranked among the published figures: {partial}" if partial else "")
     body = lb.leaderboard_html(board, rank_by, smoke, coverage, resamples, confidence)
     atomic_write_text(out / "leaderboard.html", page("Leaderboard", body, run_name=name))
     atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence))

@@ -54,7 +54,10 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
         help="absolute tolerance in metric units (default 0.01); repeat METRIC=X for one metric",
     )
     compare.add_argument("--fail-on-difference", action="store_true", help="also fail when any paired image or score differs")
-    compare.add_argument("--out", metavar="DIR", help="where compare.md/compare.json go (default CURRENT_RUN/report/compare)")
+    compare.add_argument(
+        "--out", metavar="DIR",
+        help="write compare.md/compare.json into DIR (default: print only; a comparison never writes into its inputs)",
+    )
     _bootstrap_arguments(compare)
     compare.set_defaults(handler=cmd_compare)
 
@@ -89,8 +92,10 @@ def cmd_compare(args: argparse.Namespace) -> int:
         args.baseline, args.current, Tolerance.parse(args.tolerance), args.resamples, args.seed, args.confidence,
         fail_on_difference=args.fail_on_difference,
     )
-    out = Path(args.out) if args.out else comparison.current / "report" / "compare"
-    markdown, document = write_comparison(comparison, out)
     print(comparison_markdown(comparison))
-    print(f"written: {markdown}, {document}")
+    if args.out:
+        markdown, document = write_comparison(comparison, Path(args.out))
+        print(f"written: {markdown}, {document}")
+    else:
+        print("(printed only; pass --out DIR to keep compare.md and compare.json)")
     return comparison.exit_code

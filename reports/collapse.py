@@ -85,7 +85,7 @@ def write_collapse(run: RunData, out: Path, smoke: bool) -> tuple[str, str] | No
     frame = collapse_frame(run)
     if frame.empty:
         return None
-    from benchmark.store import atomic_write_text
+    from data.common import atomic_write_text
 
     atomic_write_text(out / "tables" / "attention_collapse.csv", frame.to_csv(index=False))
     base = "plots/attention_collapse"

@@ -10,13 +10,16 @@ outside the run directory, so they are copied (as thumbnails) under ``report/gal
 
 from __future__ import annotations
 
+import hashlib
 import html
+import re
 from pathlib import Path
+from urllib.parse import quote
 
 import pandas as pd
 from PIL import Image
 
-from benchmark.store import atomic_write_image
+from data.common import atomic_write_image
 from reports.leaderboard import slug
 from reports.render import MISSING, fmt, page, smoke_banner
 from reports.rundata import RunData
@@ -26,8 +29,23 @@ from reports.tables import entry_order
 THUMB_PX = 192  # larger images get a thumbnail of this size (2x the displayed 96 px)
 
 
+def _safe_name(subject: str) -> str:
+    """A file name for a subject id, unique per id: ids that are already plain lower-case names
+    keep them; any other id gets its slug plus a short hash ('a#b' and 'a_b' stay apart, and so do
+    'Dog' and 'dog' on case-insensitive disks)."""
+    if re.fullmatch(r"[a-z0-9_-]+", subject):
+        return subject
+    readable = re.sub(r"[^A-Za-z0-9_-]+", "_", subject).strip("_").lower() or "subject"
+    return f"{readable}-{hashlib.sha1(subject.encode()).hexdigest()[:8]}"
+
+
 def _subject_file(subject: str) -> str:
-    return "s-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in subject) + ".html"
+    return f"s-{_safe_name(subject)}.html"
+
+
+def _url(path: str) -> str:
+    """A relative path as a link: '#', '?', '%' and spaces in names must not end the path."""
+    return quote(path, safe="/")
 
 
 def _thumbnail(source: Path, target: Path, size: int = THUMB_PX) -> bool:
@@ -54,7 +72,7 @@ class _Images:
     def links(self, relative: str) -> tuple[str, str]:
         """(thumbnail src, full image href), both relative to report/gallery/."""
         source = self.run.root / relative
-        full = "../../" + relative
+        full = _url("../../" + Path(relative).as_posix())
         try:
             with Image.open(source) as image:
                 small = max(image.size) <= THUMB_PX
@@ -64,7 +82,7 @@ class _Images:
             return full, full
         thumb = self.report_dir / "thumbs" / Path(relative).with_suffix(".jpg")
         if _thumbnail(source, thumb):
-            return "../" + thumb.relative_to(self.report_dir).as_posix(), full
+            return _url("../" + thumb.relative_to(self.report_dir).as_posix()), full
         return full, full
 
 
@@ -73,9 +91,9 @@ def _reference_strip(run: RunData, subject: dict, report_dir: Path, limit: int |
     out = []
     for i, path in enumerate(images):
         source = Path(path)
-        target = report_dir / "gallery" / "references" / subject["id"] / f"{i:02d}-{source.stem}.jpg"
+        target = report_dir / "gallery" / "references" / _safe_name(subject["id"]) / f"{i:02d}-{source.stem}.jpg"
         if source.is_file() and _thumbnail(source, target, 256):
-            src = target.relative_to(report_dir / "gallery").as_posix()
+            src = _url(target.relative_to(report_dir / "gallery").as_posix())
             out.append(f"<img src='{html.escape(src)}' alt='reference {i}' title='{html.escape(str(source), quote=True)}' loading='lazy'>")
         else:
             out.append(f"<span class='empty'>reference not found: {html.escape(str(source))}</span>")

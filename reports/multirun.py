@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.store import atomic_write_json, atomic_write_text
+from data.common import atomic_write_json, atomic_write_text
 from reports import leaderboard as lb
 from reports.bundle import is_bundle, read_source, resolve_source, verify_bundle
 from reports.comparability import (

@@ -14,8 +14,8 @@ from reports.render import (
     Cell,
     estimate,
     fmt,
-    fmt_int,
     html_table,
+    image_counts,
     markdown_table,
     number,
     page,
@@ -59,9 +59,9 @@ def metric_rows(table: pd.DataFrame, keys: list[str], intervals: bool = True) ->
     for _, row in table.iterrows():
         cells = [text(row[k]) for k in keys]
         for m in metrics:
-            cells.append(estimate(row[f"{m}_mean"], row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high")) if intervals else number(row[f"{m}_mean"]))
-        counts = [row[f"{m}_n_images"] for m in metrics if f"{m}_n_images" in row and not pd.isna(row[f"{m}_n_images"])]
-        cells.append(Cell(fmt_int(max(counts)) if counts else "—"))
+            cells.append(estimate(row[f"{m}_mean"], row.get(f"{m}_ci_low"), row.get(f"{m}_ci_high"),
+                                  n_subjects=row.get(f"{m}_n_subjects")) if intervals else number(row[f"{m}_mean"]))
+        cells.append(image_counts(row, metrics))
         rows.append(cells)
     return headers, rows
 
@@ -150,7 +150,16 @@ def index_html(run: RunData, leaderboard_body: str, plots: list[tuple[str, str]]
         ("metrics", metrics),
         ("scores", f"{len(run.long)} (image, metric) rows"),
     ]
+    configs = run.store.config_history()
+    if len(configs) > 1:
+        facts.append(("configs", f"this directory ran {len(configs)} different configs: "
+                      + ", ".join(p.name for p in configs) + " (in configs/); this report follows the latest, config.yaml"))
     body = ["<h1>subjectbench report</h1>", smoke_banner(run.smoke_reasons())]
+    if len(configs) > 1:
+        body.append(f"<div class='warning'><strong>This run directory holds {len(configs)} different configs.</strong> "
+                    "The report shows the plan of the latest one (config.yaml); images of the earlier ones stay in "
+                    "the store but are not in these tables. Their configs: "
+                    + html.escape(", ".join(f"configs/{p.name}" for p in configs)) + ".</div>")
     body.append("<table>" + "".join(f"<tr><th class='text'>{html.escape(k)}</th><td class='text'>{html.escape(v)}</td></tr>" for k, v in facts) + "</table>")
     body.append("<h2>Contents</h2><ul>" + "".join(f"<li><a href='{href}'>{html.escape(name)}</a></li>" for href, name in files) + "</ul>")
     body.append(leaderboard_body)

@@ -448,7 +448,7 @@ def write_fronts(
 ) -> tuple[str, str]:
     """The families' fronts plot and its tables (hypervolumes, paired differences) under ``out``;
     returns (plot base, title naming each front's hypervolume and frontier entries)."""
-    from benchmark.store import atomic_write_text
+    from data.common import atomic_write_text
 
     x_higher = metric_direction(x_metric) is not False
     y_higher = metric_direction(y_metric) is not False

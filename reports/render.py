@@ -64,14 +64,42 @@ def number(value: object, digits: int = 3) -> Cell:
     return Cell(shown, classes="missing" if shown == MISSING else "")
 
 
-def estimate(mean: object, low: object, high: object, digits: int = 3) -> Cell:
-    """'mean [low, high]'; a mean without an interval shows alone; no mean shows '—'."""
+FEW_SUBJECTS = 5  # an interval from fewer subjects than this carries FEW_MARK
+FEW_MARK = "†"
+FEW_NOTE = (
+    f"{FEW_MARK} the interval comes from fewer than {FEW_SUBJECTS} subjects: the spread between subjects is "
+    "barely sampled, so it is rough and likely too narrow."
+)
+
+
+def estimate(mean: object, low: object, high: object, digits: int = 3, n_subjects: object = None) -> Cell:
+    """'mean [low, high]'; a mean without an interval shows alone; no mean shows '—'. An interval
+    from fewer than FEW_SUBJECTS subjects is marked (FEW_MARK, explained by FEW_NOTE)."""
     if is_missing(mean):
         return Cell(MISSING, classes="missing")
     if is_missing(low) or is_missing(high):
         return Cell(fmt(mean, digits))
     interval = f"[{fmt(low, digits)}, {fmt(high, digits)}]"
+    if not is_missing(n_subjects) and int(n_subjects) < FEW_SUBJECTS:
+        tip = f"interval from only {int(n_subjects)} subject(s): rough"
+        return Cell(
+            f"{fmt(mean, digits)} {interval} {FEW_MARK}",
+            f"{fmt(mean, digits)}<span class='ci'>{interval}</span><span class='few' title='{tip}'>{FEW_MARK} few subjects</span>",
+        )
     return Cell(f"{fmt(mean, digits)} {interval}", f"{fmt(mean, digits)}<span class='ci'>{interval}</span>")
+
+
+def image_counts(row, metrics: list[str]) -> Cell:
+    """How many images each metric averaged: one number when all agree, else the majority count
+    and the metrics that differ (PRES averages the class-prior images, not the evaluated ones)."""
+    counts = {m: int(row[f"{m}_n_images"]) for m in metrics
+              if f"{m}_n_images" in row and not is_missing(row[f"{m}_n_images"])}
+    if not counts:
+        return Cell(MISSING, classes="missing")
+    values = list(counts.values())
+    main = max(set(values), key=lambda n: (values.count(n), n))
+    others = [f"{metric_label(m)}: {n}" for m, n in counts.items() if n != main]
+    return Cell(f"{main}" + (f" ({', '.join(others)})" if others else ""))
 
 
 def metric_header(metric: str) -> str:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from benchmark.cli import UserError
 from benchmark.results import current_fingerprints, load_plan, load_records, load_subject_table
 from benchmark.store import Store, StoreError
+from data.common import UserError
 from reports.long import finished_images, results_frame
 
 

@@ -133,3 +133,40 @@ def test_overrides_may_follow_options(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["run", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+
+
+def _every_field():
+    import dataclasses
+
+    from benchmark.config import (
+        DatasetConfig,
+        GenerationConfig,
+        MetricsConfig,
+        ProtocolConfig,
+        RunConfig,
+    )
+    from methods.base import SamplerConfig
+
+    sections = {"dataset": DatasetConfig, "protocol": ProtocolConfig, "protocol.sampler": SamplerConfig,
+                "metrics": MetricsConfig, "generation": GenerationConfig}
+    for prefix, cls in sections.items():
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(f.default_factory if f.default_factory is not dataclasses.MISSING else None):
+                yield f"{prefix}.{f.name}"
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in sections and f.name not in ("name", "methods"):
+            yield f.name
+
+
+@pytest.mark.parametrize("key", list(_every_field()))
+def test_every_config_field_rejects_a_wrong_value_up_front(key):
+    """Optional fields too: a bad value never reaches the workers as a raw TypeError."""
+    with pytest.raises(ConfigError, match=key.rsplit(".", 1)[-1]):
+        load_config("default", [f"{key}={{bad: [1]}}"])
+
+
+@pytest.mark.parametrize("value", ["abc", "-8", "30", "0", "true"])
+def test_resolution_must_be_a_positive_multiple_of_8(value):
+    with pytest.raises(ConfigError, match="protocol.resolution: expected a positive multiple of 8"):
+        load_config("default", [f"protocol.resolution={value}"])
+    assert load_config("default", ["protocol.resolution=null"]).protocol.resolution is None

@@ -3,6 +3,7 @@ pretrained weights failing fast offline, derived report columns."""
 
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import time
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from methods.backbones import BackboneError
+from data.common import UserError
 from metrics import embeddings
 from metrics.backbones import MetricWeightsError, _load_dino, get_clip, get_dino
 from metrics.base import MetricSettings
@@ -120,7 +121,7 @@ def test_pretrained_weights_offline_fail_fast_with_the_fix(name, monkeypatch, tm
         assert time.monotonic() - started < 30  # a hang guard, not a speed test: no download attempt
     finally:
         torch.hub.set_dir(previous)
-    assert isinstance(caught.value, BackboneError)  # the CLI prints it without a traceback
+    assert isinstance(caught.value, UserError)  # the CLI prints it without a traceback
     assert "HF_HUB_OFFLINE" in str(caught.value)
 
 
@@ -181,7 +182,13 @@ def test_pretrained_loading_path_reads_the_local_caches(monkeypatch, tmp_path):
                        dino.model.state_dict())
         trunk = models.alexnet().state_dict()
         (tmp_path / "torch-hub" / "checkpoints").mkdir(parents=True)
-        torch.save(trunk, tmp_path / "torch-hub" / "checkpoints" / "alexnet-owt-7be5be79.pth")
+        staged = tmp_path / "torch-hub" / "checkpoints" / "staged.pth"
+        torch.save(trunk, staged)
+        # The trunk is pinned by the sha256 prefix in its URL's file name: pin the fake one alike.
+        prefix = hashlib.sha256(staged.read_bytes()).hexdigest()[:8]
+        staged.rename(staged.with_name(f"alexnet-owt-{prefix}.pth"))
+        monkeypatch.setattr("metrics.backbones._torchvision_trunk_url",
+                            lambda net: f"https://download.pytorch.org/models/alexnet-owt-{prefix}.pth")
 
         loaded_clip = _load_clip("ViT-B-32", "pretrained", cpu, "fp32")
         loaded_dino = _load_dino("pretrained", cpu, "fp32")
@@ -195,3 +202,23 @@ def test_pretrained_loading_path_reads_the_local_caches(monkeypatch, tmp_path):
     assert fingerprint["weights"] == "pretrained" and fingerprint["weights_tag"] == "openai"
     assert fingerprint["weights_source"].startswith("hf:timm/vit_base_patch32_clip_224.openai/open_clip_model")
     assert loaded_dino.fingerprint()["weights_tag"] == "dino" and loaded_lpips.weights == "pretrained"
+
+
+def test_a_cached_lpips_trunk_with_other_content_is_refused_before_loading(monkeypatch, tmp_path):
+    """Downloaders check only what they download; a cached file is checked before every load."""
+    from data.common import ChecksumError
+    from metrics.backbones import _torchvision_trunk_url
+
+    previous = _empty_hub_cache(monkeypatch, tmp_path)
+    try:
+        url = _torchvision_trunk_url("alex")
+        cached = tmp_path / "torch-hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+        cached.parent.mkdir(parents=True)
+        cached.write_bytes(b"not the alexnet weights")
+        with pytest.raises(ChecksumError) as caught:
+            build_metric("div", MetricSettings(weights="pretrained", lpips_net="alex")).fingerprint()
+    finally:
+        torch.hub.set_dir(previous)
+    message = str(caught.value)
+    assert str(cached) in message and "expected 7be5be79..." in message
+    assert hashlib.sha256(b"not the alexnet weights").hexdigest() in message and "delete it" in message
