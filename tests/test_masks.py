@@ -56,7 +56,9 @@ def test_mask_quality_flags():
     assert mask_quality(synthetic_scene()[1]) == (pytest.approx(np.pi * 50**2 / 200**2, rel=0.02), [])
 
 
-def test_masks_command_on_the_mini_set_records_provenance_and_resumes(capsys):
+def test_masks_command_on_the_mini_set_records_provenance_and_resumes(capsys, tmp_path, monkeypatch):
+    # a cache of its own: other tests (HiFi Tuner's mask loss) make mini-set masks in the shared one
+    monkeypatch.setenv("SUBJECTBENCH_CACHE", str(tmp_path / "cache"))
     assert main(["data", "masks", "--segmenter", "grabcut", "--dataset", "mini", "--workers", "2"]) == 0
     report = capsys.readouterr().out
     assert "12 masks" in report and "(12 made, 0 reused)" in report and "touches all borders" in report
