@@ -23,7 +23,9 @@ def mini_images(per_subject: int = 4) -> tuple[torch.Tensor, list[str], list[str
 def mini_scoring_inputs(reference_subject: str = "dog", per_subject: int = 4) -> ScoringInputs:
     """Mini images scored against the 4 real images of ``reference_subject``.
 
-    Texts are per subject; each subject's images form one DIV group.
+    Texts are per subject; each subject's images form one DIV group. The copy check sees the
+    reference subject's photos as both its training and its own photos (the all-photos track);
+    the scene of the scene + instance task is the first mini image.
     """
     images, keys, subjects = mini_images(per_subject)
     all_images, _, all_subjects = mini_images()
@@ -35,4 +37,9 @@ def mini_scoring_inputs(reference_subject: str = "dog", per_subject: int = 4) ->
         references=references,
         reference_key=f"mini/{reference_subject}",
         groups=list(subjects),
+        training_images=references,
+        training_key=f"mini/{reference_subject}",
+        subject_images=references,
+        subject_key=f"mini/{reference_subject}",
+        scene_images=[all_images[0]],
     )

@@ -39,6 +39,14 @@ GOLDEN = {
             0.1711419, 0.1673272, 0.1614452, 0.2094152, 0.1737208, 0.2081049],
 }
 GOLDEN["pres"] = GOLDEN["dino"]  # same computation, applied to class-prior images
+# The copy check (the dog's 4 photos are its training photos: they copy themselves) and the
+# scene + instance task's LPIPS to the scene (the scene is the first mini image).
+GOLDEN["copy"] = [1.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+GOLDEN["copy_nn"] = [0.9999999, 1.0000000, 1.0000000, 0.9999999, 0.2131586, 0.1949577,
+                     0.1866192, 0.4963648, -0.1331465, 0.8145368, -0.0918155, 0.1130457]
+GOLDEN["copy_real"] = [0.9583334] * 12
+GOLDEN["lpips_scene"] = [0.0000000, 0.0857991, 0.1910895, 0.1654478, 0.2664803, 0.2006117,
+                         0.2782432, 0.1631831, 0.2161450, 0.1288734, 0.1781208, 0.3065201]
 
 
 @pytest.fixture(autouse=True, scope="module")
