@@ -3,11 +3,17 @@
 ``resolve_backbone(name)`` is cheap (no download, no weights) and gives a frozen spec whose
 ``fingerprint()`` enters every cache key. ``load_backbone(spec, device, dtype)`` builds or loads
 the diffusers components once per process and returns the shared, frozen instance.
+
+A local folder is keyed by its content as well as its path (``folder_content_sha256``: the
+sha256 of its weight, config and tokenizer files), so replacing the weights in a folder re-keys
+every state, image and class prior made from it. Each file's hash is cached by (path, size,
+mtime) under the cache root, so reruns stat the files instead of reading gigabytes again.
 """
 
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import threading
@@ -58,9 +64,13 @@ class BackboneSpec:
     revision: str | None
     resolution: int
     seed: int = 0  # init seed of built backbones
+    content_sha256: str | None = None  # local folders: hash of the files (folder_content_sha256)
 
     def fingerprint(self) -> dict:
-        return asdict(self)
+        description = asdict(self)
+        if self.content_sha256 is None:  # hub and built backbones keep the keys they always had
+            del description["content_sha256"]
+        return description
 
     @property
     def is_random(self) -> bool:
@@ -83,12 +93,68 @@ def resolve_backbone(name: str) -> BackboneSpec:
             )
         index = json.loads((path / "model_index.json").read_text())
         resolution = int(index.get("_subjectbench_resolution", 512))
-        return BackboneSpec(name, "local", str(path.resolve()), None, resolution)
+        folder = path.resolve()
+        return BackboneSpec(name, "local", str(folder), None, resolution, content_sha256=folder_content_sha256(folder))
     hint = " (it looks like a path, but no such folder exists)" if os.sep in name else ""
     raise BackboneError(
         f"unknown backbone {name!r}{hint}; valid: {', '.join(BACKBONE_NAMES)}, or a local "
         "diffusers folder"
     )
+
+
+# ----------------------------------------------------------------------------- content keys
+
+CONTENT_SUFFIXES = (".safetensors", ".bin", ".json", ".txt", ".model")  # weights, configs, tokenizer
+_HASH_CHUNK = 1 << 24
+_FILE_HASHES: dict[tuple[str, int, int], str] = {}
+
+
+def _file_sha256(path: Path) -> str:
+    """sha256 of one file, cached in-process and on disk by (resolved path, size, mtime_ns)."""
+    from data.subjects import cache_root
+
+    resolved = path.resolve()  # hub snapshots are symlinks into blobs/
+    stat = resolved.stat()
+    key = (str(resolved), stat.st_size, stat.st_mtime_ns)
+    if key in _FILE_HASHES:
+        return _FILE_HASHES[key]
+    record = cache_root() / "file-hashes" / f"{hashlib.sha1(key[0].encode()).hexdigest()}.json"
+    try:
+        cached = json.loads(record.read_text())
+        if (cached["path"], cached["size"], cached["mtime_ns"]) == key:
+            _FILE_HASHES[key] = cached["sha256"]
+            return cached["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    digest = hashlib.sha256()
+    with open(resolved, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(record, json.dumps({"path": key[0], "size": key[1], "mtime_ns": key[2], "sha256": value}))
+    except OSError:
+        pass  # a read-only cache costs a re-read next time, nothing else
+    _FILE_HASHES[key] = value
+    return value
+
+
+def folder_content_sha256(folder: Path) -> str:
+    """One sha256 over the relative names and contents of a diffusers folder's weight, config and
+    tokenizer files (``CONTENT_SUFFIXES``; hidden folders such as ``.cache`` are skipped).
+
+    The same files give the same hash wherever they lie and whenever they were copied; any changed,
+    added or removed file gives another."""
+    files = sorted(
+        p for p in folder.rglob("*")
+        if p.suffix in CONTENT_SUFFIXES and p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(f"{path.relative_to(folder).as_posix()}\0{_file_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- tokenizer

@@ -3,6 +3,7 @@ that is unreachable failing in seconds with the fix."""
 
 from __future__ import annotations
 
+import json
 import socket
 import time
 
@@ -97,3 +98,48 @@ def test_unreachable_hub_fails_in_seconds_with_the_fix(monkeypatch, tmp_path, ho
     message = str(error.value)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in message
     assert "not in the local Hugging Face cache" in message and "backbone=/path/to/folder" in message
+
+
+def _keys(folder):
+    """Backbone fingerprint, prepare keys, image keys and the class-prior key of a plan on ``folder``."""
+    from benchmark.config import load_config
+    from benchmark.units import expand, method_context
+    from methods.base import SamplerConfig
+    from methods.class_prior import class_prior_key
+
+    cfg = load_config("default", [f"backbone={folder}", "methods=dreambooth", "metrics.names=[]",
+                                  "dataset.subjects=[dog]", "protocol.prompts=[0,1]", "protocol.images_per_prompt=1",
+                                  "protocol.prior_images=0"])
+    context = method_context(cfg, "cpu", "float32")
+    plan = expand(cfg, context)
+    prior = class_prior_key(load_backbone(context.backbone), "dog", 0, 64, SamplerConfig())
+    return (context.backbone.fingerprint(), {g.prepare.key for g in plan.groups},
+            {u.key for u in plan.image_units}, json.dumps(prior, sort_keys=True))
+
+
+def test_local_folder_is_keyed_by_its_content(tmp_path, monkeypatch):
+    """Replacing a weight file in a local backbone folder re-keys states, images and class priors;
+    an unchanged folder keeps its keys, and a rerun reads the cached file hashes, not the files."""
+    from safetensors.torch import load_file, save_file
+
+    import methods.backbones as backbones
+
+    folder = tmp_path / "model"
+    _pipeline(load_backbone(resolve_backbone("tiny"))).save_pretrained(folder)
+    before = _keys(folder)
+    assert len(before[1]) == 1 and len(before[2]) >= 2
+    assert "content_sha256" not in resolve_backbone("tiny").fingerprint()  # built/hub keys unchanged
+
+    backbones._FILE_HASHES.clear()  # a new process: only the on-disk cache is left
+    monkeypatch.setattr(backbones, "open", lambda *a, **k: pytest.fail(f"re-read {a[0]}"), raising=False)
+    assert _keys(folder) == before  # unchanged folder, same keys, no file read
+    monkeypatch.undo()
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1.0
+    save_file(tensors, weights)  # same size, new content and mtime
+    after = _keys(folder)
+    assert after[1].isdisjoint(before[1]) and after[2].isdisjoint(before[2]) and after[3] != before[3]
+    assert after[0]["content_sha256"] != before[0]["content_sha256"] and after[0]["location"] == before[0]["location"]
