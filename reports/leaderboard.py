@@ -18,7 +18,7 @@ import re
 import numpy as np
 import pandas as pd
 
-from reports.anchors import CITATIONS, PUBLISHED, citation_numbers
+from reports.anchors import CITATIONS, CONVENTIONS, PUBLISHED, citation_numbers, reference
 from reports.render import (
     FEW_NOTE,
     Cell,
@@ -222,7 +222,7 @@ def leaderboard_html(
     for title, part in _blocks(board):
         rows, classes = _rows(part, metrics, "", numbers)
         tables += (f"<h3>{html.escape(title)}</h3>" if title else "") + html_table(headers, rows, classes, titles)
-    references = "".join(f"<li value='{n}'>{html.escape(CITATIONS[key])}</li>" for key, n in numbers.items())
+    references = "".join(f"<li value='{n}'>{html.escape(reference(key))}</li>" for key, n in numbers.items())
     return (
         f"<{heading}>Leaderboard</{heading}>"
         + smoke_banner(smoke_reasons)
@@ -242,7 +242,7 @@ def leaderboard_markdown(board: pd.DataFrame, rank_by: str, smoke_reasons: list[
     for title, part in _blocks(board):
         rows, _ = _rows(part, metrics, "", numbers)
         tables += (f"\n### {title}\n\n" if title else "") + markdown_table(headers, rows)
-    references = "\n".join(f"[{n}] {CITATIONS[key]}" for key, n in numbers.items())
+    references = "\n".join(f"[{n}] {reference(key)}" for key, n in numbers.items())
     return (
         "# Leaderboard\n\n"
         + smoke_markdown(smoke_reasons)
@@ -258,5 +258,6 @@ def leaderboard_csv(board: pd.DataFrame) -> pd.DataFrame:
     keep = ["rank", "entry", "source", "citation", "smoke", "method", "cell_id", "checkpoint"]
     metric_columns = [c for c in board.columns if c.endswith(("_mean", "_ci_low", "_ci_high", "_n_subjects", "_n_images"))]
     out = board[[c for c in keep if c in board.columns] + metric_columns].copy()
+    out["convention"] = [CONVENTIONS.get(c, "") for c in out["citation"]]
     out["citation"] = [CITATIONS.get(c, "") for c in out["citation"]]
     return out

@@ -145,7 +145,7 @@ def test_leaderboard_ranks_warns_and_cites(run_dir):
     assert "Smoke numbers — not measurements" in page and "WARNING — smoke numbers" in markdown
     assert "random-init (tiny)" in page
     for figure in ("0.774", "0.885", "0.393", "0.706", "0.337", "0.569", "0.780", "0.255", "0.668", "0.803", "0.305",
-                   "0.665", "0.807", "0.291", "0.680", "0.809", "0.317"):
+                   "0.665", "0.807", "0.291", "0.680", "0.809", "0.317", "0.696", "0.812", "0.306", "0.643", "0.790"):
         assert figure in markdown, figure
     assert "arXiv:2208.12242" in markdown and "arXiv:2312.00079" in markdown
     board = pd.read_csv(run_dir / "report" / "leaderboard.csv")
@@ -153,7 +153,7 @@ def test_leaderboard_ranks_warns_and_cites(run_dir):
     assert list(ours["rank"]) == sorted(ours["rank"]) and list(ours["dino_mean"]) == sorted(ours["dino_mean"], reverse=True)
     assert board[board["source"] == "published"]["rank"].isna().all()
     # Smoke rows are not interleaved with published figures.
-    assert list(board["source"]) == ["this run"] * 5 + ["published"] * 6
+    assert list(board["source"]) == ["this run"] * 5 + ["published"] * 8
     # Real images have no CLIP-T: shown as a dash, never 0.
     real = [line for line in markdown.splitlines() if line.startswith("|  | Real images")][0]
     assert real.split("|")[5].strip() == "—"
@@ -240,10 +240,38 @@ def test_published_rows_interleave_only_with_measurements():
     summary = pd.DataFrame({"entry": ["ours-a", "ours-b"], "method": ["a", "b"], "cell_id": ["a", "b"],
                             "checkpoint": ["final", "final"], "dino_mean": [0.70, 0.60], "clip_t_mean": [0.30, 0.31]})
     measured = list(leaderboard_frame(summary, "dino", smoke=False)["entry"])
-    assert measured == ["Real images (reference set)", "ours-a", "HiFi Tuner on DreamBooth", "DreamBooth (Stable Diffusion)",
-                        "HiFi Tuner on Textual Inversion", "ours-b", "Textual Inversion (Stable Diffusion)",
-                        "Stable Diffusion 1.4, unpersonalized"]
+    assert measured == ["Real images (reference set)", "ours-a", "DreamBooth (Imagen)", "HiFi Tuner on DreamBooth",
+                        "DreamBooth (Stable Diffusion)", "HiFi Tuner on Textual Inversion", "Custom Diffusion", "ours-b",
+                        "Textual Inversion (Stable Diffusion)", "Stable Diffusion 1.4, unpersonalized"]
     smoke = leaderboard_frame(summary, "dino", smoke=True)
     assert list(smoke["entry"][:2]) == ["ours-a", "ours-b"] and list(smoke["rank"][:2]) == [1, 2]
     by_clip_t = list(leaderboard_frame(summary, "clip_t", smoke=False)["entry"])
+    assert by_clip_t.index("DreamBooth (Imagen)") < by_clip_t.index("DreamBooth (Stable Diffusion)")
     assert by_clip_t.index("Stable Diffusion 1.4, unpersonalized") == 0 and by_clip_t[-1] == "Real images (reference set)"
+
+
+def test_published_rows_cite_a_table_and_a_convention():
+    """Every published row names a paper table (or says it is unchecked) and its metric convention;
+    the unpersonalized SD 1.4 row is HiFi Tuner's Table 1, Custom Diffusion is flagged as unchecked."""
+    from reports.anchors import CITATIONS, CONVENTIONS, PUBLISHED, reference
+    from reports.leaderboard import leaderboard_csv, leaderboard_frame, leaderboard_markdown
+
+    rows = {a.name: a for a in PUBLISHED}
+    for anchor in PUBLISHED:
+        assert "Table" in CITATIONS[anchor.source] or "checked against the paper" in CITATIONS[anchor.source], anchor.name
+        assert "DINO ViT-S/16" in anchor.convention and "without the identifier" in anchor.convention
+    sd14 = rows["Stable Diffusion 1.4, unpersonalized"]
+    assert (sd14.dino, sd14.clip_i, sd14.clip_t) == (0.393, 0.706, 0.337)
+    assert "arXiv:2312.00079), Table 1" in CITATIONS[sd14.source]
+    assert not any("no primary" in text or "DESIGN.md" in text for text in CITATIONS.values())
+    imagen = rows["DreamBooth (Imagen)"]
+    assert (imagen.dino, imagen.clip_i, imagen.clip_t, imagen.source) == (0.696, 0.812, 0.306, "dreambooth")
+    custom = rows["Custom Diffusion"]
+    assert (custom.dino, custom.clip_i, custom.clip_t) == (0.643, 0.790, 0.305)
+    assert "as quoted in issue 15" in CITATIONS[custom.source] and "not verified" in CONVENTIONS[custom.source]
+    summary = pd.DataFrame({"entry": ["ours"], "method": ["a"], "cell_id": ["a"], "checkpoint": ["final"], "dino_mean": [0.7]})
+    board = leaderboard_frame(summary, "dino")
+    markdown = leaderboard_markdown(board, "dino", [], "coverage", 100, 0.95)
+    assert all(reference(key) in markdown for key in {a.source for a in PUBLISHED})
+    csv = leaderboard_csv(board).set_index("entry")
+    assert csv.loc["Custom Diffusion", "convention"] == custom.convention and csv.loc["ours", "convention"] == ""
