@@ -34,6 +34,25 @@ def test_every_shipped_default_names_its_source(name):
         assert field.metadata.get("source"), f"{name}.{field.name} has no recorded source"
 
 
+def test_dreambooth_lora_states_that_prior_preservation_is_our_choice(capsys):
+    """The LoRA recipe its defaults cite trains without prior preservation; ours keeps it on, says
+    so in the docstring and in `list methods`, and keeps the full method's defaults (and keys)."""
+    from methods.dreambooth import DreamBoothLoRA, DreamBoothLoRAParams, DreamBoothParams
+
+    assert main(["list", "methods", "dreambooth_lora"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "prior preservation kept on (our choice: the diffusers LoRA recipe has none" in out
+    assert re.search(r"class_images int 200 axis ours: prior preservation kept ON, unlike the diffusers LoRA README", out)
+    assert "0 gives the LoRA README recipe" in out
+    doc = " ".join(__import__("methods.dreambooth").dreambooth.__doc__.split())
+    assert "Prior preservation stays on, a deliberate departure from the recipe these defaults cite" in doc
+    lora, full = DreamBoothLoRAParams(), DreamBoothParams()
+    assert (lora.class_images, lora.prior_loss_weight) == (full.class_images, full.prior_loss_weight) == (200, 1.0)
+    assert lora.with_prior_preservation and DreamBoothLoRA.Params is DreamBoothLoRAParams
+    names = [f.name for f in dataclasses.fields(DreamBoothLoRAParams)]
+    assert names == [f.name for f in dataclasses.fields(DreamBoothParams)] + ["rank"]  # field order, so keys, unchanged
+
+
 def test_list_methods_unknown_name_is_one_error_line(capsys):
     assert main(["list", "methods", "dreambooht"]) == 2
     err = capsys.readouterr().err
