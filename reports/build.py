@@ -4,7 +4,8 @@ Writes under ``RUN_DIR/report/``:
   index.html                     run facts, smoke warning, leaderboard, plots, data dictionary, links
   results.parquet                the long format (one row per image × metric; reports.long)
   fingerprints.json              metric fingerprints and method fingerprints behind the numbers
-  leaderboard.html / .md / .csv  ranked entries with published figures beside them
+  leaderboard.html / .md / .csv  ranked entries with published figures beside them, and rank confidence
+  tables/rank_probabilities.csv, tables/rank_beats.csv   P(rank k) per entry, P(A beats B) (reports.ranking)
   tables.html / tables.md        summary, by kind, by category, per subject, CLIP-T scales, cost
   tables/<name>.csv              the same tables, numeric (mean, ci_low, ci_high, n per metric)
   plots.html, plots/pareto_<y>_vs_<x>.png/.svg   DINO vs CLIP-T and CLIP-I vs CLIP-T
@@ -29,9 +30,10 @@ from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
 from reports.pareto import PLOTS, pareto_figure, plot_points, save_figure, write_fronts
+from reports.ranking import rank_confidence, rank_confidence_html, rank_confidence_markdown
 from reports.render import FEW_NOTE, page
 from reports.rundata import ReportError, RunData, read_run
-from reports.schema import METRIC_ORDER, metric_label
+from reports.schema import METRIC_ORDER, metric_direction, metric_label
 from reports.single_image import single_image_html, single_image_markdown, single_image_table
 from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from reports.tables import cost_table, summary_tables
@@ -113,9 +115,17 @@ def build_report(
     partial = "" if smoke else lb.partial_protocol(run.images, run.config)
     board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke), apart=bool(partial))
     coverage = lb.coverage_note(run.images) + (f". Not ranked among the published figures: {partial}" if partial else "")
+    ranks = rank_confidence(run.long, rank_by, metric_direction(rank_by) is not False, resamples, seed, confidence)
+    for table_name in ("rank_probabilities", "rank_beats"):  # no stale tables from an earlier build
+        (out / "tables" / f"{table_name}.csv").unlink(missing_ok=True)
+    if ranks is not None:
+        _write_csv(out / "tables" / "rank_probabilities.csv", ranks.rank_table())
+        _write_csv(out / "tables" / "rank_beats.csv", ranks.beats_table())
     body = lb.leaderboard_html(board, rank_by, smoke, coverage, resamples, confidence)
+    body += rank_confidence_html(ranks, metric_label(rank_by))
     atomic_write_text(out / "leaderboard.html", page("Leaderboard", body, run_name=name))
-    atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence))
+    atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence)
+                      + rank_confidence_markdown(ranks, metric_label(rank_by)))
     _write_csv(out / "leaderboard.csv", lb.leaderboard_csv(board))
 
     plots = []

@@ -154,6 +154,13 @@ def test_leaderboard_ranks_warns_and_cites(run_dir):
     assert board[board["source"] == "published"]["rank"].isna().all()
     # Smoke rows are not interleaved with published figures.
     assert list(board["source"]) == ["this run"] * 5 + ["published"] * 8
+    # Rank confidence of our entries: a section on the page and two tables.
+    assert "id='rank-confidence'" in page and "## Rank confidence" in markdown
+    ranks = pd.read_csv(run_dir / "report" / "tables" / "rank_probabilities.csv")
+    assert sorted(ranks["entry"]) == sorted(ours["entry"])
+    assert ranks[[f"p_rank_{k}" for k in range(1, len(ranks) + 1)]].sum(axis=1).round(6).eq(1).all()
+    beats = pd.read_csv(run_dir / "report" / "tables" / "rank_beats.csv").set_index("entry")
+    assert beats.shape == (len(ranks), len(ranks))
     # Real images have no CLIP-T: shown as a dash, never 0.
     real = [line for line in markdown.splitlines() if line.startswith("|  | Real images")][0]
     assert real.split("|")[5].strip() == "—"
