@@ -361,12 +361,7 @@ class DreamBooth(Method):
         seeds: Sequence[int],
         sampler: SamplerConfig,
     ) -> list[Image.Image]:
-        name = checkpoint_name(self.params.checkpoint_step(checkpoint), self.params.steps)
-        if name not in state.data["checkpoints"]:
-            raise ValueError(
-                f"{self.name} state {state.path} has no checkpoint {name!r}; it has "
-                f"{sorted(state.data['checkpoints'])}"
-            )
+        name = self.params.stored_checkpoint(checkpoint, state.data["checkpoints"], f"{self.name} state {state.path}")
         unet, text_encoder = self._generation_modules(state, name)
         pipeline = build_pipeline(self._backbone(), sampler, unet=unet, text_encoder=text_encoder)
         return generate_images(pipeline, prompts, seeds, sampler, self.context.resolution)

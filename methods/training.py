@@ -80,6 +80,14 @@ class TrainingParams:
             return int(name.removeprefix("step-"))
         raise ValueError(f"unknown checkpoint {name!r}; valid: {', '.join(self.checkpoint_names())}")
 
+    def stored_checkpoint(self, checkpoint: str, saved, owner: str) -> str:
+        """The name ``checkpoint`` is stored under in a state (``step-N`` or ``final``), checked
+        against the checkpoints the state saved; ``owner`` names the state in the error."""
+        name = checkpoint_name(self.checkpoint_step(checkpoint), self.steps)
+        if name not in saved:
+            raise ValueError(f"{owner} has no checkpoint {name!r}; it has {sorted(saved)}")
+        return name
+
     def save_steps(self) -> list[int]:
         return [s for s in self.checkpoint_steps if s < self.steps] + [self.steps]
 
