@@ -95,35 +95,28 @@ class Method(ABC):
         self.context = context
 
     def fingerprint(self) -> dict:
-        return self._with_determinism({
-            "method": self.name,
-            "version": self.version,
-            "params": params_to_dict(self.params),
+        return self._identity(self.name, self.version, params_to_dict(self.params))
+
+    def training_fingerprint(self) -> dict:
+        """The fingerprint of what ``prepare`` writes: generation-only params left out."""
+        trainer = self.trains_as or type(self)
+        return self._identity(trainer.name, trainer.version, training_params_dict(self.params))
+
+    def _identity(self, name: str, version: str, params: dict) -> dict:
+        fingerprint = {
+            "method": name,
+            "version": version,
+            "params": params,
             "backbone": self.context.backbone.fingerprint(),
             "dtype": self.context.dtype,
             "resolution": self.context.resolution,
             "identifier": self.context.identifier,
-        })
-
-    def _with_determinism(self, fingerprint: dict) -> dict:
+        }
         # Deterministic kernels give other low bits than the fast ones: their states and images
         # are keyed apart (and fast-mode keys stay as they were).
         if self.context.deterministic:
             fingerprint["deterministic"] = True
         return fingerprint
-
-    def training_fingerprint(self) -> dict:
-        """The fingerprint of what ``prepare`` writes: generation-only params left out."""
-        trainer = self.trains_as or type(self)
-        return self._with_determinism({
-            "method": trainer.name,
-            "version": trainer.version,
-            "params": training_params_dict(self.params),
-            "backbone": self.context.backbone.fingerprint(),
-            "dtype": self.context.dtype,
-            "resolution": self.context.resolution,
-            "identifier": self.context.identifier,
-        })
 
     def generation_fingerprint(self) -> dict:
         """What changes images beyond the training state: method identity and generation params."""

@@ -53,17 +53,16 @@ class DummyMethod(Method):
     # rerun without them (or --retry-failed) completes the same units.
     _CONTROL_KNOBS = ("sleep_s", "prepare_sleep_s", "fail_subjects", "oom_subjects", "fail_prompts")
 
-    def fingerprint(self) -> dict:
-        fingerprint = super().fingerprint()
+    def _without_control_knobs(self, fingerprint: dict) -> dict:
         for knob in self._CONTROL_KNOBS:
             fingerprint["params"].pop(knob)
         return fingerprint
 
+    def fingerprint(self) -> dict:
+        return self._without_control_knobs(super().fingerprint())
+
     def training_fingerprint(self) -> dict:
-        fingerprint = super().training_fingerprint()
-        for knob in self._CONTROL_KNOBS:
-            fingerprint["params"].pop(knob)
-        return fingerprint
+        return self._without_control_knobs(super().training_fingerprint())
 
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
         if subject.id in self.params.oom_subjects:
