@@ -17,8 +17,8 @@ def _metric_role(metric: str) -> str | None:
         return None
 
 
-def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
-    plan = load_plan(store)
+def status_frame(store: Store, plan: pd.DataFrame | None = None) -> tuple[pd.DataFrame, dict[str, dict]]:
+    plan = load_plan(store) if plan is None else plan
     if "trainer" not in plan:  # plans written before trainings were shared across cells
         plan = plan.assign(trainer=plan["label"])
     failures = store.failures()
@@ -60,9 +60,9 @@ def status_frame(store: Store) -> tuple[pd.DataFrame, dict[str, dict]]:
 
 def run_status(run_dir) -> tuple[str, int]:
     store = Store(run_dir)
-    frame, failures = status_frame(store)
-    lines = [f"run {store.root}", frame.to_string(index=False) if not frame.empty else "(empty plan)"]
     plan = load_plan(store)
+    frame, failures = status_frame(store, plan)
+    lines = [f"run {store.root}", frame.to_string(index=False) if not frame.empty else "(empty plan)"]
     if not plan.empty:
         trainings = plan["prepare_key"].nunique()
         cells = plan["cell_id"].nunique()
