@@ -122,6 +122,21 @@ def prediction_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tenso
     )
 
 
+def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``tensor.to(device, dtype)`` without a stream synchronisation for host tensors bound for CUDA.
+
+    A copy from pageable host memory makes the CUDA stream synchronise before it starts, so the
+    host cannot queue the next kernels while the GPU works: the per-step noise, timesteps and
+    loss weights (drawn on CPU generators for device independence) made every training step
+    wait for the previous one. Staging through pinned memory and copying asynchronously keeps
+    the values bit for bit and lets the host run ahead (the caching host allocator keeps the
+    pinned buffer alive until its copy has finished).
+    """
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        tensor = tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device=device, dtype=dtype) if dtype is not None else tensor.to(device=device)
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     noise_scheduler,
@@ -144,10 +159,10 @@ def diffusion_loss(
     device = latents.device
     if noise is None:
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
-    noise = noise.to(device=device, dtype=latents.dtype)
+    noise = to_device(noise, device, latents.dtype)
     if timesteps is None:
         timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
-    timesteps = timesteps.to(device=device, dtype=torch.long)
+    timesteps = to_device(timesteps, device, torch.long)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     unet_dtype = frozen_dtype(unet)
     prediction = unet(
@@ -156,11 +171,11 @@ def diffusion_loss(
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
     if mask is not None:
-        squared = squared * mask.to(device=device, dtype=squared.dtype)
+        squared = squared * to_device(mask, device, squared.dtype)
     per_sample = squared.mean(dim=tuple(range(1, squared.ndim)))
     if weights is None:
         return per_sample.mean(), per_sample.detach()
-    return (per_sample * weights.to(device=device, dtype=per_sample.dtype)).sum(), per_sample.detach()
+    return (per_sample * to_device(weights, device, per_sample.dtype)).sum(), per_sample.detach()
 
 
 def fixed_draw_loss(
@@ -205,7 +220,7 @@ def tokenize(tokenizer, prompts: Sequence[str]) -> torch.Tensor:
 
 def encode_text(text_encoder: torch.nn.Module, tokenizer, prompts: Sequence[str], device: torch.device) -> torch.Tensor:
     """The last hidden state of the text encoder (what SD's cross-attention reads)."""
-    return text_encoder(tokenize(tokenizer, prompts).to(device), return_dict=False)[0]
+    return text_encoder(to_device(tokenize(tokenizer, prompts), torch.device(device)), return_dict=False)[0]
 
 
 class CachedTextEncoding:

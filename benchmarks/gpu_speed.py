@@ -1,0 +1,271 @@
+"""Issue-17 speed probe: where sampling and training time goes, and what each fast path buys.
+
+Sampling (DDIM 50, guidance 7.5, the project's ``generate_images`` path, one CPU generator per
+image) at several batch sizes, with each candidate fast path measured beside the current path
+and beside the plain diffusers fp16 pipeline a user would run instead, in the same process:
+``channels_last`` UNet/VAE, fused QKV projections, ``torch.compile`` of the UNet (compile time
+reported apart), plus a breakdown (text encoding, UNet loop, VAE decode, PIL conversion, PNG
+encoding at the store's settings). Each variant's images are compared with the current path's
+(max |Δ| in uint8 levels over the same seeds) — a fast path may move pixels only within the
+batch/kernel noise the sampling module documents.
+
+Training: the DreamBooth step (fp32 master UNet, bf16 autocast, 1 instance + 1 class latent,
+fused AdamW) through the project's ``train_loop``: seconds per step with pageable host copies
+(the old behaviour) and with the pinned asynchronous copies, with and without
+``torch.compile``; the first 5 losses of each variant are kept so that a fast path can be
+checked against eager.
+
+Writes one JSON document to ``--out``. CPU check:
+``python benchmarks/gpu_speed.py --backbone tiny --device cpu --resolution 64 --quick --out /tmp/s.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from methods import diffusion  # noqa: E402
+from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
+from methods.base import SamplerConfig  # noqa: E402
+from methods.diffusion import fp32_trainable_copy, make_noise_scheduler  # noqa: E402
+from methods.sampling import build_pipeline, generate_images  # noqa: E402
+from methods.training import TrainBatch, TrainingParams, train_loop  # noqa: E402
+
+PROMPT = "a photo of a sks dog on the beach"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    out = fn()
+    sync(device)
+    return out, time.perf_counter() - start
+
+
+def png_seconds(images) -> float:
+    start = time.perf_counter()
+    for image in images:
+        buffer = io.BytesIO()
+        image.save(buffer, format="PNG")  # the store's settings: PIL defaults
+    return (time.perf_counter() - start) / max(len(images), 1)
+
+
+def as_uint8(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+def sampling(args, backbone, device, results):
+    sampler = SamplerConfig(name="ddim", steps=args.sampling_steps, guidance=7.5, eta=0.0)
+    out = results.setdefault("sampling", {})
+    baseline_images = {}
+
+    def run_variant(name, unet=None, vae_channels_last=False, batches=(8, 16, 32)):
+        rows = {}
+        for batch in batches:
+            prompts = [f"{PROMPT} {i % 4}" for i in range(batch)]
+            seeds = list(range(batch))
+            pipeline = build_pipeline(backbone, sampler, unet=unet)
+            generate_images(pipeline, prompts[:2], seeds[:2], sampler, args.resolution)  # warm-up
+            times = []
+            images = None
+            for _ in range(args.repeats):
+                images, seconds = timed(lambda: generate_images(pipeline, prompts, seeds, sampler, args.resolution), device)
+                times.append(seconds / batch)
+            row = {"s_per_image": min(times), "s_per_image_all": times}
+            if name == "current":
+                baseline_images[batch] = as_uint8(images)
+            elif batch in baseline_images:
+                row["max_abs_diff_levels_vs_current"] = int(np.abs(as_uint8(images) - baseline_images[batch]).max())
+                row["mean_abs_diff_levels_vs_current"] = float(np.abs(as_uint8(images) - baseline_images[batch]).mean())
+            rows[str(batch)] = row
+            print(name, batch, row, flush=True)
+        out[name] = rows
+        return images
+
+    images = run_variant("current")
+    out["png_encode_s_per_image"] = png_seconds(images)
+
+    # Breakdown at batch 16: text, unet loop, vae decode, to PIL.
+    batch = 16 if not args.quick else 2
+    pipeline = build_pipeline(backbone, sampler)
+    with torch.no_grad():
+        _, text_s = timed(lambda: pipeline.encode_prompt([PROMPT] * batch, device, 1, True), device)
+        latents = torch.randn(batch, 4, args.resolution // 8, args.resolution // 8, device=device, dtype=backbone.dtype)
+        _, unet_s = timed(
+            lambda: pipeline(prompt=[PROMPT] * batch, num_inference_steps=args.sampling_steps, guidance_scale=7.5,
+                             height=args.resolution, width=args.resolution, latents=latents, output_type="latent"),
+            device,
+        )
+        decoded, vae_s = timed(lambda: backbone.vae.decode(latents / backbone.vae.config.scaling_factor).sample, device)
+        _, pil_s = timed(lambda: pipeline.image_processor.postprocess(decoded, output_type="pil"), device)
+    out["breakdown_batch16_s_per_image"] = {
+        "text": text_s / batch, "denoise_incl_text": unet_s / batch, "vae_decode": vae_s / batch, "to_pil": pil_s / batch,
+    }
+    print("breakdown", out["breakdown_batch16_s_per_image"], flush=True)
+
+    if args.quick:
+        batches = (2,)
+    else:
+        batches = (16, 32)
+    # channels_last
+    backbone.unet.to(memory_format=torch.channels_last)
+    backbone.vae.to(memory_format=torch.channels_last)
+    run_variant("channels_last", batches=batches)
+    # fused qkv
+    try:
+        backbone.unet.fuse_qkv_projections()
+        run_variant("channels_last+fused_qkv", batches=batches)
+        backbone.unet.unfuse_qkv_projections()
+    except Exception as error:  # noqa: BLE001
+        out["fused_qkv_error"] = repr(error)
+    if args.compile:
+        import torch._inductor.config as inductor
+
+        inductor.conv_1x1_as_mm = True
+        inductor.coordinate_descent_tuning = True
+        inductor.epilogue_fusion = False
+        inductor.coordinate_descent_check_all_directions = True
+        compiled = torch.compile(backbone.unet, mode=args.compile_mode, fullgraph=False)
+        start = time.perf_counter()
+        pipeline = build_pipeline(backbone, sampler, unet=compiled)
+        generate_images(pipeline, [PROMPT] * batches[0], list(range(batches[0])), sampler, args.resolution)
+        sync(device)
+        out["compile_seconds_first_call"] = time.perf_counter() - start
+        run_variant(f"channels_last+compile[{args.compile_mode}]", unet=compiled, batches=batches)
+    backbone.unet.to(memory_format=torch.contiguous_format)
+    backbone.vae.to(memory_format=torch.contiguous_format)
+
+    # The reference a user runs: the plain diffusers pipeline in fp16, 4 images per prompt.
+    if device.type == "cuda" and args.reference:
+        from diffusers import StableDiffusionPipeline
+
+        reference = StableDiffusionPipeline(
+            vae=backbone.vae.to(torch.float16), text_encoder=backbone.text_encoder.to(torch.float16),
+            tokenizer=backbone.tokenizer, unet=backbone.unet.to(torch.float16),
+            scheduler=build_pipeline(backbone, sampler).scheduler, safety_checker=None, feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        reference.set_progress_bar_config(disable=True)
+        reference(prompt=[PROMPT], num_images_per_prompt=2, num_inference_steps=args.sampling_steps)
+        times = []
+        for _ in range(args.repeats):
+            _, seconds = timed(lambda: reference(prompt=[PROMPT] * 4, num_images_per_prompt=4,
+                                                 num_inference_steps=args.sampling_steps, guidance_scale=7.5), device)
+            times.append(seconds / 16)
+        out["reference_diffusers_fp16_16_images"] = {"s_per_image": min(times), "s_per_image_all": times}
+        for module in (backbone.vae, backbone.text_encoder, backbone.unet):
+            module.to(backbone.dtype)
+        print("reference", out["reference_diffusers_fp16_16_images"], flush=True)
+
+
+def training(args, backbone, device, results):
+    out = results.setdefault("training_dreambooth_step", {})
+    scheduler = make_noise_scheduler(backbone)
+    size = args.resolution // 8
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, 4, size, size, generator=generator).to(device)
+    with torch.no_grad():
+        hidden = diffusion.encode_text(backbone.text_encoder, backbone.tokenizer, [PROMPT, "a photo of dog"], device)
+    params = TrainingParams(steps=args.train_steps, learning_rate=5e-6, adam_weight_decay=1e-2)
+    weights = torch.tensor([1.0, 1.0])
+
+    def variant(name, *, pinned: bool, compile_unet: bool):
+        unet = fp32_trainable_copy(backbone, "unet")
+        model = torch.compile(unet) if compile_unet else unet
+        original = diffusion.to_device
+        if not pinned:
+            diffusion.to_device = lambda t, d, dtype=None: t.to(device=d, dtype=dtype) if dtype is not None else t.to(d)
+        try:
+            result = train_loop(
+                unet=model, noise_scheduler=scheduler, parameters=list(unet.parameters()), params=params,
+                learning_rate=params.learning_rate,
+                next_batch=lambda step: TrainBatch(latents, [PROMPT, "dog"], weights),
+                encode_prompts=lambda prompts: hidden, generator=torch.Generator().manual_seed(1),
+                device=device, dtype=backbone.dtype,
+            )
+        finally:
+            diffusion.to_device = original
+        row = {
+            "s_per_step": result.seconds_per_step,
+            "first_step_s": result.seconds - result.seconds_per_step * (params.steps - 1),
+            "peak_gib": (result.peak_memory_bytes or 0) / 2**30,
+            "losses_first5": result.losses[:5],
+        }
+        out[name] = row
+        print(name, row, flush=True)
+        del unet, model
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    variant("pageable_copies(old)", pinned=False, compile_unet=False)
+    variant("pinned_async_copies", pinned=True, compile_unet=False)
+    if args.compile:
+        variant("pinned+compile", pinned=True, compile_unet=True)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="sd15-random")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--sampling-steps", type=int, default=50)
+    parser.add_argument("--train-steps", type=int, default=40)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--compile-mode", default="max-autotune-no-cudagraphs")
+    parser.add_argument("--no-reference", dest="reference", action="store_false")
+    parser.add_argument("--skip", default="", help="comma list: sampling,training")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    backbone = load_backbone(resolve_backbone(args.backbone), device, dtype)
+    import diffusers
+    import transformers
+
+    results = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "packages": {"torch": torch.__version__, "diffusers": diffusers.__version__, "transformers": transformers.__version__,
+                     "python": platform.python_version()},
+        "settings": vars(args),
+        "dtype": str(dtype),
+    }
+    skip = set(filter(None, args.skip.split(",")))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    for name, fn in (("training", training), ("sampling", sampling)):
+        if name in skip:
+            continue
+        try:
+            fn(args, backbone, device, results)
+        except Exception as error:  # noqa: BLE001 - keep what was measured
+            import traceback
+
+            results[f"{name}_error"] = traceback.format_exc()
+            print(results[f"{name}_error"], flush=True)
+        Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
