@@ -35,14 +35,18 @@ Scale sweeps: ``scale`` and ``adapter`` are generation-only, so a sweep shares o
 preparation per subject; the adapted UNet is loaded once per process and weights source, and the
 scale is set under a lock just before each pipeline call.
 
-``blip_diffusion`` is not provided. diffusers 0.42 ships ``BlipDiffusionPipeline`` only under
-``diffusers.pipelines.deprecated`` (unmaintained), and BLIP-Diffusion is its own model: a BLIP-2
-Q-Former plus a ``ContextCLIPTextModel`` and a UNet fine-tuned by its authors
-(``Salesforce/blipdiffusion``), so it cannot run on this benchmark's ``backbone`` (its images say
-nothing about SD 1.5 or the tiny backbone), a tiny version would need our own random Q-Former and
-context text-encoder configurations that no released code builds, and its prompt format
-(source/target subject category + prompt strength/reps) does not map onto the protocol's prompts
-without choices of ours. Its published figures stay a leaderboard anchor (``reports/anchors.py``).
+``blip_diffusion`` is not provided, because it does not fit the protocol cleanly:
+- diffusers 0.42 ships ``BlipDiffusionPipeline`` only under ``diffusers.pipelines.deprecated``
+  (kept importable, no longer maintained);
+- BLIP-Diffusion is its own model, not an adapter on a backbone: a BLIP-2 Q-Former, a
+  ``ContextCLIPTextModel`` and a UNet its authors fine-tuned (``Salesforce/blipdiffusion``), so the
+  run's ``backbone`` (SD 1.5, ``tiny``, a local folder) would be ignored and its keys would lie;
+  a tiny random version can be built from diffusers' classes (as diffusers' own tests do), but it
+  would exercise none of our backbones, and the released model is a hub-only download;
+- its prompt format is its own: ``_build_prompt`` writes "a {target category} {prompt}" and repeats
+  it ``prompt_strength × prompt_reps`` (20) times, with a source category for the Q-Former, so the
+  protocol's prompts (which already contain the class noun) need rewriting choices of ours.
+Its published figures are a leaderboard anchor (``reports/anchors.py``).
 """
 
 from __future__ import annotations

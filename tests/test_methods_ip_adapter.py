@@ -78,7 +78,9 @@ def test_random_weights_are_in_diffusers_format_and_load_through_load_ip_adapter
     for index, processor in enumerate(adapted.values()):
         assert torch.equal(processor.to_k_ip[0].weight, tensors[f"ip_adapter.{2 * index + 1}.to_k_ip.weight"])
     assert pipeline.image_encoder.config.projection_dim == TINY_VISION["projection_dim"]
-    assert type(backbone.unet.attn_processors[next(iter(adapted))]) is not IPAdapterAttnProcessor2_0  # shared UNet untouched
+    # the shared UNet is untouched (load_ip_adapter edits the copy in place)
+    assert type(backbone.unet.attn_processors[next(iter(adapted))]) is not IPAdapterAttnProcessor2_0
+    assert backbone.unet.encoder_hid_proj is None and backbone.unet.config.encoder_hid_dim_type is None
 
 
 def test_scale_zero_is_the_plain_pipeline_and_scale_one_is_not(context, weights, dog, tmp_path):
