@@ -65,7 +65,7 @@ from typing import Literal
 import torch
 from PIL import Image
 
-from data.common import UserError, atomic_write_text, file_lock, hub_offline_requested
+from data.common import UserError, atomic_write_text, file_lock, file_sha256, hub_offline_requested
 from data.images import open_image
 from data.protocol import Prompt
 from data.subjects import Subject, cache_root
@@ -345,16 +345,12 @@ class IPAdapter(Method):
         return subject.images[:1] if self.params.reference == "first" else tuple(subject.images)
 
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
-        from data.common import file_sha256
-
         references = [
             {"name": path.name, "sha256": file_sha256(path)} for path in self.reference_paths(subject)
         ]
         atomic_write_text(workdir / "state.json", json.dumps({"reference": self.params.reference, "images": references}, indent=1))
 
     def load_state(self, workdir: Path, subject: Subject) -> State:
-        from data.common import file_sha256
-
         recorded = json.loads((workdir / "state.json").read_text())
         by_name = {path.name: path for path in subject.images}
         images = []

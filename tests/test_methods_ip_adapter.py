@@ -164,7 +164,9 @@ def test_missing_or_incomplete_weights_folder_is_one_clear_error(context, tmp_pa
     assert result.returncode != 0 and "error:" in result.stderr and str(missing) in result.stderr
     assert "Traceback" not in result.stderr
     # the pinned release, offline and not cached
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
     with pytest.raises(IPAdapterWeightsError, match="not in the local Hugging Face cache"):
         IPAdapter(IPAdapterParams(adapter="h94"), context).fingerprint()
 
