@@ -87,8 +87,9 @@ REFERENCES = ("first", "all")
 RANDOM_BUILD_VERSION = "1"
 RANDOM_SEED = 0
 
-# The image encoder configurations of the built random adapters. ViT-H/14 is the configuration of
-# h94/IP-Adapter's models/image_encoder (OpenCLIP ViT-H/14 as a transformers CLIP vision model).
+# The image encoder configurations of the built random adapters. ViT-H/14: OpenCLIP ViT-H/14 as a
+# transformers CLIP vision model, the encoder in h94/IP-Adapter's models/image_encoder; the values
+# are those InvokeAI's and ComfyUI's loaders use for that encoder (its config.json not read here).
 VIT_H_14 = {
     "hidden_size": 1280, "intermediate_size": 5120, "num_hidden_layers": 32, "num_attention_heads": 16,
     "image_size": 224, "patch_size": 14, "projection_dim": 1024, "hidden_act": "gelu", "layer_norm_eps": 1e-5,
