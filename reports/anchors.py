@@ -32,6 +32,25 @@ CITATIONS = {
         "issue 15; neither it nor the table it comes from has been checked against the paper here "
         "(no network access) — treat with care."
     ),
+    "blip_diffusion": (
+        "D. Li, J. Li, S. C. H. Hoi. BLIP-Diffusion: Pre-trained Subject Representation for Controllable "
+        "Text-to-Image Generation and Editing. NeurIPS 2023 (arXiv:2305.14720), Table 1, zero-shot row. The "
+        "primary table was not read here; the figures are those quoted identically, and attributed to it, by "
+        "summaries of Subject-Diffusion (arXiv:2307.11410) Table 1 and Kosmos-G (arXiv:2310.02992), and by "
+        "DreamCache (arXiv:2411.17786) Table 2 — not checked against the paper here."
+    ),
+    "ip_adapter_issue13": (
+        "H. Ye, J. Zhang, S. Liu, X. Han, W. Yang. IP-Adapter: Text Compatible Image Prompt Adapter for "
+        "Text-to-Image Diffusion Models. arXiv:2308.06721, 2023. Re-run figure for IP-Adapter on SD 1.5 as "
+        "quoted in issue 13; the paper and table it comes from were not found with the search tools available "
+        "here, so it is not checked against the paper here — treat with care."
+    ),
+    "ip_adapter_dreamcache": (
+        "E. Aiello et al. DreamCache: Finetuning-Free Lightweight Personalized Image Generation via Feature "
+        "Caching. arXiv:2411.17786, 2024, Table 2 (quantitative results on DreamBooth), IP-Adapter SD 1.5 row, "
+        "one reference image; read from a third-party rendering of the paper's arXiv HTML tables, not the PDF. A "
+        "summary of Subject-Diffusion (arXiv:2307.11410) Table 1 lists the same figures."
+    ),
 }
 
 DREAMBOOTH_CONVENTION = (
@@ -45,6 +64,12 @@ CONVENTIONS = {
     "hifi_tuner_sd14": DREAMBOOTH_CONVENTION + " (as for HiFi Tuner's other Table 1 rows)",
     "custom_diffusion_issue15": "stated by issue 15 to be on the DreamBooth protocol ("
     + DREAMBOOTH_CONVENTION.removeprefix("DreamBooth protocol: ") + "); not verified here",
+    "blip_diffusion": DREAMBOOTH_CONVENTION + "; zero-shot: one model for all subjects, no per-subject "
+    "training; images per prompt and the CLIP variant of this table not verified here",
+    "ip_adapter_issue13": "stated by issue 13 to be on the DreamBooth protocol ("
+    + DREAMBOOTH_CONVENTION.removeprefix("DreamBooth protocol: ") + "); zero-shot; not verified here",
+    "ip_adapter_dreamcache": DREAMBOOTH_CONVENTION + "; zero-shot, one reference image per subject; whether "
+    "DreamCache re-ran IP-Adapter, and at which scale, not verified here",
 }
 
 
@@ -73,6 +98,9 @@ PUBLISHED = (
     Anchor("Custom Diffusion", 0.643, 0.790, 0.305, "custom_diffusion_issue15"),
     Anchor("HiFi Tuner on Textual Inversion", 0.665, 0.807, 0.291, "hifi_tuner"),
     Anchor("HiFi Tuner on DreamBooth", 0.680, 0.809, 0.317, "hifi_tuner"),
+    Anchor("BLIP-Diffusion, zero-shot", 0.594, 0.779, 0.300, "blip_diffusion"),
+    Anchor("IP-Adapter SD 1.5 (re-run quoted in issue 13)", 0.629, 0.827, 0.264, "ip_adapter_issue13"),
+    Anchor("IP-Adapter SD 1.5 (DreamCache's table)", 0.667, 0.813, 0.289, "ip_adapter_dreamcache"),
 )
 
 

@@ -153,7 +153,9 @@ def test_leaderboard_ranks_warns_and_cites(run_dir):
     assert list(ours["rank"]) == sorted(ours["rank"]) and list(ours["dino_mean"]) == sorted(ours["dino_mean"], reverse=True)
     assert board[board["source"] == "published"]["rank"].isna().all()
     # Smoke rows are not interleaved with published figures.
-    assert list(board["source"]) == ["this run"] * 5 + ["published"] * 8
+    from reports.anchors import PUBLISHED
+
+    assert list(board["source"]) == ["this run"] * 5 + ["published"] * len(PUBLISHED)
     # Rank confidence of our entries: a section on the page and two tables.
     assert "id='rank-confidence'" in page and "## Rank confidence" in markdown
     ranks = pd.read_csv(run_dir / "report" / "tables" / "rank_probabilities.csv")
@@ -248,8 +250,10 @@ def test_published_rows_interleave_only_with_measurements():
                             "checkpoint": ["final", "final"], "dino_mean": [0.70, 0.60], "clip_t_mean": [0.30, 0.31]})
     measured = list(leaderboard_frame(summary, "dino", smoke=False)["entry"])
     assert measured == ["Real images (reference set)", "ours-a", "DreamBooth (Imagen)", "HiFi Tuner on DreamBooth",
-                        "DreamBooth (Stable Diffusion)", "HiFi Tuner on Textual Inversion", "Custom Diffusion", "ours-b",
-                        "Textual Inversion (Stable Diffusion)", "Stable Diffusion 1.4, unpersonalized"]
+                        "DreamBooth (Stable Diffusion)", "IP-Adapter SD 1.5 (DreamCache's table)",
+                        "HiFi Tuner on Textual Inversion", "Custom Diffusion", "IP-Adapter SD 1.5 (re-run quoted in issue 13)",
+                        "ours-b", "BLIP-Diffusion, zero-shot", "Textual Inversion (Stable Diffusion)",
+                        "Stable Diffusion 1.4, unpersonalized"]
     smoke = leaderboard_frame(summary, "dino", smoke=True)
     assert list(smoke["entry"][:2]) == ["ours-a", "ours-b"] and list(smoke["rank"][:2]) == [1, 2]
     by_clip_t = list(leaderboard_frame(summary, "clip_t", smoke=False)["entry"])

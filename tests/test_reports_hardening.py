@@ -14,6 +14,7 @@ import yaml
 from benchmark.cli import main
 from benchmark.config import load_config
 from benchmark.driver import run_benchmark
+from reports.anchors import PUBLISHED
 from reports.build import build_report
 from tests.report_fakes import use_fakes
 from tests.test_reports_build import parse
@@ -156,7 +157,7 @@ def test_a_run_short_of_the_full_protocol_is_not_ranked_among_published_rows():
     assert "2 subject(s) × 2 prompt(s) × 1 image(s) per prompt, not the full 30 × 25 × 4" in reason
     summary = _summary(dino_mean=[0.70, 0.60])
     board = leaderboard_frame(summary, "dino", smoke=False, apart=True)
-    assert list(board["source"]) == ["this run"] * 2 + ["published"] * 8
+    assert list(board["source"]) == ["this run"] * 2 + ["published"] * len(PUBLISHED)
     assert PARTIAL_SEPARATOR in leaderboard_markdown(board, "dino", [], reason, 100, 0.95)
     full = pd.DataFrame([{"role": "eval", "subject": f"s{s}", "entry": "e", "template": f"t{p}"}
                          for s in range(30) for p in range(25) for _ in range(4)])
