@@ -51,7 +51,13 @@ import torch
 import torch.nn.functional as F
 
 from data.common import hub_reachable
-from metrics.backbones import MetricWeightsError, _seeded, hub_source, offline_message, resolve_precision
+from metrics.backbones import (
+    MetricWeightsError,
+    _seeded,
+    hub_source,
+    offline_message,
+    resolve_precision,
+)
 from metrics.base import Metric, MetricSettings, ScoringInputs, parse_model_ref
 from metrics.inputs import check_inputs
 
