@@ -4,6 +4,7 @@ values, NaN + raw text for an unparsable answer), the parser, the fingerprint an
 
 from __future__ import annotations
 
+import hashlib
 import math
 
 import numpy as np
@@ -206,3 +207,42 @@ def test_pretrained_judge_offline_without_weights_fails_at_once(monkeypatch):
     settings = MetricSettings(weights="pretrained", vlm_judge_model="nobody/not-a-cached-vlm@0123abc")
     with pytest.raises(MetricWeightsError, match="metrics.weights=random"):
         build_metric("vlm_judge_cp", settings).fingerprint()
+
+
+def _fake_hub_snapshot(cache, repo: str, commit: str, folder) -> None:
+    """Lay ``folder``'s files out as the hub cache does: blobs named by sha256, snapshot symlinks."""
+    root = cache / f"models--{repo.replace('/', '--')}"
+    (root / "blobs").mkdir(parents=True)
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text(commit)
+    snapshot = root / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for path in sorted(folder.iterdir()):
+        blob = root / "blobs" / hashlib.sha256(path.read_bytes()).hexdigest()
+        path.replace(blob)
+        (snapshot / path.name).symlink_to(blob)
+
+
+def test_pretrained_path_loads_a_pinned_snapshot_from_the_hub_cache(tmp_path, monkeypatch, short):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(vlm_judge, "_JUDGES", {})  # the loaded judge leaves with the test
+    tiny = build_tiny_judge()
+    tiny.model.save_pretrained(tmp_path / "saved")
+    tiny.processor.save_pretrained(tmp_path / "saved")
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    _fake_hub_snapshot(tmp_path / "hub", "local/tiny-judge", commit, tmp_path / "saved")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    settings = MetricSettings(weights="pretrained", vlm_judge_model=f"local/tiny-judge@{commit}")
+    metric = build_metric("vlm_judge_pf", settings)
+    judge = metric.fingerprint()["judge"]
+    assert judge["source"] == "hf:local/tiny-judge" and judge["commit"] == commit == judge["revision"]
+    weights = hashlib.sha256((tmp_path / "hub/models--local--tiny-judge/snapshots" / commit / "model.safetensors")
+                             .read_bytes()).hexdigest()
+    assert judge["files"] == [f"hf:local/tiny-judge/model.safetensors@sha256:{weights}"]
+    # loaded through AutoProcessor / AutoModelForImageTextToText: the same answers as in memory
+    inputs = mini_scoring_inputs(per_subject=1)
+    values = metric.score(inputs)
+    reference = build_metric("vlm_judge_pf", RANDOM)
+    np.testing.assert_array_equal(values, reference.score(inputs))
+    assert metric.answers == reference.answers
