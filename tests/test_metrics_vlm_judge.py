@@ -96,6 +96,16 @@ def test_tiny_random_judge_runs_the_whole_path_and_never_imputes(name, short):
     assert again.answers == metric.answers
 
 
+def test_batched_answers_equal_one_by_one_answers(short):
+    """Left padding and Qwen3-VL's multimodal positions: a padded batch answers as single prompts do (fp32)."""
+    inputs = mini_scoring_inputs(per_subject=1)
+    inputs.texts = ["a dog", "a toy in the jungle with a red hat on a sunny day", "a teapot on a table"]
+    batched = build_metric("vlm_judge_pf", MetricSettings(weights="random", batch_size=3))
+    single = build_metric("vlm_judge_pf", MetricSettings(weights="random", batch_size=1))
+    np.testing.assert_array_equal(batched.score(inputs), single.score(inputs))
+    assert batched.answers == single.answers and len(set(batched.answers)) > 1
+
+
 def test_tiny_judge_is_identical_when_rebuilt():
     first, second = build_tiny_judge(), build_tiny_judge()
     assert first.identity["weights_sha256"] == second.identity["weights_sha256"]
