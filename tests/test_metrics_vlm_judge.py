@@ -5,6 +5,7 @@ values, NaN + raw text for an unparsable answer), the parser, the fingerprint an
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import numpy as np
@@ -174,6 +175,32 @@ def test_harness_stores_scores_and_keeps_unparsed_answers(tmp_path, monkeypatch,
         parts = read_score_parts(store.scores_dir(metric, info["hash"]))
         assert parts["value"].isna().all() and parts["note"].str.startswith("unparsed (").all()
         assert parts["note"].str.len().gt(len("unparsed (no 'Score: N' in the answer): ''")).all()
+
+
+# sha256 of the JSON list of rendered conversations for the 12 mini images (the dog's references):
+# any change in the rubric, the answer format, the layout or the chat template fails here. If a
+# change is intended, bump VLM_JUDGE_VERSION and regenerate.
+GOLDEN_CONVERSATIONS = {
+    "vlm_judge_cp": "1f66e52a4b5aac0a52b699dd81bdc2d72e5d2b67cc2c1950abe87503e72db3a0",
+    "vlm_judge_pf": "1df9cf9a23116928978c78a994182215c2e9494359437afcd9e1c1fde6530dbe",
+}
+
+
+@pytest.mark.parametrize("name", sorted(GOLDEN_CONVERSATIONS))
+def test_golden_conversations_and_scores(name):
+    metric = build_metric(name, RANDOM)
+    fingerprint = metric.fingerprint()
+    assert json.loads(json.dumps(fingerprint)) == fingerprint
+    assert fingerprint["weights"] == "random" and fingerprint["version"] == vlm_judge.VLM_JUDGE_VERSION
+    inputs = mini_scoring_inputs("dog")
+    conversations, images = metric.conversations(inputs)
+    processor = metric.judge.processor
+    texts = [processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in conversations]
+    assert hashlib.sha256(json.dumps(texts).encode()).hexdigest() == GOLDEN_CONVERSATIONS[name]
+    # 128-px mini images go in at 512 px: 32 x 32 patches, 256 visual tokens each; the dog's first 3 photos
+    assert [tuple(image.shape) for image in images[0]] == [(3, 512, 512)] * (4 if name == "vlm_judge_cp" else 1)
+    grid = processor.image_processor(images=images[0], return_tensors="pt")["image_grid_thw"]
+    assert grid.tolist() == [[1, 32, 32]] * len(images[0])
 
 
 def test_fingerprint_holds_the_rubric_and_decoding(monkeypatch):
