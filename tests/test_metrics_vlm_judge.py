@@ -150,7 +150,7 @@ def test_a_parsable_answer_becomes_the_score(short):
 
 def _run(path, *overrides):
     config = load_config("default", ["methods=dummy", "metrics.weights=random", "metrics.names=[vlm_judge]",
-                                     "protocol.prompts=[0]", "dataset.subjects=[dog]", *overrides])
+                                     "protocol.prompts=[0]", "dataset.subjects=[dog]", "device=cpu", *overrides])
     run_benchmark(config, path, quiet=True)
     return Store(path)
 
