@@ -10,10 +10,11 @@ open model locally, so a score is a function of the images, the rubric and the w
 |---|---|---|---|
 | judge | GPT-4o (gpt-4o-2024-05-13) through the API | Qwen3-VL-8B-Instruct at a pinned commit (``metrics.vlm_judge_model``, default ``metrics.base.VLM_JUDGE_MODEL``), local, transformers | ours: the strongest open VLM of the ≤ 8 B class that transformers ships (8.8 B parameters counted from its config: 8.2 B text, 0.6 B vision) |
 | aspects | concept preservation (reference vs generated image) and prompt following (image vs text), asked in separate conversations | the same, as two metrics; ``vlm_judge`` in a config names both | DreamBench++ |
-| scale | integer 0–4, five named levels; tables report score / 4 | integer 0–4, stored as is (score / 4 is DreamBench++'s column) | DreamBench++ scale |
+| scale | integer 0–4, five named levels; tables report the mean score / 4 over 3 independent GPT-4o runs, and CP × PF | integer 0–4 from one deterministic run, stored as is (mean / 4 is DreamBench++'s column) | DreamBench++ scale (``benchmarking.py``) |
 | rubric | shape, colour, texture, face (CP); relevance, accuracy, completeness, context (PF) | ``RUBRICS``: our own wording and level definitions, hashed into the fingerprint | ours, informed by DreamBench++ |
 | references | one reference image per concept | the first ``MAX_REFERENCES`` = 3 of ``inputs.references`` (the held-out photos in the single-image track), in the subject's order, in one conversation | ours: DreamBooth subjects have 4–6 photos; several views pin the identity down |
 | image size | both squashed to 512 × 512 | longer side resized to ``IMAGE_SIZE`` = 512 (bicubic, antialiased), aspect kept; the processor then rounds to its 32-px grid | ours: a squash distorts the proportions the rubric asks about |
+| conversation | the instructions in a user turn, a canned assistant turn restating them, then the images | one user turn: rubric, images (and prompt), answer format | ours: simpler; no words put in the model's mouth |
 | answer | "Score: N"; CP the score alone, PF a brief analysis first | the same | DreamBench++ |
 | decoding | temperature 1, a random seed, up to 3 retries until exactly one score parses | greedy, one attempt, ``MAX_NEW_TOKENS`` = 16 (CP) / 96 (PF) | ours: deterministic; retrying until an answer parses would select answers |
 | parsing | regex ``score: N``, exactly one match | ``parse_score``: one distinct integer 0–4 after "score" (or a bare integer answer); anything else is NaN with the raw answer kept in ``notes`` | DreamBench++'s rule, made strict |
@@ -21,8 +22,10 @@ open model locally, so a score is a function of the images, the rubric and the w
 
 Determinism: greedy decoding with fixed settings gives the same answer for the same inputs and
 batch. In bf16 on a GPU the logits of a padded batch can differ in the last bits from those of
-the same image in another batch, so an answer can (rarely) flip between batch compositions; the
-fp32 path (``metrics.precision=fp32``) narrows that. Batch size is ``settings.batch_size``.
+the same image in another batch, so an answer can (rarely) flip between batch compositions;
+``MetricSettings(precision="fp32")`` narrows that (on the CPU, fp32, a padded batch answers
+exactly as one prompt at a time: tested). Batch size is ``settings.batch_size``
+(``metrics.batch_size``).
 
 ``weights="random"`` builds a tiny random-init Qwen3-VL (same classes, tiny dimensions) with a
 byte-level tokenizer built offline: it exercises the whole path (smoke runs, tests) and its
