@@ -19,7 +19,7 @@ import yaml
 from benchmark.errors import ConfigError, did_you_mean
 from data.subjects import DATASET_SOURCES
 from methods.base import SamplerConfig
-from metrics.base import CLIP_ARCHS, LPIPS_NETS
+from metrics.base import CLIP_ARCHS, LPIPS_NETS, VLM_JUDGE_MODEL, MetricInputError, parse_model_ref
 
 SAMPLERS = ("ddim",)
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -82,6 +82,7 @@ class MetricsConfig:
     clip: str = "ViT-B-32"
     lpips_net: str = "alex"
     batch_size: int = 32
+    vlm_judge_model: str = VLM_JUDGE_MODEL  # hub id@revision of the vlm_judge metrics' VLM
 
 
 @dataclass(frozen=True)
@@ -418,17 +419,25 @@ def _methods(value: Any, where: str) -> tuple[MethodEntry, ...]:
     return tuple(entries)
 
 
+def _model_ref(value: Any, where: str) -> str:
+    try:
+        parse_model_ref(value, where)
+    except MetricInputError as error:
+        raise ConfigError(str(error)) from None
+    return value
+
+
 def _metric_names(value: Any, where: str) -> tuple[str, ...]:
-    from metrics.registry import available_metrics
+    from metrics.registry import METRIC_GROUPS, available_metrics, expand_metric_names
 
     names = value if isinstance(value, list) else [value]
-    valid = available_metrics()
+    valid = {**available_metrics(), **METRIC_GROUPS}
     for name in names:
         if not isinstance(name, str):
             raise ConfigError(f"{where}: expected metric names (e.g. [clip_t, dino]), got {value!r}")
         if name not in valid:
             raise ConfigError(f"{where}: unknown metric {name!r}{did_you_mean(name, valid)}; valid: {', '.join(valid)}")
-    return tuple(names)
+    return expand_metric_names(names)
 
 
 def _protocol(value: Any) -> ProtocolConfig:
@@ -468,7 +477,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         metrics=_build(
             MetricsConfig, document.get("metrics"), "metrics",
             names=_metric_names, weights=_choice(METRIC_WEIGHTS), batch_size=_positive,
-            clip=_choice(CLIP_ARCHS), lpips_net=_choice(LPIPS_NETS),
+            clip=_choice(CLIP_ARCHS), lpips_net=_choice(LPIPS_NETS), vlm_judge_model=_model_ref,
         ),
         generation=_build(GenerationConfig, document.get("generation"), "generation", batch_size=_positive),
     )

@@ -61,6 +61,7 @@ def score_run(
         clip=metrics_config.clip,
         lpips_net=metrics_config.lpips_net,
         batch_size=metrics_config.batch_size,
+        vlm_judge_model=metrics_config.vlm_judge_model,
         device=device,
         cache_dir=store.root / "cache" / "metrics",
     )
@@ -153,6 +154,8 @@ def score_run(
                     "image_key": list(subject_rows["key"]),
                     "context_key": list(subject_rows["context_key"]),
                     "value": values,
+                    # what the metric said about each value (why NaN, a truncation, a judge's answer)
+                    "note": _notes(metric, len(subject_rows)),
                     "seconds_per_image": seconds / max(len(subject_rows), 1),
                 }
             )
@@ -161,6 +164,11 @@ def score_run(
             progress("score", wanted_here)
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
     return computed, failures
+
+
+def _notes(metric, count: int) -> list[str]:
+    notes = [str(note) for note in (getattr(metric, "notes", None) or [])]
+    return notes if len(notes) == count else [""] * count
 
 
 def subject_view(subject: dict, choice: str) -> dict:

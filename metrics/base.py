@@ -31,6 +31,9 @@ WEIGHTS_CHOICES = ("pretrained", "random")
 CLIP_ARCHS = ("ViT-B-32", "ViT-L-14")
 LPIPS_NETS = ("alex", "vgg")
 PRECISIONS = ("auto", "fp32", "bf16")
+# The local VLM judge (metrics/vlm_judge.py): hub id @ commit. The commit was read from public
+# repositories that pin this model (not checked against the hub from here: no network).
+VLM_JUDGE_MODEL = "Qwen/Qwen3-VL-8B-Instruct@0c351dd01ed87e9c1b53cbc748cba10e6187ff3b"
 
 
 class MetricInputError(UserError, ValueError):
@@ -118,6 +121,16 @@ class BackboneMetric(Metric):
         }
 
 
+def parse_model_ref(value: object, where: str = "metrics.vlm_judge_model") -> tuple[str, str | None]:
+    """``"owner/name@revision"`` -> (hub id, revision); without ``@`` the unpinned main branch (None)."""
+    repo, at, revision = value.strip().partition("@") if isinstance(value, str) else ("", "", "")
+    if repo.count("/") != 1 or not all(repo.split("/")) or (at and not revision) or " " in value:
+        raise MetricInputError(
+            f"{where}={value!r}: expected a hub id with a pinned revision, e.g. {VLM_JUDGE_MODEL!r}"
+        )
+    return repo, revision or None
+
+
 @dataclass(frozen=True)
 class MetricSettings:
     """How metric backbones are built: real weights or random init of the same architectures.
@@ -134,6 +147,7 @@ class MetricSettings:
     device: str = "cpu"
     cache_dir: Path | None = None
     precision: str = "auto"
+    vlm_judge_model: str = VLM_JUDGE_MODEL  # "hub/id@revision" of the vlm_judge metrics' VLM
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -146,6 +160,7 @@ class MetricSettings:
                 raise MetricInputError(
                     f"MetricSettings.{name}={value!r} is not one of {', '.join(choices)}"
                 )
+        parse_model_ref(self.vlm_judge_model, "MetricSettings.vlm_judge_model")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise MetricInputError(
                 f"MetricSettings.batch_size={self.batch_size!r}: expected a positive integer"

@@ -16,11 +16,23 @@ BUILTIN_METRICS: dict[str, str] = {
     "copy_real": "metrics.copying:CopyReal",
     "copy": "metrics.copying:CopyRate",
     "lpips_scene": "metrics.scene:LpipsScene",
+    "vlm_judge_cp": "metrics.vlm_judge:VlmJudgeConcept",
+    "vlm_judge_pf": "metrics.vlm_judge:VlmJudgePrompt",
+}
+# A name in a config that stands for several metrics (in this order).
+METRIC_GROUPS: dict[str, tuple[str, ...]] = {
+    "vlm_judge": ("vlm_judge_cp", "vlm_judge_pf"),
 }
 
 
 def available_metrics() -> dict[str, str]:
     return dict(BUILTIN_METRICS)
+
+
+def expand_metric_names(names) -> tuple[str, ...]:
+    """``names`` with each group name replaced by its metrics, duplicates dropped, order kept."""
+    expanded = [member for name in names for member in METRIC_GROUPS.get(name, (name,))]
+    return tuple(dict.fromkeys(expanded))
 
 
 def get_metric_class(name: str) -> type:

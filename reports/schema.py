@@ -22,6 +22,8 @@ METRIC_LABELS = {
     "copy_nn": "DINO to nearest training image",
     "copy_real": "real-vs-real DINO (LOO)",
     "lpips_scene": "LPIPS to scene",
+    "vlm_judge_cp": "VLM judge CP (0-4)",
+    "vlm_judge_pf": "VLM judge PF (0-4)",
     "clip_t_x100": "CLIP-T×100",
     "clipscore": "CLIPScore",
 }
@@ -36,6 +38,10 @@ METRIC_MEANING = {
     "copy_nn": "DINO cosine of each image to its nearest training image (compare with copy_real)",
     "copy_real": "real-vs-real reference: mean DINO cosine of each real photo to its nearest other photo",
     "lpips_scene": "scene preservation: LPIPS of the image to its scene image (lower is better)",
+    "vlm_judge_cp": "concept preservation rated 0-4 by a local VLM against the reference photos; "
+                    "unparsable answers are missing, not scored (higher is better)",
+    "vlm_judge_pf": "prompt following rated 0-4 by a local VLM against the prompt without the identifier; "
+                    "unparsable answers are missing, not scored (higher is better)",
 }
 # Directions of the built-in metrics (DESIGN.md); a metric's fingerprint or class overrides.
 KNOWN_DIRECTIONS = {"dino": True, "clip_i": True, "clip_t": True, "div": True, "pres": False, "copy": False,

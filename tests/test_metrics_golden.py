@@ -73,8 +73,13 @@ def test_golden_values(name):
     )
 
 
+# The VLM judge's random-init answers are noise (NaN): its golden test pins what it is asked and
+# how it parses instead (tests/test_metrics_vlm_judge.py::test_golden_conversations_and_scores).
+GOLDEN_ELSEWHERE = {"vlm_judge_cp", "vlm_judge_pf"}
+
+
 def test_every_registered_metric_has_golden_values():
-    assert set(available_metrics()) == set(GOLDEN)
+    assert set(available_metrics()) == set(GOLDEN) | GOLDEN_ELSEWHERE
 
 
 @pytest.mark.parametrize("name", sorted(GOLDEN))
