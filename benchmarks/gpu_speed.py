@@ -93,8 +93,9 @@ def sampling(args, backbone, device, results):
                 row["max_abs_diff_levels_vs_current"] = int(np.abs(as_uint8(images) - baseline_images[batch]).max())
                 row["mean_abs_diff_levels_vs_current"] = float(np.abs(as_uint8(images) - baseline_images[batch]).mean())
             rows[str(batch)] = row
+            out[name] = rows
             print(name, batch, row, flush=True)
-        out[name] = rows
+            Path(args.out).write_text(json.dumps(results, indent=1))  # keep what was measured
         return images
 
     images = run_variant("current")
