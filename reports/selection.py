@@ -322,7 +322,9 @@ def selection_table(
             choices = [
                 ("fixed", result.fixed or "", result.fixed_scores, result.fixed_note),
                 ("best_on_test", result.best, result.best_scores, "optimistic: chosen and scored on the same prompts"),
-                ("held_out", held_out, result.held_out_scores, SPLIT),
+                ("held_out", held_out if result.chosen_on_a and result.chosen_on_b else "", result.held_out_scores,
+                 SPLIT if not np.isnan(result.held_out_scores[0]) else "no held-out choice: a half of the prompts has no "
+                 "values (each subject needs at least two evaluated prompts)"),
             ]
         for choice, cells, scores, note in choices:
             shown = criterion.shown(scores)
@@ -359,7 +361,7 @@ def _rows(table: pd.DataFrame) -> list[list[Cell]]:
     for _, row in table.iterrows():
         gain = (Cell("—") if pd.isna(row["gain_vs_fixed"])
                 else estimate(row["gain_vs_fixed"], row["gain_ci_low"], row["gain_ci_high"]))
-        note = row["note"] if row["choice"] in ("fixed", "only") else ""
+        note = row["note"] if row["choice"] in ("fixed", "only") or pd.isna(row["value"]) else ""
         rows.append([text(row["family"]), text(CHOICES[row["choice"]]), text(row["cells"] or "—"),
                      estimate(row["value"], row["ci_low"], row["ci_high"], n_subjects=row["n_subjects"]), gain,
                      text(note or "")])

@@ -216,3 +216,11 @@ def test_the_report_shows_the_selection_table_of_a_real_run(tmp_path, capsys):
     page = (report / "leaderboard.html").read_text(encoding="utf-8")
     assert "id='selection'" in page and "class='optimistic'" in page
     assert "## Checkpoint and cell selection" in (report / "leaderboard.md").read_text(encoding="utf-8")
+
+
+def test_one_prompt_per_subject_has_no_held_out_choice():
+    one_prompt = _long({("dreambooth", c): np.full((3, 1, 2), v) for c, v in (("step-5", 0.4), ("final", 0.5))})
+    [result] = select_cells(one_prompt, Criterion.parse("dino"), resamples=20)
+    table = selection_table([result], Criterion.parse("dino")).set_index("choice")
+    assert table.loc["fixed", "value"] == pytest.approx(0.5) and table.loc["best_on_test", "cells"] == "dreambooth @ final"
+    assert np.isnan(table.loc["held_out", "value"]) and "at least two evaluated prompts" in table.loc["held_out", "note"]
