@@ -285,8 +285,8 @@ def comparison_markdown(comparison: Comparison) -> str:
         f"({comparison.resamples} resamples of subjects, then prompts; seed {comparison.seed}); 'worse' = the whole CI beyond "
         f"the tolerance on the bad side (default tolerance {comparison.tolerance.default:g}"
         + "".join(f", {m} {t:g}" for m, t in comparison.tolerance.per_metric.items()) + ")",
-        f"- P(current better): share of the same paired bootstrap's replicates (one subject/prompt draw for both runs, "
-        f"as for the leaderboard's rank confidence) in which the current run's mean is better; 'tie' = the data cannot "
+        f"- P(current better): share of the replicates of the leaderboard's rank-confidence bootstrap (subjects, then "
+        f"prompts, drawn once for both runs; same seed) in which the current run's mean is better; 'tie' = the data cannot "
         f"separate the runs (neither better in more than {1 - (1 - comparison.confidence) / 2:.1%} of replicates)",
         f"- images paired by {', '.join(IDENTITY)} (not by key, which changes with the method's fingerprint)", "",
     ]
