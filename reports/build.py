@@ -6,6 +6,7 @@ Writes under ``RUN_DIR/report/``:
   fingerprints.json              metric fingerprints and method fingerprints behind the numbers
   leaderboard.html / .md / .csv  ranked entries with published figures beside them, and rank confidence
   tables/rank_probabilities.csv, tables/rank_beats.csv   P(rank k) per entry, P(A beats B) (reports.ranking)
+  tables/selection.csv           per method family: fixed choice, best on test prompts, held-out choice (reports.selection)
   tables.html / tables.md        summary, by kind, by category, per subject, CLIP-T scales, cost
   tables/<name>.csv              the same tables, numeric (mean, ci_low, ci_high, n per metric)
   plots.html, plots/pareto_<y>_vs_<x>.png/.svg   DINO vs CLIP-T and CLIP-I vs CLIP-T
@@ -34,6 +35,13 @@ from reports.ranking import rank_confidence, rank_confidence_html, rank_confiden
 from reports.render import FEW_NOTE, page
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import METRIC_ORDER, metric_direction, metric_label
+from reports.selection import (
+    Criterion,
+    select_cells,
+    selection_html,
+    selection_markdown,
+    selection_table,
+)
 from reports.single_image import single_image_html, single_image_markdown, single_image_table
 from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
 from reports.tables import cost_table, summary_tables
@@ -82,10 +90,13 @@ def build_report(
     resamples: int = DEFAULT_RESAMPLES,
     seed: int = DEFAULT_SEED,
     confidence: float = DEFAULT_CONFIDENCE,
+    select_by: str | None = None,
 ) -> Path:
-    """Build the report of ``run_dir``; returns the path of ``report/index.html``."""
+    """Build the report of ``run_dir``; returns the path of ``report/index.html``. ``select_by``:
+    the checkpoint-selection criterion (reports.selection; default: ``rank_by``)."""
     run = read_run(run_dir)
     check_rank_by(rank_by, run)
+    criterion = Criterion.parse(select_by or rank_by, valid=list(dict.fromkeys([*METRIC_ORDER, *run.fingerprints])))
     out = run.root / REPORT_DIR
     out.mkdir(parents=True, exist_ok=True)
     smoke = run.smoke_reasons()
@@ -121,11 +132,17 @@ def build_report(
     if ranks is not None:
         _write_csv(out / "tables" / "rank_probabilities.csv", ranks.rank_table())
         _write_csv(out / "tables" / "rank_beats.csv", ranks.beats_table())
+    selection = selection_table(select_cells(run.long, criterion, resamples, seed), criterion, confidence)
+    (out / "tables" / "selection.csv").unlink(missing_ok=True)
+    if not selection.empty:
+        _write_csv(out / "tables" / "selection.csv", selection)
     body = lb.leaderboard_html(board, rank_by, smoke, coverage, resamples, confidence)
     body += rank_confidence_html(ranks, metric_label(rank_by))
+    body += selection_html(selection, criterion, resamples, confidence)
     atomic_write_text(out / "leaderboard.html", page("Leaderboard", body, run_name=name))
     atomic_write_text(out / "leaderboard.md", lb.leaderboard_markdown(board, rank_by, smoke, coverage, resamples, confidence)
-                      + rank_confidence_markdown(ranks, metric_label(rank_by)))
+                      + rank_confidence_markdown(ranks, metric_label(rank_by))
+                      + selection_markdown(selection, criterion, resamples, confidence))
     _write_csv(out / "leaderboard.csv", lb.leaderboard_csv(board))
 
     plots = []
@@ -151,7 +168,8 @@ def build_report(
     hifi_files = write_hifi_reports(run, out, resamples, seed, confidence)
 
     files = [
-        ("leaderboard.html", "Leaderboard (also leaderboard.md, leaderboard.csv)"),
+        ("leaderboard.html", "Leaderboard with rank confidence and checkpoint selection (also leaderboard.md, "
+                             "leaderboard.csv, tables/rank_*.csv, tables/selection.csv)"),
         ("tables.html", "Tables: summary, by kind, by category, per subject, CLIP-T scales, cost (also tables.md, tables/*.csv)"),
         ("plots.html", "Pareto plots (PNG and SVG in plots/)"),
         ("gallery/index.html", "Gallery: reference and generated images per subject, prompt and method"),

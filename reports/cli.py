@@ -10,7 +10,9 @@ pairing: images are matched by method label, cell, checkpoint, subject, role, pr
 k and seed (not by key: a changed method gets new keys, and that change is what is compared).
 decision: per method entry x metric, delta = mean(current - baseline) with a hierarchical
 bootstrap CI (subjects, then prompts); 'worse' when the whole CI lies beyond the tolerance on
-the bad side (direction from the metric: PRES lower is better).
+the bad side (direction from the metric: PRES lower is better). 'P(current better)': share of
+the replicates of the leaderboard's paired bootstrap (one subject/prompt draw for both runs) in
+which CURRENT's mean is better; '(tie)' when the data cannot separate the runs.
 exit codes: 0 pass, 1 significant regression (or any difference with --fail-on-difference),
 2 unusable input.
 
@@ -37,6 +39,11 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     )
     report.add_argument("run_dir", metavar="RUN_DIR")
     report.add_argument("--rank-by", default="dino", metavar="METRIC", help="leaderboard ranking metric (default dino)")
+    report.add_argument(
+        "--select-by", metavar="CRITERION",
+        help="how a sweep's best checkpoint/cell is chosen in the selection table: a metric, or a weighted sum "
+             "such as 0.7*dino+0.3*clip_t (default: the --rank-by metric)",
+    )
     _bootstrap_arguments(report)
     report.set_defaults(handler=cmd_report)
 
@@ -79,7 +86,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from reports.build import build_report
 
     _check_bootstrap(args)
-    index = build_report(args.run_dir, rank_by=args.rank_by, resamples=args.resamples, seed=args.seed, confidence=args.confidence)
+    index = build_report(args.run_dir, rank_by=args.rank_by, resamples=args.resamples, seed=args.seed, confidence=args.confidence,
+                         select_by=args.select_by)
     print(f"report: {index}")
     return 0
 

@@ -17,6 +17,14 @@ differences (subjects, then prompts within subjects; ``reports.stats``). A metri
 (PRES). Images are also compared byte for byte (SHA-256 of the PNG): when every paired image and
 score is equal, the row reports exact equality instead of a statistic.
 
+Beside the delta, each row gives P(current beats baseline) from the paired hierarchical bootstrap
+of ``reports.ranking`` (the one used for the leaderboard's rank confidence) over the shared
+(subject, prompt, image) units: each replicate draws subjects, then prompts, once for both runs,
+and compares the two runs' means on that draw (an exact tie counts half). ``tie`` marks rows the
+data cannot separate: neither run is better in more than the confidence level of the replicates
+(at 95 %: 2.5 % < P < 97.5 %). Two identical runs give 50 % and a tie. This says how sure the
+order is; the verdict (tolerance) says whether a change matters.
+
 Exit code: 0 when nothing is significantly worse, 1 when something is (or, with
 ``fail_on_difference``, when any paired image or score differs), 2 for unusable input.
 """
@@ -32,6 +40,7 @@ import numpy as np
 import pandas as pd
 
 from reports.bundle import image_digests, read_source
+from reports.ranking import percent, rank_confidence
 from reports.render import Cell, estimate, fmt, markdown_table, text
 from reports.rundata import ReportError, RunData, read_run
 from reports.schema import metric_direction, metric_label, ordered_metrics
@@ -142,6 +151,23 @@ def _verdict(higher: bool | None, low: float, high: float, tolerance: float) -> 
     return "worse" if worse else ("better" if better else "no significant change")
 
 
+def beat_probability(
+    frame: pd.DataFrame, higher: bool | None, resamples: int, seed: int, confidence: float
+) -> tuple[float, bool]:
+    """P(current beats baseline) and whether the data cannot separate them, from the paired
+    bootstrap of ``reports.ranking`` over the units both runs have a value for (NaN, False when
+    the metric has no direction or no such unit)."""
+    both = frame[frame["value_baseline"].notna() & frame["value_current"].notna()]
+    if higher is None or both.empty:
+        return float("nan"), False
+    units = both[["subject", "template"]]
+    long = pd.concat([units.assign(entry="baseline", value=both["value_baseline"].to_numpy(float)),
+                      units.assign(entry="current", value=both["value_current"].to_numpy(float))]).assign(metric="paired")
+    result = rank_confidence(long, "paired", higher, resamples, seed, confidence)
+    current, baseline = result.entries.index("current"), result.entries.index("baseline")
+    return float(result.beats[current, baseline]), not result.separable(current, baseline)
+
+
 def compare_runs(
     baseline_dir: str | Path,
     current_dir: str | Path,
@@ -186,6 +212,7 @@ def compare_runs(
         identical = same_values and bool(frame["identical"].all())
         result = hierarchical_bootstrap(difference, frame["subject"].to_numpy(), frame["template"].to_numpy(), resamples, seed, confidence)
         verdict = "identical" if identical else _verdict(higher, result.low, result.high, tolerance.of(metric))
+        p_better, tie = beat_probability(frame, higher, resamples, seed, confidence)
         rows.append(
             {
                 "method": method, "cell_id": cell_id, "checkpoint": checkpoint, "entry": entry, "metric": metric,
@@ -195,11 +222,12 @@ def compare_runs(
                 "current_mean": float(np.nanmean(after)) if (~np.isnan(after)).any() else np.nan,
                 "delta": result.mean, "ci_low": result.low, "ci_high": result.high,
                 "higher_is_better": higher, "tolerance": tolerance.of(metric), "verdict": verdict,
+                "p_current_better": p_better, "tie": tie,
             }
         )
     columns = ["method", "cell_id", "checkpoint", "entry", "metric", "pairs", "subjects", "identical_images",
                "identical_values", "baseline_mean", "current_mean", "delta", "ci_low", "ci_high", "higher_is_better",
-               "tolerance", "verdict"]
+               "tolerance", "verdict", "p_current_better", "tie"]
     table = pd.DataFrame(rows, columns=columns)
     if table.empty:
         warnings.append("no metric is scored in both runs: only image bytes are compared")
@@ -241,6 +269,10 @@ def comparison_json(comparison: Comparison) -> dict:
     }
 
 
+def _probability(p: float, tie: bool) -> str:
+    return f"{percent(p)} (tie)" if tie and not pd.isna(p) else percent(p)
+
+
 def comparison_markdown(comparison: Comparison) -> str:
     verdict = "FAIL: significant regression" if len(comparison.regressions) else (
         "FAIL: outputs differ (--fail-on-difference)" if comparison.exit_code else "PASS")
@@ -253,12 +285,15 @@ def comparison_markdown(comparison: Comparison) -> str:
         f"({comparison.resamples} resamples of subjects, then prompts; seed {comparison.seed}); 'worse' = the whole CI beyond "
         f"the tolerance on the bad side (default tolerance {comparison.tolerance.default:g}"
         + "".join(f", {m} {t:g}" for m, t in comparison.tolerance.per_metric.items()) + ")",
+        f"- P(current better): share of the replicates of the leaderboard's rank-confidence bootstrap (subjects, then "
+        f"prompts, drawn once for both runs; same seed) in which the current run's mean is better; 'tie' = the data cannot "
+        f"separate the runs (neither better in more than {1 - (1 - comparison.confidence) / 2:.1%} of replicates)",
         f"- images paired by {', '.join(IDENTITY)} (not by key, which changes with the method's fingerprint)", "",
     ]
     lines += [f"> warning: {w}" for w in comparison.warnings]
     if comparison.warnings:
         lines.append("")
-    headers = ["entry", "metric", "pairs", "baseline", "current", "delta [CI]", "tolerance", "verdict"]
+    headers = ["entry", "metric", "pairs", "baseline", "current", "delta [CI]", "P(current better)", "tolerance", "verdict"]
     rows = []
     for _, row in comparison.rows.iterrows():
         arrow = {True: " ↑", False: " ↓"}.get(row["higher_is_better"], "")
@@ -269,7 +304,7 @@ def comparison_markdown(comparison: Comparison) -> str:
         verdict_text = row["verdict"].upper() if row["verdict"] == "worse" else row["verdict"]
         rows.append([text(row["entry"]), text(metric_label(row["metric"]) + arrow), Cell(str(row["pairs"])),
                      Cell(fmt(row["baseline_mean"], 4)), Cell(fmt(row["current_mean"], 4)), delta,
-                     Cell(f"{row['tolerance']:g}"), text(verdict_text)])
+                     Cell(_probability(row["p_current_better"], row["tie"])), Cell(f"{row['tolerance']:g}"), text(verdict_text)])
     lines.append(markdown_table(headers, rows))
     headers = ["entry", "paired images", "bit-identical", "baseline only", "current only"]
     rows = [[text(r["entry"]), Cell(str(r["pairs"])), Cell(str(r["identical_images"])), Cell(str(r["baseline_only"])),

@@ -73,8 +73,12 @@ class RankConfidence:
         return pd.DataFrame(self.beats, index=pd.Index(self.entries, name="entry"), columns=self.entries).reset_index()
 
 
-def _paired_cells(frame: pd.DataFrame, entries: list[str]):
-    """Sums and counts per (entry, subject, prompt slot) on one shared (subject, prompt) grid."""
+def paired_cells(frame: pd.DataFrame, entries: list[str]):
+    """Sums and counts per (entry, subject, prompt slot) on one shared (subject, prompt) grid.
+
+    ``frame``: columns entry, subject, template, value (no NaN). Returns (sums, counts) of shape
+    (entries, subjects, widest prompt count), the prompt count of each subject, and the grid
+    itself: a frame of (subject, template, s, slot) naming what each (subject index, slot) holds."""
     subjects = frame["subject"].astype(str).to_numpy()
     prompts = frame["template"].astype(str).to_numpy()
     subject_codes, subject_index = np.unique(subjects, return_inverse=True)
@@ -89,7 +93,42 @@ def _paired_cells(frame: pd.DataFrame, entries: list[str]):
     slots = np.array([slot_of[(s, p)] for s, p in zip(subject_index, prompts)], dtype=np.int64)
     np.add.at(sums, (e, subject_index, slots), frame["value"].to_numpy(dtype=np.float64))
     np.add.at(counts, (e, subject_index, slots), 1.0)
-    return sums, counts, prompt_counts
+    grid = pd.DataFrame({"subject": subject_codes[pairs["s"].to_numpy()], "template": pairs["p"].to_numpy(),
+                         "s": pairs["s"].to_numpy(), "slot": pairs["slot"].to_numpy()})
+    return sums, counts, prompt_counts, grid
+
+
+@dataclass(frozen=True)
+class PairedDraws:
+    """One hierarchical bootstrap draw per replicate, shared by every entry: ``subjects[b, i]`` is
+    the i-th subject drawn in replicate b, ``prompts[b, i, j]`` the j-th prompt slot drawn within it
+    (``used`` masks the slots beyond that subject's prompt count)."""
+
+    subjects: np.ndarray  # (B, S, P)
+    prompts: np.ndarray  # (B, S, P)
+    used: np.ndarray  # (B, S, P) bool
+
+    def totals(self, sums: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per replicate and entry, the drawn values' sum and count: two (B, E) arrays."""
+        n_entries = sums.shape[0]
+        total = np.empty((self.used.shape[0], n_entries))
+        count = np.empty_like(total)
+        for e in range(n_entries):  # the same draws for every entry: a paired bootstrap
+            total[:, e] = np.where(self.used, sums[e][self.subjects, self.prompts], 0.0).sum(axis=(1, 2))
+            count[:, e] = np.where(self.used, counts[e][self.subjects, self.prompts], 0.0).sum(axis=(1, 2))
+        return total, count
+
+
+def paired_draws(prompt_counts: np.ndarray, resamples: int, seed: int) -> PairedDraws:
+    """Subjects with replacement, then prompts with replacement within each drawn subject."""
+    n_subjects, max_prompts = len(prompt_counts), int(np.max(prompt_counts))
+    rng = np.random.default_rng(seed)
+    drawn_subjects = rng.integers(0, n_subjects, size=(resamples, n_subjects))
+    drawn_counts = prompt_counts[drawn_subjects][..., None]
+    drawn_prompts = np.floor(rng.random((resamples, n_subjects, max_prompts)) * drawn_counts).astype(np.int64)
+    used = np.arange(max_prompts)[None, None, :] < drawn_counts
+    rows = np.broadcast_to(drawn_subjects[..., None], drawn_prompts.shape)
+    return PairedDraws(rows, drawn_prompts, used)
 
 
 def _shared_ranks(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -127,20 +166,10 @@ def rank_confidence(
     means = frame.groupby("entry", sort=False)["value"].mean()
     order = means.sort_values(ascending=not higher_is_better, kind="stable").index
     entries = [str(e) for e in order]
-    sums, counts, prompt_counts = _paired_cells(frame, entries)
-    n_entries, n_subjects, max_prompts = sums.shape
-    rng = np.random.default_rng(seed)
-    drawn_subjects = rng.integers(0, n_subjects, size=(resamples, n_subjects))
-    drawn_counts = prompt_counts[drawn_subjects][..., None]
-    drawn_prompts = np.floor(rng.random((resamples, n_subjects, max_prompts)) * drawn_counts).astype(np.int64)
-    used = np.arange(max_prompts)[None, None, :] < drawn_counts
-    rows = np.broadcast_to(drawn_subjects[..., None], drawn_prompts.shape)
-    scores = np.empty((resamples, n_entries))
-    for e in range(n_entries):  # the same draws for every entry: a paired bootstrap
-        total = np.where(used, sums[e][rows, drawn_prompts], 0.0).sum(axis=(1, 2))
-        count = np.where(used, counts[e][rows, drawn_prompts], 0.0).sum(axis=(1, 2))
-        with np.errstate(invalid="ignore", divide="ignore"):
-            scores[:, e] = sign * total / count
+    sums, counts, prompt_counts, _ = paired_cells(frame, entries)
+    total, count = paired_draws(prompt_counts, resamples, seed).totals(sums, counts)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        scores = sign * total / count
     shares, mid_ranks = _shared_ranks(scores)
     filled = np.where(np.isnan(scores), -np.inf, scores)
     wins = (filled[:, :, None] > filled[:, None, :]).mean(axis=0)
@@ -158,13 +187,13 @@ def rank_confidence(
         rank_low=np.floor(np.quantile(mid_ranks, alpha, axis=0)),
         rank_high=np.ceil(np.quantile(mid_ranks, 1.0 - alpha, axis=0)),
         expected_rank=mid_ranks.mean(axis=0),
-        n_subjects=n_subjects,
+        n_subjects=len(prompt_counts),
         resamples=resamples,
         confidence=confidence,
     )
 
 
-def _percent(p: float) -> str:
+def percent(p: float) -> str:
     if np.isnan(p):
         return "—"
     return "<1%" if 0 < p < 0.005 else (">99%" if 0.995 <= p < 1 else f"{p:.0%}")
@@ -193,12 +222,12 @@ def _tables(result: RankConfidence):
             Cell(entry, align_text=True),
             Cell(f"{result.means[a]:.3f}"),
             Cell(f"{low}" if low == high else f"{low}–{high}"),
-            *[Cell(_percent(p)) for p in result.rank_probabilities[a]],
+            *[Cell(percent(p)) for p in result.rank_probabilities[a]],
             Cell("; ".join(result.tied_with(a)) or "—", align_text=True),
         ])
     matrix_headers = ["P(row beats column)", *result.entries]
     matrix = [
-        [Cell(entry, align_text=True), *[Cell("·" if a == b else _percent(result.beats[a, b])) for b in range(len(result.entries))]]
+        [Cell(entry, align_text=True), *[Cell("·" if a == b else percent(result.beats[a, b])) for b in range(len(result.entries))]]
         for a, entry in enumerate(result.entries)
     ]
     return headers, rows, matrix_headers, matrix

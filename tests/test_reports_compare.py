@@ -58,6 +58,8 @@ def test_unchanged_rerun_passes_with_exact_equality(runs, tmp_path, capsys):
     assert set(verdicts(tmp_path).values()) == {"identical"}
     for row in document["metrics"]:
         assert row["delta"] == 0 and row["identical_images"] == row["pairs"] == row["identical_values"]
+        if row["higher_is_better"] is not None:  # identical runs: every replicate a tie, 50/50
+            assert row["p_current_better"] == 0.5 and row["tie"] is True
     assert document["images"][0]["pairs"] == document["images"][0]["identical_images"] == 3 * (3 * 2 + 2)
     assert (tmp_path / "compare.md").read_text().startswith("# Comparison")
 
@@ -73,6 +75,7 @@ def test_injected_regression_fails_and_direction_comes_from_the_metric(runs, tmp
         assert found["clip_t"] == "better" and found["pres"] == "better"
     rows = {r["metric"]: r for r in json.loads((tmp_path / "compare.json").read_text())["metrics"]}
     assert rows["dino"]["ci_high"] < -0.01 and rows["dino"]["identical_images"] == 0
+    assert rows["dino"]["p_current_better"] < 0.01 and rows["dino"]["tie"] is False  # clearly dominated
     assert rows["dino"]["pairs"] == 3 * 3 * 2  # units paired across different keys (fingerprint changed)
     if FAKE_METRICS:  # Higher fidelity: PRES rises, which is worse.
         assert main(["compare", runs["baseline"], runs["more_fidelity"], "--out", str(tmp_path), *FAST]) == 1
@@ -173,6 +176,7 @@ def test_small_uniform_shift_is_found_only_by_pairing(tmp_path, monkeypatch):
     row = comparison.rows.set_index("metric").loc["dino"]
     assert row["verdict"] == "worse" and comparison.exit_code == 1
     assert row["ci_high"] < -0.01
+    assert row["p_current_better"] == 0.0 and not row["tie"]  # every paired replicate sees the drop
     # an unpaired look cannot see it: the spread between subjects swamps a −0.02 shift
     base_long, cur_long = read_run(baseline).long, read_run(current).long
     base_values = base_long[base_long["metric"] == "dino"]["value"].to_numpy()
@@ -189,3 +193,26 @@ def test_small_uniform_shift_is_found_only_by_pairing(tmp_path, monkeypatch):
     assert row["delta"] == pytest.approx(differences.mean(), abs=1e-12)
     assert row["ci_low"] == pytest.approx(low, abs=1.5e-3)
     assert row["ci_high"] == pytest.approx(high, abs=1.5e-3)
+
+
+def test_beat_probability_draws_the_same_units_for_both_runs():
+    """A +0.001 gain on every image under a between-subject spread of 0.3 is certain only when every
+    replicate draws the same subjects and prompts for both runs; identical values are 50/50 and a tie."""
+    import pandas as pd
+
+    from reports.compare import beat_probability
+
+    rng = np.random.default_rng(0)
+    subjects = np.repeat([f"s{i}" for i in range(6)], 8)
+    templates = np.tile(np.repeat(["p0", "p1", "p2", "p3"], 2), 6)
+    baseline = np.repeat(rng.normal(0.5, 0.3, 6), 8) + rng.normal(0, 0.01, 48)
+    frame = pd.DataFrame({"subject": subjects, "template": templates, "value_baseline": baseline,
+                          "value_current": baseline + 0.001})
+    assert beat_probability(frame, True, 500, 0, 0.95) == (1.0, False)
+    assert beat_probability(frame, False, 500, 0, 0.95) == (0.0, False)  # lower is better: current loses
+    same = frame.assign(value_current=frame["value_baseline"])
+    assert beat_probability(same, True, 500, 0, 0.95) == (0.5, True)
+    noisy = frame.assign(value_current=frame["value_baseline"] + rng.normal(0, 0.01, 48))
+    p, tie = beat_probability(noisy, True, 500, 0, 0.95)
+    assert 0.025 < p < 0.975 and tie
+    assert np.isnan(beat_probability(frame, None, 500, 0, 0.95)[0])  # no direction: no order
