@@ -1,6 +1,7 @@
 """A worker killed mid-run (local worker processes, a local Ray cluster): the run finishes, the
 group the worker held is run again or recorded as failed (``failures/``), and a rerun ends with
-exactly the results of an uninterrupted run: same image keys, same PNG bytes (dummy method)."""
+exactly the results of an uninterrupted run: same image keys, same PNG bytes (dummy method).
+The kill tests start worker processes (and a Ray cluster): ``-m slow``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from benchmark.config import load_config
 from benchmark.driver import run_benchmark
 from benchmark.executors import LocalProcessExecutor, RayExecutor
 from benchmark.store import Store
-from tests.helpers import leftovers, snapshot
+from tests.helpers import descendant_processes, leftovers, snapshot
 
 # 3 subjects -> 3 groups of 8 images; ~0.25 s per image keeps every group busy for ~2 s.
 SLOW = ["methods=dummy", "metrics.names=[]", "methods.dummy.sleep_s=0.25"]
@@ -26,28 +27,6 @@ SLOW = ["methods=dummy", "metrics.names=[]", "methods.dummy.sleep_s=0.25"]
 
 def config():
     return load_config("default", SLOW)
-
-
-def _children(root: int) -> dict[int, str]:
-    """pid -> command line of every live descendant of ``root`` (read from /proc)."""
-    parents, commands = {}, {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
-            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):
-            continue
-    found, frontier = {}, [root]
-    while frontier:
-        parent = frontier.pop()
-        for pid, ppid in parents.items():
-            if ppid == parent and pid not in found:
-                found[pid] = commands[pid]
-                frontier.append(pid)
-    return found
 
 
 class Killer(threading.Thread):
@@ -65,7 +44,7 @@ class Killer(threading.Thread):
         while time.monotonic() < deadline and self.killed is None:
             done = len(list((self.run_dir / "images").glob("*/*/*.json")))
             if done >= self.images:
-                workers = sorted((pid, cmd) for pid, cmd in _children(os.getpid()).items() if self.is_worker(cmd))
+                workers = sorted((pid, cmd) for pid, cmd in descendant_processes(os.getpid()).items() if self.is_worker(cmd))
                 if workers:
                     os.kill(workers[0][0], signal.SIGKILL)
                     self.killed, self.done_at_kill = workers[0], done
@@ -124,6 +103,7 @@ def _is_local_worker(command: str) -> bool:
     return "multiprocessing" in command and "spawn_main" in command
 
 
+@pytest.mark.slow  # 40-100 s on the shared 2-core machine (3 worker processes start)
 def test_local_worker_killed_mid_run_is_replaced_and_its_group_rerun(tmp_path, reference):
     summary, killer = _killed_run(tmp_path, _is_local_worker, executor="local", workers=2)
     assert summary.exit_code == 0 and summary.failed == [], summary.lines()
@@ -166,3 +146,16 @@ def test_ray_worker_killed_without_retries_is_recorded_and_a_rerun_completes_it(
     monkeypatch.undo()
     # the rerun in-process: what matters is the store the killed Ray run left
     _check_recorded_then_rerun(tmp_path, reference, summary, {})
+
+
+def test_workers_per_gpu_places_k_workers_on_each_gpu_and_needs_gpus():
+    from benchmark.errors import ConfigError
+    from benchmark.executors import make_executor
+
+    executor = LocalProcessExecutor(workers=2, gpu_ids=[0, 1], workers_per_gpu=2)
+    assert executor.gpu_ids == [0, 0, 1, 1] and executor.workers == 4
+    assert make_executor("ray", workers=2, workers_per_gpu=2).workers_per_gpu == 2
+    with pytest.raises(ConfigError, match="--workers-per-gpu 2 needs --gpus N"):
+        make_executor("local", workers=2, workers_per_gpu=2)
+    with pytest.raises(ConfigError, match="--workers-per-gpu 0: must be 1 or more"):
+        make_executor("local", gpus=1, workers_per_gpu=0)
