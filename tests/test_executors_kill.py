@@ -159,3 +159,28 @@ def test_workers_per_gpu_places_k_workers_on_each_gpu_and_needs_gpus():
         make_executor("local", workers=2, workers_per_gpu=2)
     with pytest.raises(ConfigError, match="--workers-per-gpu 0: must be 1 or more"):
         make_executor("local", gpus=1, workers_per_gpu=0)
+
+
+def test_a_group_recorded_as_crashed_is_skipped_by_a_plain_rerun_and_redone_by_retry_failed(tmp_path):
+    """The runner's side, without killing anything: a ``worker`` failure on a group (its worker
+    died after the state was published and 2 images were written) is counted, kept by a plain
+    rerun, redone by --retry-failed, and a finished group never keeps one."""
+    from benchmark.executors import _record_crash
+    from benchmark.runner import JobSpec
+    from benchmark.units import expand, method_context
+
+    cfg = load_config("default", ["methods=dummy", "metrics.names=[]"])
+    plan = expand(cfg, method_context(cfg, "cpu", "float32"))
+    group = plan.groups[0]
+    run_benchmark(cfg, tmp_path, quiet=True)
+    store = Store(tmp_path)
+    for unit in group.images[2:]:  # as if the worker died after writing 2 of the group's images
+        store.image_path(unit.label, unit.subject_id, unit.key).unlink()
+        store.record_path(unit.label, unit.subject_id, unit.key).unlink()
+    _record_crash(group, JobSpec(run_dir=str(tmp_path), context=None, batch_size=1), "worker 0 was killed by SIGKILL")
+    kept = run_benchmark(cfg, tmp_path, quiet=True)
+    assert kept.exit_code == 1 and kept.done == 0 and [f["stage"] for f in kept.failed] == ["worker"]
+    redone = run_benchmark(cfg, tmp_path, quiet=True, retry_failed=True)
+    assert redone.exit_code == 0 and redone.done == 6 and store.failure(group.prepare.key) is None
+    _record_crash(group, JobSpec(run_dir=str(tmp_path), context=None, batch_size=1), "stale: died after its last image")
+    assert run_benchmark(cfg, tmp_path, quiet=True).exit_code == 0 and store.failure(group.prepare.key) is None
