@@ -182,6 +182,10 @@ def add_harness_commands(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--dataset-dir", metavar="DIR", help="local DreamBooth copy or custom dataset folder")
     run.add_argument("--executor", choices=["inprocess", "local", "ray"], default="inprocess")
     run.add_argument("--gpus", type=int, metavar="N", help="one worker process per local GPU (0..N-1)")
+    run.add_argument(
+        "--workers-per-gpu", type=int, default=1, metavar="K",
+        help="worker processes (or Ray tasks) sharing each GPU (default 1; more fills a large GPU)",
+    )
     run.add_argument("--workers", type=int, metavar="N", help="CPU worker processes (local executor) or Ray CPUs")
     run.add_argument("--address", help="Ray cluster address (with --executor ray; default: start a local one)")
     run.add_argument("--shard", type=_shard, metavar="I/N", help="run only shard I of N of the work groups")
@@ -234,8 +238,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     executor = "local" if (args.gpus or (args.workers and args.executor == "inprocess")) and args.executor != "ray" else args.executor
     summary = run_benchmark(
         config, run_dir, executor=executor, gpus=args.gpus, workers=args.workers, address=args.address,
-        force=args.force, retry_failed=args.retry_failed, quiet=args.quiet, score=not args.no_score,
-        shard_spec=args.shard,
+        workers_per_gpu=args.workers_per_gpu, force=args.force, retry_failed=args.retry_failed, quiet=args.quiet,
+        score=not args.no_score, shard_spec=args.shard,
     )
     for line in summary.lines():
         print(line)

@@ -140,6 +140,7 @@ def run_benchmark(
     gpus: int | None = None,
     workers: int | None = None,
     address: str | None = None,
+    workers_per_gpu: int = 1,
     force: bool = False,
     retry_failed: bool = False,
     quiet: bool = False,
@@ -192,7 +193,9 @@ def run_benchmark(
             totals["score"] = scoring_workload(groups, config.metrics.names)
         progress = StageProgress(totals, quiet=quiet)
         try:
-            results = make_executor(executor, gpus=gpus, workers=workers, address=address).run(groups, job, progress)
+            results = make_executor(
+                executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu
+            ).run(groups, job, progress)
             for result in results:
                 summary.done += result.done
                 summary.skipped += result.skipped

@@ -1,7 +1,13 @@
-"""Executors: in-process (default), one worker process per local GPU (or CPU worker), Ray.
+"""Executors: in-process (default), local worker processes (per GPU, or CPU workers), Ray.
 
 All three run the same ``execute_group`` on the same groups and write to the same store, so
 they produce the same results; only where the work happens differs.
+
+A worker that dies (killed, out of host memory, a crash in native code) loses only the group it
+held: the local and Ray executors run that group again on a live worker, up to ``max_retries``
+times (the group resumes — finished images are kept), and then record it as failed in
+``failures/`` (stage ``worker``), so ``status`` counts it, a plain rerun skips it and
+``--retry-failed`` redoes it.
 """
 
 from __future__ import annotations
@@ -9,37 +15,63 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-import queue
+import signal
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from multiprocessing.connection import wait
 from pathlib import Path
 
 from benchmark.errors import ConfigError
 from benchmark.runner import GroupResult, JobSpec, execute_group
-from benchmark.store import StoreWriteError
+from benchmark.store import Store, StoreWriteError
 from benchmark.units import WorkGroup
-from data.common import available_cores, threads_per_process
+from data.common import UserError, available_cores, threads_per_process
 
 log = logging.getLogger("subjectbench")
 Progress = Callable[[str, int], None]
 EXECUTORS = ("inprocess", "local", "ray")
+MAX_RETRIES = 2  # runs of a group after a worker died under it, local and Ray alike
 
 
-def _crash_result(group: WorkGroup, message: str) -> GroupResult:
+class WorkerPoolError(UserError, RuntimeError):
+    """Every worker process died before the work was done (not the fault of one group)."""
+
+
+def _crash_failure(group: WorkGroup, message: str) -> dict:
     cell, subject = group.prepare.cell, group.prepare.subject
-    result = GroupResult(group=f"{cell.cell_id}/{subject.id}")
-    result.failed.append(
-        {
-            "key": group.prepare.key,
-            "stage": "worker",
-            "kind": "crash",
-            "label": cell.label,
-            "cell_id": cell.cell_id,
-            "subject": subject.id,
-            "message": message,
-            "traceback": "",
-        }
-    )
+    return {
+        "key": group.prepare.key,
+        "stage": "worker",
+        "kind": "crash",
+        "label": cell.label,
+        "cell_id": cell.cell_id,
+        "subject": subject.id,
+        "message": message,
+        "traceback": "",
+        "images": len(group.images),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def _record_crash(group: WorkGroup, job: JobSpec, message: str) -> GroupResult:
+    """The group's result after its worker died for the last time; written to ``failures/``
+    under the group's prepare key (status counts its unfinished images as failed)."""
+    failure = _crash_failure(group, message)
+    Store(job.run_dir).record_failure(group.prepare.key, failure)
+    log.error("%s", message)
+    result = GroupResult(group=f"{group.prepare.cell.cell_id}/{group.prepare.subject.id}")
+    result.failed.append(failure)
     return result
+
+
+def _describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"
 
 
 class InProcessExecutor:
@@ -49,86 +81,151 @@ class InProcessExecutor:
         return [execute_group(group, job, progress) for group in groups]
 
 
-def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events, processes: int = 1) -> None:
+def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, conn, processes: int = 1) -> None:
+    """Serve group indices sent over ``conn`` (its own pipe: a worker that dies holds no lock
+    another worker needs) until ``None``."""
     os.environ.update(env)
     from benchmark.environment import configure_cpu_threads
 
     configure_cpu_threads(processes)  # this worker's share of the cores, not all of them
     while True:
-        index = tasks.get()
+        index = conn.recv()
         if index is None:
             return
-        events.put(("start", worker_id, index))
         try:
-            result = execute_group(groups[index], job, lambda stage, n: events.put(("progress", stage, n)))
+            result = execute_group(groups[index], job, lambda stage, n: conn.send(("progress", stage, n)))
         except StoreWriteError as error:  # the disk, not the group: the whole run stops
-            events.put(("fatal", worker_id, index, str(error)))
+            conn.send(("fatal", index, str(error)))
+            return
+        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group: stop, blame no group
             return
         except BaseException as error:  # noqa: BLE001 - report, then keep serving
-            result = _crash_result(groups[index], f"{type(error).__name__}: {error}")
-        events.put(("result", worker_id, index, result))
+            message = f"{type(error).__name__}: {error}".splitlines()[0]
+            result = _record_crash(groups[index], job, f"worker {worker_id}: {message}")
+        conn.send(("result", index, result))
 
 
 class LocalProcessExecutor:
-    """One worker process per local GPU (``gpus``) or per CPU worker (``workers``).
+    """Worker processes on this machine: ``workers_per_gpu`` per listed GPU (``gpu_ids``), or
+    ``workers`` CPU workers.
 
-    Each group — a (method cell, subject) — is prepared and generated on one worker, which keeps
-    its backbones loaded across groups. A worker that dies fails only the group it held.
+    Each group — a (method cell, subject) training and its images — runs on one worker, which
+    keeps its backbones loaded across groups. A worker that dies is replaced, and the group it
+    held is run again (up to ``max_retries`` times) and then recorded as failed.
     """
 
     name = "local"
 
-    def __init__(self, workers: int, gpu_ids: Sequence[int] | None = None):
-        self.gpu_ids = list(gpu_ids) if gpu_ids is not None else None
+    def __init__(self, workers: int, gpu_ids: Sequence[int] | None = None, workers_per_gpu: int = 1,
+                 max_retries: int = MAX_RETRIES):
+        self.gpu_ids = [g for g in gpu_ids for _ in range(workers_per_gpu)] if gpu_ids is not None else None
         self.workers = len(self.gpu_ids) if self.gpu_ids is not None else workers
+        self.max_retries = max_retries
+
+    def _start(self, context, slot: int, groups, job: JobSpec):
+        env = {"OMP_NUM_THREADS": str(threads_per_process(self.workers))} if self.gpu_ids is None else {}
+        if self.gpu_ids is not None:
+            env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[slot])
+        parent, child = context.Pipe()
+        process = context.Process(
+            target=_worker_main, args=(slot, env, groups, job, child, self.workers), daemon=True
+        )
+        process.start()
+        child.close()
+        return process, parent
 
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
         context = mp.get_context("spawn")
-        tasks, events = context.Queue(), context.Queue()
-        processes = []
-        for worker_id in range(min(self.workers, len(groups)) or 1):
-            env = {"OMP_NUM_THREADS": str(threads_per_process(self.workers))} if self.gpu_ids is None else {}
-            if self.gpu_ids is not None:
-                env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[worker_id])
-            process = context.Process(
-                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events, self.workers), daemon=True
-            )
-            process.start()
-            processes.append(process)
-        for index in range(len(groups)):
-            tasks.put(index)
-        for _ in processes:
-            tasks.put(None)
-
+        groups = list(groups)
+        pending = deque(range(len(groups)))
+        attempts = [0] * len(groups)
         results: dict[int, GroupResult] = {}
-        holding: dict[int, int] = {}
-        while len(results) < len(groups):
-            try:
-                event = events.get(timeout=1.0)
-            except queue.Empty:
-                for worker_id, process in enumerate(processes):
-                    if not process.is_alive() and worker_id in holding:
-                        index = holding.pop(worker_id)
-                        message = f"worker {worker_id} died (exit code {process.exitcode}) while running this group"
-                        log.error("%s", message)
-                        results[index] = _crash_result(groups[index], message)
-                if not any(p.is_alive() for p in processes) and not holding:
-                    for index in range(len(groups)):
-                        results.setdefault(index, _crash_result(groups[index], "no worker left to run this group"))
-                continue
-            if event[0] == "fatal":
-                for process in processes:
-                    process.terminate()
-                raise StoreWriteError(event[3])
-            if event[0] == "start":
-                holding[event[1]] = event[2]
-            elif event[0] == "progress":
-                progress(event[1], event[2])
+        workers: dict[int, tuple] = {}  # slot -> (process, connection)
+        holding: dict[int, int] = {}  # slot -> group index
+        last_exit = ""
+
+        def dispatch(slot: int) -> None:
+            if pending and slot not in holding:
+                index = pending.popleft()
+                attempts[index] += 1
+                holding[slot] = index
+                workers[slot][1].send(index)
+
+        def handle(slot: int, message: tuple) -> None:
+            if message[0] == "progress":
+                progress(message[1], message[2])
+            elif message[0] == "fatal":
+                raise StoreWriteError(message[2])
             else:
-                holding.pop(event[1], None)
-                results[event[2]] = event[3]
-        for process in processes:
-            process.join(timeout=10)
+                holding.pop(slot, None)
+                results[message[1]] = message[2]
+                dispatch(slot)
+
+        try:
+            for slot in range(min(self.workers, len(groups))):
+                workers[slot] = self._start(context, slot, groups, job)
+                dispatch(slot)
+            while len(results) < len(groups):
+                if not workers:
+                    raise WorkerPoolError(
+                        f"every worker process died ({last_exit}) before the run was done; "
+                        f"{len(groups) - len(results)} group(s) did not run; see {Path(job.run_dir) / 'run.log'}"
+                    )
+                by_handle = {}
+                for slot, (process, connection) in workers.items():
+                    by_handle[connection] = slot
+                    by_handle[process.sentinel] = slot
+                for ready in wait(list(by_handle)):
+                    slot = by_handle[ready]
+                    if slot not in workers:
+                        continue
+                    process, connection = workers[slot]
+                    if ready is connection:
+                        try:
+                            handle(slot, connection.recv())
+                        except (EOFError, OSError):
+                            pass  # the worker is gone; its sentinel says how
+                        continue
+                    while connection.poll():  # what it sent before it died still counts
+                        try:
+                            handle(slot, connection.recv())
+                        except (EOFError, OSError):
+                            break
+                    process.join()
+                    del workers[slot]
+                    connection.close()
+                    last_exit = f"worker {slot} (pid {process.pid}) {_describe_exit(process.exitcode)}"
+                    index = holding.pop(slot, None)
+                    if index is None:
+                        log.error("%s while idle", last_exit)
+                        continue  # it held no group: not replaced (a worker that cannot start would loop)
+                    group = groups[index]
+                    where = f"{group.prepare.cell.cell_id} on {group.prepare.subject.id}"
+                    if attempts[index] <= self.max_retries:
+                        log.warning("%s while running %s; running it again on a new worker (retry %d of %d)",
+                                    last_exit, where, attempts[index], self.max_retries)
+                        pending.appendleft(index)
+                    else:
+                        results[index] = _record_crash(
+                            group, job, f"{last_exit} while running {where} ({attempts[index]} attempts)"
+                        )
+                    if pending:
+                        workers[slot] = self._start(context, slot, groups, job)
+                        dispatch(slot)
+                for slot in list(workers):
+                    dispatch(slot)  # a worker freed while another was being replaced
+            for _, connection in workers.values():
+                try:
+                    connection.send(None)
+                except OSError:
+                    pass
+            for process, _ in workers.values():
+                process.join(timeout=10)
+        finally:
+            for process, connection in workers.values():
+                if process.is_alive():
+                    process.terminate()
+                connection.close()
         return [results[i] for i in range(len(groups))]
 
 
@@ -137,15 +234,18 @@ def _ray_execute(group: WorkGroup, job: JobSpec) -> GroupResult:
 
 
 class RayExecutor:
-    """One Ray task per (method cell, subject); ``num_gpus=1`` where GPUs exist; retried when a
-    worker dies. The run directory must be on a file system every node sees."""
+    """One Ray task per (method cell, subject); ``1 / workers_per_gpu`` GPU per task where GPUs
+    exist. A task whose worker dies is retried (``max_retries``), then recorded as failed. The run
+    directory must be on a file system every node sees."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = 2):
+    def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = MAX_RETRIES,
+                 workers_per_gpu: int = 1):
         self.address = address
         self.num_cpus = num_cpus
         self.max_retries = max_retries
+        self.workers_per_gpu = workers_per_gpu
 
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
         try:
@@ -170,7 +270,9 @@ class RayExecutor:
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
             use_gpu = gpus > 0 and job.context.device.startswith("cuda")
-            remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=self.max_retries)(_ray_execute)
+            remote = ray.remote(
+                num_gpus=1 / self.workers_per_gpu if use_gpu else 0, num_cpus=1, max_retries=self.max_retries
+            )(_ray_execute)
             references = {remote.remote(group, job): i for i, group in enumerate(groups)}
             results: dict[int, GroupResult] = {}
             waiting = list(references)
@@ -178,35 +280,48 @@ class RayExecutor:
                 ready, waiting = ray.wait(waiting, num_returns=1, timeout=None)
                 for reference in ready:
                     index = references[reference]
+                    group = groups[index]
                     try:
                         results[index] = ray.get(reference)
-                    except Exception as error:  # noqa: BLE001 - a dead or crashed task
-                        results[index] = _crash_result(groups[index], f"Ray task failed: {type(error).__name__}: {error}".splitlines()[0])
+                    except StoreWriteError:
+                        raise
+                    except Exception as error:  # noqa: BLE001 - a dead or crashed task, retries spent
+                        cause = getattr(error, "cause", None)
+                        if isinstance(cause, StoreWriteError):
+                            raise cause from None
+                        where = f"{group.prepare.cell.cell_id} on {group.prepare.subject.id}"
+                        first = f"{type(error).__name__}: {error}".splitlines()[0]
+                        results[index] = _record_crash(
+                            group, job, f"Ray task for {where} failed after {self.max_retries + 1} attempt(s): {first}"
+                        )
                     progress("prepare", 1)
-                    progress("generate", len(groups[index].images))
+                    progress("generate", len(group.images))
             return [results[i] for i in range(len(groups))]
         finally:
             if started_here:
                 ray.shutdown()
 
 
-def make_executor(name: str, gpus: int | None = None, workers: int | None = None, address: str | None = None):
+def make_executor(name: str, gpus: int | None = None, workers: int | None = None, address: str | None = None,
+                  workers_per_gpu: int = 1):
     import torch
 
     if name not in EXECUTORS:
         raise ConfigError(f"unknown executor {name!r}; valid: {', '.join(EXECUTORS)}")
+    if workers_per_gpu < 1:
+        raise ConfigError(f"--workers-per-gpu {workers_per_gpu}: must be 1 or more")
     if name == "ray":
-        return RayExecutor(address=address, num_cpus=workers)
+        return RayExecutor(address=address, num_cpus=workers, workers_per_gpu=workers_per_gpu)
     if gpus:
         available = torch.cuda.device_count()
         if gpus > available:
             raise ConfigError(f"--gpus {gpus}: only {available} CUDA GPU(s) visible; use --gpus {available or 'N'} or omit it")
-        return LocalProcessExecutor(workers=gpus, gpu_ids=range(gpus))
+        return LocalProcessExecutor(workers=gpus, gpu_ids=range(gpus), workers_per_gpu=workers_per_gpu)
+    if workers_per_gpu > 1:
+        raise ConfigError(f"--workers-per-gpu {workers_per_gpu} needs --gpus N (or --executor ray on a GPU cluster)")
     if workers and workers > 1 or name == "local":
         cores = available_cores()
         if (workers or 2) > cores and not gpus:
             log.warning("--workers %d: only %d core(s) are available to this process; using %d", workers or 2, cores, cores)
         return LocalProcessExecutor(workers=min(workers or 2, cores))
     return InProcessExecutor()
-
-

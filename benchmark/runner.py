@@ -169,14 +169,21 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
         progress("generate", result.skipped)
     trainer = prepare.trainer
     state_ready = store.state_done(trainer, subject.id, prepare.key) and not job.force
+    # A failure under the prepare key is the training's, or (stage "worker") the whole group's
+    # after its worker died; a finished group carries none.
+    group_failure = store.failure(prepare.key)
     if not pending:
+        if group_failure:
+            store.clear_failure(prepare.key)
         progress("prepare", 1)
         return result
-    if not state_ready and not job.force and not job.retry_failed and store.failure(prepare.key):
+    if group_failure and not job.force and not job.retry_failed and (not state_ready or group_failure.get("stage") == "worker"):
         result.skipped += len(pending)
         progress("prepare", 1)
         progress("generate", len(pending))
         return result
+    if group_failure and state_ready:
+        store.clear_failure(prepare.key)  # redone now; recorded again if it fails again
 
     method = cell.build(job.context)
     try:

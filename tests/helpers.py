@@ -73,3 +73,26 @@ def snapshot(run_dir: Path) -> dict:
 
 def leftovers(run_dir: Path) -> list[str]:
     return [str(p) for p in run_dir.rglob(".tmp-*")]
+
+
+def descendant_processes(root: int) -> dict[int, str]:
+    """pid -> command line of every live descendant of process ``root`` (read from /proc; Linux):
+    how tests and benchmarks find the worker processes a run started, to kill one."""
+    parents, commands = {}, {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            parents[int(entry.name)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+            commands[int(entry.name)] = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue
+    found, frontier = {}, [root]
+    while frontier:
+        parent = frontier.pop()
+        for pid, ppid in parents.items():
+            if ppid == parent and pid not in found:
+                found[pid] = commands[pid]
+                frontier.append(pid)
+    return found
