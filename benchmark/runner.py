@@ -243,6 +243,7 @@ def _generate_cells(method, pending, group, job, store, result, writer, state_di
             state = cell_method.load_state(state_dir, subject)
         except Exception as error:  # noqa: BLE001 - this cell's images fail, other cells go on
             failure = _failure("load", prepare.key, group, error, images=len(cell_units), cell=cell_id)
+            store.record_failure(prepare.key, failure)  # so the summary and status count it
             log.error("loading the state for %s failed: %s", cell_id, failure["message"])
             result.failed.append(failure)
             progress("generate", len(cell_units))

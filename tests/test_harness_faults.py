@@ -175,3 +175,24 @@ def test_unreadable_dataset_image_is_found_before_training(tmp_path, capsys):
     line = _one_error_line(capsys, main([*args, "--out", str(out)]))
     assert str(broken) in line and "corrupt or truncated" in line and "data verify" in line
     assert not (out / "states").exists() and not (out / "failures").exists()
+
+
+def test_a_state_that_fails_to_load_is_recorded_and_the_rerun_completes(tmp_path, monkeypatch):
+    """A published state that cannot be loaded fails its images on record (exit 1), never silently."""
+    from methods.dummy import DummyMethod
+
+    cfg = config("subjects=dog")
+    real = DummyMethod.load_state
+
+    def broken(self, workdir, subject):
+        raise OSError(f"{workdir}: truncated checkpoint")
+
+    monkeypatch.setattr(DummyMethod, "load_state", broken)
+    result = run_benchmark(cfg, tmp_path, quiet=True)
+    assert result.exit_code == 1 and result.done == 0
+    failures = Store(tmp_path).failures()
+    assert [f["stage"] for f in failures.values()] == ["load"]
+    assert counts_add_up(tmp_path)["pending"] == 0
+    monkeypatch.setattr(DummyMethod, "load_state", real)
+    healed = run_benchmark(cfg, tmp_path, quiet=True)
+    assert healed.exit_code == 0 and not Store(tmp_path).failures()
