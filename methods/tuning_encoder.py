@@ -77,10 +77,16 @@ def slot_token(index: int) -> str:
 
 
 def missing_encoder_message(backbone: str, given: str = "") -> str:
-    what = f"the tuning encoder checkpoint {given!r} does not exist" if given else "tuning_encoder needs a pre-trained encoder (encoder=CKPT)"
+    """Names the command that makes the missing encoder (for ``given``, or a default file name)."""
+    if given:
+        return (
+            f"tuning encoder checkpoint {given} does not exist; make it with "
+            f"`{pretrain_command(backbone, given)}` (pre-training is one-time; the tiny one is about a minute on a CPU)"
+        )
+    out = f"tuning_encoder_{backbone}.safetensors"
     return (
-        f"{what}; make one with `{pretrain_command(backbone)}` "
-        "(the tiny one takes under a minute on a CPU) and set methods.tuning_encoder.encoder=tuning_encoder.safetensors"
+        f"tuning_encoder needs a pre-trained encoder (encoder=CKPT); make one with `{pretrain_command(backbone, out)}` "
+        f"and add methods.tuning_encoder.encoder={out}"
     )
 
 
@@ -111,8 +117,8 @@ class TuningEncoderParams:
             raise ParamsError(f"alpha must be in [0, 1], got {self.alpha}")
         if self.lora_rank < 0:
             raise ParamsError(f"lora_rank must be >= 0 (0 = the encoder's), got {self.lora_rank}")
-        if self.encoder and not Path(self.encoder).expanduser().is_file():
-            raise ParamsError(missing_encoder_message("tiny", self.encoder).replace("--backbone tiny", "--backbone BACKBONE"))
+        # A missing encoder file is reported while the run is planned (``encoder_record``), where
+        # the backbone is known, so the error can give the exact pre-training command.
 
 
 class SlotText:
