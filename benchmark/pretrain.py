@@ -140,7 +140,12 @@ def loss_curve_png(losses: list[float], path: Path, title: str) -> Path:
 
 def cmd_pretrain_tuning_encoder(args: argparse.Namespace) -> int:
     from methods.backbones import resolve_backbone
-    from methods.tuning_encoder_pretrain import PretrainError, PretrainOptions, resume_dir, run_pretraining
+    from methods.tuning_encoder_pretrain import (
+        PretrainError,
+        PretrainOptions,
+        resume_dir,
+        run_pretraining,
+    )
 
     resolve_backbone(args.backbone)  # an unknown backbone is one error line, before anything loads
     if args.gpus < 1 or args.save_every < 1:

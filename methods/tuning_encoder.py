@@ -49,7 +49,13 @@ from data.subjects import Subject
 from methods.attention import AttentionAdapter, AttentionController, attention_control
 from methods.backbones import Backbone, _file_sha256, load_backbone
 from methods.base import Method, ParamsError, SamplerConfig, State, param
-from methods.diffusion import cycle_indices, encode_text, make_noise_scheduler, subject_latents, working_copy
+from methods.diffusion import (
+    cycle_indices,
+    encode_text,
+    make_noise_scheduler,
+    subject_latents,
+    working_copy,
+)
 from methods.sampling import build_pipeline, generate_images
 from methods.textual_inversion import IMAGENET_TEMPLATES_SMALL, PlaceholderEmbedding
 from methods.training import TrainBatch, TrainingParams, train_loop

@@ -45,7 +45,6 @@ from methods.tuning_encoder_net import (
     build_net,
     build_parts,
     checkpoint_bytes,
-    clip_features,
     contrastive_loss,
     default_config,
     l2_loss,
@@ -94,7 +93,7 @@ class PretrainOptions:
     def identity(self) -> dict:
         """What a resume must share with the run it continues (everything but where and how long)."""
         out = asdict(self)
-        for key in ("out", "steps", "save_every", "device", "gpus"):
+        for key in ("out", "steps", "save_every", "device"):  # gpus stays: it sets the global batch
             out.pop(key)
         return out
 
@@ -216,6 +215,74 @@ def _device(options: PretrainOptions, rank: int) -> torch.device:
 # ----------------------------------------------------------------------------- the loop
 
 
+@dataclass
+class _Setup:
+    options: PretrainOptions
+    source: ImageSource
+    backbone: object
+    parts: object
+    net: EncoderNet
+    text: object
+    scheduler: object
+    adapter: AttentionAdapter
+
+
+def batch_loss(setup: _Setup, global_indices) -> torch.Tensor:
+    """Denoising loss + reg_weight × regulariser on the samples ``global_indices``; every draw
+    (image, flip, timestep, template, noise) is a function of (seed, global index) alone. Runs
+    inside ``attention_control(..., adapter=setup.adapter)``."""
+    from PIL import Image
+
+    from methods.tuning_encoder import slot_token
+
+    options, backbone, scheduler = setup.options, setup.backbone, setup.scheduler
+    images, timesteps, generators, prompts = [], [], [], []
+    for slot, global_index in enumerate(global_indices):
+        generator = torch.Generator().manual_seed(derive_seed("pretrain-sample", options.seed, global_index))
+        image = setup.source.image(sample_index(global_index, len(setup.source), options.seed), options.resolution)
+        if bool(torch.rand(1, generator=generator) < 0.5):
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        images.append(image)
+        timesteps.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)))
+        template = IMAGENET_TEMPLATES_SMALL[int(torch.randint(len(IMAGENET_TEMPLATES_SMALL), (1,), generator=generator))]
+        prompts.append(template.format(slot_token(slot)))
+        generators.append(generator)  # its noise is drawn once the latent shape is known
+    pixels = to_tensor(images) * 2.0 - 1.0
+    latents = encode_pixels(backbone, pixels)
+    noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
+    t = torch.tensor(timesteps)
+    noisy = scheduler.add_noise(latents, noise.to(latents.device), t.to(latents.device))
+    setup.adapter.offsets = {}  # the encoder reads the frozen UNet
+    prediction = setup.parts.predict(setup.net, pixels, noisy, t.to(backbone.device))
+    setup.adapter.offsets = setup.net.offsets(prediction.cores)
+    with autocast_context(backbone.device, backbone.dtype):
+        hidden = setup.text.encode(prompts, prediction.words)
+        loss, _ = diffusion_loss(backbone.unet, scheduler, latents, hidden, None, timesteps=t, noise=noise)
+        if options.reg == "l2":
+            reg = l2_loss(prediction.delta)
+        else:
+            reg = contrastive_loss(setup.parts.vocabulary, prediction.words, options.neighbours, options.temperature)
+        return loss + options.reg_weight * reg
+
+
+def probe_loss(options: PretrainOptions, checkpoint: str | Path | None, samples: int = 8) -> float:
+    """The pre-training objective of ``checkpoint`` (None: the untrained initial network) on the
+    fixed draws of global samples 0..samples-1: a low-variance before/after comparison."""
+    from methods.tuning_encoder import SlotText
+    from methods.tuning_encoder_net import load_net
+
+    options = options.resolved()
+    device = _device(options, 0)
+    backbone = load_backbone(resolve_backbone(options.backbone), device, torch.bfloat16 if device.type == "cuda" else torch.float32)
+    config = default_config(backbone, options.lora_rank, options.hidden or None, options.seed)
+    parts = build_parts(backbone, config)
+    net = build_net(parts, config) if checkpoint is None else load_net(checkpoint, parts)
+    setup = _Setup(options, ImageSource(options.images), backbone, parts, net, SlotText(backbone),
+                   make_noise_scheduler(backbone), AttentionAdapter())
+    with torch.no_grad(), attention_control(backbone.unet, AttentionController(), "all", adapter=setup.adapter):
+        return float(batch_loss(setup, range(samples)))
+
+
 def pretrain(
     options: PretrainOptions,
     on_step: Callable[[int, int, float], None] | None = None,
@@ -238,10 +305,10 @@ def pretrain(
     config = default_config(backbone, options.lora_rank, options.hidden or None, options.seed)
     parts = build_parts(backbone, config)
     net = build_net(parts, config)
-    from methods.tuning_encoder import SlotText, slot_token
+    from methods.tuning_encoder import SlotText
 
-    text = SlotText(backbone)
-    scheduler = make_noise_scheduler(backbone)
+    adapter = AttentionAdapter()
+    setup = _Setup(options, source, backbone, parts, net, SlotText(backbone), make_noise_scheduler(backbone), adapter)
     training = TrainingParams(steps=options.steps, learning_rate=options.learning_rate, batch_size=options.batch_size)
     parameters = [p for p in net.parameters() if p.requires_grad]
     optimizer = build_optimizer(parameters, training, options.learning_rate)
@@ -262,42 +329,12 @@ def pretrain(
         load_optimizer(optimizer, folder / f"optimizer-{start}.safetensors", device)
         losses, seconds_before = list(progress["losses"]), float(progress["seconds"])
     global_batch = options.batch_size * world
-    adapter = AttentionAdapter()
     started = time.perf_counter()
     step = start
     with attention_control(backbone.unet, AttentionController(), "all", adapter=adapter):
         for step in range(start + 1, options.steps + 1):
             first = (step - 1) * global_batch + rank * options.batch_size
-            indices = range(first, first + options.batch_size)
-            images, timesteps, generators, prompts = [], [], [], []
-            for slot, global_index in enumerate(indices):
-                generator = torch.Generator().manual_seed(derive_seed("pretrain-sample", options.seed, global_index))
-                image = source.image(sample_index(global_index, len(source), options.seed), options.resolution)
-                if bool(torch.rand(1, generator=generator) < 0.5):
-                    from PIL import Image
-
-                    image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-                images.append(image)
-                timesteps.append(int(torch.randint(0, scheduler.config.num_train_timesteps, (1,), generator=generator)))
-                template = IMAGENET_TEMPLATES_SMALL[int(torch.randint(len(IMAGENET_TEMPLATES_SMALL), (1,), generator=generator))]
-                prompts.append(template.format(slot_token(slot)))
-                generators.append(generator)  # its noise is drawn once the latent shape is known
-            pixels = to_tensor(images) * 2.0 - 1.0
-            latents = encode_pixels(backbone, pixels)
-            noise = torch.stack([torch.randn(latents.shape[1:], generator=g) for g in generators])
-            t = torch.tensor(timesteps)
-            noisy = scheduler.add_noise(latents, noise.to(latents.device), t.to(latents.device))
-            adapter.offsets = {}
-            prediction = parts.predict(net, pixels, noisy, t.to(device))
-            adapter.offsets = net.offsets(prediction.cores)
-            with autocast_context(device, dtype):
-                hidden = text.encode(prompts, prediction.words)
-                loss, _ = diffusion_loss(backbone.unet, scheduler, latents, hidden, None, timesteps=t, noise=noise)
-                if options.reg == "l2":
-                    reg = l2_loss(prediction.delta)
-                else:
-                    reg = contrastive_loss(parts.vocabulary, prediction.words, options.neighbours, options.temperature)
-                loss = loss + options.reg_weight * reg
+            loss = batch_loss(setup, range(first, first + options.batch_size))
             loss.backward()
             reported = loss.detach().float()
             if world > 1:
