@@ -23,6 +23,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "dreamblend": "methods.dreamblend:DreamBlend",
     "custom_diffusion": "methods.custom_diffusion:CustomDiffusion",
     "two_stage": "methods.single_image:TwoStage",
+    "tuning_encoder": "methods.tuning_encoder:TuningEncoder",
 }
 
 
