@@ -108,14 +108,16 @@ def test_zero_tuning_steps_generate_from_the_prediction_alone(encoder, subject, 
     state = untrained.load_state(tmp_path / "s0", subject)
     backbone = load_backbone(resolve_backbone("tiny"))
     init = backbone.text_encoder.get_input_embeddings().weight[backbone.tokenizer("object", add_special_tokens=False).input_ids[0]]
-    assert torch.equal(state.data["word"], init.float()) and state.data["losses"] == []
+    assert torch.allclose(state.data["word"], init.float(), rtol=0, atol=1e-7) and state.data["losses"] == []
     assert all(not up.any() for targets in state.data["offsets"].values() for _, up in targets.values())
     prompt = f"a {slot_token(0)} on the beach"
     from methods.sampling import build_pipeline, generate_images
 
     ours = untrained.sample(state, [prompt], [3], SAMPLER, output_type="latent")[0]
     reference = generate_images(build_pipeline(backbone, SAMPLER), ["a object on the beach"], [3], SAMPLER, 64, output_type="latent")[0]
-    assert torch.allclose(ours, reference, atol=1e-5), float((ours - reference).abs().max())
+    # The reference runs diffusers' SDPA attention, ours the explicit softmax, and the stored word is a
+    # mean of 40 equal fp32 rows: equal up to float rounding (latents of magnitude ~5).
+    assert torch.allclose(ours, reference, rtol=1e-5, atol=1e-4), float((ours - reference).abs().max())
     # The pre-trained encoder, 0 steps: its own prediction (not the init word), no tuning; tuning moves it.
     zero = method(encoder, tuning_steps=0)
     tuned = method(encoder, tuning_steps=2, tuning_lr=1e-2)
@@ -123,7 +125,7 @@ def test_zero_tuning_steps_generate_from_the_prediction_alone(encoder, subject, 
         (tmp_path / name).mkdir()
         m.prepare(subject, tmp_path / name, seed=0)
     z, t = zero.load_state(tmp_path / "z", subject), tuned.load_state(tmp_path / "t", subject)
-    assert not torch.equal(z.data["word"], init.float()) and z.data["losses"] == [] and len(t.data["losses"]) == 2
+    assert not torch.allclose(z.data["word"], init.float(), atol=1e-4) and z.data["losses"] == [] and len(t.data["losses"]) == 2
     assert not torch.equal(z.data["word"], t.data["word"])
     images = zero.generate(z, "final", [prompt, prompt], [1, 2], SAMPLER)
     assert len(images) == 2 and images[0].size == (64, 64)
