@@ -46,7 +46,7 @@ def add_commands(commands: argparse._SubParsersAction) -> None:
     encoder.add_argument("--images", required=True, metavar="DIR_OR_DATASET", help="image folder (recursive), `mini` (bundled), or a `datasets` name[:split]")
     encoder.add_argument("--out", required=True, metavar="CKPT", help="checkpoint to write (safetensors)")
     encoder.add_argument("--backbone", default="tiny", help="the backbone the method will run on (tiny, sd15, sd15-random, ...); default tiny")
-    encoder.add_argument("--steps", type=int, default=0, metavar="N", help="optimisation steps (default: tiny 40, others 30000)")
+    encoder.add_argument("--steps", type=int, default=0, metavar="N", help="optimisation steps (default: tiny 60, others 30000)")
     encoder.add_argument("--batch-size", type=int, default=0, metavar="N", help="images per step per process (default: tiny 2, others 16)")
     encoder.add_argument("--lr", type=float, default=0.0, help="AdamW learning rate (default: tiny 1e-3, others 1.6e-5)")
     encoder.add_argument("--lora-rank", type=int, default=4, help="rank of the predicted LoRA offsets (default 4)")
@@ -147,7 +147,10 @@ def cmd_pretrain_tuning_encoder(args: argparse.Namespace) -> int:
         run_pretraining,
     )
 
+    from benchmark import environment
+
     resolve_backbone(args.backbone)  # an unknown backbone is one error line, before anything loads
+    environment.configure_cpu_threads(1)  # the project's thread rule (workers of --gpus N size their own)
     if args.gpus < 1 or args.save_every < 1:
         raise PretrainError(f"--gpus and --save-every must be >= 1, got {args.gpus}, {args.save_every}")
     options = PretrainOptions(

@@ -84,7 +84,7 @@ class PretrainOptions:
         tiny = self.backbone == "tiny"
         return PretrainOptions(**{
             **asdict(self),
-            "steps": self.steps or (40 if tiny else 30000),
+            "steps": self.steps or (60 if tiny else 30000),
             "batch_size": self.batch_size or (2 if tiny else 16),
             "learning_rate": self.learning_rate or (1e-3 if tiny else 1.6e-5),
             "resolution": self.resolution or resolve_backbone(self.backbone).resolution,
