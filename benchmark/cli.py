@@ -1,7 +1,8 @@
 """The ``subjectbench`` command line (also ``python -m benchmark``).
 
 Each area owns its sub-commands: ``data/cli.py`` (data download|verify|masks),
-``benchmark/commands.py`` (run, score, status, list), ``reports/cli.py`` (report, compare).
+``benchmark/commands.py`` (run, score, status, list), ``benchmark/pretrain.py`` (pretrain),
+``reports/cli.py`` (report, compare).
 """
 
 from __future__ import annotations

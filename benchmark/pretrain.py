@@ -162,7 +162,7 @@ def cmd_pretrain_tuning_encoder(args: argparse.Namespace) -> int:
     result = run_pretraining(options, progress_factory=factory)
     out = Path(result.out)
     png = loss_curve_png(result.losses, out.with_name(out.stem + ".loss.png"),
-                         f"tuning encoder pre-training: {out.name} ({result.record.get('data', '')})")
+                         f"tuning encoder pre-training: {out.name}, {result.record.get('distinct_images', '?')} images")
     record = result.record
     print(f"encoder:    {out} ({record['steps']} steps, {record['images']} images seen, {record['seconds']:.1f} s on {record['device']})")
     print(f"loss:       {record['loss_first']:.4f} (first 5 steps) -> {record['loss_last']:.4f} (last 5); curve {png}")
