@@ -219,3 +219,28 @@ def test_encoders_tiny_suite_end_to_end(tmp_path, monkeypatch, capsys):
     assert cost.loc["textual_inversion", "pretrain_seconds"] != cost.loc["textual_inversion", "pretrain_seconds"]  # NaN: none
     tables = (tmp_path / "run" / "report" / "tables.md").read_text()
     assert "one-time pre-training" in tables and "(4 steps, 8 images)" in tables
+
+
+@pytest.mark.slow
+def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
+    """--gpus 2 (torch.distributed, Gloo on CPU) = one process with twice the batch (L2 reg: its
+    loss does not mix samples): same losses, weights equal up to float rounding of the reduction."""
+    import subprocess
+    import sys
+
+    from tests.helpers import cli_env
+
+    script = tmp_path / "two.py"
+    script.write_text(
+        "from methods.tuning_encoder_pretrain import PretrainOptions, run_pretraining\n"
+        "if __name__ == '__main__':\n"
+        "    common = dict(images='mini', backbone='tiny', steps=4, learning_rate=1e-2, reg='l2', save_every=2, device='cpu')\n"
+        "    run_pretraining(PretrainOptions(out='one.safetensors', batch_size=2, gpus=1, **common))\n"
+        "    run_pretraining(PretrainOptions(out='two.safetensors', batch_size=1, gpus=2, **common))\n"
+    )
+    subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=cli_env(), check=True, timeout=900)
+    one = json.loads((tmp_path / "one.safetensors.json").read_text())
+    two = json.loads((tmp_path / "two.safetensors.json").read_text())
+    assert np.allclose(one["losses"], two["losses"], atol=1e-5) and two["device"] == "cpu x2"
+    a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
