@@ -139,6 +139,7 @@ def loss_curve_png(losses: list[float], path: Path, title: str) -> Path:
 
 
 def cmd_pretrain_tuning_encoder(args: argparse.Namespace) -> int:
+    from benchmark import environment
     from methods.backbones import resolve_backbone
     from methods.tuning_encoder_pretrain import (
         PretrainError,
@@ -146,8 +147,6 @@ def cmd_pretrain_tuning_encoder(args: argparse.Namespace) -> int:
         resume_dir,
         run_pretraining,
     )
-
-    from benchmark import environment
 
     resolve_backbone(args.backbone)  # an unknown backbone is one error line, before anything loads
     environment.configure_cpu_threads(1)  # the project's thread rule (workers of --gpus N size their own)

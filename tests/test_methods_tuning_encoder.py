@@ -26,7 +26,13 @@ from methods.tuning_encoder_net import (
     save_checkpoint,
     word_vocabulary,
 )
-from methods.tuning_encoder_pretrain import PretrainError, PretrainOptions, pretrain, probe_loss, resume_dir
+from methods.tuning_encoder_pretrain import (
+    PretrainError,
+    PretrainOptions,
+    pretrain,
+    probe_loss,
+    resume_dir,
+)
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 SAMPLER = SamplerConfig(steps=4, guidance=7.5)
