@@ -167,7 +167,11 @@ def _pretraining(states: pd.DataFrame) -> dict:
     if states.empty or "pretrain_seconds" not in states or states["pretrain_seconds"].isna().all():
         return {"pretrain_seconds": np.nan, "pretrain_steps": np.nan, "pretrain_images": np.nan, "pretrain_device": "?"}
     first = states[states["pretrain_seconds"].notna()].iloc[0]
-    return {k: first[k] for k in ("pretrain_seconds", "pretrain_steps", "pretrain_images", "pretrain_device")}
+    out = {k: first[k] for k in ("pretrain_seconds", "pretrain_steps", "pretrain_images")}
+    # "cuda x8": a device class and a process count; the seconds are wall seconds of all of them.
+    kind, _, processes = str(first["pretrain_device"]).partition(" x")
+    out["pretrain_device"] = _device_class(pd.Series([kind])) + (f" x{processes}" if processes not in ("", "1") else "")
+    return out
 
 
 def cost_table(run: RunData) -> pd.DataFrame:
