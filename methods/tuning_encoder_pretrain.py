@@ -2,7 +2,7 @@
 
 Data: any image folder (recursive), ``mini`` (the bundled images), or a ``datasets`` image set by
 name (``NAME`` or ``NAME:SPLIT``, needs the ``datasets`` package and the set in its cache when
-offline). Each step sees ``batch_size`` images per process; the order is a fixed function of the
+offline) or as a folder written by ``Dataset.save_to_disk``. Each step sees ``batch_size`` images per process; the order is a fixed function of the
 seed (a new permutation per epoch) and every sample's noise, timestep, template and flip come
 from a generator seeded by (seed, global sample index), so a run resumed after a kill, or split
 over several processes, sees exactly the samples and draws of an uninterrupted one.
@@ -114,6 +114,9 @@ class ImageSource:
             from data.subjects import mini_dataset_dir
 
             path = mini_dataset_dir()
+        if path.is_dir() and (path / "dataset_info.json").is_file() and (path / "state.json").is_file():
+            self._open_dataset(spec, saved=path)  # a `datasets` set written with save_to_disk
+            return
         if path.is_dir():
             self._paths = sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
             if not self._paths:
@@ -122,7 +125,7 @@ class ImageSource:
             return
         self._open_dataset(spec)
 
-    def _open_dataset(self, spec: str) -> None:
+    def _open_dataset(self, spec: str, saved: Path | None = None) -> None:
         try:
             import datasets
         except ImportError:
@@ -132,7 +135,12 @@ class ImageSource:
             ) from None
         name, _, split = spec.partition(":")
         try:
-            dataset = datasets.load_dataset(name, split=split or "train")
+            if saved is not None:
+                dataset = datasets.load_from_disk(str(saved))
+                if isinstance(dataset, datasets.DatasetDict):
+                    dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+            else:
+                dataset = datasets.load_dataset(name, split=split or "train")
         except Exception as error:  # noqa: BLE001 - the datasets library raises many kinds
             raise PretrainError(
                 f"--images {spec}: not a folder, and `datasets` could not load it as a dataset "

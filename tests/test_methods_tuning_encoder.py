@@ -250,3 +250,20 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path):
     assert np.allclose(one["losses"], two["losses"], atol=1e-5) and two["device"] == "cpu x2"
     a, b = load_file(str(tmp_path / "one.safetensors")), load_file(str(tmp_path / "two.safetensors"))
     assert all(torch.allclose(a[k], b[k], atol=1e-3) for k in a)
+
+
+def test_image_sources_folder_saved_dataset_and_clear_errors(images, tmp_path):
+    from methods.tuning_encoder_pretrain import ImageSource
+
+    folder = ImageSource(str(images))
+    assert len(folder) == 4 and folder.image(0, 32).size == (32, 32)
+    datasets = pytest.importorskip("datasets")
+    frame = datasets.Dataset.from_dict({"picture": [str(p) for p in sorted(images.glob("*.png"))]})
+    frame.cast_column("picture", datasets.Image()).save_to_disk(str(tmp_path / "saved"))
+    saved = ImageSource(str(tmp_path / "saved"))
+    assert len(saved) == 4 and np.array_equal(np.asarray(saved.image(2, 64)), np.asarray(folder.image(2, 64)))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PretrainError, match="the folder has no images"):
+        ImageSource(str(tmp_path / "empty"))
+    with pytest.raises(PretrainError, match="not a folder, and `datasets` could not load it"):
+        ImageSource("no-such-image-set-anywhere")
