@@ -267,3 +267,25 @@ def test_image_sources_folder_saved_dataset_and_clear_errors(images, tmp_path):
         ImageSource(str(tmp_path / "empty"))
     with pytest.raises(PretrainError, match="not a folder, and `datasets` could not load it"):
         ImageSource("no-such-image-set-anywhere")
+
+
+def test_encoders_tiny_suite_runs_with_the_one_time_cost_apart(encoder, tmp_path, capsys):
+    """The suite, trimmed (one subject, one image, fewer steps): tunings shared across the
+    dual-path switch, every cell generated, the encoder's pre-training in the cost table."""
+    from benchmark.cli import main
+    from reports.rundata import read_run
+    from reports.tables import cost_table
+
+    code = main([
+        "run", "encoders_tiny", "--out", str(tmp_path / "run"), "subjects=dog", "--quiet",
+        f"methods.tuning_encoder.encoder={encoder}", "methods.tuning_encoder.tuning_steps=[0,4]",
+        "methods.tuning_encoder.reg=contrastive", "methods.textual_inversion.steps=2", "methods.dreambooth.steps=2",
+        "protocol.images_per_prompt=1", "protocol.sampler.steps=3", "metrics.names=[clip_t]",
+    ])
+    assert code == 0, capsys.readouterr()
+    states = list((tmp_path / "run" / "states" / "tuning_encoder").glob("dog/*/DONE"))
+    assert len(states) == 2  # 0 and 4 steps; dual path on/off share them
+    cost = cost_table(read_run(tmp_path / "run")).set_index("cell_id")
+    rows = cost[cost["method"] == "tuning_encoder (reconstructed)"]
+    assert len(rows) == 4 and (rows["pretrain_steps"] == 12).all() and (rows["pretrain_images"] == 24).all()
+    assert (rows["images_done"] == 1).all() and np.isnan(cost.loc["dreambooth", "pretrain_seconds"])
