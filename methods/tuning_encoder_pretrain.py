@@ -212,11 +212,13 @@ class PretrainResult:
     record: dict = field(default_factory=dict)
 
 
-def _device(options: PretrainOptions, rank: int) -> torch.device:
+def _device(options: PretrainOptions, rank: int, world: int = 1) -> torch.device:
+    # One process uses "cuda" as the harness does (one shared backbone per device string).
+    cuda = torch.device(f"cuda:{rank}") if world > 1 else torch.device("cuda")
     if options.device == "auto":
-        return torch.device(f"cuda:{rank}" if torch.cuda.is_available() else "cpu")
+        return cuda if torch.cuda.is_available() else torch.device("cpu")
     if options.device == "cuda":
-        return torch.device(f"cuda:{rank}")
+        return cuda
     return torch.device(options.device)
 
 
@@ -307,7 +309,7 @@ def pretrain(
     if options.steps < 1 or options.batch_size < 1 or options.batch_size * world > MAX_SLOTS:
         raise PretrainError(f"steps must be >= 1 and batch size in 1..{MAX_SLOTS // world}, got {options.steps}, {options.batch_size}")
     source = ImageSource(options.images)
-    device = _device(options, rank)
+    device = _device(options, rank, world)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone = load_backbone(resolve_backbone(options.backbone), device, dtype)
     config = default_config(backbone, options.lora_rank, options.hidden or None, options.seed)
