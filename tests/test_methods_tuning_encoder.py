@@ -289,3 +289,35 @@ def test_encoders_tiny_suite_runs_with_the_one_time_cost_apart(encoder, tmp_path
     rows = cost[cost["method"] == "tuning_encoder (reconstructed)"]
     assert len(rows) == 4 and (rows["pretrain_steps"] == 12).all() and (rows["pretrain_images"] == 24).all()
     assert (rows["images_done"] == 1).all() and np.isnan(cost.loc["dreambooth", "pretrain_seconds"])
+
+
+@pytest.mark.slow
+def test_sigkill_during_pretraining_then_the_same_command_resumes(images, tmp_path):
+    """A real kill (SIGKILL of the CLI process) at an arbitrary moment, then the same command: it
+    resumes from the last complete save and ends with the uninterrupted run's losses."""
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import cli_command, cli_env
+
+    def command(out):
+        return cli_command("pretrain", "tuning-encoder", "--images", str(images), "--backbone", "tiny", "--out", str(out),
+                           "--steps", "30", "--batch-size", "1", "--save-every", "3", "--device", "cpu", "--quiet")
+
+    out = tmp_path / "killed.safetensors"
+    progress = resume_dir(out) / "progress.json"
+    process = subprocess.Popen(command(out), cwd=tmp_path, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (progress.is_file() and json.loads(progress.read_text())["step"] >= 6):
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    saved = json.loads(progress.read_text())["step"]
+    assert 6 <= saved < 30 and saved % 3 == 0 and not out.exists()
+    subprocess.run(command(out), cwd=tmp_path, env=cli_env(), check=True, capture_output=True, timeout=600)
+    subprocess.run(command(tmp_path / "straight.safetensors"), cwd=tmp_path, env=cli_env(), check=True, capture_output=True, timeout=600)
+    killed = json.loads((tmp_path / "killed.safetensors.json").read_text())
+    straight = json.loads((tmp_path / "straight.safetensors.json").read_text())
+    assert len(killed["losses"]) == 30 and np.allclose(killed["losses"], straight["losses"], atol=1e-6)
+    assert (tmp_path / "killed.loss.png").is_file()
