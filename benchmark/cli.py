@@ -1,7 +1,8 @@
 """The ``subjectbench`` command line (also ``python -m benchmark``).
 
 Each area owns its sub-commands: ``data/cli.py`` (data download|verify|masks),
-``benchmark/commands.py`` (run, score, status, list), ``reports/cli.py`` (report, compare).
+``benchmark/commands.py`` (run, score, status, list), ``benchmark/pretrain.py`` (pretrain),
+``reports/cli.py`` (report, compare).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ examples:
   subjectbench list methods
   subjectbench data download                # the DreamBooth dataset, to the default location
   subjectbench data verify
+  subjectbench pretrain tuning-encoder --images mini --backbone tiny --out tuning_encoder.safetensors
 """
 
 
@@ -39,11 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     from benchmark import commands as harness_commands
     from benchmark import edit as edit_commands
+    from benchmark import pretrain as pretrain_commands
     from data import cli as data_cli
     from reports import cli as reports_cli
 
     harness_commands.add_commands(commands)
     edit_commands.add_commands(commands)
+    pretrain_commands.add_commands(commands)  # subjectbench pretrain tuning-encoder
     data_cli.add_commands(commands)
     reports_cli.add_commands(commands)
     return parser

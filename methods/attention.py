@@ -24,6 +24,12 @@ attention processors (``unet.set_attn_processor``), never by patching modules:
   [unconditional; conditional] when guidance > 1). ``call.split(probs)`` gives the two halves as
   (batch, heads, queries, keys) views.
 
+- ``AttentionAdapter`` (optional ``adapter=`` of ``attention_control``) adds low-rank weight
+  offsets to the projections of chosen layers and *dual-path* attention: every selected layer
+  runs an adapted path and the frozen path and blends their outputs with α (the tuning encoder,
+  ``methods/tuning_encoder.py``). The controller sees each path's probabilities
+  (``AttentionCall.path``).
+
 Layers that are not selected keep their own processors. A layer whose current processor is not
 one of diffusers' plain processors (e.g. Custom Diffusion's trained K/V processors, IP-Adapter)
 is refused with an error naming it, because replacing it would silently drop its weights.
@@ -56,6 +62,7 @@ class AttentionCall:
     batch: int  # images in the UNet batch (both CFG halves counted)
     heads: int
     cfg: bool  # the batch is [unconditional; conditional]
+    path: str = "main"  # "main"; with dual-path attention "soft" (adapted) or "hard" (frozen)
 
     @property
     def size(self) -> int:
@@ -189,6 +196,7 @@ class ControlledAttnProcessor:
     layer: str
     controller: Callable[[AttentionCall, torch.Tensor], torch.Tensor | None]
     unet_input: _UNetInput = field(default_factory=_UNetInput)
+    adapter: AttentionAdapter | None = None
 
     def __call__(
         self,
@@ -208,23 +216,62 @@ class ControlledAttnProcessor:
             batch, channels, height, width = hidden_states.shape
             hidden_states = hidden_states.view(batch, channels, height * width).transpose(1, 2)
         is_cross = encoder_hidden_states is not None
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        grid = (height, width) if spatial else None
+        adapter = self.adapter
+        if adapter is None or adapter.alpha is None:
+            offsets = adapter.offsets.get(self.layer) if adapter is not None else None
+            hidden_states = self._attend(attn, hidden_states, encoder_hidden_states, attention_mask, grid, offsets, "main")
+        else:
+            # Dual path: the adapted path (offsets, first half of the text tokens) and the frozen
+            # path (no offsets, second half) see the same input; their outputs are blended.
+            soft_context = hard_context = encoder_hidden_states
+            if is_cross:
+                if encoder_hidden_states.shape[1] % 2:
+                    raise AttentionControlError(
+                        f"layer {self.layer}: dual-path attention needs the text tokens of both paths "
+                        f"stacked ([soft; hard]), got {encoder_hidden_states.shape[1]} tokens (odd)"
+                    )
+                half = encoder_hidden_states.shape[1] // 2
+                soft_context, hard_context = encoder_hidden_states[:, :half], encoder_hidden_states[:, half:]
+            soft = self._attend(attn, hidden_states, soft_context, attention_mask, grid, adapter.offsets.get(self.layer), "soft")
+            hard = self._attend(attn, hidden_states, hard_context, attention_mask, grid, None, "hard")
+            hidden_states = adapter.alpha * soft + (1.0 - adapter.alpha) * hard
+        if spatial:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+    def _attend(
+        self,
+        attn,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        grid: tuple[int, int] | None,
+        offsets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None,
+        path: str,
+    ) -> torch.Tensor:
+        """Projections (plus low-rank offsets), explicit softmax, the controller, output projection."""
+        is_cross = encoder_hidden_states is not None
         context = encoder_hidden_states if is_cross else hidden_states
         batch, keys, _ = context.shape
         attention_mask = attn.prepare_attention_mask(attention_mask, keys, batch)
-        if attn.group_norm is not None:
-            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-        query = attn.to_q(hidden_states)
+        offsets = offsets or {}
+        query = _project(attn.to_q, hidden_states, offsets.get("to_q"))
         if is_cross and attn.norm_cross:
             context = attn.norm_encoder_hidden_states(context)
-        key = attn.to_k(context)
-        value = attn.to_v(context)
+        key = _project(attn.to_k, context, offsets.get("to_k"))
+        value = _project(attn.to_v, context, offsets.get("to_v"))
         query = attn.head_to_batch_dim(query)
         key = attn.head_to_batch_dim(key)
         value = attn.head_to_batch_dim(value)
         probs = attn.get_attention_scores(query, key, attention_mask)
 
         queries = probs.shape[1]
-        resolution = (height, width) if spatial else self.unet_input.resolution(queries, self.layer)
+        resolution = grid if grid is not None else self.unet_input.resolution(queries, self.layer)
         call = AttentionCall(
             layer=self.layer,
             is_cross=is_cross,
@@ -233,6 +280,7 @@ class ControlledAttnProcessor:
             batch=batch,
             heads=attn.heads,
             cfg=bool(getattr(self.controller, "cfg", False)),
+            path=path,
         )
         edited = self.controller(call, probs)
         if edited is not None:
@@ -245,13 +293,40 @@ class ControlledAttnProcessor:
 
         hidden_states = torch.bmm(probs, value)
         hidden_states = attn.batch_to_head_dim(hidden_states)
-        hidden_states = attn.to_out[0](hidden_states)
-        hidden_states = attn.to_out[1](hidden_states)
-        if spatial:
-            hidden_states = hidden_states.transpose(-1, -2).reshape(batch, channels, height, width)
-        if attn.residual_connection:
-            hidden_states = hidden_states + residual
-        return hidden_states / attn.rescale_output_factor
+        hidden_states = _project(attn.to_out[0], hidden_states, offsets.get("to_out"))
+        return attn.to_out[1](hidden_states)
+
+
+def _project(linear: torch.nn.Module, x: torch.Tensor, offset: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """``linear(x)``, plus the low-rank offset ``up @ down`` applied to ``x`` when given: ``down``
+    (rank, in) for every sample, or (batch, rank, in) per sample; ``up`` (out, rank)."""
+    out = linear(x)
+    if offset is None:
+        return out
+    down, up = offset
+    if down.ndim == 2:
+        low = torch.nn.functional.linear(x, down.to(x.dtype))
+    else:
+        low = torch.bmm(x, down.to(x.dtype).transpose(1, 2))
+    return out + torch.nn.functional.linear(low, up.to(low.dtype)).to(out.dtype)
+
+
+@dataclass
+class AttentionAdapter:
+    """Weight offsets and dual-path blending applied by the controlled processors (the tuning
+    encoder's predicted LoRA offsets and its dual path).
+
+    ``offsets``: {processor key: {"to_q"|"to_k"|"to_v"|"to_out": (down, up)}}, low-rank offsets
+    added to those projections (see ``_project``); layers not named run their frozen weights.
+    ``alpha``: None for one path; a number for dual path, where every selected layer computes the
+    adapted path (offsets; for cross-attention the first half of the text tokens) and the frozen
+    path (no offsets; the second half) and returns ``alpha * adapted + (1 - alpha) * frozen``.
+    The caller stacks the two paths' text embeddings along the token axis ([soft; hard]).
+    Both fields may be changed between UNet calls (per-step or per-batch predictions).
+    """
+
+    offsets: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
+    alpha: float | None = None
 
 
 def is_cross_attention_layer(layer: str) -> bool:
@@ -295,11 +370,13 @@ def attention_control(
     unet: torch.nn.Module,
     controller: Callable[[AttentionCall, torch.Tensor], torch.Tensor | None],
     select: Callable[[str], bool] | Iterable[str] | str | None = "all",
+    adapter: AttentionAdapter | None = None,
 ) -> Iterator[dict[str, ControlledAttnProcessor]]:
     """Install controlled processors on the selected layers of ``unet`` for the ``with`` body.
 
     ``select``: "all" (default), "cross", "self", a list of processor keys, or a predicate on the
-    key. Yields the installed processors by layer. The original processors come back on exit,
+    key. ``adapter`` (optional) adds weight offsets and dual-path blending (``AttentionAdapter``).
+    Yields the installed processors by layer. The original processors come back on exit,
     normal or not.
     """
     original = dict(unet.attn_processors)
@@ -322,7 +399,7 @@ def attention_control(
         sample = args[0] if args else kwargs["sample"]
         unet_input.height, unet_input.width = int(sample.shape[-2]), int(sample.shape[-1])
 
-    installed = {layer: ControlledAttnProcessor(layer, controller, unet_input) for layer in chosen}
+    installed = {layer: ControlledAttnProcessor(layer, controller, unet_input, adapter) for layer in chosen}
     hook = unet.register_forward_pre_hook(remember_input, with_kwargs=True)
     try:
         unet.set_attn_processor({layer: installed.get(layer, original[layer]) for layer in original})

@@ -24,6 +24,7 @@ BUILTIN_METHODS: dict[str, str] = {
     "custom_diffusion": "methods.custom_diffusion:CustomDiffusion",
     "two_stage": "methods.single_image:TwoStage",
     "ip_adapter": "methods.ip_adapter:IPAdapter",
+    "tuning_encoder": "methods.tuning_encoder:TuningEncoder",
 }
 
 

@@ -105,13 +105,16 @@ def checkpoint_name(step: int, steps: int) -> str:
 class TrainBatch:
     """One optimisation step's data. ``weights`` (B,) combine per-sample losses (default: mean);
     ``mask`` (B,1,h,w) weights the loss spatially; ``timesteps`` (B,) fixes the noise levels
-    (default: uniform draws), e.g. for HiFi Tuner's step-wise embeddings."""
+    (default: uniform draws), e.g. for HiFi Tuner's step-wise embeddings; ``noise`` fixes the
+    noise (default: drawn from the loop's generator), e.g. when the conditioning is predicted
+    from the noisy latent itself (the tuning encoder)."""
 
     latents: torch.Tensor
     prompts: list[str]
     weights: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
 
 
 @dataclass
@@ -198,7 +201,7 @@ def train_loop(
             hidden = encode_prompts(batch.prompts)
             loss, _ = diffusion_loss(
                 unet, noise_scheduler, batch.latents, hidden, generator, batch.weights, batch.mask,
-                timesteps=batch.timesteps,
+                timesteps=batch.timesteps, noise=batch.noise,
             )
             if extra_loss is not None:
                 loss = loss + extra_loss()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 
+import numpy as np
 import pandas as pd
 
 from reports.render import (
@@ -36,7 +37,9 @@ TABLE_NOTES = {
     "CLIPScore 2.5·max(cos, 0) (Hessel et al. 2021; clamped per image, so its mean is bootstrapped on its own).",
     "cost": "Preparation (training / encoding) per subject from the state's DONE record; state size = files of the "
     "learned state on disk (one state holds all checkpoints of a sweep); generation seconds per image = batch time / batch size. Peak memory: CUDA where measured, "
-    "else the process's peak RSS (which includes everything the process loaded before).",
+    "else the process's peak RSS (which includes everything the process loaded before). One-time pre-training (an "
+    "encoder pre-trained once for all subjects, e.g. the tuning encoder) is read from the checkpoint's record and is "
+    "not part of the per-subject seconds.",
 }
 TABLE_TITLES = {
     "summary": "Summary per method entry",
@@ -70,9 +73,16 @@ def _seconds(value, device: str) -> str:
     return "—" if pd.isna(value) else f"{value:.3g} {device}-s"
 
 
+def _pretraining_text(row) -> str:
+    seconds = row.get("pretrain_seconds", np.nan)
+    if pd.isna(seconds):
+        return "—"
+    return f"{_seconds(seconds, row['pretrain_device'])} ({int(row['pretrain_steps'])} steps, {int(row['pretrain_images'])} images)"
+
+
 def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
     headers = ["method cell", "prepared", "prepare s/subject", "prepare s total", "prepare peak MB", "state MB/subject",
-               "images", "s/image", "generate peak MB"]
+               "images", "s/image", "generate peak MB", "one-time pre-training"]
     rows = []
     for _, row in cost.iterrows():
         rows.append([
@@ -85,6 +95,7 @@ def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
             Cell(f"{row['images_done']}/{row['images_planned']}"),
             Cell(_seconds(row["seconds_per_image"], row["generate_device"])),
             Cell(f"{fmt(row['generate_peak_mb'], 0)} ({row['generate_peak_kind']})" if not pd.isna(row["generate_peak_mb"]) else "—"),
+            Cell(_pretraining_text(row)),
         ])
     return headers, rows
 

@@ -106,6 +106,10 @@ def _states(store: Store, plan: pd.DataFrame) -> pd.DataFrame:
                 # DONE itself is bookkeeping, not learned weights.
                 state_bytes=folder_bytes(store.state_dir(trainer, subject, key)) - (store.state_dir(trainer, subject, key) / "DONE").stat().st_size,
             )
+            # One-time cost outside the run (a pre-trained encoder), as its fingerprint records it.
+            pretraining = (info.get("fingerprint") or {}).get("pretraining") or {}
+            if pretraining:
+                row.update({f"pretrain_{k}": pretraining.get(k) for k in ("steps", "seconds", "images", "device")})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -162,12 +162,27 @@ def _peak(frame: pd.DataFrame, cuda: str, rss: str) -> tuple[float, str]:
     return np.nan, "?"
 
 
+def _pretraining(states: pd.DataFrame) -> dict:
+    """One-time pre-training of the cell's encoder (steps, seconds, images, device), NaN if none."""
+    if states.empty or "pretrain_seconds" not in states or states["pretrain_seconds"].isna().all():
+        return {"pretrain_seconds": np.nan, "pretrain_steps": np.nan, "pretrain_images": np.nan, "pretrain_device": "?"}
+    first = states[states["pretrain_seconds"].notna()].iloc[0]
+    out = {k: first[k] for k in ("pretrain_seconds", "pretrain_steps", "pretrain_images")}
+    # "cuda x8": a device class and a process count; the seconds are wall seconds of all of them.
+    kind, _, processes = str(first["pretrain_device"]).partition(" x")
+    out["pretrain_device"] = _device_class(pd.Series([kind])) + (f" x{processes}" if processes not in ("", "1") else "")
+    return out
+
+
 def cost_table(run: RunData) -> pd.DataFrame:
-    """Per method cell: preparation time and memory, state size, generation time and memory."""
+    """Per method cell: preparation time and memory, state size, generation time and memory, and the
+    one-time pre-training of a pre-trained component (the tuning encoder), kept apart from the
+    per-subject seconds."""
     columns = [
         "method", "cell_id", "subjects_prepared", "subjects_planned", "prepare_device", "prepare_seconds_per_subject",
         "prepare_seconds_total", "prepare_peak_mb", "prepare_peak_kind", "state_mb_per_subject",
         "generate_device", "images_done", "images_planned", "seconds_per_image", "generate_peak_mb", "generate_peak_kind",
+        "pretrain_seconds", "pretrain_steps", "pretrain_images", "pretrain_device",
     ]
     if run.plan.empty:
         return pd.DataFrame(columns=columns)
@@ -197,6 +212,7 @@ def cost_table(run: RunData) -> pd.DataFrame:
                 "seconds_per_image": float(images["seconds_per_image"].mean()) if not images.empty else np.nan,
                 "generate_peak_mb": generate_peak,
                 "generate_peak_kind": generate_kind,
+                **_pretraining(done_states),
             }
         )
     return pd.DataFrame(rows, columns=columns)
