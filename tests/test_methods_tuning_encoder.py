@@ -289,6 +289,7 @@ def test_encoders_tiny_suite_runs_with_the_one_time_cost_apart(encoder, tmp_path
     rows = cost[cost["method"] == "tuning_encoder (reconstructed)"]
     assert len(rows) == 4 and (rows["pretrain_steps"] == 12).all() and (rows["pretrain_images"] == 24).all()
     assert (rows["images_done"] == 1).all() and np.isnan(cost.loc["dreambooth", "pretrain_seconds"])
+    assert cost.loc["ip_adapter", "images_done"] == 1  # the zero-shot baseline sits in the same report
 
 
 @pytest.mark.slow
