@@ -1,7 +1,8 @@
 """Executors: in-process (default), one worker process per local GPU (or CPU worker), Ray.
 
-All three run the same ``execute_group`` on the same groups and write to the same store, so
-they produce the same results; only where the work happens differs.
+All three run the same ``execute_pass`` on the same training passes (``units.training_passes``:
+one group, or several whose subjects train together) and write to the same store, so they
+produce the same results; only where the work happens differs.
 """
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from benchmark.errors import ConfigError
-from benchmark.runner import GroupResult, JobSpec, execute_group
+from benchmark.runner import GroupResult, JobSpec, execute_pass
 from benchmark.store import StoreWriteError
-from benchmark.units import WorkGroup
+from benchmark.units import WorkGroup, training_passes
 from data.common import available_cores, threads_per_process
 
 log = logging.getLogger("subjectbench")
@@ -42,14 +43,21 @@ def _crash_result(group: WorkGroup, message: str) -> GroupResult:
     return result
 
 
+def _passes(groups: Sequence[WorkGroup], job: JobSpec) -> list[tuple[int, ...]]:
+    return training_passes(tuple(groups), job.context, job.subjects_per_batch)
+
+
 class InProcessExecutor:
     name = "inprocess"
 
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
-        return [execute_group(group, job, progress) for group in groups]
+        results: dict[int, GroupResult] = {}
+        for indices in _passes(groups, job):
+            results.update(zip(indices, execute_pass([groups[i] for i in indices], job, progress)))
+        return [results[i] for i in range(len(groups))]
 
 
-def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events, processes: int = 1) -> None:
+def _worker_main(worker_id: int, env: dict, groups, passes, job: JobSpec, tasks, events, processes: int = 1) -> None:
     os.environ.update(env)
     from benchmark.environment import configure_cpu_threads
 
@@ -59,21 +67,23 @@ def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, tasks, events,
         if index is None:
             return
         events.put(("start", worker_id, index))
+        members = passes[index]
         try:
-            result = execute_group(groups[index], job, lambda stage, n: events.put(("progress", stage, n)))
+            results = execute_pass([groups[i] for i in members], job, lambda stage, n: events.put(("progress", stage, n)))
         except StoreWriteError as error:  # the disk, not the group: the whole run stops
             events.put(("fatal", worker_id, index, str(error)))
             return
         except BaseException as error:  # noqa: BLE001 - report, then keep serving
-            result = _crash_result(groups[index], f"{type(error).__name__}: {error}")
-        events.put(("result", worker_id, index, result))
+            results = [_crash_result(groups[i], f"{type(error).__name__}: {error}") for i in members]
+        events.put(("result", worker_id, index, results))
 
 
 class LocalProcessExecutor:
     """One worker process per local GPU (``gpus``) or per CPU worker (``workers``).
 
-    Each group — a (method cell, subject) — is prepared and generated on one worker, which keeps
-    its backbones loaded across groups. A worker that dies fails only the group it held.
+    Each training pass — a (method cell, subject) group, or several trained together — is
+    prepared and generated on one worker, which keeps its backbones loaded across passes. A
+    worker that dies fails only the groups of the pass it held.
     """
 
     name = "local"
@@ -85,17 +95,19 @@ class LocalProcessExecutor:
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
         context = mp.get_context("spawn")
         tasks, events = context.Queue(), context.Queue()
+        passes = _passes(groups, job)
         processes = []
-        for worker_id in range(min(self.workers, len(groups)) or 1):
+        for worker_id in range(min(self.workers, len(passes)) or 1):
             env = {"OMP_NUM_THREADS": str(threads_per_process(self.workers))} if self.gpu_ids is None else {}
             if self.gpu_ids is not None:
                 env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[worker_id])
             process = context.Process(
-                target=_worker_main, args=(worker_id, env, list(groups), job, tasks, events, self.workers), daemon=True
+                target=_worker_main, args=(worker_id, env, list(groups), passes, job, tasks, events, self.workers),
+                daemon=True,
             )
             process.start()
             processes.append(process)
-        for index in range(len(groups)):
+        for index in range(len(passes)):
             tasks.put(index)
         for _ in processes:
             tasks.put(None)
@@ -111,7 +123,7 @@ class LocalProcessExecutor:
                         index = holding.pop(worker_id)
                         message = f"worker {worker_id} died (exit code {process.exitcode}) while running this group"
                         log.error("%s", message)
-                        results[index] = _crash_result(groups[index], message)
+                        results.update((i, _crash_result(groups[i], message)) for i in passes[index])
                 if not any(p.is_alive() for p in processes) and not holding:
                     for index in range(len(groups)):
                         results.setdefault(index, _crash_result(groups[index], "no worker left to run this group"))
@@ -126,19 +138,19 @@ class LocalProcessExecutor:
                 progress(event[1], event[2])
             else:
                 holding.pop(event[1], None)
-                results[event[2]] = event[3]
+                results.update(zip(passes[event[2]], event[3]))
         for process in processes:
             process.join(timeout=10)
         return [results[i] for i in range(len(groups))]
 
 
-def _ray_execute(group: WorkGroup, job: JobSpec) -> GroupResult:
-    return execute_group(group, job)
+def _ray_execute(groups: list[WorkGroup], job: JobSpec) -> list[GroupResult]:
+    return execute_pass(groups, job)
 
 
 class RayExecutor:
-    """One Ray task per (method cell, subject); ``num_gpus=1`` where GPUs exist; retried when a
-    worker dies. The run directory must be on a file system every node sees."""
+    """One Ray task per training pass (a (method cell, subject) group, or several trained
+    together); ``num_gpus=1`` where GPUs exist; retried when a worker dies. The run directory must be on a file system every node sees."""
 
     name = "ray"
 
@@ -171,19 +183,21 @@ class RayExecutor:
             gpus = ray.cluster_resources().get("GPU", 0)
             use_gpu = gpus > 0 and job.context.device.startswith("cuda")
             remote = ray.remote(num_gpus=1 if use_gpu else 0, num_cpus=1, max_retries=self.max_retries)(_ray_execute)
-            references = {remote.remote(group, job): i for i, group in enumerate(groups)}
+            passes = _passes(groups, job)
+            references = {remote.remote([groups[i] for i in members], job): members for members in passes}
             results: dict[int, GroupResult] = {}
             waiting = list(references)
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1, timeout=None)
                 for reference in ready:
-                    index = references[reference]
+                    members = references[reference]
                     try:
-                        results[index] = ray.get(reference)
+                        results.update(zip(members, ray.get(reference)))
                     except Exception as error:  # noqa: BLE001 - a dead or crashed task
-                        results[index] = _crash_result(groups[index], f"Ray task failed: {type(error).__name__}: {error}".splitlines()[0])
-                    progress("prepare", 1)
-                    progress("generate", len(groups[index].images))
+                        message = f"Ray task failed: {type(error).__name__}: {error}".splitlines()[0]
+                        results.update((i, _crash_result(groups[i], message)) for i in members)
+                    progress("prepare", len(members))
+                    progress("generate", sum(len(groups[i].images) for i in members))
             return [results[i] for i in range(len(groups))]
         finally:
             if started_here:
