@@ -91,6 +91,14 @@ class GenerationConfig:
 
 
 @dataclass(frozen=True)
+class TrainingConfig:
+    # Subjects trained together in one pass by methods that can (Textual Inversion: frozen UNet,
+    # per-subject vectors); each subject's state equals its alone-trained state within the
+    # method's stated tolerance, and is stored exactly as alone. 1 trains every subject alone.
+    subjects_per_batch: int = 8
+
+
+@dataclass(frozen=True)
 class RunConfig:
     name: str
     description: str = ""
@@ -105,6 +113,7 @@ class RunConfig:
     methods: tuple[MethodEntry, ...] = ()
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
 
     def to_dict(self) -> dict:
         def plain(value: Any) -> Any:
@@ -480,6 +489,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
             clip=_choice(CLIP_ARCHS), lpips_net=_choice(LPIPS_NETS), vlm_judge_model=_model_ref,
         ),
         generation=_build(GenerationConfig, document.get("generation"), "generation", batch_size=_positive),
+        training=_build(TrainingConfig, document.get("training"), "training", subjects_per_batch=_positive),
     )
 
 

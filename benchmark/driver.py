@@ -187,6 +187,7 @@ def run_benchmark(
             batch_size=config.generation.batch_size,
             force=force,
             retry_failed=retry_failed,
+            subjects_per_batch=config.training.subjects_per_batch,
         )
         totals = {"prepare": len(groups), "generate": summary.planned}
         if score and config.metrics.names:

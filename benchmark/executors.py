@@ -1,13 +1,14 @@
 """Executors: in-process (default), local worker processes (per GPU, or CPU workers), Ray.
 
-All three run the same ``execute_group`` on the same groups and write to the same store, so
-they produce the same results; only where the work happens differs.
+All three run the same ``execute_pass`` on the same training passes (``units.training_passes``:
+one group, or several whose subjects train together) and write to the same store, so they
+produce the same results; only where the work happens differs.
 
-A worker that dies (killed, out of host memory, a crash in native code) loses only the group it
-held: the local and Ray executors run that group again on a live worker, up to ``max_retries``
-times (the group resumes — finished images are kept), and then record it as failed in
-``failures/`` (stage ``worker``), so ``status`` counts it, a plain rerun skips it and
-``--retry-failed`` redoes it.
+A worker that dies (killed, out of host memory, a crash in native code) loses only the pass it
+held: the local and Ray executors run that pass again on a live worker, up to ``max_retries``
+times (it resumes — published states and finished images are kept), and then record each of its
+groups as failed in ``failures/`` (stage ``worker``), so ``status`` counts them, a plain rerun
+skips them and ``--retry-failed`` redoes them.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from benchmark.errors import ConfigError
-from benchmark.runner import GroupResult, JobSpec, execute_group
+from benchmark.runner import GroupResult, JobSpec, execute_pass
 from benchmark.store import Store, StoreWriteError
-from benchmark.units import WorkGroup
+from benchmark.units import WorkGroup, training_passes
 from data.common import UserError, available_cores, threads_per_process
 
 log = logging.getLogger("subjectbench")
@@ -65,6 +66,16 @@ def _record_crash(group: WorkGroup, job: JobSpec, message: str) -> GroupResult:
     return result
 
 
+def _passes(groups: Sequence[WorkGroup], job: JobSpec) -> list[tuple[int, ...]]:
+    return training_passes(tuple(groups), job.context, job.subjects_per_batch)
+
+
+def _where(groups: Sequence[WorkGroup]) -> str:
+    first = groups[0].prepare
+    where = f"{first.cell.cell_id} on {first.subject.id}"
+    return where if len(groups) == 1 else f"{where} and {len(groups) - 1} more subject(s) trained with it"
+
+
 def _describe_exit(exitcode: int | None) -> str:
     if exitcode is not None and exitcode < 0:
         try:
@@ -78,11 +89,14 @@ class InProcessExecutor:
     name = "inprocess"
 
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
-        return [execute_group(group, job, progress) for group in groups]
+        results: dict[int, GroupResult] = {}
+        for indices in _passes(groups, job):
+            results.update(zip(indices, execute_pass([groups[i] for i in indices], job, progress)))
+        return [results[i] for i in range(len(groups))]
 
 
-def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, conn, processes: int = 1) -> None:
-    """Serve group indices sent over ``conn`` (its own pipe: a worker that dies holds no lock
+def _worker_main(worker_id: int, env: dict, groups, passes, job: JobSpec, conn, processes: int = 1) -> None:
+    """Serve pass indices sent over ``conn`` (its own pipe: a worker that dies holds no lock
     another worker needs) until ``None``."""
     os.environ.update(env)
     from benchmark.environment import configure_cpu_threads
@@ -92,8 +106,9 @@ def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, conn, processe
         index = conn.recv()
         if index is None:
             return
+        members = [groups[i] for i in passes[index]]
         try:
-            result = execute_group(groups[index], job, lambda stage, n: conn.send(("progress", stage, n)))
+            result = execute_pass(members, job, lambda stage, n: conn.send(("progress", stage, n)))
         except StoreWriteError as error:  # the disk, not the group: the whole run stops
             conn.send(("fatal", index, str(error)))
             return
@@ -101,7 +116,7 @@ def _worker_main(worker_id: int, env: dict, groups, job: JobSpec, conn, processe
             return
         except BaseException as error:  # noqa: BLE001 - report, then keep serving
             message = f"{type(error).__name__}: {error}".splitlines()[0]
-            result = _record_crash(groups[index], job, f"worker {worker_id}: {message}")
+            result = [_record_crash(group, job, f"worker {worker_id}: {message}") for group in members]
         conn.send(("result", index, result))
 
 
@@ -109,9 +124,10 @@ class LocalProcessExecutor:
     """Worker processes on this machine: ``workers_per_gpu`` per listed GPU (``gpu_ids``), or
     ``workers`` CPU workers.
 
-    Each group — a (method cell, subject) training and its images — runs on one worker, which
-    keeps its backbones loaded across groups. A worker that dies is replaced, and the group it
-    held is run again (up to ``max_retries`` times) and then recorded as failed.
+    Each training pass — a (method cell, subject) group, or several trained together — is
+    prepared and generated on one worker, which keeps its backbones loaded across passes. A
+    worker that dies is replaced, and the pass it held is run again (up to ``max_retries``
+    times) and then its groups are recorded as failed.
     """
 
     name = "local"
@@ -122,13 +138,13 @@ class LocalProcessExecutor:
         self.workers = len(self.gpu_ids) if self.gpu_ids is not None else workers
         self.max_retries = max_retries
 
-    def _start(self, context, slot: int, groups, job: JobSpec):
+    def _start(self, context, slot: int, groups, passes, job: JobSpec):
         env = {"OMP_NUM_THREADS": str(threads_per_process(self.workers))} if self.gpu_ids is None else {}
         if self.gpu_ids is not None:
             env["CUDA_VISIBLE_DEVICES"] = str(self.gpu_ids[slot])
         parent, child = context.Pipe()
         process = context.Process(
-            target=_worker_main, args=(slot, env, groups, job, child, self.workers), daemon=True
+            target=_worker_main, args=(slot, env, groups, passes, job, child, self.workers), daemon=True
         )
         process.start()
         child.close()
@@ -137,11 +153,12 @@ class LocalProcessExecutor:
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
         context = mp.get_context("spawn")
         groups = list(groups)
-        pending = deque(range(len(groups)))
-        attempts = [0] * len(groups)
-        results: dict[int, GroupResult] = {}
+        passes = _passes(groups, job)
+        pending = deque(range(len(passes)))
+        attempts = [0] * len(passes)
+        results: dict[int, GroupResult] = {}  # group index -> result
         workers: dict[int, tuple] = {}  # slot -> (process, connection)
-        holding: dict[int, int] = {}  # slot -> group index
+        holding: dict[int, int] = {}  # slot -> pass index
         last_exit = ""
 
         def dispatch(slot: int) -> None:
@@ -158,12 +175,12 @@ class LocalProcessExecutor:
                 raise StoreWriteError(message[2])
             else:
                 holding.pop(slot, None)
-                results[message[1]] = message[2]
+                results.update(zip(passes[message[1]], message[2]))
                 dispatch(slot)
 
         try:
-            for slot in range(min(self.workers, len(groups))):
-                workers[slot] = self._start(context, slot, groups, job)
+            for slot in range(min(self.workers, len(passes))):
+                workers[slot] = self._start(context, slot, groups, passes, job)
                 dispatch(slot)
             while len(results) < len(groups):
                 if not workers:
@@ -199,18 +216,19 @@ class LocalProcessExecutor:
                     if index is None:
                         log.error("%s while idle", last_exit)
                         continue  # it held no group: not replaced (a worker that cannot start would loop)
-                    group = groups[index]
-                    where = f"{group.prepare.cell.cell_id} on {group.prepare.subject.id}"
+                    members = [groups[i] for i in passes[index]]
+                    where = _where(members)
                     if attempts[index] <= self.max_retries:
                         log.warning("%s while running %s; running it again on a new worker (retry %d of %d)",
                                     last_exit, where, attempts[index], self.max_retries)
                         pending.appendleft(index)
                     else:
-                        results[index] = _record_crash(
-                            group, job, f"{last_exit} while running {where} ({attempts[index]} attempts)"
-                        )
+                        for i, group in zip(passes[index], members):
+                            results[i] = _record_crash(
+                                group, job, f"{last_exit} while running {where} ({attempts[index]} attempts)"
+                            )
                     if pending:
-                        workers[slot] = self._start(context, slot, groups, job)
+                        workers[slot] = self._start(context, slot, groups, passes, job)
                         dispatch(slot)
                 for slot in list(workers):
                     dispatch(slot)  # a worker freed while another was being replaced
@@ -229,12 +247,12 @@ class LocalProcessExecutor:
         return [results[i] for i in range(len(groups))]
 
 
-def _ray_execute(group: WorkGroup, job: JobSpec) -> GroupResult:
-    return execute_group(group, job)
+def _ray_execute(groups: list[WorkGroup], job: JobSpec) -> list[GroupResult]:
+    return execute_pass(groups, job)
 
 
 class RayExecutor:
-    """One Ray task per (method cell, subject); ``1 / workers_per_gpu`` GPU per task where GPUs
+    """One Ray task per training pass (a (method cell, subject), or subjects trained together); ``1 / workers_per_gpu`` GPU per task where GPUs
     exist. A task whose worker dies is retried (``max_retries``), then recorded as failed. The run
     directory must be on a file system every node sees."""
 
@@ -273,29 +291,28 @@ class RayExecutor:
             remote = ray.remote(
                 num_gpus=1 / self.workers_per_gpu if use_gpu else 0, num_cpus=1, max_retries=self.max_retries
             )(_ray_execute)
-            references = {remote.remote(group, job): i for i, group in enumerate(groups)}
+            passes = _passes(groups, job)
+            references = {remote.remote([groups[i] for i in members], job): members for members in passes}
             results: dict[int, GroupResult] = {}
             waiting = list(references)
             while waiting:
                 ready, waiting = ray.wait(waiting, num_returns=1, timeout=None)
                 for reference in ready:
-                    index = references[reference]
-                    group = groups[index]
+                    indices = references[reference]
+                    members = [groups[i] for i in indices]
                     try:
-                        results[index] = ray.get(reference)
+                        results.update(zip(indices, ray.get(reference)))
                     except StoreWriteError:
                         raise
                     except Exception as error:  # noqa: BLE001 - a dead or crashed task, retries spent
                         cause = getattr(error, "cause", None)
                         if isinstance(cause, StoreWriteError):
                             raise cause from None
-                        where = f"{group.prepare.cell.cell_id} on {group.prepare.subject.id}"
                         first = f"{type(error).__name__}: {error}".splitlines()[0]
-                        results[index] = _record_crash(
-                            group, job, f"Ray task for {where} failed after {self.max_retries + 1} attempt(s): {first}"
-                        )
-                    progress("prepare", 1)
-                    progress("generate", len(group.images))
+                        message = f"Ray task for {_where(members)} failed after {self.max_retries + 1} attempt(s): {first}"
+                        results.update((i, _record_crash(group, job, message)) for i, group in zip(indices, members))
+                    progress("prepare", len(members))
+                    progress("generate", sum(len(group.images) for group in members))
             return [results[i] for i in range(len(groups))]
         finally:
             if started_here:

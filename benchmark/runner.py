@@ -2,7 +2,9 @@
 
 Prepare once (unless its state is already published), then for each method cell that shares the
 training: reload the state from disk and generate the cell's missing images in batches (one
-checkpoint and sampler setting per batch). Every failure is recorded with its traceback and the
+checkpoint and sampler setting per batch). ``execute_pass`` runs several groups whose method
+trains subjects together (``Method.prepare_many``): one joint training publishes each subject's
+state exactly where and as ``prepare`` would, then every group goes on as above. Every failure is recorded with its traceback and the
 rest of the group goes on; CUDA out-of-memory frees memory and is recorded as ``oom``.
 
 Images are written by a small thread pool (``ImageWriter``) while the next batch generates: PNG
@@ -15,6 +17,7 @@ recorded as that image's failure (a full or read-only disk still stops the run).
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 import traceback
 from collections import deque
@@ -43,6 +46,7 @@ class JobSpec:
     force: bool = False
     retry_failed: bool = False
     write_threads: int = 4  # 0 writes each image in line (the reference path of the benchmark)
+    subjects_per_batch: int = 1  # trainings per pass where the method can (config training.*)
 
 
 @dataclass
@@ -156,8 +160,95 @@ class ImageWriter:
                 self.pool.shutdown(wait=True)
 
 
-def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = None) -> GroupResult:
-    """Run one group to completion; never raises for a unit's failure."""
+def _needs_training(store: Store, job: JobSpec, group: WorkGroup) -> bool:
+    """Whether ``execute_group`` would prepare this group now (as its own checks decide)."""
+    prepare = group.prepare
+    if not _pending(store, job, group.images)[0]:
+        return False
+    if job.force:
+        return True
+    if store.state_done(prepare.trainer, prepare.subject.id, prepare.key):
+        return False
+    return job.retry_failed or store.failure(prepare.key) is None
+
+
+def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict:
+    """What DONE records about a training: cost, device, fingerprint and provenance."""
+    prepare = group.prepare
+    return {
+        "seconds": seconds,
+        **environment.peak_memory_mb(job.context.device),
+        "device": environment.device_name(job.context.device),
+        "fingerprint": prepare.cell.training_fingerprint,
+        "cells": [c.cell_id for c in group.cells],
+        "subject": prepare.subject.id,
+        "data_sha": prepare.subject.data_sha,
+        "seed": prepare.seed,
+        **extra,
+        "git": environment.git_hash(),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def execute_pass(groups: list[WorkGroup], job: JobSpec, progress: Progress | None = None) -> list[GroupResult]:
+    """Run groups that share one training pass (``units.training_passes``); never raises for a
+    unit's failure.
+
+    The subjects that need a state train together and each state is published as its own
+    ``prepare`` would publish it (DONE adds ``subjects_in_pass`` and the pass's seconds; its
+    ``seconds`` is the subject's share). Killed mid-pass, nothing is published and the rerun
+    trains the same pass again. If the joint training fails, nothing of it is published and each
+    group prepares alone, so a failure is recorded against its own subject only.
+    """
+    prepared = _prepare_together(groups, job) if len(groups) > 1 else set()
+    return [execute_group(g, job, progress, prepared_here=g.prepare.key in prepared) for g in groups]
+
+
+def _prepare_together(groups: list[WorkGroup], job: JobSpec) -> set[str]:
+    """Train the groups that need a state in one ``prepare_many``; the keys it published."""
+    store = Store(job.run_dir)
+    todo = [g for g in groups if _needs_training(store, job, g)]
+    if len(todo) < 2:
+        return set()
+    environment.apply_determinism(job.context.deterministic)
+    method = todo[0].prepare.cell.build(job.context)
+    subjects = [g.prepare.subject for g in todo]
+    names = ", ".join(s.id for s in subjects)
+    log.info("prepare %s on %d subjects in one pass (%s)", todo[0].prepare.cell.cell_id, len(todo), names)
+    workdirs = []
+    try:
+        environment.reset_peak_memory(job.context.device)
+        workdirs = [store.new_state_workdir(g.prepare.trainer, g.prepare.subject.id, g.prepare.key) for g in todo]
+        started = time.perf_counter()
+        method.prepare_many(subjects, workdirs, [g.prepare.seed for g in todo])
+        seconds = time.perf_counter() - started
+    except Exception as error:  # noqa: BLE001 - each subject then trains alone
+        if (fatal := disk_error(error)) is not None:
+            raise fatal from None
+        if _is_oom(error):
+            environment.free_cuda_memory()
+        for workdir in workdirs:
+            shutil.rmtree(workdir, ignore_errors=True)
+        log.warning(
+            "training %d subjects in one pass failed (%s); training each alone",
+            len(todo), f"{type(error).__name__}: {error}".splitlines()[0],
+        )
+        return set()
+    finally:
+        method.release()
+    for group, workdir in zip(todo, workdirs):
+        prepare = group.prepare
+        info = _state_info(group, job, seconds / len(todo), subjects_in_pass=len(todo), pass_seconds=seconds)
+        store.publish_state(workdir, prepare.trainer, prepare.subject.id, prepare.key, info)
+        store.clear_failure(prepare.key)
+    return {g.prepare.key for g in todo}
+
+
+def execute_group(
+    group: WorkGroup, job: JobSpec, progress: Progress | None = None, prepared_here: bool = False
+) -> GroupResult:
+    """Run one group to completion; never raises for a unit's failure. ``prepared_here``: its
+    state was just published by a joint pass (``execute_pass``), even under ``--force``."""
     progress = progress or (lambda stage, n: None)
     environment.apply_determinism(job.context.deterministic)  # workers are fresh processes
     store = Store(job.run_dir)
@@ -168,7 +259,8 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
     if result.skipped:
         progress("generate", result.skipped)
     trainer = prepare.trainer
-    state_ready = store.state_done(trainer, subject.id, prepare.key) and not job.force
+    state_ready = prepared_here or (store.state_done(trainer, subject.id, prepare.key) and not job.force)
+    result.prepared = prepared_here
     # A failure under the prepare key is the training's, or (stage "worker") the whole group's
     # after its worker died; a finished group carries none.
     group_failure = store.failure(prepare.key)
@@ -193,18 +285,7 @@ def execute_group(group: WorkGroup, job: JobSpec, progress: Progress | None = No
             workdir = store.new_state_workdir(trainer, subject.id, prepare.key)
             started = time.perf_counter()
             method.prepare(subject, workdir, prepare.seed)
-            info = {
-                "seconds": time.perf_counter() - started,
-                **environment.peak_memory_mb(job.context.device),
-                "device": environment.device_name(job.context.device),
-                "fingerprint": cell.training_fingerprint,
-                "cells": [c.cell_id for c in group.cells],
-                "subject": subject.id,
-                "data_sha": subject.data_sha,
-                "seed": prepare.seed,
-                "git": environment.git_hash(),
-                "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            }
+            info = _state_info(group, job, time.perf_counter() - started)
             store.publish_state(workdir, trainer, subject.id, prepare.key, info)
             store.clear_failure(prepare.key)
             result.prepared = True

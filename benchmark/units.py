@@ -295,6 +295,36 @@ def _refuse_duplicate_cells(groups: tuple[WorkGroup, ...]) -> None:
                 )
 
 
+def training_passes(
+    groups: tuple[WorkGroup, ...], context: MethodContext, subjects_per_batch: int
+) -> list[tuple[int, ...]]:
+    """Indices of ``groups`` by training pass, in plan order.
+
+    Groups whose trainings differ only in the subject (same method, trainer and training
+    fingerprint) go into one pass, up to ``subjects_per_batch``, when their method
+    ``prepares_many()`` (Textual Inversion); every other group is a pass of its own. Which groups
+    share a pass changes only the speed: each state is stored as if prepared alone, equal within
+    the method's stated tolerance.
+    """
+    passes: list[list[int]] = []
+    filling: dict[str, list[int]] = {}
+    batchable: dict[str, bool] = {}
+    for index, group in enumerate(groups):
+        cell = group.prepare.cell
+        key = stable_hash([cell.method, cell.trainer, cell.training_fingerprint])
+        if key not in batchable:
+            batchable[key] = subjects_per_batch > 1 and cell.build(context).prepares_many()
+        if not batchable[key]:
+            passes.append([index])
+            continue
+        current = filling.get(key)
+        if current is None or len(current) >= subjects_per_batch:
+            current = filling[key] = []
+            passes.append(current)
+        current.append(index)
+    return [tuple(indices) for indices in passes]
+
+
 def shard(groups: tuple[WorkGroup, ...], index: int, count: int) -> tuple[WorkGroup, ...]:
     """Shard ``index`` of ``count`` (by position): a unit's output never depends on its shard."""
     if not 0 <= index < count:

@@ -16,6 +16,12 @@ Contract (the harness relies on each point):
 - ``checkpoints()`` is a function of the params alone (so runs can be planned before training).
 - ``prepare(subject, workdir, seed)`` writes the learned state into ``workdir`` (safetensors and
   JSON only); it may assume ``workdir`` is empty and private. The harness makes it atomic.
+- ``prepare_many(subjects, workdirs, seeds)`` (optional; only where ``prepares_many()`` is true)
+  trains several subjects with equal training fingerprints in one pass and writes into each
+  ``workdirs[i]`` exactly what ``prepare(subjects[i], workdirs[i], seeds[i])`` writes: same
+  files, same keys, values equal within the tolerance the method states (each subject's draws
+  come from its own seed, never from its position in the pass). It raises if any subject fails;
+  the harness then prepares each subject alone, so one subject's failure is its own.
 - ``load_state(workdir)`` reads it back; the harness always generates from a reloaded state, so
   an interrupted and an uninterrupted run produce the same images.
 - ``generate(state, checkpoint, prompts, seeds, sampler)`` returns one PIL image per
@@ -132,6 +138,15 @@ class Method(ABC):
     @abstractmethod
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
         """Train/encode for ``subject``, writing the state into ``workdir``."""
+
+    def prepares_many(self) -> bool:
+        """Whether ``prepare_many`` may train several subjects in one pass with these params and
+        context (a frozen backbone and per-subject parameters; see the module docstring)."""
+        return False
+
+    def prepare_many(self, subjects: Sequence[Subject], workdirs: Sequence[Path], seeds: Sequence[int]) -> None:
+        """Train ``subjects`` together, writing each state into its workdir (as ``prepare`` would)."""
+        raise NotImplementedError(f"{self.name} prepares one subject at a time (prepares_many() is false)")
 
     @abstractmethod
     def load_state(self, workdir: Path, subject: Subject) -> State:

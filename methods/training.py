@@ -107,7 +107,8 @@ class TrainBatch:
     ``mask`` (B,1,h,w) weights the loss spatially; ``timesteps`` (B,) fixes the noise levels
     (default: uniform draws), e.g. for HiFi Tuner's step-wise embeddings; ``noise`` fixes the
     noise (default: drawn from the loop's generator), e.g. when the conditioning is predicted
-    from the noisy latent itself (the tuning encoder)."""
+    from the noisy latent itself (the tuning encoder), or each subject's own draws in a
+    multi-subject batch."""
 
     latents: torch.Tensor
     prompts: list[str]
@@ -174,15 +175,27 @@ def train_loop(
     extra_loss: Callable[[], torch.Tensor] | None = None,
     on_step_end: Callable[[int], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
+    problems: int = 1,
 ) -> TrainResult:
     """Run ``params.steps`` optimisation steps; call ``on_checkpoint(step)`` at each save step.
 
     Steps are numbered from 1; ``on_checkpoint`` runs after the optimizer step of every step in
     ``params.save_steps()`` (the intermediate checkpoints and the last step).
+
+    ``problems`` > 1 runs that many independent trainings in each pass (multi-subject Textual
+    Inversion): the batch is ``problems`` equal consecutive chunks, ``parameters[i]`` affects
+    chunk ``i`` only, and the batch weights make the loss the sum of the chunk means, so each
+    tensor gets exactly its own training's gradient. Clipping is then per tensor (a global norm
+    would couple the trainings) and ``losses`` holds one list per step, one loss per chunk.
     """
     parameters = list(parameters)
     if not parameters:
         raise ValueError("train_loop: no trainable parameters were given")
+    if problems > 1 and len(parameters) != problems:
+        raise ValueError(f"train_loop: {problems} problems need one tensor each, got {len(parameters)}")
+    if problems > 1 and extra_loss is not None:
+        raise ValueError("train_loop: an extra loss term would couple the problems of a multi-problem pass")
+    clip_groups = [[tensor] for tensor in parameters] if problems > 1 else [parameters]
     for tensor in parameters:
         if tensor.dtype != torch.float32:
             raise ValueError(f"trainable tensors must be fp32 master weights, got {tensor.dtype}")
@@ -199,7 +212,7 @@ def train_loop(
         batch = next_batch(step)
         with autocast_context(device, dtype):
             hidden = encode_prompts(batch.prompts)
-            loss, _ = diffusion_loss(
+            loss, per_sample = diffusion_loss(
                 unet, noise_scheduler, batch.latents, hidden, generator, batch.weights, batch.mask,
                 timesteps=batch.timesteps, noise=batch.noise,
             )
@@ -211,7 +224,8 @@ def train_loop(
         else:
             loss.backward()
         if params.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(parameters, params.max_grad_norm)
+            for group in clip_groups:
+                torch.nn.utils.clip_grad_norm_(group, params.max_grad_norm)
         if scaler is not None:
             scaler.step(optimizer)
             scaler.update()
@@ -219,7 +233,7 @@ def train_loop(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         # Kept on the device: a .item() per step would synchronise the GPU every step.
-        losses.append(loss.detach())
+        losses.append(loss.detach() if problems == 1 else per_sample.view(problems, -1).mean(dim=1))
         if on_step_end is not None:
             on_step_end(step)
         if step in save_steps and on_checkpoint is not None:
