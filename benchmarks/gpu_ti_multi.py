@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> dict:
     reference = row(1, seconds, summary, args.steps)
     alone = vectors(alone_dirs[0])
     initial, _ = method.initial_vectors(method._backbone(), subjects[0])
-    moved = float((alone - initial).abs().max())
+    moved = float((alone.float().cpu() - initial.float().cpu()).abs().max())
     print(f"  {reference}", flush=True)
 
     passes = []
