@@ -8,6 +8,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -29,12 +30,33 @@ from data.single_image import ALL_IMAGES
 log = logging.getLogger("subjectbench")
 
 
-def _images(store: Store, rows: pd.DataFrame):
-    images = []
+def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None):
+    """N×3×H×W in [0, 1] of ``rows``' PNGs; ``decoded`` (image key -> 3×H×W) keeps each PNG
+    decoded once for every metric of a pass."""
+    import torch
+
+    decoded = {} if decoded is None else decoded
     for label, subject, key in zip(rows["label"], rows["subject"], rows["key"]):
-        with Image.open(store.image_path(label, subject, key)) as handle:
-            images.append(handle.convert("RGB"))
-    return to_tensor(images)
+        if key not in decoded:
+            with Image.open(store.image_path(label, subject, key)) as handle:
+                decoded[key] = to_tensor([handle.convert("RGB")])[0]
+    tensors = [decoded[key] for key in rows["key"]]
+    sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
+    if len(sizes) > 1:
+        raise ValueError(f"images of one subject batch differ in size: {sizes}; a run has one resolution")
+    return torch.stack(tensors)
+
+
+@dataclass
+class _MetricPass:
+    """One metric's share of a scoring pass: what it still has to score, where values go."""
+
+    name: str
+    metric: object
+    folder: object
+    needs_groups: bool
+    keyed: pd.DataFrame  # every finished image with this metric's context keys
+    rows: pd.DataFrame  # the images it still has to score
 
 
 def score_run(
@@ -46,7 +68,11 @@ def score_run(
     progress: Callable[[str, int], None] | None = None,
     force: bool = False,
 ) -> tuple[int, list[dict]]:
-    """Score the plan's finished images. Returns (values computed, failures)."""
+    """Score the plan's finished images. Returns (values computed, failures).
+
+    One pass: subject batch by subject batch, every metric scores the batch's images, which are
+    decoded once for all of them (a run scored with every convention variant reads each PNG once).
+    """
     from metrics.base import MetricSettings, ScoringInputs
     from metrics.registry import build_metric
 
@@ -55,6 +81,8 @@ def score_run(
     if done.empty or not metrics_config.names:
         return 0, []
     done = done.reset_index(drop=True)
+    if "train_image" not in done:  # plans written before the single-image track
+        done = done.assign(train_image=ALL_IMAGES)
     by_subject = {s["id"]: s for s in subjects}
     settings = MetricSettings(
         weights=metrics_config.weights,
@@ -67,7 +95,7 @@ def score_run(
     )
     references: dict[str, list] = {}
     current: dict[str, dict] = {}
-    computed, failures = 0, []
+    passes: list[_MetricPass] = []
     for name in metrics_config.names:
         metric = build_metric(name, settings)
         fingerprint = metric.fingerprint()
@@ -89,9 +117,18 @@ def score_run(
             wanted = len(rows)
             rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
             progress("score", wanted - len(rows))  # already scored: done, as skipped images are
-        if "train_image" not in rows:  # plans written before the single-image track
-            rows = rows.assign(train_image=ALL_IMAGES)
-        for (subject_id, choice), subject_rows in rows.groupby(["subject", "train_image"], sort=False):
+        passes.append(_MetricPass(name, metric, folder, needs_groups, keyed, rows))
+    batches = list(dict.fromkeys(
+        batch for one in passes for batch in zip(one.rows["subject"], one.rows["train_image"])
+    ))
+    computed, failures = 0, []
+    for subject_id, choice in batches:
+        decoded: dict = {}  # this batch's PNGs, decoded once for every metric
+        for one in passes:
+            name, metric = one.name, one.metric
+            subject_rows = one.rows[(one.rows["subject"] == subject_id) & (one.rows["train_image"] == choice)]
+            if subject_rows.empty:
+                continue
             subject = by_subject[subject_id]
             wanted_here = len(subject_rows)  # DIV below rescores scored siblings too; they count once
             started = time.perf_counter()
@@ -108,15 +145,15 @@ def score_run(
                         references[(subject_id, choice, role)] = [to_tensor([load_image(p)])[0] for p in view[role]]
                 # DIV needs every sibling of a group in one call, even those already scored.
                 groups = sibling_groups(subject_rows)
-                if needs_groups:
+                if one.needs_groups:
                     wanted_groups = set(groups)
+                    keyed = one.keyed
                     all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
-                    if "train_image" in all_rows:
-                        all_rows = all_rows[all_rows["train_image"] == choice]
+                    all_rows = all_rows[all_rows["train_image"] == choice]
                     all_groups = sibling_groups(all_rows)
                     subject_rows, groups = all_rows[all_groups.isin(wanted_groups)], all_groups[all_groups.isin(wanted_groups)]
                 inputs = ScoringInputs(
-                    images=_images(store, subject_rows),
+                    images=_images(store, subject_rows, decoded),
                     image_keys=list(subject_rows["key"]),
                     texts=list(subject_rows["eval_text"]),
                     references=references[(subject_id, choice, "references")],
@@ -127,6 +164,7 @@ def score_run(
                     subject_images=references[(subject_id, "photos")],
                     subject_key=subject["data_sha"],
                     scene_images=references[(subject_id, "scene")],
+                    prompt_texts=list(subject_rows["prompt_text"]),
                 )
                 values = np.asarray(metric.score(inputs), dtype=np.float64)
                 if values.shape != (len(subject_rows),):
@@ -159,7 +197,7 @@ def score_run(
                     "seconds_per_image": seconds / max(len(subject_rows), 1),
                 }
             )
-            write_parquet(folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
+            write_parquet(one.folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
             computed += len(part)
             progress("score", wanted_here)
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)

@@ -84,7 +84,7 @@ def sampling(args, backbone, device, results):
             times = []
             images = None
             for _ in range(args.repeats):
-                images, seconds = timed(lambda: generate_images(pipeline, prompts, seeds, sampler, args.resolution), device)
+                images, seconds = timed(lambda p=pipeline, q=prompts, r=seeds: generate_images(p, q, r, sampler, args.resolution), device)
                 times.append(seconds / batch)
             row = {"s_per_image": min(times), "s_per_image_all": times}
             if name == "current":
@@ -258,7 +258,7 @@ def main(argv=None) -> int:
             continue
         try:
             fn(args, backbone, device, results)
-        except Exception as error:  # noqa: BLE001 - keep what was measured
+        except Exception:  # noqa: BLE001 - keep what was measured
             import traceback
 
             results[f"{name}_error"] = traceback.format_exc()

@@ -1,7 +1,8 @@
 """Metric backbones (CLIP, DINO, LPIPS): built or loaded once per process and shared.
 
 ``weights="pretrained"`` loads the published weights: open_clip's OpenAI CLIP checkpoints and
-timm's ``vit_small_patch16_224.dino`` from the Hugging Face hub, the ImageNet AlexNet/VGG trunk
+timm's ``vit_small_patch16_224.dino`` (and, for the convention variants, ``vit_small_patch8_224.dino``
+and ``vit_small_patch14_dinov2.lvd142m``) from the Hugging Face hub, the ImageNet AlexNet/VGG trunk
 of LPIPS from torchvision's download site. With the hub unreachable (or ``HF_HUB_OFFLINE=1``)
 a locally cached copy is used, and when there is none the load fails at once with a
 ``MetricWeightsError`` saying what to do, instead of hanging on a download.
@@ -31,7 +32,14 @@ import torch
 
 from data.common import UserError, check_sha256, hub_reachable
 from metrics.base import MetricSettings
-from metrics.preprocess import CLIP_PREPROCESS, DINO_PREPROCESS, ResizeCropNormalize
+from metrics.preprocess import (
+    CLIP_PREPROCESS,
+    DINO_PREPROCESS,
+    DREAMBENCH_PLUS_CROP,
+    IMAGENET_SQUASH,
+    ResizeCropNormalize,
+    SquashNormalize,
+)
 
 RANDOM_INIT_SEED = 0
 DINO_ARCH = "vit_small_patch16_224.dino"
@@ -72,7 +80,7 @@ class LoadedBackbone:
     model: torch.nn.Module
     device: torch.device
     precision: str  # "fp32" | "bf16"
-    pipeline: ResizeCropNormalize | None = None
+    pipeline: ResizeCropNormalize | SquashNormalize | None = None
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
     tokenizer: object | None = None
     extra: dict = field(default_factory=dict)
@@ -240,43 +248,106 @@ def _load_clip(arch: str, weights: str, device: torch.device, precision: str) ->
 # ----------------------------------------------------------------------------- DINO
 
 
+@dataclass(frozen=True)
+class VitModel:
+    """One timm self-supervised ViT the DINO metrics use: the CLS token after the final norm."""
+
+    arch: str
+    hub_id: str
+    what: str
+    tag: str  # weights tag of the pretrained checkpoint
+    crop: ResizeCropNormalize  # its resize-and-crop input ("crop"); "squash" is IMAGENET_SQUASH
+    create_kwargs: tuple[tuple[str, object], ...] = ()
+    extra: tuple[tuple[str, object], ...] = ()  # fingerprint fields beyond library/embedding
+    random_kwargs: tuple[tuple[str, object], ...] = ()  # init choices of the random-init build only
+
+
+# Hub ids as timm names them; like DINO ViT-S/16 (and CLIP), no hub revision is pinned: the
+# loaded file's blob sha256 goes into ``weights_source`` and the state dict's sha256 into every
+# fingerprint, so changed weights change every key (revisions need a machine with hub access).
+DINO_MODELS = {
+    "s16": VitModel(DINO_ARCH, DINO_HUB_ID, "DINO ViT-S/16", "dino", DINO_PREPROCESS),
+    "s8": VitModel("vit_small_patch8_224.dino", "timm/vit_small_patch8_224.dino", "DINO ViT-S/8", "dino",
+                   DREAMBENCH_PLUS_CROP),
+    "v2_s14": VitModel(
+        "vit_small_patch14_dinov2.lvd142m", "timm/vit_small_patch14_dinov2.lvd142m", "DINOv2 ViT-S/14", "lvd142m",
+        DREAMBENCH_PLUS_CROP,
+        create_kwargs=(("img_size", 224),),
+        # The checkpoint's 37 x 37 position grid (518 px) is resampled once, by timm at load time,
+        # to 16 x 16 (224 px); transformers' Dinov2Model (DreamBench++) interpolates per forward.
+        extra=(("img_size", 224), ("position_embedding", "timm resample_abs_pos_embed at load (bicubic)")),
+        # DINOv2 starts its layer scale at 1e-5: a random-init model is then the identity plus
+        # noise and every image embeds alike (cosine 1.0 to everything), useless as a smoke
+        # number or a test. The random build starts it at 1 (same architecture and state dict).
+        random_kwargs=(("init_values", 1.0),),
+    ),
+}
+DINO_INPUTS = ("crop", "squash")
+
+
 def get_dino(settings: MetricSettings) -> LoadedBackbone:
     """The shared DINO ViT-S/16 (timm ``vit_small_patch16_224.dino``): CLS token after the final norm."""
+    return get_vit(settings, "s16")
+
+
+def get_vit(settings: MetricSettings, model: str) -> LoadedBackbone:
+    """The shared self-supervised ViT ``model`` (a key of ``DINO_MODELS``) with its crop input."""
+    spec = DINO_MODELS[model]
     device, precision = torch.device(settings.device), resolve_precision(settings)
-    key = ("dino", DINO_ARCH, settings.weights, str(device))
-    return _get(key, precision, lambda: _load_dino(settings.weights, device, precision))
+    key = ("dino", spec.arch, settings.weights, str(device))
+    return _get(key, precision, lambda: _load_vit(spec, settings.weights, device, precision))
+
+
+def dino_backbone(settings: MetricSettings, model: str, image_input: str) -> LoadedBackbone:
+    """``get_vit(settings, model)`` fed by its resize-and-crop ("crop") or by a 224 x 224 squash.
+
+    Both inputs share one model; the pipeline is part of the backbone key, so their embeddings
+    are cached apart.
+    """
+    if image_input not in DINO_INPUTS:
+        raise ValueError(f"image_input={image_input!r}: expected one of {', '.join(DINO_INPUTS)}")
+    backbone = get_vit(settings, model)
+    return backbone if image_input == "crop" else dataclasses.replace(backbone, pipeline=IMAGENET_SQUASH)
 
 
 def _load_dino(weights: str, device: torch.device, precision: str) -> LoadedBackbone:
+    """DINO ViT-S/16 built afresh (bypassing the process cache)."""
+    return _load_vit(DINO_MODELS["s16"], weights, device, precision)
+
+
+def _load_vit(spec: VitModel, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
     import timm
 
+    kwargs = dict(spec.create_kwargs)
     if weights == "pretrained":
-        path = hub_weights_file(DINO_HUB_ID, ("model.safetensors", "pytorch_model.bin"), "DINO ViT-S/16")
+        path = hub_weights_file(spec.hub_id, ("model.safetensors", "pytorch_model.bin"), spec.what)
         try:
             model = timm.create_model(
-                DINO_ARCH, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}
+                spec.arch, pretrained=True, num_classes=0, pretrained_cfg_overlay={"file": path}, **kwargs
             )
         except Exception as error:
-            raise MetricWeightsError(f"DINO ViT-S/16: could not load {path}: {error}") from None
-        tag, source = "dino", hub_source(DINO_HUB_ID, path)
+            raise MetricWeightsError(f"{spec.what}: could not load {path}: {error}") from None
+        tag, source = spec.tag, hub_source(spec.hub_id, path)
     else:
-        model = _seeded(lambda: timm.create_model(DINO_ARCH, pretrained=False, num_classes=0))
-        tag, source = f"random-init-seed-{RANDOM_INIT_SEED}", "built"
+        random_kwargs = {**kwargs, **dict(spec.random_kwargs)}
+        model = _seeded(lambda: timm.create_model(spec.arch, pretrained=False, num_classes=0, **random_kwargs))
+        tag = f"random-init-seed-{RANDOM_INIT_SEED}" + "".join(f"-{k}-{v}" for k, v in spec.random_kwargs)
+        source = "built"
     if model.global_pool != "token":
-        raise MetricWeightsError(f"DINO: expected CLS-token pooling, timm built {model.global_pool!r}")
+        raise MetricWeightsError(f"{spec.what}: expected CLS-token pooling, timm built {model.global_pool!r}")
     model = _freeze(model, device)
     return LoadedBackbone(
         kind="dino",
-        arch=DINO_ARCH,
+        arch=spec.arch,
         weights=weights,
         weights_tag=tag,
         weights_source=source,
         model=model,
         device=device,
         precision=precision,
-        pipeline=DINO_PREPROCESS,
+        pipeline=spec.crop,
         encode_image=model,
-        extra={"library": "timm", "embedding": "CLS token after final norm (num_classes=0)"},
+        extra={"library": "timm", "embedding": "CLS token after final norm (num_classes=0)", **dict(spec.extra)},
     )
 
 

@@ -56,6 +56,9 @@ class ScoringInputs:
     subject_images: list[torch.Tensor] | None = None  # all of the subject's own photos
     subject_key: str = ""  # identifies ``subject_images`` (the subject's data_sha)
     scene_images: list[torch.Tensor] | None = None  # the scene + instance task's scene image(s)
+    # The text each image was generated from, identifier included (clip_t_identifier); part of
+    # the image key, so a changed prompt is a new image to every cache.
+    prompt_texts: list[str] = field(default_factory=list)
 
 
 class Metric(ABC):

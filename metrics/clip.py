@@ -5,19 +5,27 @@ Stored values are raw cosines; 100·cos and CLIPScore 2.5·max(cos, 0) are deriv
 as open_clip's tokenizer does (first 75 BPE tokens, then end-of-text), and every truncation is
 logged and written to ``notes``; torchmetrics instead cuts the padded ids and can drop the
 end-of-text token (torchmetrics #2883), so long texts are where the two may disagree.
+
+Convention variants (issue 15), on the same code: ``clip_i_b32`` / ``clip_i_l14`` fix the CLIP
+model whatever ``metrics.clip`` says; ``clip_t_identifier`` compares to the prompt the method
+was given (identifier included) instead of the identifier-free text; ``clip_t_clipscore`` is
+CLIPScore as Hessel et al.'s reference code computes it (ViT-B/32, caption prefixed with
+"A photo depicts ", 2.5 * max(cos, 0)). ``metrics.conventions.VARIANTS`` says who uses which.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from metrics.backbones import get_clip
-from metrics.base import BackboneMetric, ScoringInputs
+from metrics.base import BackboneMetric, MetricSettings, ScoringInputs
 from metrics.embeddings import image_embeddings, reference_embeddings, text_store
 from metrics.inputs import check_inputs
 
@@ -25,6 +33,8 @@ log = logging.getLogger(__name__)
 
 CLIP_METRIC_VERSION = 1
 CONTEXT_LENGTH = 77
+CLIPSCORE_PREFIX = "A photo depicts "  # Hessel et al.'s clipscore.py (CLIPCapDataset prefix)
+CLIPSCORE_WEIGHT = 2.5
 
 
 def tokenize(tokenizer, texts: Sequence[str], context_length: int = CONTEXT_LENGTH) -> tuple[torch.Tensor, list[int]]:
@@ -97,18 +107,26 @@ class ClipT(_ClipMetric):
             return torch.zeros(0, 0), lengths
         return torch.stack([cache[text] for text in texts]), lengths
 
-    def score(self, inputs: ScoringInputs) -> np.ndarray:
+    def texts(self, inputs: ScoringInputs) -> list[str]:
+        """The text each image is compared to (validated)."""
         check_inputs(inputs, texts=True)
+        return list(inputs.texts)
+
+    def cosines(self, inputs: ScoringInputs) -> np.ndarray:
+        texts = self.texts(inputs)
         if inputs.images.shape[0] == 0:
             self.notes = []
             return np.zeros(0)
-        text_rows, lengths = self.text_embeddings(inputs.texts)
+        text_rows, lengths = self.text_embeddings(texts)
         self.notes = [truncation_note(length) for length in lengths]
-        for text, note in zip(inputs.texts, self.notes):
+        for text, note in zip(texts, self.notes):
             if note:
-                log.warning("clip_t: %s: %r", note, text[:80])
+                log.warning("%s: %s: %r", self.name, note, text[:80])
         image_rows = self._image_embeddings(inputs)
         return (image_rows * text_rows).sum(dim=-1).double().numpy()
+
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        return self.cosines(inputs)
 
 
 class ClipI(_ClipMetric):
@@ -129,3 +147,61 @@ class ClipI(_ClipMetric):
         references = reference_embeddings(self.backbone, inputs.references, inputs.reference_key)
         image_rows = self._image_embeddings(inputs)
         return (image_rows @ references.T).mean(dim=1).double().numpy()
+
+
+def fixed_arch_clip(arch: str):
+    """A backbone loader of the shared CLIP ``arch``, whatever ``settings.clip`` says."""
+
+    def load(settings: MetricSettings):
+        return get_clip(dataclasses.replace(settings, clip=arch))
+
+    return staticmethod(load)
+
+
+class ClipIB32(ClipI):
+    name = "clip_i_b32"
+    description = "CLIP-I on CLIP ViT-B/32 (OpenAI), whatever metrics.clip says"
+    load_backbone = fixed_arch_clip("ViT-B-32")
+
+
+class ClipIL14(ClipI):
+    name = "clip_i_l14"
+    description = "CLIP-I on CLIP ViT-L/14 (OpenAI), whatever metrics.clip says"
+    load_backbone = fixed_arch_clip("ViT-L-14")
+
+
+class ClipTIdentifier(ClipT):
+    name = "clip_t_identifier"
+    description = "CLIP image-text cosine to the prompt the method was given, identifier included (raw cosine)"
+    convention = "cosine(image embedding, embedding of the generation prompt with its identifier), per image; stored raw"
+    text_source: ClassVar[str] = "inputs.prompt_texts: the prompt the method was given, identifier included"
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "text": self.text_source}
+
+    def texts(self, inputs: ScoringInputs) -> list[str]:
+        check_inputs(inputs, prompt_texts=True)
+        return list(inputs.prompt_texts)
+
+
+class ClipTClipScore(ClipT):
+    name = "clip_t_clipscore"
+    description = "CLIPScore (Hessel et al. 2021): 2.5 * max(cos, 0), ViT-B/32, text 'A photo depicts ' + prompt without identifier"
+    convention = (
+        f"{CLIPSCORE_WEIGHT} * max(cosine(image, text), 0) with text = {CLIPSCORE_PREFIX!r} + the prompt without "
+        "the identifier (Hessel et al. 2021, clipscore.py); CLIP ViT-B/32 whatever metrics.clip says"
+    )
+    load_backbone = fixed_arch_clip("ViT-B-32")
+
+    def fingerprint(self) -> dict:
+        return {
+            **super().fingerprint(),
+            "text": f"{CLIPSCORE_PREFIX!r} + inputs.texts (the prompt with the identifier removed, class noun kept)",
+            "scale": {"weight": CLIPSCORE_WEIGHT, "clamp": "max(cos, 0) per image"},
+        }
+
+    def texts(self, inputs: ScoringInputs) -> list[str]:
+        return [CLIPSCORE_PREFIX + text for text in super().texts(inputs)]
+
+    def score(self, inputs: ScoringInputs) -> np.ndarray:
+        return CLIPSCORE_WEIGHT * np.maximum(self.cosines(inputs), 0.0)

@@ -63,6 +63,7 @@ def check_inputs(
     inputs: ScoringInputs,
     *,
     texts: bool = False,
+    prompt_texts: bool = False,
     references: bool = False,
     groups: bool = False,
 ) -> None:
@@ -81,11 +82,14 @@ def check_inputs(
         raise MetricInputError(
             f"inputs.image_keys: keys must be unique (they index the embedding cache); duplicated: {duplicates[:3]}"
         )
-    if texts:
-        check_lengths(inputs.texts, "inputs.texts", count, "images; mismatched prompt/image counts")
-        for index, text in enumerate(inputs.texts):
+    for wanted, field_name in ((texts, "texts"), (prompt_texts, "prompt_texts")):
+        if not wanted:
+            continue
+        values = getattr(inputs, field_name)
+        check_lengths(values, f"inputs.{field_name}", count, "images; mismatched prompt/image counts")
+        for index, text in enumerate(values):
             if not isinstance(text, str):
-                raise MetricInputError(f"inputs.texts[{index}]: expected a string, got {type(text).__name__}")
+                raise MetricInputError(f"inputs.{field_name}[{index}]: expected a string, got {type(text).__name__}")
     if references:
         if not inputs.references:
             raise MetricInputError(

@@ -10,6 +10,12 @@ kernel in float, and we clamp to [0, 1] as PIL's uint8 output saturates.
   antialias, center crop 224, OpenAI mean/std.
 - DINO (timm ``pretrained_cfg`` of ``vit_small_patch16_224.dino``: crop_pct 0.9, crop_mode
   center, bicubic): shortest side to floor(224 / 0.9) = 248, center crop 224, ImageNet mean/std.
+- DINO ViT-S/8 and DINOv2 ViT-S/14 "crop" (DreamBench++'s code: torchvision ``Resize(256)`` +
+  ``CenterCrop(224)``, and the ``facebook/dinov2-small`` image processor: shortest edge 256, crop
+  224; timm's default crop_pct 0.875): shortest side to 256, center crop 224, ImageNet mean/std.
+- "squash" (any ViT metric variant): the whole image resized to 224 × 224 (aspect ratio not
+  kept, nothing cropped), bicubic with antialias, the model's mean/std; torchvision
+  ``Resize((224, 224))``.
 - LPIPS: no resize; [0, 1] is mapped to [-1, 1], the range the ``lpips`` networks expect.
 """
 
@@ -75,6 +81,37 @@ class ResizeCropNormalize:
         return (images - mean) / std
 
 
+@dataclass(frozen=True)
+class SquashNormalize:
+    """Resize the whole image to size × size (aspect ratio not kept), normalize: the "squash" input."""
+
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    reference: str
+
+    def describe(self) -> dict:
+        return {
+            "resize": f"whole image to {self.size}x{self.size} (aspect ratio not kept), bicubic, antialias, clamp to [0, 1]",
+            "crop": "none",
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "input_range": [0.0, 1.0],
+            "reference": self.reference,
+        }
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        """N×3×H×W float in [0, 1] (any device) to the normalized N×3×size×size model input."""
+        images = images.float()
+        if tuple(images.shape[-2:]) != (self.size, self.size):
+            images = F.interpolate(
+                images, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+            ).clamp_(0.0, 1.0)
+        mean = torch.tensor(self.mean, device=images.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(1, 3, 1, 1)
+        return (images - mean) / std
+
+
 CLIP_PREPROCESS = ResizeCropNormalize(
     resize=224,
     crop=224,
@@ -90,6 +127,20 @@ DINO_PREPROCESS = ResizeCropNormalize(
     mean=IMAGENET_MEAN,
     std=IMAGENET_STD,
     reference="timm create_transform(resolve_data_config(vit_small_patch16_224.dino)): crop_pct 0.9",
+)
+
+
+TIMM_DEFAULT_CROP_PCT = 0.875  # timm.data.DEFAULT_CROP_PCT; 224 / 0.875 = 256
+DREAMBENCH_PLUS_CROP = ResizeCropNormalize(
+    resize=math.floor(224 / TIMM_DEFAULT_CROP_PCT),
+    crop=224,
+    mean=IMAGENET_MEAN,
+    std=IMAGENET_STD,
+    reference="torchvision Resize(256, bicubic) + CenterCrop(224) (DreamBench++ dino_score.py; "
+    "facebook/dinov2-small image processor; timm crop_pct 0.875)",
+)
+IMAGENET_SQUASH = SquashNormalize(
+    size=224, mean=IMAGENET_MEAN, std=IMAGENET_STD, reference="torchvision Resize((224, 224), bicubic)"
 )
 
 

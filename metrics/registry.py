@@ -16,6 +16,17 @@ BUILTIN_METRICS: dict[str, str] = {
     "copy_real": "metrics.copying:CopyReal",
     "copy": "metrics.copying:CopyRate",
     "lpips_scene": "metrics.scene:LpipsScene",
+    # Convention variants (issue 15): other models, inputs and texts papers use; see
+    # metrics.conventions.VARIANTS and the README's conventions table.
+    "dino_s16_squash": "metrics.dino:DinoS16Squash",
+    "dino_s8_crop": "metrics.dino:DinoS8Crop",
+    "dino_s8_squash": "metrics.dino:DinoS8Squash",
+    "dinov2_s14_crop": "metrics.dino:Dinov2S14Crop",
+    "dinov2_s14_squash": "metrics.dino:Dinov2S14Squash",
+    "clip_i_b32": "metrics.clip:ClipIB32",
+    "clip_i_l14": "metrics.clip:ClipIL14",
+    "clip_t_identifier": "metrics.clip:ClipTIdentifier",
+    "clip_t_clipscore": "metrics.clip:ClipTClipScore",
     "vlm_judge_cp": "metrics.vlm_judge:VlmJudgeConcept",
     "vlm_judge_pf": "metrics.vlm_judge:VlmJudgePrompt",
 }

@@ -9,6 +9,8 @@ from data.subjects import load_subjects
 from metrics.base import ScoringInputs
 
 MINI_TEXTS = {"dog": "a dog on the beach", "duck_toy": "a toy in the jungle", "teapot": "a teapot on a table"}
+# The same prompts as a method is given them, identifier included (clip_t_identifier).
+MINI_PROMPTS = {"dog": "a sks dog on the beach", "duck_toy": "a sks toy in the jungle", "teapot": "a sks teapot on a table"}
 
 
 def mini_images(per_subject: int = 4) -> tuple[torch.Tensor, list[str], list[str]]:
@@ -34,6 +36,7 @@ def mini_scoring_inputs(reference_subject: str = "dog", per_subject: int = 4) ->
         images=images,
         image_keys=keys,
         texts=[MINI_TEXTS[subject] for subject in subjects],
+        prompt_texts=[MINI_PROMPTS[subject] for subject in subjects],
         references=references,
         reference_key=f"mini/{reference_subject}",
         groups=list(subjects),

@@ -8,6 +8,7 @@ Writes under ``RUN_DIR/report/``:
   tables/rank_probabilities.csv, tables/rank_beats.csv   P(rank k) per entry, P(A beats B) (reports.ranking)
   tables/selection.csv           per method family: fixed choice, best on test prompts, held-out choice (reports.selection)
   tables.html / tables.md        summary, by kind, by category, per subject, CLIP-T scales, cost
+  conventions.html / .md         the entries under every metric convention scored, and which one each paper uses
   tables/<name>.csv              the same tables, numeric (mean, ci_low, ci_high, n per metric)
   plots.html, plots/pareto_<y>_vs_<x>.png/.svg   DINO vs CLIP-T and CLIP-I vs CLIP-T
   plots/fronts_<y>_vs_<x>.png/.svg, tables/fronts_*.csv   families' pareto fronts, hypervolumes with CIs
@@ -27,6 +28,7 @@ from data.common import atomic_write_bytes, atomic_write_text
 from reports import leaderboard as lb
 from reports.ablation import write_hifi_reports
 from reports.collapse import write_collapse
+from reports.conventions import conventions_html, conventions_markdown
 from reports.gallery import build_gallery
 from reports.long import REPORT_DIR, RESULTS_FILE
 from reports.pages import index_html, plots_html, tables_html, tables_markdown
@@ -122,6 +124,8 @@ def build_report(
     files_extra = write_single_image(run, out, resamples, seed, confidence)
     atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation))
     atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
+    atomic_write_text(out / "conventions.html", page("Conventions", conventions_html(run, tables), run_name=name))
+    atomic_write_text(out / "conventions.md", conventions_markdown(run, tables))
 
     partial = "" if smoke else lb.partial_protocol(run.images, run.config)
     board = lb.leaderboard_frame(tables["summary"], rank_by, smoke=bool(smoke), apart=bool(partial))
@@ -172,6 +176,8 @@ def build_report(
                              "leaderboard.csv, tables/rank_*.csv, tables/selection.csv)"),
         ("tables.html", "Tables: summary, by kind, by category, per subject, CLIP-T scales, cost (also tables.md, tables/*.csv)"),
         ("plots.html", "Pareto plots (PNG and SVG in plots/)"),
+        ("conventions.html", "Conventions: the entries under every metric convention scored, and which one each "
+                             "published source uses (also conventions.md)"),
         ("gallery/index.html", "Gallery: reference and generated images per subject, prompt and method"),
         (RESULTS_FILE, "results.parquet: every (image, metric) value"),
         ("fingerprints.json", "fingerprints.json: metric and method fingerprints behind these numbers"),

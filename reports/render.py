@@ -21,6 +21,7 @@ NAV = (
     ("leaderboard.html", "Leaderboard"),
     ("tables.html", "Tables"),
     ("plots.html", "Pareto plots"),
+    ("conventions.html", "Conventions"),
     ("gallery/index.html", "Gallery"),
 )
 

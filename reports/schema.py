@@ -97,7 +97,12 @@ COLUMNS: dict[str, str] = {
 
 
 def metric_label(metric: str) -> str:
-    return METRIC_LABELS.get(metric, metric.upper())
+    if metric in METRIC_LABELS:
+        return METRIC_LABELS[metric]
+    from metrics.conventions import variant  # the convention variants name themselves
+
+    row = variant(metric)
+    return row.label if row else metric.upper()
 
 
 def ordered_metrics(metrics: Iterable[str]) -> list[str]:
