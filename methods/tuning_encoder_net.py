@@ -37,6 +37,10 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # The CLIP image tower per backbone: built ones are random-init (offline, like the backbone);
 # real backbones use OpenAI's ViT-L/14 (SD 1.x's text tower's twin; E4T used OpenCLIP ViT-H/14).
 HUB_IMAGE_ENCODER = "openai/clip-vit-large-patch14"
+# Pinned commit: the snapshot hash found in several unrelated public projects' Hugging Face caches;
+# not checked against the hub from here (no network). Changing it changes outputs: bump
+# TuningEncoder.version with it.
+HUB_IMAGE_ENCODER_REVISION = "32bd64288804d66eefd0ccbe215aa642df71cc41"
 
 
 class EncoderCheckpointError(UserError, ValueError):
@@ -114,11 +118,13 @@ def load_image_encoder(name: str, device: torch.device, dtype: torch.dtype) -> t
             model = CLIPVisionModel(configs[location])
     elif kind == "hub":
         try:
-            model = CLIPVisionModel.from_pretrained(location)
+            revision = HUB_IMAGE_ENCODER_REVISION if location == HUB_IMAGE_ENCODER else None
+            model = CLIPVisionModel.from_pretrained(location, revision=revision)
         except OSError as error:
             raise EncoderCheckpointError(
-                f"the tuning encoder needs the CLIP image tower {location} and it could not be loaded "
-                f"({error}); download it once with network access (it lands in the Hugging Face cache)"
+                f"the tuning encoder needs the CLIP image tower {location} (revision {revision or 'main'}) and "
+                f"it could not be loaded ({str(error).splitlines()[0]}); download it once with network access: "
+                f"huggingface-cli download {location} --revision {revision or 'main'}"
             ) from None
     else:
         raise EncoderCheckpointError(f"image encoder {name!r} is not 'built:NAME' or 'hub:REPO'")

@@ -25,7 +25,8 @@ def test_embedded_default_runs_and_reports_all_three_methods(tmp_path):
     assert "report:" in result.stdout and "0 unit failures" in result.stdout
     frame = pd.read_parquet(tmp_path / "run" / "report" / "results.parquet")
     assert set(frame["method"]) == {"textual_inversion", "dreambooth", "dreambooth_lora"}
-    assert set(frame["metric"]) == {"clip_t", "clip_i", "dino", "div", "pres", "copy", "copy_nn", "copy_real"}
+    assert set(frame["metric"]) == {"clip_t", "clip_i", "dino", "div", "pres", "copy", "copy_nn", "copy_real",
+                                    "dino_s16_squash", "clip_t_identifier", "clip_t_clipscore"}
     assert set(frame.loc[frame["method"] == "dreambooth", "checkpoint"]) == {"step-15", "final"}
     # 3 subjects × (3 prompts × 2 images + 2 prior) × (1 + 2 + 1 checkpoints)
     assert frame["key"].nunique() == 3 * 8 * 4
