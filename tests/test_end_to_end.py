@@ -39,9 +39,9 @@ def test_embedded_default_runs_and_reports_all_three_methods(tmp_path):
 def test_scores_are_cached_and_only_missing_or_changed_values_are_computed(tmp_path):
     config = load_config("default", DUMMY)
     first = run_benchmark(config, tmp_path, quiet=True)
-    # eval images: 2 subjects × 2 prompts × 2 = 8, scored by 7 metrics (4 + the copy check's 3);
-    # prior: 2 × 2 by pres.
-    assert first.scored == 8 * 7 + 4
+    # eval images: 2 subjects × 2 prompts × 2 = 8, scored by 10 metrics (4 + the copy check's 3 +
+    # 3 convention variants); prior: 2 × 2 by pres.
+    assert first.scored == 8 * 10 + 4
     before = load_scores(Store(tmp_path))
     again = run_benchmark(config, tmp_path, quiet=True)
     assert again.scored == 0
@@ -54,7 +54,7 @@ def test_scores_are_cached_and_only_missing_or_changed_values_are_computed(tmp_p
     bigger = load_config("default", [*DUMMY, "protocol.images_per_prompt=3"])
     grown = run_benchmark(bigger, tmp_path, quiet=True)
     new_eval = 4  # 2 subjects × 2 prompts × 1 new image
-    assert grown.scored == new_eval * 6 + (8 + new_eval)
+    assert grown.scored == new_eval * 9 + (8 + new_eval)
     after = load_scores(Store(tmp_path))
     merged = before.merge(after, on=["key", "metric"], suffixes=("_before", "_after"))
     unchanged = merged[merged["metric"] != "div"]

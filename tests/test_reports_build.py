@@ -89,6 +89,7 @@ def test_long_format_one_row_per_image_and_metric(run_dir):
     eval_images, prior_images = 5 * 3 * 6, 5 * 3 * 2
     counts = results.groupby("metric").size().to_dict()
     copy_check = {"copy": eval_images, "copy_nn": eval_images, "copy_real": eval_images}  # in every report
+    copy_check |= dict.fromkeys(("dino_s16_squash", "clip_t_identifier", "clip_t_clipscore"), eval_images)  # conventions
     assert counts == {"dino": eval_images, "clip_i": eval_images, "clip_t": eval_images, "div": eval_images, "pres": prior_images,
                       **copy_check}
     assert not results.duplicated(["key", "metric"]).any()

@@ -84,7 +84,7 @@ def test_injected_regression_fails_and_direction_comes_from_the_metric(runs, tmp
 
 
 def test_tolerance_per_metric_and_fail_on_difference(runs, tmp_path):
-    loose = ["--tolerance", "dino=1", "--tolerance", "clip_i=1"]
+    loose = ["--tolerance", "dino=1", "--tolerance", "clip_i=1", "--tolerance", "dino_s16_squash=1"]
     assert main(["compare", runs["baseline"], runs["less_fidelity"], "--out", str(tmp_path), *FAST, *loose]) == 0
     assert verdicts(tmp_path)["dino"] == "no significant change"
     assert main(["compare", runs["baseline"], runs["less_fidelity"], "--out", str(tmp_path), *FAST, *loose,

@@ -129,4 +129,4 @@ def test_unusable_input_names_it(sources, tmp_path, capsys):
     assert main(["leaderboard", str(sources["lab_b"]), str(sources["lab_b"]), "--out", site]) == 2
     assert "given twice" in capsys.readouterr().err
     assert main(["leaderboard", str(sources["lab_b"]), "--out", site, "--rank-by", "fid"]) == 2
-    assert "--rank-by 'fid' is not scored by any source; scored: clip_i, clip_t, copy, copy_nn, copy_real, dino, div, pres" in capsys.readouterr().err
+    assert "--rank-by 'fid' is not scored by any source; scored: clip_i, clip_t, clip_t_clipscore, clip_t_identifier, copy, copy_nn, copy_real, dino, dino_s16_squash, div, pres" in capsys.readouterr().err
