@@ -197,7 +197,9 @@ def _wait_for(predicate, process, timeout=60.0):
     ["in_prepare", "after_1_image", "after_9_images", "after_17_images"],
 )
 def test_sigkill_at_any_moment_then_rerun_gives_identical_results(tmp_path, kill_when):
-    args = [*BASE, "methods.dummy.sleep_s=0.03", "methods.dummy.prepare_sleep_s=0.3", "--quiet"]
+    # Batches of 4: background writers finish a batch's files within milliseconds, so a kill
+    # after image 17 lands while the last batch (21-24) is still being generated.
+    args = [*BASE, "methods.dummy.sleep_s=0.03", "methods.dummy.prepare_sleep_s=0.3", "generation.batch_size=4", "--quiet"]
     reference = tmp_path / "reference"
     run_cli("run", "default", *args, "--out", str(reference), check=True)
 
