@@ -8,6 +8,7 @@ import time
 import traceback
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,6 +31,26 @@ from data.single_image import ALL_IMAGES
 log = logging.getLogger("subjectbench")
 
 
+DECODE_THREADS = 4  # PNG decoding (zlib releases the GIL) of the next subject batch, while this one scores
+
+
+def _decode(store: Store, label: str, subject: str, key: str):
+    with Image.open(store.image_path(label, subject, key)) as handle:
+        return to_tensor([handle.convert("RGB")])[0]
+
+
+def _prefetch(pool: ThreadPoolExecutor, store: Store, passes, batch) -> dict[str, Future]:
+    """Start decoding every image a subject batch's metrics will ask for (image key -> future)."""
+    subject_id, choice = batch
+    futures: dict[str, Future] = {}
+    for one in passes:
+        rows = one.rows[(one.rows["subject"] == subject_id) & (one.rows["train_image"] == choice)]
+        for label, subject, key in zip(rows["label"], rows["subject"], rows["key"]):
+            if key not in futures:
+                futures[key] = pool.submit(_decode, store, label, subject, key)
+    return futures
+
+
 def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None):
     """N×3×H×W in [0, 1] of ``rows``' PNGs; ``decoded`` (image key -> 3×H×W) keeps each PNG
     decoded once for every metric of a pass."""
@@ -37,9 +58,10 @@ def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None):
 
     decoded = {} if decoded is None else decoded
     for label, subject, key in zip(rows["label"], rows["subject"], rows["key"]):
+        if isinstance(decoded.get(key), Future):
+            decoded[key] = decoded[key].result()  # a decode error surfaces here, as a failure of this batch
         if key not in decoded:
-            with Image.open(store.image_path(label, subject, key)) as handle:
-                decoded[key] = to_tensor([handle.convert("RGB")])[0]
+            decoded[key] = _decode(store, label, subject, key)
     tensors = [decoded[key] for key in rows["key"]]
     sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
     if len(sizes) > 1:
@@ -73,7 +95,7 @@ def score_run(
     One pass: subject batch by subject batch, every metric scores the batch's images, which are
     decoded once for all of them (a run scored with every convention variant reads each PNG once).
     """
-    from metrics.base import MetricSettings, ScoringInputs
+    from metrics.base import MetricSettings
     from metrics.registry import build_metric
 
     progress = progress or (lambda stage, n: None)
@@ -122,86 +144,100 @@ def score_run(
         batch for one in passes for batch in zip(one.rows["subject"], one.rows["train_image"])
     ))
     computed, failures = 0, []
-    for subject_id, choice in batches:
-        decoded: dict = {}  # this batch's PNGs, decoded once for every metric
-        for one in passes:
-            name, metric = one.name, one.metric
-            subject_rows = one.rows[(one.rows["subject"] == subject_id) & (one.rows["train_image"] == choice)]
-            if subject_rows.empty:
-                continue
-            subject = by_subject[subject_id]
-            wanted_here = len(subject_rows)  # DIV below rescores scored siblings too; they count once
-            started = time.perf_counter()
-            # one failure record per (metric, subject[, single-image choice]); plain runs keep their names
-            failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
-            try:
-                view = subject_view(subject, choice)
-                if (subject_id, "scene") not in references:
-                    references[(subject_id, "scene")] = [to_tensor([load_image(p)])[0] for p in subject.get("scene") or []]
-                if (subject_id, "photos") not in references:
-                    references[(subject_id, "photos")] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
-                for role in ("references", "train"):
-                    if (subject_id, choice, role) not in references:
-                        references[(subject_id, choice, role)] = [to_tensor([load_image(p)])[0] for p in view[role]]
-                # DIV needs every sibling of a group in one call, even those already scored.
-                groups = sibling_groups(subject_rows)
-                if one.needs_groups:
-                    wanted_groups = set(groups)
-                    keyed = one.keyed
-                    all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
-                    all_rows = all_rows[all_rows["train_image"] == choice]
-                    all_groups = sibling_groups(all_rows)
-                    subject_rows, groups = all_rows[all_groups.isin(wanted_groups)], all_groups[all_groups.isin(wanted_groups)]
-                inputs = ScoringInputs(
-                    images=_images(store, subject_rows, decoded),
-                    image_keys=list(subject_rows["key"]),
-                    texts=list(subject_rows["eval_text"]),
-                    references=references[(subject_id, choice, "references")],
-                    reference_key=view["reference_sha"],
-                    groups=list(groups),
-                    training_images=references[(subject_id, choice, "train")],
-                    training_key=view["train_sha"],
-                    subject_images=references[(subject_id, "photos")],
-                    subject_key=subject["data_sha"],
-                    scene_images=references[(subject_id, "scene")],
-                    prompt_texts=list(subject_rows["prompt_text"]),
-                )
-                values = np.asarray(metric.score(inputs), dtype=np.float64)
-                if values.shape != (len(subject_rows),):
-                    raise RuntimeError(f"metric {name} returned shape {values.shape} for {len(subject_rows)} images")
-            except Exception as error:  # noqa: BLE001 - a scoring failure is recorded, the rest goes on
-                failure = {
-                    "key": failure_key,
-                    "stage": "score",
-                    "kind": "error",
-                    "label": "-",
-                    "cell_id": "-",
-                    "subject": subject_id,
-                    "metric": name,
-                    "message": f"{type(error).__name__}: {error}".splitlines()[0],
-                    "traceback": "".join(traceback.format_exception(error)),
-                }
-                store.record_failure(failure["key"], failure)
-                failures.append(failure)
-                log.error("scoring %s on %s failed: %s", name, subject_id, failure["message"])
-                continue
-            store.clear_failure(failure_key)
-            seconds = time.perf_counter() - started
-            part = pd.DataFrame(
-                {
-                    "image_key": list(subject_rows["key"]),
-                    "context_key": list(subject_rows["context_key"]),
-                    "value": values,
-                    # what the metric said about each value (why NaN, a truncation, a judge's answer)
-                    "note": _notes(metric, len(subject_rows)),
-                    "seconds_per_image": seconds / max(len(subject_rows), 1),
-                }
-            )
-            write_parquet(one.folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
-            computed += len(part)
-            progress("score", wanted_here)
+    with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
+        ahead = _prefetch(pool, store, passes, batches[0]) if batches else {}
+        for index, batch in enumerate(batches):
+            decoded: dict = dict(ahead)  # this batch's PNGs (futures until used), decoded once for every metric
+            ahead = _prefetch(pool, store, passes, batches[index + 1]) if index + 1 < len(batches) else {}
+            got = _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures)
+            computed += got
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
     return computed, failures
+
+
+def _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures) -> int:
+    """Every metric of the pass on one subject batch; failures are recorded and appended."""
+    from metrics.base import ScoringInputs
+
+    subject_id, choice = batch
+    computed = 0
+    for one in passes:
+        name, metric = one.name, one.metric
+        subject_rows = one.rows[(one.rows["subject"] == subject_id) & (one.rows["train_image"] == choice)]
+        if subject_rows.empty:
+            continue
+        subject = by_subject[subject_id]
+        wanted_here = len(subject_rows)  # DIV below rescores scored siblings too; they count once
+        started = time.perf_counter()
+        # one failure record per (metric, subject[, single-image choice]); plain runs keep their names
+        failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
+        try:
+            view = subject_view(subject, choice)
+            if (subject_id, "scene") not in references:
+                references[(subject_id, "scene")] = [to_tensor([load_image(p)])[0] for p in subject.get("scene") or []]
+            if (subject_id, "photos") not in references:
+                references[(subject_id, "photos")] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
+            for role in ("references", "train"):
+                if (subject_id, choice, role) not in references:
+                    references[(subject_id, choice, role)] = [to_tensor([load_image(p)])[0] for p in view[role]]
+            # DIV needs every sibling of a group in one call, even those already scored.
+            groups = sibling_groups(subject_rows)
+            if one.needs_groups:
+                wanted_groups = set(groups)
+                keyed = one.keyed
+                all_rows = keyed[(keyed["subject"] == subject_id) & (keyed["role"] == metric.role)]
+                all_rows = all_rows[all_rows["train_image"] == choice]
+                all_groups = sibling_groups(all_rows)
+                subject_rows, groups = all_rows[all_groups.isin(wanted_groups)], all_groups[all_groups.isin(wanted_groups)]
+            inputs = ScoringInputs(
+                images=_images(store, subject_rows, decoded),
+                image_keys=list(subject_rows["key"]),
+                texts=list(subject_rows["eval_text"]),
+                references=references[(subject_id, choice, "references")],
+                reference_key=view["reference_sha"],
+                groups=list(groups),
+                training_images=references[(subject_id, choice, "train")],
+                training_key=view["train_sha"],
+                subject_images=references[(subject_id, "photos")],
+                subject_key=subject["data_sha"],
+                scene_images=references[(subject_id, "scene")],
+                prompt_texts=list(subject_rows["prompt_text"]),
+            )
+            values = np.asarray(metric.score(inputs), dtype=np.float64)
+            if values.shape != (len(subject_rows),):
+                raise RuntimeError(f"metric {name} returned shape {values.shape} for {len(subject_rows)} images")
+        except Exception as error:  # noqa: BLE001 - a scoring failure is recorded, the rest goes on
+            failure = {
+                "key": failure_key,
+                "stage": "score",
+                "kind": "error",
+                "label": "-",
+                "cell_id": "-",
+                "subject": subject_id,
+                "metric": name,
+                "message": f"{type(error).__name__}: {error}".splitlines()[0],
+                "traceback": "".join(traceback.format_exception(error)),
+            }
+            store.record_failure(failure["key"], failure)
+            failures.append(failure)
+            log.error("scoring %s on %s failed: %s", name, subject_id, failure["message"])
+            continue
+        store.clear_failure(failure_key)
+        seconds = time.perf_counter() - started
+        part = pd.DataFrame(
+            {
+                "image_key": list(subject_rows["key"]),
+                "context_key": list(subject_rows["context_key"]),
+                "value": values,
+                # what the metric said about each value (why NaN, a truncation, a judge's answer)
+                "note": _notes(metric, len(subject_rows)),
+                "seconds_per_image": seconds / max(len(subject_rows), 1),
+            }
+        )
+        write_parquet(one.folder / f"part-{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}.parquet", part)
+        computed += len(part)
+        progress("score", wanted_here)
+    return computed
 
 
 def _notes(metric, count: int) -> list[str]:

@@ -147,3 +147,18 @@ def test_deterministic_mode_runs_every_method_and_keys_apart(tmp_path):
     fast_keys = {u.key for u in expand(fast, method_context(fast, "cpu", "float32")).image_units}
     exact_keys = {u.key for u in expand(exact, method_context(exact, "cpu", "float32")).image_units}
     assert fast_keys.isdisjoint(exact_keys)
+
+
+def test_an_unreadable_png_fails_its_subject_batch_on_record_and_the_rest_is_scored(tmp_path):
+    """Images are decoded ahead in threads; a PNG that cannot be decoded still fails only its
+    own (metric, subject) batches, by name, and the other subject is scored."""
+    config = load_config("default", [*DUMMY, "metrics.names=[clip_t,dino]"])
+    run_benchmark(config, tmp_path, quiet=True)
+    for victim in (tmp_path / "images" / "dummy" / "teapot").glob("*.png"):  # prompts' and prior's
+        victim.write_bytes(b"not a png")
+    result = run_cli("score", str(tmp_path), "--force", "--quiet")
+    assert result.returncode == 1, result.stdout + result.stderr
+    failures = Store(tmp_path).failures()
+    assert sorted(failures) == ["score-clip_t-teapot", "score-dino-teapot"]
+    assert all("UnidentifiedImageError" in f["message"] and ".png" in f["message"] for f in failures.values())
+    assert result.stdout.startswith("8 scores computed")  # dog's 4 images × 2 metrics
