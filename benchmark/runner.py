@@ -147,6 +147,11 @@ class ImageWriter:
         log.error("writing %s failed: %s", unit.key, failure["message"])
         self.result.failed.append(failure)
 
+    def close(self) -> None:
+        """Finish the writes already queued without settling them (the run is failing anyway)."""
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+
     def drain(self) -> None:
         try:
             while self.pending:
@@ -156,8 +161,7 @@ class ImageWriter:
                 raise fatal from None
             raise
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
+            self.close()
 
 
 def _needs_training(store: Store, job: JobSpec, group: WorkGroup) -> bool:
@@ -306,7 +310,7 @@ def execute_group(
     try:
         _generate_cells(method, pending, group, job, store, result, writer, state_dir, progress)
     except BaseException:
-        writer.pool and writer.pool.shutdown(wait=True)  # finish the writes already queued
+        writer.close()
         raise
     writer.drain()
     return result

@@ -41,10 +41,9 @@ def _decode(store: Store, label: str, subject: str, key: str):
 
 def _prefetch(pool: ThreadPoolExecutor, store: Store, passes, batch) -> dict[str, Future]:
     """Start decoding every image a subject batch's metrics will ask for (image key -> future)."""
-    subject_id, choice = batch
     futures: dict[str, Future] = {}
     for one in passes:
-        rows = one.rows[(one.rows["subject"] == subject_id) & (one.rows["train_image"] == choice)]
+        rows = one.by_batch.get(batch, one.rows.iloc[:0])
         for label, subject, key in zip(rows["label"], rows["subject"], rows["key"]):
             if key not in futures:
                 futures[key] = pool.submit(_decode, store, label, subject, key)
@@ -79,6 +78,7 @@ class _MetricPass:
     needs_groups: bool
     keyed: pd.DataFrame  # every finished image with this metric's context keys
     rows: pd.DataFrame  # the images it still has to score
+    by_batch: dict  # (subject, train_image) -> its part of ``rows``, split once
 
 
 def score_run(
@@ -139,7 +139,8 @@ def score_run(
             wanted = len(rows)
             rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
             progress("score", wanted - len(rows))  # already scored: done, as skipped images are
-        passes.append(_MetricPass(name, metric, folder, needs_groups, keyed, rows))
+        by_batch = dict(iter(rows.groupby(["subject", "train_image"], sort=False)))
+        passes.append(_MetricPass(name, metric, folder, needs_groups, keyed, rows, by_batch))
     batches = list(dict.fromkeys(
         batch for one in passes for batch in zip(one.rows["subject"], one.rows["train_image"])
     ))
@@ -163,8 +164,8 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
     computed = 0
     for one in passes:
         name, metric = one.name, one.metric
-        subject_rows = one.rows[(one.rows["subject"] == subject_id) & (one.rows["train_image"] == choice)]
-        if subject_rows.empty:
+        subject_rows = one.by_batch.get(batch)
+        if subject_rows is None:
             continue
         subject = by_subject[subject_id]
         wanted_here = len(subject_rows)  # DIV below rescores scored siblings too; they count once
