@@ -88,6 +88,11 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class GenerationConfig:
     batch_size: int = 8  # images per sampler call; never changes which images are produced
+    # torch.compile of the UNet for sampling (methods/sampling.py::compiled_unet): "auto" = on
+    # for CUDA devices when not deterministic, "true" = on everywhere, "false" = eager. Like the
+    # batch size it changes kernels, not the algorithm: images move within the fast mode's
+    # run-to-run spread (measured in benchmarks/results), so it is not part of any content key.
+    compile: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -299,6 +304,14 @@ def _choice(choices: tuple[str, ...]):
     return check
 
 
+def _compile_mode(value: Any, where: str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str) and value.lower() in ("auto", "true", "false"):
+        return value.lower()
+    raise ConfigError(f"{where}: expected auto, true or false, got {value!r}")
+
+
 def _boolean(value: Any, where: str) -> bool:
     if isinstance(value, bool):
         return value
@@ -470,7 +483,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         resolve_backbone(backbone)
     except BackboneError as error:
         raise ConfigError(f"{origin}: backbone: {error}") from None
-    return RunConfig(
+    config = RunConfig(
         name=str(document.get("name", "custom")),
         description=_scalar(document.get("description", ""), "str", "description"),
         dataset=_build(
@@ -488,9 +501,17 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
             names=_metric_names, weights=_choice(METRIC_WEIGHTS), batch_size=_positive,
             clip=_choice(CLIP_ARCHS), lpips_net=_choice(LPIPS_NETS), vlm_judge_model=_model_ref,
         ),
-        generation=_build(GenerationConfig, document.get("generation"), "generation", batch_size=_positive),
+        generation=_build(
+            GenerationConfig, document.get("generation"), "generation", batch_size=_positive, compile=_compile_mode
+        ),
         training=_build(TrainingConfig, document.get("training"), "training", subjects_per_batch=_positive),
     )
+    if config.deterministic and config.generation.compile == "true":
+        raise ConfigError(
+            f"{origin}: deterministic=true with generation.compile=true: compiled kernels are outside the "
+            "bit-reproducibility guarantee; drop generation.compile (auto turns it off) or set it to false"
+        )
+    return config
 
 
 def load_config(suite: str = "default", overrides: list[str] | None = None) -> RunConfig:

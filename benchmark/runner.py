@@ -31,6 +31,7 @@ from benchmark import environment
 from benchmark.store import Store, disk_error
 from benchmark.units import ImageUnit, WorkGroup, unit_spec
 from methods.base import MethodContext
+from methods.sampling import set_compile_cache
 
 log = logging.getLogger("subjectbench")
 Progress = Callable[[str, int], None]
@@ -102,6 +103,7 @@ def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, mem
         "resolution": job.context.resolution,
         "backbone": job.context.backbone.fingerprint(),
         "dtype": job.context.dtype,
+        "compile": job.context.compile_unet,  # generation.compile resolved (methods that sample through build_pipeline)
         "device": environment.device_name(job.context.device),
         "seconds": seconds,
         **memory,
@@ -255,6 +257,8 @@ def execute_group(
     state was just published by a joint pass (``execute_pass``), even under ``--force``."""
     progress = progress or (lambda stage, n: None)
     environment.apply_determinism(job.context.deterministic)  # workers are fresh processes
+    if job.context.compile_unet:
+        set_compile_cache(job.context.cache_dir)
     store = Store(job.run_dir)
     prepare = group.prepare
     cell, subject = prepare.cell, prepare.subject

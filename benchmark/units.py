@@ -186,7 +186,16 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
         identifier=config.protocol.identifier,
         cache_dir=cache_dir,
         deterministic=config.deterministic,
+        compile_unet=compile_enabled(config, device),
     )
+
+
+def compile_enabled(config: RunConfig, device: str) -> bool:
+    """``generation.compile`` resolved: auto is on for CUDA devices unless the run is deterministic."""
+    mode = config.generation.compile
+    if mode == "auto":
+        return str(device).startswith("cuda") and not config.deterministic
+    return mode == "true"
 
 
 def select_prompts(config: RunConfig, subject: Subject) -> tuple[Prompt, ...]:

@@ -67,6 +67,7 @@ class MethodContext:
     identifier: str = "sks"
     cache_dir: Path | None = None  # shared caches (class-prior images, ...) across runs
     deterministic: bool = False  # deterministic kernels (benchmark.environment.apply_determinism)
+    compile_unet: bool = False  # sample through a torch.compile'd UNet (methods.sampling.compiled_unet)
 
     @property
     def torch_dtype(self) -> torch.dtype:

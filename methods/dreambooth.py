@@ -363,7 +363,9 @@ class DreamBooth(Method):
     ) -> list[Image.Image]:
         name = self.params.stored_checkpoint(checkpoint, state.data["checkpoints"], f"{self.name} state {state.path}")
         unet, text_encoder = self._generation_modules(state, name)
-        pipeline = build_pipeline(self._backbone(), sampler, unet=unet, text_encoder=text_encoder)
+        pipeline = build_pipeline(
+            self._backbone(), sampler, unet=unet, text_encoder=text_encoder, compile_unet=self.context.compile_unet
+        )
         return generate_images(pipeline, prompts, seeds, sampler, self.context.resolution)
 
     def release(self) -> None:

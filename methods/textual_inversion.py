@@ -515,7 +515,9 @@ class TextualInversion(Method):
         embedding = text_encoder.get_input_embeddings()
         embedding.set_vectors(state.data["vectors"][name].to(backbone.device, backbone.dtype))
         try:
-            pipeline = build_pipeline(backbone, sampler, text_encoder=text_encoder, tokenizer=tokenizer)
+            pipeline = build_pipeline(
+                backbone, sampler, text_encoder=text_encoder, tokenizer=tokenizer, compile_unet=self.context.compile_unet
+            )
             return generate_images(pipeline, prompts, seeds, sampler, self.context.resolution)
         finally:
             embedding.set_vectors(None)

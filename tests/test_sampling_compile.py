@@ -1,0 +1,132 @@
+"""Compiled sampling (``generation.compile``): config, resolution, tolerance against eager, fallback.
+
+The tolerance test compiles the tiny UNet with inductor on the CPU (needs the C++ toolchain the
+README's install assumes; ~25 s on two cores); the fallback test uses a real dynamo trace with a
+backend that fails, which is what a machine without a working compiler produces.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from benchmark.config import ConfigError, load_config
+from benchmark.units import compile_enabled, method_context
+from methods import sampling
+from methods.backbones import load_backbone, resolve_backbone
+from methods.base import SamplerConfig
+from methods.sampling import build_pipeline, compiled_unet, generate_images
+
+FAST = SamplerConfig(steps=6)
+PROMPTS, SEEDS = ["a dog in the jungle", "a red teapot", "a cat on a sofa"], [11, 22, 33]
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def backbone():
+    return load_backbone(resolve_backbone("tiny"))
+
+
+@pytest.fixture
+def fresh_compile_state(monkeypatch):
+    """Each test starts with no compiled views and no recorded compile failure."""
+    monkeypatch.setattr(sampling, "_compiled", type(sampling._compiled)())
+    monkeypatch.setattr(sampling, "_compile_failed", [])
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def _pixels(images) -> np.ndarray:
+    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("true", "true"), ("FALSE", "false"),
+                                                 (True, "true"), (False, "false")])
+def test_generation_compile_values(value, expected):
+    text = str(value).lower() if isinstance(value, bool) else value
+    config = load_config("default", [f"generation.compile={text}"])
+    assert config.generation.compile == expected
+
+
+def test_generation_compile_rejects_other_values():
+    with pytest.raises(ConfigError, match=r"generation.compile: expected auto, true or false, got 'sometimes'"):
+        load_config("default", ["generation.compile=sometimes"])
+
+
+def test_compile_and_deterministic_conflict_is_named():
+    with pytest.raises(ConfigError, match="deterministic=true with generation.compile=true"):
+        load_config("default", ["deterministic=true", "generation.compile=true"])
+
+
+def test_auto_is_on_for_cuda_only_and_off_when_deterministic():
+    config = load_config("default")
+    assert config.generation.compile == "auto"
+    assert compile_enabled(config, "cuda") and compile_enabled(config, "cuda:1")
+    assert not compile_enabled(config, "cpu")
+    assert not compile_enabled(load_config("default", ["deterministic=true"]), "cuda")
+    assert compile_enabled(load_config("default", ["generation.compile=true"]), "cpu")
+    assert not compile_enabled(load_config("default", ["generation.compile=false"]), "cuda")
+    assert method_context(load_config("default", ["generation.compile=true"]), "cpu", "float32").compile_unet
+
+
+# ----------------------------------------------------------------------------- behaviour
+
+
+def test_compiled_view_is_shared_per_module_and_keeps_the_weights(backbone, fresh_compile_state):
+    view = compiled_unet(backbone.unet)
+    assert compiled_unet(backbone.unet) is view
+    assert view._orig_mod is backbone.unet
+    pipeline = build_pipeline(backbone, FAST, compile_unet=True)
+    assert pipeline.unet is view
+    assert build_pipeline(backbone, FAST).unet is backbone.unet  # off unless asked
+
+
+def test_compile_failure_falls_back_to_identical_eager_images(backbone, fresh_compile_state, monkeypatch, caplog):
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    monkeypatch.setitem(sampling.COMPILE_OPTIONS, "backend", failing_backend)
+    eager = generate_images(build_pipeline(backbone, FAST), PROMPTS, SEEDS, FAST, 64)
+    with caplog.at_level(logging.WARNING, logger="methods.sampling"):
+        fallen_back = generate_images(build_pipeline(backbone, FAST, compile_unet=True), PROMPTS, SEEDS, FAST, 64)
+    assert np.array_equal(_pixels(eager), _pixels(fallen_back))
+    assert "sampling eagerly from now on" in caplog.text and "no C++ compiler" in caplog.text
+    assert sampling._compile_failed
+    # Later pipelines do not try again.
+    assert build_pipeline(backbone, FAST, compile_unet=True).unet is backbone.unet
+
+
+def test_errors_that_are_not_compiler_errors_still_raise(backbone, fresh_compile_state, monkeypatch):
+    def broken_backend(graph, example_inputs):
+        return graph
+
+    monkeypatch.setitem(sampling.COMPILE_OPTIONS, "backend", broken_backend)
+    pipeline = build_pipeline(backbone, FAST, compile_unet=True)
+    with pytest.raises(ValueError, match="prompts but"):
+        generate_images(pipeline, PROMPTS, SEEDS[:2], FAST, 64)
+    assert not sampling._compile_failed
+
+
+def test_compiled_images_match_eager_within_tolerance(backbone, fresh_compile_state):
+    """Inductor on the CPU vs eager on the tiny backbone: the same images up to kernel rounding.
+
+    Stated tolerance (tiny, fp32, 6 DDIM steps): max 2 uint8 levels, mean < 0.05 — the size of
+    the batch-size effect ``methods.sampling`` documents. On a GPU in bf16 over 50 steps the
+    spread is that of two fast-mode runs (H200: max 13, mean 0.99; benchmarks/results).
+    """
+    eager = _pixels(generate_images(build_pipeline(backbone, FAST), PROMPTS, SEEDS, FAST, 64))
+    compiled = _pixels(generate_images(build_pipeline(backbone, FAST, compile_unet=True), PROMPTS, SEEDS, FAST, 64))
+    assert not sampling._compile_failed, sampling._compile_failed
+    difference = np.abs(eager - compiled)
+    assert difference.max() <= 2, difference.max()
+    assert difference.mean() < 0.05, difference.mean()
+    other = _pixels(generate_images(build_pipeline(backbone, FAST), PROMPTS[:1], [12], FAST, 64))
+    assert np.abs(other[0] - compiled[0]).mean() > 5  # the tolerance is far below a different image
