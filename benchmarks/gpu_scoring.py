@@ -272,7 +272,8 @@ def floor_batches(done: pd.DataFrame, tensors: dict, subjects: list[dict], roles
             if part.empty:
                 continue
             per_role[role] = ScoringInputs(
-                images=torch.stack([tensors.pop(key) for key in part["key"]]),  # one copy in memory
+                # one copy in memory, float on the host (what a caller scoring in-memory tensors holds)
+                images=torch.stack([tensors.pop(key) for key in part["key"]]).float().div_(255.0),
                 image_keys=list(part["key"]),
                 texts=list(part["eval_text"]),
                 references=load(view["references"]),

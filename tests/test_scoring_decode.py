@@ -1,0 +1,55 @@
+"""The scoring pass's image path: stored PNG -> uint8 in a decode thread -> float on the device.
+
+It must hand metrics exactly what ``data.images.to_tensor`` makes of the same file (the metrics'
+parity tests are stated against that), whatever the device.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from benchmark.scoring import _decode, _images
+from benchmark.store import Store
+from data.images import to_tensor
+
+
+def _store_with_images(tmp_path, count=3, size=40):
+    store = Store(tmp_path / "run")
+    rows = []
+    generator = np.random.default_rng(0)
+    for index in range(count):
+        path = store.image_path("m", "dog", f"k{index}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(generator.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(path)
+        rows.append({"label": "m", "subject": "dog", "key": f"k{index}"})
+    return store, pd.DataFrame(rows)
+
+
+def test_decoded_batch_equals_to_tensor(tmp_path):
+    store, rows = _store_with_images(tmp_path)
+    expected = torch.cat([to_tensor([Image.open(store.image_path("m", "dog", k))]) for k in rows["key"]])
+    decoded = {}
+    got = _images(store, rows, decoded)
+    assert got.dtype == torch.float32 and got.device.type == "cpu"
+    assert torch.equal(got, expected)
+    assert all(t.dtype == torch.uint8 for t in decoded.values())  # kept as uint8 for the other metrics
+    assert torch.equal(_images(store, rows, decoded), expected)  # the second metric reuses the decode
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_decoded_batch_on_cuda_equals_to_tensor(tmp_path):
+    store, rows = _store_with_images(tmp_path)
+    expected = torch.cat([to_tensor([Image.open(store.image_path("m", "dog", k))]) for k in rows["key"]])
+    got = _images(store, rows, {}, "cuda")
+    assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
+
+
+def test_decode_of_a_broken_png_names_nothing_silently(tmp_path):
+    store, rows = _store_with_images(tmp_path, count=1)
+    store.image_path("m", "dog", "k0").write_bytes(b"not a png")
+    with pytest.raises(Exception, match="cannot identify image file"):
+        _decode(store, "m", "dog", "k0")
