@@ -57,13 +57,26 @@ def _prefetch(pool: ThreadPoolExecutor, store: Store, passes, batch) -> dict[str
     return futures
 
 
+_UNIT_TABLES: dict = {}  # device -> the 256 values k / 255 as data.images.to_tensor computes them on the CPU
+
+
+def _unit_table(device):
+    import torch
+
+    key = str(device)
+    if key not in _UNIT_TABLES:
+        _UNIT_TABLES[key] = torch.arange(256, dtype=torch.uint8).float().div_(255.0).to(device)
+    return _UNIT_TABLES[key]
+
+
 def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, device: str = "cpu"):
     """N×3×H×W float in [0, 1] of ``rows``' PNGs, on ``device``; ``decoded`` (image key -> 3×H×W
     uint8) keeps each PNG decoded once for every metric of a pass.
 
-    The batch crosses to the device as uint8 and becomes float there: the same values as
-    ``data.images.to_tensor`` (``x / 255`` in float32 is exactly rounded on every device), a
-    quarter of the bytes over the bus, and the metrics' own ``.to(device)`` become no-ops.
+    The batch crosses to the device as uint8 (a quarter of the bytes over the bus; the metrics'
+    own ``.to(device)`` become no-ops) and becomes float there by a lookup in the table of
+    ``k / 255`` made on the CPU: bit-equal to ``data.images.to_tensor`` on every device (CUDA's
+    division by a scalar multiplies by the reciprocal and can differ in the last bit).
     """
     import torch
 
@@ -77,7 +90,12 @@ def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, devic
     sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
     if len(sizes) > 1:
         raise ValueError(f"images of one subject batch differ in size: {sizes}; a run has one resolution")
-    return torch.stack(tensors).to(device).float().div_(255.0)
+    batch = torch.stack(tensors).to(device)
+    table = _unit_table(batch.device)
+    images = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
+    for start in range(0, len(batch), 16):  # 16 images at a time keeps the int64 indices small
+        images[start : start + 16] = table[batch[start : start + 16].long()]
+    return images
 
 
 @dataclass

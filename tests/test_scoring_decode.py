@@ -53,3 +53,12 @@ def test_decode_of_a_broken_png_names_nothing_silently(tmp_path):
     store.image_path("m", "dog", "k0").write_bytes(b"not a png")
     with pytest.raises(Exception, match="cannot identify image file"):
         _decode(store, "m", "dog", "k0")
+
+
+def test_unit_table_is_to_tensor_of_every_level():
+    from benchmark.scoring import _unit_table
+
+    levels = torch.arange(256, dtype=torch.uint8)
+    image = Image.fromarray(np.stack([levels.numpy().reshape(16, 16)] * 3, axis=-1))
+    expected = to_tensor([image])[0, 0].flatten()
+    assert torch.equal(_unit_table("cpu"), expected)
