@@ -72,8 +72,12 @@ def class_prior_images(
     resolution: int,
     sampler: SamplerConfig | None = None,
     batch_size: int = 8,
+    compile_unet: bool = False,
 ) -> ClassPrior:
-    """The first ``count`` class-prior images of ``class_noun``, generating only missing ones."""
+    """The first ``count`` class-prior images of ``class_noun``, generating only missing ones.
+
+    ``compile_unet``: sample through the compiled UNet (``methods.sampling``; images within the
+    stated tolerance of eager, so the cache key does not include it)."""
     sampler = sampler or SamplerConfig()
     if not class_noun or not class_noun.strip():
         raise ValueError("class-prior images need a class noun (e.g. 'dog'); got an empty one")
@@ -89,7 +93,7 @@ def class_prior_images(
             if not (folder / "key.json").is_file():
                 atomic_write_json(folder / "key.json", key)
             missing = [k for k, p in enumerate(paths) if not p.is_file()]
-            pipeline = build_pipeline(backbone, sampler) if missing else None
+            pipeline = build_pipeline(backbone, sampler, compile_unet=compile_unet) if missing else None
             for start in range(0, len(missing), batch_size):
                 chunk = missing[start : start + batch_size]
                 images = generate_images(

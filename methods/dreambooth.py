@@ -181,6 +181,7 @@ class DreamBooth(Method):
                 seed=p.class_image_seed,
                 resolution=resolution,
                 sampler=self.class_sampler(),
+                compile_unet=self.context.compile_unet,
             )
             class_latents = image_latents(
                 backbone, prior.paths, resolution, mode=p.vae_latents, seed=p.class_image_seed

@@ -358,3 +358,14 @@ def test_two_identical_entries_are_refused_by_name():
     twin = config_from_dict(document)
     with pytest.raises(ConfigError, match=r"'a' and 'b' are the same method with the same parameters"):
         expand(twin, method_context(twin, "cpu", "float32"))
+
+
+@pytest.mark.parametrize(("count", "batch"), [(100, 32), (104, 32), (10, 8), (8, 8), (1, 8), (33, 32), (7, 1)])
+def test_balanced_batches_are_few_even_and_in_order(count, batch):
+    from benchmark.runner import balanced_batches
+
+    units = list(range(count))
+    batches = balanced_batches(units, batch)
+    sizes = [len(b) for b in batches]
+    assert [u for b in batches for u in b] == units
+    assert len(batches) == -(-count // batch) and max(sizes) <= batch and max(sizes) - min(sizes) <= 1
