@@ -130,3 +130,29 @@ def test_compiled_images_match_eager_within_tolerance(backbone, fresh_compile_st
     assert difference.mean() < 0.05, difference.mean()
     other = _pixels(generate_images(build_pipeline(backbone, FAST), PROMPTS[:1], [12], FAST, 64))
     assert np.abs(other[0] - compiled[0]).mean() > 5  # the tolerance is far below a different image
+
+
+def test_the_harness_samples_through_the_compiled_unet(tmp_path, fresh_compile_state):
+    """``generation.compile=true`` through `run`: the method's pipeline uses the compiled view,
+    records say so, and the images equal the eager run's (same state) within the tolerance."""
+    import json
+    import shutil
+
+    from PIL import Image
+
+    from benchmark.driver import run_benchmark
+
+    base = ["methods=textual_inversion", "subjects=dog", "protocol.prompts=[0]"]
+    run_dir = tmp_path / "run"
+    run_benchmark(load_config("default", [*base, "generation.compile=false"]), run_dir, quiet=True)
+    shutil.move(run_dir / "images", tmp_path / "eager")
+    assert not len(sampling._compiled)
+    summary = run_benchmark(load_config("default", [*base, "generation.compile=true"]), run_dir, quiet=True)
+    assert summary.exit_code == 0 and summary.done == 4
+    assert len(sampling._compiled) == 1 and not sampling._compile_failed
+    records = [json.loads(p.read_text()) for p in (run_dir / "images").rglob("*.json")]
+    assert records and all(r["compile"] is True for r in records)
+    eager = sorted((tmp_path / "eager").rglob("*.png"))
+    compiled = sorted((run_dir / "images").rglob("*.png"))
+    difference = np.stack([np.abs(_pixels([Image.open(a)]) - _pixels([Image.open(b)])) for a, b in zip(eager, compiled)])
+    assert len(eager) == len(compiled) == 4 and difference.max() <= 2 and difference.mean() < 0.05
