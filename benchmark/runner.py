@@ -166,16 +166,24 @@ class ImageWriter:
             self.close()
 
 
-def _needs_training(store: Store, job: JobSpec, group: WorkGroup) -> bool:
-    """Whether ``execute_group`` would prepare this group now (as its own checks decide)."""
+def _training_decision(store: Store, job: JobSpec, group: WorkGroup, pending: list, prepared_here: bool = False) -> str:
+    """What ``execute_group`` does about a group's training — the one place these rules live:
+    ``"none"`` (no image pending), ``"skip"`` (an earlier failure stands: no ``--force`` or
+    ``--retry-failed``; a dead worker's group stays failed even with its state published),
+    ``"reuse"`` (a published state, not forced) or ``"train"``."""
     prepare = group.prepare
-    if not _pending(store, job, group.images)[0]:
-        return False
-    if job.force:
-        return True
-    if store.state_done(prepare.trainer, prepare.subject.id, prepare.key):
-        return False
-    return job.retry_failed or store.failure(prepare.key) is None
+    if not pending:
+        return "none"
+    state_ready = prepared_here or (store.state_done(prepare.trainer, prepare.subject.id, prepare.key) and not job.force)
+    failure = store.failure(prepare.key)
+    if failure and not job.force and not job.retry_failed and (not state_ready or failure.get("stage") == "worker"):
+        return "skip"
+    return "reuse" if state_ready else "train"
+
+
+def _needs_training(store: Store, job: JobSpec, group: WorkGroup) -> bool:
+    """Whether ``execute_group`` would prepare this group now (for joint passes)."""
+    return _training_decision(store, job, group, _pending(store, job, group.images)[0]) == "train"
 
 
 def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict:
@@ -267,17 +275,18 @@ def execute_group(
     if result.skipped:
         progress("generate", result.skipped)
     trainer = prepare.trainer
-    state_ready = prepared_here or (store.state_done(trainer, subject.id, prepare.key) and not job.force)
     result.prepared = prepared_here
+    decision = _training_decision(store, job, group, pending, prepared_here)
+    state_ready = decision == "reuse"
     # A failure under the prepare key is the training's, or (stage "worker") the whole group's
     # after its worker died; a finished group carries none.
     group_failure = store.failure(prepare.key)
-    if not pending:
+    if decision == "none":
         if group_failure:
             store.clear_failure(prepare.key)
         progress("prepare", 1)
         return result
-    if group_failure and not job.force and not job.retry_failed and (not state_ready or group_failure.get("stage") == "worker"):
+    if decision == "skip":
         result.skipped += len(pending)
         progress("prepare", 1)
         progress("generate", len(pending))
