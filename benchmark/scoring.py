@@ -69,9 +69,12 @@ def _unit_table(device):
     return _UNIT_TABLES[key]
 
 
-def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, device: str = "cpu"):
+def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, device: str = "cpu",
+            shared: dict | None = None):
     """N×3×H×W float in [0, 1] of ``rows``' PNGs, on ``device``; ``decoded`` (image key -> 3×H×W
-    uint8) keeps each PNG decoded once for every metric of a pass.
+    uint8) keeps each PNG decoded once for every metric of a pass, and ``shared`` (tuple of image
+    keys -> the float batch) hands metrics that score the same rows the same device tensor (they
+    must not modify it in place: ``metrics.base.ScoringInputs``).
 
     The batch crosses to the device as uint8 (a quarter of the bytes over the bus; the metrics'
     own ``.to(device)`` become no-ops) and becomes float there by a lookup in the table of
@@ -81,6 +84,9 @@ def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, devic
     import torch
 
     decoded = {} if decoded is None else decoded
+    keys = tuple(rows["key"])
+    if shared is not None and keys in shared:
+        return shared[keys]
     for label, subject, key in zip(rows["label"], rows["subject"], rows["key"]):
         if isinstance(decoded.get(key), Future):
             decoded[key] = decoded[key].result()  # a decode error surfaces here, as a failure of this batch
@@ -95,6 +101,8 @@ def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, devic
     images = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
     for start in range(0, len(batch), 16):  # 16 images at a time keeps the int64 indices small
         images[start : start + 16] = table[batch[start : start + 16].long()]
+    if shared is not None:
+        shared[keys] = images
     return images
 
 
@@ -192,6 +200,7 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
 
     subject_id, choice = batch
     computed = 0
+    shared: dict = {}  # this subject batch's device tensors, one per distinct row set
     for one in passes:
         name, metric = one.name, one.metric
         subject_rows = one.by_batch.get(batch)
@@ -221,7 +230,7 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
                 all_groups = sibling_groups(all_rows)
                 subject_rows, groups = all_rows[all_groups.isin(wanted_groups)], all_groups[all_groups.isin(wanted_groups)]
             inputs = ScoringInputs(
-                images=_images(store, subject_rows, decoded, device),
+                images=_images(store, subject_rows, decoded, device, shared),
                 image_keys=list(subject_rows["key"]),
                 texts=list(subject_rows["eval_text"]),
                 references=references[(subject_id, choice, "references")],

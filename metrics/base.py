@@ -44,7 +44,9 @@ class MetricInputError(UserError, ValueError):
 class ScoringInputs:
     """Images of one subject to score, with everything a metric may need."""
 
-    images: torch.Tensor  # N×3×H×W float in [0, 1]
+    # N×3×H×W float in [0, 1], on the scoring device; the harness hands the same tensor to every
+    # metric of a pass, so a metric must never modify it in place (tests/test_metrics_inputs.py)
+    images: torch.Tensor
     image_keys: list[str]  # stable key per image (embedding caches): must change when pixels do
     texts: list[str]  # CLIP-T text per image: the prompt with the identifier removed
     references: list[torch.Tensor]  # real subject images, each 3×h×w float in [0, 1]

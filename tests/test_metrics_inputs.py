@@ -134,3 +134,35 @@ def test_error_is_a_value_error():
     assert issubclass(MetricInputError, ValueError)
     with pytest.raises(ValueError):
         check_image_tensor(torch.zeros(2, 3, 0, 4), "x")
+
+
+def _shipped() -> list[str]:
+    from metrics.registry import available_metrics
+
+    # the VLM judge is left out: it builds an 8B-architecture model (its inputs are copied to
+    # uint8 by metrics.vlm_judge.judge_pixels, never written)
+    return sorted(name for name in available_metrics() if not name.startswith("vlm_judge"))
+
+
+@pytest.mark.parametrize("name", _shipped())
+def test_metrics_leave_the_shared_images_untouched(name):
+    """The scoring pass hands one image tensor to every metric of a subject batch."""
+    generator = torch.Generator().manual_seed(1)
+    photos = [torch.rand(3, 64, 48, generator=generator) for _ in range(2)]
+    inputs = ScoringInputs(
+        images=torch.rand(4, 3, 64, 64, generator=generator),
+        image_keys=[f"untouched/{name}/{i}" for i in range(4)],
+        texts=["a dog"] * 4,
+        references=photos,
+        reference_key="ref-untouched",
+        groups=["g0", "g0", "g1", "g1"],
+        training_images=photos,
+        training_key="train-untouched",
+        subject_images=photos,
+        subject_key="subject-untouched",
+        scene_images=[torch.rand(3, 64, 64, generator=generator)],
+        prompt_texts=["a sks dog"] * 4,
+    )
+    before = inputs.images.clone()
+    build_metric(name, RANDOM).score(inputs)
+    assert torch.equal(inputs.images, before), f"{name} modified ScoringInputs.images in place"
