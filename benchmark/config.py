@@ -101,6 +101,10 @@ class TrainingConfig:
     # per-subject vectors); each subject's state equals its alone-trained state within the
     # method's stated tolerance, and is stored exactly as alone. 1 trains every subject alone.
     subjects_per_batch: int = 8
+    # torch.compile of the frozen UNet in trainings that support it (Textual Inversion). Opt-in
+    # until measured on a GPU (benchmarks/gpu_ti_multi.py --compile); kernels change, not the
+    # algorithm (first losses within the tolerance tests/test_sampling_compile.py states).
+    compile: bool = False
 
 
 @dataclass(frozen=True)
@@ -504,8 +508,15 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
         generation=_build(
             GenerationConfig, document.get("generation"), "generation", batch_size=_positive, compile=_compile_mode
         ),
-        training=_build(TrainingConfig, document.get("training"), "training", subjects_per_batch=_positive),
+        training=_build(
+            TrainingConfig, document.get("training"), "training", subjects_per_batch=_positive, compile=_boolean
+        ),
     )
+    if config.deterministic and config.training.compile:
+        raise ConfigError(
+            f"{origin}: deterministic=true with training.compile=true: compiled kernels are outside the "
+            "bit-reproducibility guarantee; set training.compile=false"
+        )
     if config.deterministic and config.generation.compile == "true":
         raise ConfigError(
             f"{origin}: deterministic=true with generation.compile=true: compiled kernels are outside the "

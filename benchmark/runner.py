@@ -198,6 +198,7 @@ def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict
         "subject": prepare.subject.id,
         "data_sha": prepare.subject.data_sha,
         "seed": prepare.seed,
+        "compile_training": job.context.compile_training,
         **extra,
         "git": environment.git_hash(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

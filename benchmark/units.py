@@ -187,6 +187,7 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
         cache_dir=cache_dir,
         deterministic=config.deterministic,
         compile_unet=compile_enabled(config, device),
+        compile_training=config.training.compile,
     )
 
 

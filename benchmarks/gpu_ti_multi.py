@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's")
     parser.add_argument("--steps", type=int, default=30, help="measured steps per training")
     parser.add_argument("--counts", default="4,8,16", help="subjects per pass")
+    parser.add_argument("--compile", action="store_true",
+                        help="training.compile: the frozen UNet through torch.compile (the warm-up pass compiles)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, passes of 2 and 3")
     parser.add_argument(
         "--out",
@@ -120,7 +122,8 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     spec = resolve_backbone(args.backbone)
     context = MethodContext(
-        backbone=spec, device=args.device, dtype=args.dtype, resolution=args.resolution or spec.resolution
+        backbone=spec, device=args.device, dtype=args.dtype, resolution=args.resolution or spec.resolution,
+        compile_training=args.compile,
     )
     print(f"loading {args.backbone} on {device} ({args.dtype}) ...", flush=True)
     load_backbone(spec, args.device, context.torch_dtype)
@@ -166,6 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
             "dtype": args.dtype,
             "batch_size_per_subject": params.batch_size,
             "measured_steps": args.steps,
+            "compile_training": args.compile,
             "note": f"{PAPER_STEPS}-step figures are projected from {args.steps} measured steps "
             "(seconds per step after the first, checkpoint writing excluded)",
         },

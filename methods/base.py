@@ -68,6 +68,7 @@ class MethodContext:
     cache_dir: Path | None = None  # shared caches (class-prior images, ...) across runs
     deterministic: bool = False  # deterministic kernels (benchmark.environment.apply_determinism)
     compile_unet: bool = False  # sample through a torch.compile'd UNet (methods.sampling.compiled_unet)
+    compile_training: bool = False  # train through it where the UNet is frozen (training.compile)
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -73,7 +73,7 @@ from methods.diffusion import (
     tokenize,
     working_copy,
 )
-from methods.sampling import build_pipeline, generate_images
+from methods.sampling import build_pipeline, compiled_unet, generate_images
 from methods.training import TrainBatch, TrainingParams, TrainResult, checkpoint_name, train_loop
 
 # The 27 templates of the official code's ``imagenet_templates_small`` head (the whole list of
@@ -447,7 +447,8 @@ class TextualInversion(Method):
                 text_encoder, p.gradient_checkpointing
             ):
                 return train_loop(
-                    unet=backbone.unet,
+                    # training.compile: the frozen UNet's compiled view (same weights; opt-in)
+                    unet=compiled_unet(backbone.unet) if self.context.compile_training else backbone.unet,
                     noise_scheduler=scheduler,
                     parameters=[t.vectors for t in trainings],
                     params=p,
