@@ -78,6 +78,16 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+def write_result(result: dict, out: str | None, name: str) -> Path:
+    """Write a benchmark's JSON to ``out`` (default: ``$OUT/<name>``, else ``./<name>``) and print it."""
+    path = Path(out) if out else Path(os.environ.get("OUT") or ".") / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
 def timed_pass(metrics: dict, batches: list[ScoringInputs], device: torch.device) -> tuple[dict, float]:
     """Score every batch with every metric; seconds spent per metric and in total."""
     seconds = dict.fromkeys(metrics, 0.0)
@@ -173,12 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batch_size is None:
         args.batch_size = 256 if args.device.startswith("cuda") else 16
-    out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ".") / "gpu_metrics.json"
-    result = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(run(args), args.out, "gpu_metrics.json")
     return 0
 
 

@@ -45,7 +45,6 @@ CPU check (the same code path, well under 2 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -72,7 +71,7 @@ from benchmark.results import load_subject_table, read_score_parts, save_plan, s
 from benchmark.runner import GroupResult, ImageWriter, JobSpec, _record  # noqa: E402
 from benchmark.store import Store  # noqa: E402
 from benchmark.units import expand, method_context  # noqa: E402
-from benchmarks.gpu_metrics import peak_memory, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_metrics import peak_memory, reset_peak, synchronize, write_result  # noqa: E402
 from data.images import load_image, to_tensor  # noqa: E402
 from data.subjects import mini_dataset_dir, read_subject_table  # noqa: E402
 from metrics.base import MetricSettings, ScoringInputs  # noqa: E402
@@ -434,12 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     args.metrics = resolve_metrics(args.metrics)
     if args.repeats is None:
         args.repeats = 3 if args.device.startswith("cuda") else 1
-    out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ".") / "gpu_scoring.json"
-    result = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(run(args), args.out, "gpu_scoring.json")
     return 0
 
 

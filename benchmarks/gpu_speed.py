@@ -77,7 +77,7 @@ def sampling(args, backbone, device, results):
     out = results.setdefault("sampling", {})
     baseline_images = {}
 
-    def run_variant(name, unet=None, vae_channels_last=False, batches=tuple(args.sampling_batches)):
+    def run_variant(name, unet=None, batches=tuple(args.sampling_batches)):
         rows = {}
         for batch in batches:
             prompts = [f"{PROMPT} {i % 4}" for i in range(batch)]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import importlib.metadata
 import json
-import os
 import platform
 import resource
 import sys
@@ -39,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
+from benchmarks.gpu_metrics import write_result  # noqa: E402
 from metrics import vlm_judge  # noqa: E402
 from metrics.base import VLM_JUDGE_MODEL, MetricSettings, ScoringInputs  # noqa: E402
 from metrics.registry import build_metric  # noqa: E402
@@ -171,12 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_vlm_judge.json, else ./gpu_vlm_judge.json)")
     args = parser.parse_args(argv)
-    out = Path(args.out) if args.out else Path(os.environ.get("OUT") or ".") / "gpu_vlm_judge.json"
-    result = run(args)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
-    print(f"wrote {out}")
+    write_result(run(args), args.out, "gpu_vlm_judge.json")
     return 0
 
 

@@ -34,12 +34,12 @@ def test_gpu_worker_executor_matches_inprocess(tmp_path):
 def test_compiled_sampling_on_cuda_within_the_fast_mode_spread(tmp_path):
     """``generation.compile`` (auto = on for CUDA) against eager: the same images up to kernel
     rounding, bounded by the fast mode's measured run-to-run spread (H200, sd15: max 13/255)."""
+    import shutil
+
     import numpy as np
     from PIL import Image
 
     from methods import sampling
-
-    import shutil
 
     base = ["methods=textual_inversion", "device=cuda", "subjects=dog", "protocol.prompts=[0,1]"]
     run_dir = tmp_path / "run"
