@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import time
 from contextlib import contextmanager
@@ -43,6 +44,9 @@ class RunSummary:
     failed: list[dict] = field(default_factory=list)
     scored: int = 0
     seconds: float = 0.0
+    # wall seconds per stage: "plan" (config, expansion, checks), "execute" (trainings and
+    # images), "score"; logged as one "stage seconds:" line in run.log
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def exit_code(self) -> int:
@@ -193,6 +197,8 @@ def run_benchmark(
         if score and config.metrics.names:
             totals["score"] = scoring_workload(groups, config.metrics.names)
         progress = StageProgress(totals, quiet=quiet)
+        stage_started = time.perf_counter()
+        summary.stage_seconds["plan"] = stage_started - started
         try:
             results = make_executor(
                 executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu
@@ -200,12 +206,16 @@ def run_benchmark(
             for result in results:
                 summary.done += result.done
                 summary.skipped += result.skipped
+            summary.stage_seconds["execute"] = time.perf_counter() - stage_started
+            stage_started = time.perf_counter()
             if score and config.metrics.names:
                 summary.scored, _ = score_run(
                     store, plan_table, load_subject_table(store), config.metrics, device, progress, force=force
                 )
+                summary.stage_seconds["score"] = time.perf_counter() - stage_started
         finally:
             progress.close()
+        log.info("stage seconds: %s", json.dumps({k: round(v, 2) for k, v in summary.stage_seconds.items()}))
         keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}
         summary.failed = failures_in_scope(store, keys)
     summary.seconds = time.perf_counter() - started

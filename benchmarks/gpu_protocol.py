@@ -65,7 +65,7 @@ def measure(args) -> dict:
     run_dir = Path(args.work or tempfile.mkdtemp(prefix="gpu-protocol-")) / "run"
     env = {**os.environ, "SUBJECTBENCH_CACHE": str(run_dir.parent / "cache")}
     command = [sys.executable, "-m", "benchmark", "run", "dreambooth", *overrides(args), "--out", str(run_dir),
-               "--quiet", *(["--gpus", "1"] if args.device == "cuda" else [])]
+               "--quiet", *(["--gpus", "1", "--workers-per-gpu", str(args.workers_per_gpu)] if args.device == "cuda" else [])]
     if args.device != "cuda":
         command.append(f"device={args.device}")
     if args.dataset_dir:
@@ -105,32 +105,105 @@ def measure(args) -> dict:
                 continue
             state = json.loads((state_dir / "state.json").read_text())
             done = json.loads((state_dir / "DONE").read_text())
-            trainings.append({"subject": subject, "training": state.get("training", {}), "prepare_seconds": done.get("seconds")})
+            trainings.append({"subject": subject, "training": state.get("training", {}),
+                              "prepare_seconds": done.get("seconds"),
+                              "class_images_generated": state.get("class_images_generated", 0)})
         seconds = rows["seconds"].astype(float).tolist()
         per_method[method] = {
             "images": len(rows),
             "s_per_image_median": statistics.median(seconds),
             "s_per_image_mean": statistics.fmean(seconds),
             "s_per_image_max": max(seconds),
+            "seconds": seconds,
             "trainings": trainings,
         }
     out["per_method"] = per_method
+    out["stage_seconds"] = stage_seconds(store.log_path)
     return out
 
 
-def rates(measured: dict) -> dict:
-    """Per-unit rates from the run's records."""
+def stage_seconds(log_path: Path) -> dict:
+    """The driver's "stage seconds:" line (plan / execute / score) from the run's log."""
+    lines = [line for line in log_path.read_text().splitlines() if "stage seconds: " in line] if log_path.exists() else []
+    return json.loads(lines[-1].split("stage seconds: ", 1)[1]) if lines else {}
+
+
+def _median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def rates(measured: dict, subjects: int) -> dict:
+    """Per-unit rates from the run's records.
+
+    Per training: ``s_per_step`` (TI: per step of a pass of all the run's subjects) and the
+    ``overhead_s`` around the steps (prepare seconds − training seconds − its class images at
+    the generation rate: latents, copies, state saves), median over subjects, with the first
+    training's surplus (its compiles) as ``first_training_extra_s``. Per image: the median
+    ``s_per_image``; the batches well above it (compiles) summed as ``compile_extra_s``.
+    """
     out = {}
+    gen_rate = {m: row["s_per_image_median"] for m, row in measured["per_method"].items()}
     for method, row in measured["per_method"].items():
-        steps = [t["training"].get("seconds_per_step") for t in row["trainings"] if t["training"].get("seconds_per_step")]
-        prepare = [t["prepare_seconds"] for t in row["trainings"] if t["prepare_seconds"] is not None]
+        share = 1.0 / subjects if method == "textual_inversion" else 1.0
+        overheads = []
+        for t in row["trainings"]:
+            if t["prepare_seconds"] is None or not t["training"].get("seconds"):
+                continue
+            class_s = t.get("class_images_generated", 0) * gen_rate.get("dreambooth", gen_rate[method])
+            overheads.append(t["prepare_seconds"] - share * t["training"]["seconds"] - class_s)
+        median_image = row["s_per_image_median"]
         out[method] = {
-            "s_per_step": statistics.median(steps) if steps else None,
-            "prepare_s_mean": statistics.fmean(prepare) if prepare else None,
-            "s_per_image": row["s_per_image_median"],
-            "first_call_extra_s": (row["s_per_image_max"] - row["s_per_image_median"]),
+            "s_per_step": _median([t["training"].get("seconds_per_step") for t in row["trainings"]]),
+            "overhead_s": _median(overheads),
+            "first_training_extra_s": (max(overheads) - statistics.median(overheads)) if overheads else 0.0,
+            "s_per_image": median_image,
+            "compile_extra_s": sum(s - median_image for s in row["seconds"] if s > 1.5 * median_image),
         }
     return out
+
+
+def model(rate: dict, counts: dict) -> dict:
+    """Seconds per component for a workload: ``counts`` = subjects, steps per method, TI passes,
+    images per (method, subject), class images made."""
+    parts = {}
+    for method, r in rate.items():
+        steps = counts["steps"][method]
+        trainings = counts["ti_passes"] if method == "textual_inversion" else counts["subjects"]
+        parts[f"{method}_training_s"] = trainings * steps * (r["s_per_step"] or 0.0)
+        parts[f"{method}_overhead_s"] = counts["subjects"] * (r["overhead_s"] or 0.0) + r["first_training_extra_s"]
+        parts[f"{method}_images_s"] = counts["subjects"] * counts["images"] * r["s_per_image"] + r["compile_extra_s"]
+    parts["class_images_s"] = counts["class_images"] * (rate.get("dreambooth", {}).get("s_per_image") or 0.0)
+    return parts
+
+
+def combine(one_path: str, many_path: str, out: str | None) -> int:
+    """Project K workers per GPU: the one-worker projection, its execute stage divided by the
+    execute-stage speed-up the same 4-subject workload measured with K workers (more groups in
+    the full protocol balance better, so this is conservative)."""
+    one, many = json.loads(Path(one_path).read_text()), json.loads(Path(many_path).read_text())
+    if one["settings"]["workers_per_gpu"] != 1 or many["settings"]["workers_per_gpu"] <= 1:
+        raise SystemExit(f"--combine wants a one-worker JSON then a K-worker JSON; got workers_per_gpu "
+                         f"{one['settings']['workers_per_gpu']} and {many['settings']['workers_per_gpu']}")
+    same = ("subjects", "ti_steps", "db_steps", "lora_steps", "class_images", "prompts", "sampling_steps", "batch_size")
+    differ = [k for k in same if one["settings"][k] != many["settings"][k]]
+    if differ:
+        raise SystemExit(f"--combine: the two runs' workloads differ in {differ}")
+    gain = one["measured"]["stage_seconds"]["execute"] / many["measured"]["stage_seconds"]["execute"]
+    projection = one["projection_full_protocol"]
+    fixed = projection["plan_and_process_s"] + projection["score_s"]
+    execute = projection["total_gpu_hours"] * 3600 - fixed
+    result = {
+        "benchmark": "gpu_protocol_combined", "one_worker": one_path, "k_workers": many_path,
+        "workers_per_gpu": many["settings"]["workers_per_gpu"], "execute_gain": gain,
+        "one_worker_gpu_hours": projection["total_gpu_hours"],
+        "k_workers_gpu_hours": (execute / gain + fixed) / 3600,
+    }
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        Path(out).write_text(text)
+    return 0
 
 
 def main(argv=None) -> int:
@@ -147,15 +220,18 @@ def main(argv=None) -> int:
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--compile", default="auto")
-    parser.add_argument("--db-concurrency-gain", type=float, default=None,
-                        help="aggregate training speed-up of --workers-per-gpu, measured by gpu_speed.py --concurrency")
-    parser.add_argument("--scoring-s-per-3000", type=float, default=None, help="measured by gpu_scoring.py")
+    parser.add_argument("--workers-per-gpu", type=int, default=1, help="passed to the CLI run")
+    parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
+                        help="no run: the one-worker projection with the execute stage divided by the gain that the "
+                        "same workload measured with --workers-per-gpu K")
     parser.add_argument("--dataset-dir", default=None)
     parser.add_argument("--work", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds; the partial store is still read")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.combine:
+        return combine(*args.combine, out=args.out)
     if args.tiny:
         args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
         args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2
@@ -169,46 +245,50 @@ def main(argv=None) -> int:
         "measured": measured,
     }
     if measured["returncode"] == 0 and measured["per_method"]:
-        rate = rates(measured)
-        result["rates"] = rate
         subjects = len(args.subjects.split(","))
-        images_each = args.prompts * 4
-        # the model's prediction of this run, from its own rates (start-up and scoring not modelled)
-        predicted = 0.0
-        for method, r in rate.items():
-            predicted += subjects * images_each * r["s_per_image"] + r["first_call_extra_s"]
-            steps = {"textual_inversion": args.ti_steps, "dreambooth": args.db_steps, "dreambooth_lora": args.lora_steps}[method]
-            per_training = r["s_per_step"] * steps if r["s_per_step"] else 0.0
-            predicted += per_training * (1 if method == "textual_inversion" else subjects)
-        result["model_check"] = {"predicted_training_and_generation_s": predicted, "measured_wall_s": measured["wall_seconds"],
-                                 "unmodelled_s": measured["wall_seconds"] - predicted}
-        # full protocol, one worker, from the same rates
-        p = PROTOCOL
-        ti = rate.get("textual_inversion", {})
-        ti_pass_step = ti.get("s_per_step") or 0.0  # a pass of `subjects` subjects
-        ti_per_subject_step = ti_pass_step / subjects
-        projection = {
-            "textual_inversion_training_s": p["subjects"] * p["ti_steps"] * ti_per_subject_step,
-            "dreambooth_training_s": p["subjects"] * p["db_steps"] * (rate.get("dreambooth", {}).get("s_per_step") or 0.0),
-            "lora_training_s": p["subjects"] * p["lora_steps"] * (rate.get("dreambooth_lora", {}).get("s_per_step") or 0.0),
-            "class_images_s": p["classes"] * p["class_images"] * (rate.get("dreambooth", {}).get("s_per_image") or 0.0),
-            "generation_s": sum(p["subjects"] * p["images_per_method_subject"] * r["s_per_image"] for r in rate.values()),
-            "scoring_s": (args.scoring_s_per_3000 or 0.0) * p["metric_images"] / 3000,
-            "unmodelled_s_scaled": result["model_check"]["unmodelled_s"],
+        rate = rates(measured, subjects)
+        result["rates"] = rate
+        steps = {"textual_inversion": args.ti_steps, "dreambooth": args.db_steps, "dreambooth_lora": args.lora_steps}
+        made = sum(t.get("class_images_generated", 0) for row in measured["per_method"].values() for t in row["trainings"])
+        run_counts = {"subjects": subjects, "steps": steps, "ti_passes": 1, "images": args.prompts * 4, "class_images": made}
+        stages = measured.get("stage_seconds", {})
+        predicted = model(rate, run_counts)
+        execute = stages.get("execute")
+        # the model's parts against the run's own stage clock: what the parts miss is fixed cost
+        # (worker start-up, backbone builds), carried over unscaled to the projection
+        result["model_check"] = {
+            "parts_s": predicted,
+            "predicted_execute_s": sum(predicted.values()),
+            "measured_execute_s": execute,
+            "unmodelled_execute_s": (execute - sum(predicted.values())) if execute is not None else None,
+            "measured_stage_seconds": stages,
+            "measured_wall_s": measured["wall_seconds"],
         }
-        projection["total_one_worker_gpu_hours"] = sum(projection.values()) / 3600
-        if args.db_concurrency_gain:
-            trainings = projection["dreambooth_training_s"] + projection["lora_training_s"]
-            projection["total_with_concurrent_trainings_gpu_hours"] = (
-                sum(projection.values()) - projection["total_one_worker_gpu_hours"]
-                - trainings + trainings / args.db_concurrency_gain
-            ) / 3600
+        p = PROTOCOL
+        ti = rate.get("textual_inversion")
+        if ti and ti["s_per_step"]:
+            # the protocol's passes of 8, at this run's per-subject cost (4 per pass here): conservative
+            rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
+        protocol_counts = {
+            "subjects": p["subjects"], "ti_passes": -(-p["subjects"] // p["ti_subjects_per_pass"]),
+            "steps": {"textual_inversion": p["ti_steps"], "dreambooth": p["db_steps"], "dreambooth_lora": p["lora_steps"]},
+            "images": p["images_per_method_subject"], "class_images": p["classes"] * p["class_images"],
+        }
+        projection = model(rate, protocol_counts)
+        projection["unmodelled_execute_s"] = max(0.0, result["model_check"]["unmodelled_execute_s"] or 0.0)
+        scored_images = sum(row["images"] for row in measured["per_method"].values())
+        non_execute = (stages.get("plan", 0.0) + measured["wall_seconds"] - sum(stages.values())) if stages else 0.0
+        projection["plan_and_process_s"] = non_execute
+        projection["score_s"] = stages.get("score", 0.0) * p["metric_images"] / max(1, scored_images)
+        execute_total = sum(v for k, v in projection.items() if k not in ("plan_and_process_s", "score_s"))
+        projection["total_gpu_hours"] = sum(projection.values()) / 3600
         result["projection_full_protocol"] = projection
         result["notes"] = (
-            "TI per-subject-step rate here is for a pass of the run's subjects (4); the protocol trains passes of 8 "
-            "(benchmarks/results: 8/pass is faster per subject), so the TI projection is conservative. The class-image "
-            "rate is the DreamBooth generation rate. Unmodelled: process start-up, backbone builds, state save/load, "
-            "scoring builds and the report, carried over unscaled."
+            f"Execute-stage parts {execute_total:.0f} s. Rates are per process; with --workers-per-gpu > 1 they run "
+            "concurrently, so the projection's total (a sum) overstates the wall time: divide by the measured gain of "
+            "the same workload against one worker. TI passes of 8 are projected at this run's per-subject cost (a "
+            "pass of 4), conservative. Scoring is scaled by images from this run's score stage (its fixed cost "
+            "included, conservative). Class images at the DreamBooth generation rate."
         )
     text = json.dumps(result, indent=1, default=str)
     print(text)

@@ -36,7 +36,10 @@ full method's prior term (``class_images=200``, ``prior_loss_weight=1``) so that
 ``class_images=0`` (or ``prior_loss_weight=0``) gives the README recipe. The default is not
 changed to match the recipe because that would change every existing key. Each checkpoint is a folder written
 by ``StableDiffusionPipeline.save_lora_weights`` that ``pipe.load_lora_weights(folder)`` reads
-(a few MB).
+(a few MB). For sampling, the loaded LoRA is fused into a copy of the base weights (W + BA, alpha
+= rank; diffusers' ``fuse_lora`` + ``unload_lora_weights``): the same function up to rounding of
+the weights (tested on tiny against the unfused diffusers pipeline and against the formula), at
+the speed of the full fine-tune and through its compiled code.
 """
 
 from __future__ import annotations
@@ -427,7 +430,14 @@ class DreamBoothLoRA(DreamBooth):
         return {"lora": folder}
 
     def _generation_modules(self, state: State, name: str) -> tuple[torch.nn.Module, torch.nn.Module | None]:
-        """Fresh copies of the frozen modules with the checkpoint's LoRA loaded by diffusers."""
+        """Fresh copies of the frozen modules with the checkpoint's LoRA loaded by diffusers and fused.
+
+        ``fuse_lora`` then ``unload_lora_weights`` (diffusers' documented merge) leave plain
+        modules whose weights are W + (alpha/r)·BA: the same function as the adapter path,
+        W·x + (alpha/r)·B(A·x), up to rounding in the weights' dtype (tested on tiny against the
+        unfused path and against the formula). Sampling then runs at the speed of the full
+        fine-tune and shares its compiled code (H200, batch 16: unfused 0.34 s/img vs 0.26).
+        """
         key = (str(state.path), name)
         if self._generation is None or self._generation[0] != key:
             self._generation = None
@@ -438,6 +448,8 @@ class DreamBoothLoRA(DreamBooth):
             pipeline = build_pipeline(backbone, SamplerConfig(), unet=unet, text_encoder=text_encoder)
             with quiet_loading():
                 pipeline.load_lora_weights(str(state.path / state.data["checkpoints"][name]["lora"]))
+                pipeline.fuse_lora()
+                pipeline.unload_lora_weights()
             self._generation = (key, unet, text_encoder)
         return self._generation[1], self._generation[2]
 

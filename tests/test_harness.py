@@ -121,6 +121,9 @@ def test_shards_and_batch_sizes_give_identical_images(tmp_path):
 def test_rerun_skips_finished_work_and_force_redoes(tmp_path):
     first = run_benchmark(config(), tmp_path, quiet=True)
     assert (first.done, first.skipped, first.failed) == (24, 0, [])
+    assert set(first.stage_seconds) <= {"plan", "execute", "score"} and {"plan", "execute"} <= set(first.stage_seconds)
+    assert sum(first.stage_seconds.values()) <= first.seconds
+    assert "stage seconds: {" in (tmp_path / "run.log").read_text()
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.png")}
     again = run_benchmark(config(), tmp_path, quiet=True)
     assert (again.done, again.skipped) == (0, 24)
