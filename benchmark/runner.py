@@ -266,7 +266,7 @@ def execute_group(
     state was just published by a joint pass (``execute_pass``), even under ``--force``."""
     progress = progress or (lambda stage, n: None)
     environment.apply_determinism(job.context.deterministic)  # workers are fresh processes
-    if job.context.compile_unet:
+    if job.context.compile_unet or job.context.compile_training:
         set_compile_cache(job.context.cache_dir)
     store = Store(job.run_dir)
     prepare = group.prepare

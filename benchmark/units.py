@@ -187,13 +187,14 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
         cache_dir=cache_dir,
         deterministic=config.deterministic,
         compile_unet=compile_enabled(config, device),
-        compile_training=config.training.compile,
+        compile_training=compile_enabled(config, device, config.training.compile),
     )
 
 
-def compile_enabled(config: RunConfig, device: str) -> bool:
-    """``generation.compile`` resolved: auto is on for CUDA devices unless the run is deterministic."""
-    mode = config.generation.compile
+def compile_enabled(config: RunConfig, device: str, mode: str | None = None) -> bool:
+    """A compile setting resolved (``generation.compile`` unless ``mode`` is given, e.g.
+    ``training.compile``): auto is on for CUDA devices unless the run is deterministic."""
+    mode = config.generation.compile if mode is None else mode
     if mode == "auto":
         return str(device).startswith("cuda") and not config.deterministic
     return mode == "true"

@@ -447,7 +447,7 @@ class TextualInversion(Method):
                 text_encoder, p.gradient_checkpointing
             ):
                 return train_loop(
-                    # training.compile: the frozen UNet's compiled view (same weights; opt-in)
+                    # training.compile (auto: on for CUDA): the frozen UNet's compiled view, same weights
                     unet=compiled_unet(backbone.unet) if self.context.compile_training else backbone.unet,
                     noise_scheduler=scheduler,
                     parameters=[t.vectors for t in trainings],

@@ -40,6 +40,7 @@ def test_decoded_batch_equals_to_tensor(tmp_path):
     assert torch.equal(_images(store, rows, decoded), expected)  # the second metric reuses the decode
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_decoded_batch_on_cuda_equals_to_tensor(tmp_path):
     store, rows = _store_with_images(tmp_path)
