@@ -82,7 +82,7 @@ def _pretraining_text(row) -> str:
 
 def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
     headers = ["method cell", "prepared", "prepare s/subject", "prepare s total", "prepare peak MB", "state MB/subject",
-               "images", "s/image", "generate peak MB", "one-time pre-training"]
+               "images", "s/image", "generate peak MB", "device hours", "one-time pre-training"]
     rows = []
     for _, row in cost.iterrows():
         rows.append([
@@ -95,6 +95,7 @@ def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
             Cell(f"{row['images_done']}/{row['images_planned']}"),
             Cell(_seconds(row["seconds_per_image"], row["generate_device"])),
             Cell(f"{fmt(row['generate_peak_mb'], 0)} ({row['generate_peak_kind']})" if not pd.isna(row["generate_peak_mb"]) else "—"),
+            number(row.get("device_hours", np.nan), 4),
             Cell(_pretraining_text(row)),
         ])
     return headers, rows

@@ -177,12 +177,17 @@ def _pretraining(states: pd.DataFrame) -> dict:
 def cost_table(run: RunData) -> pd.DataFrame:
     """Per method cell: preparation time and memory, state size, generation time and memory, and the
     one-time pre-training of a pre-trained component (the tuning encoder), kept apart from the
-    per-subject seconds."""
+    per-subject seconds.
+
+    ``device_hours``: the cell's preparation plus generation seconds on its device, summed over
+    subjects and images (what the cell cost; scoring and start-up are not in it). With several
+    workers sharing one GPU (``--workers-per-gpu``) these are process-hours: the GPU's wall time
+    is lower by the concurrency gain (``benchmarks/results``)."""
     columns = [
         "method", "cell_id", "subjects_prepared", "subjects_planned", "prepare_device", "prepare_seconds_per_subject",
         "prepare_seconds_total", "prepare_peak_mb", "prepare_peak_kind", "state_mb_per_subject",
         "generate_device", "images_done", "images_planned", "seconds_per_image", "generate_peak_mb", "generate_peak_kind",
-        "pretrain_seconds", "pretrain_steps", "pretrain_images", "pretrain_device",
+        "device_hours", "pretrain_seconds", "pretrain_steps", "pretrain_images", "pretrain_device",
     ]
     if run.plan.empty:
         return pd.DataFrame(columns=columns)
@@ -212,6 +217,10 @@ def cost_table(run: RunData) -> pd.DataFrame:
                 "seconds_per_image": float(images["seconds_per_image"].mean()) if not images.empty else np.nan,
                 "generate_peak_mb": generate_peak,
                 "generate_peak_kind": generate_kind,
+                "device_hours": (
+                    (float(done_states["prepare_seconds"].sum()) if has_states else 0.0)
+                    + (float(images["seconds_per_image"].sum()) if not images.empty else 0.0)
+                ) / 3600,
                 **_pretraining(done_states),
             }
         )

@@ -135,6 +135,9 @@ def test_cost_table_reads_states_and_records(run_dir):
     assert set(cost["cell_id"]) == {"dummy[fidelity=0.3]", "dummy[fidelity=0.9]", "sweep_dummy"}
     assert (cost["subjects_prepared"] == 3).all() and (cost["prepare_device"] == "CPU").all()
     assert (cost["prepare_seconds_per_subject"] > 0).all() and (cost["seconds_per_image"] > 0).all()
+    # device hours: every prepare and every image's seconds, once
+    expected = (cost["prepare_seconds_total"] + cost["seconds_per_image"] * cost["images_done"]) / 3600
+    assert np.allclose(cost["device_hours"], expected) and (cost["device_hours"] > 0).all()
     # The dummy's state is one float32 image mean (64×64×3) plus a small JSON.
     assert cost["state_mb_per_subject"].between(64 * 64 * 3 * 4 / 2**20, 0.1).all()
     assert (cost["prepare_peak_kind"] == "RSS").all()
