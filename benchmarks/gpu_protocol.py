@@ -4,18 +4,22 @@ One `subjectbench run dreambooth` (a subprocess, as a user runs it; ``--gpus 1``
 (default 4 subjects of 4 classes) with TI, DreamBooth and DreamBooth-LoRA at reduced length
 (``--ti-steps`` / ``--db-steps`` / ``--lora-steps``, ``--class-images`` per class, ``--prompts`` × 4
 images per subject and method), scored with CLIP-T, CLIP-I, DINO and DIV (random-init weights:
-speed only). Timed end to end. From the run's own records (state.json training summaries, the
-per-image ``seconds`` of the image records) it derives per-unit rates — seconds per training
-step (TI: per pass of all subjects), per generated image (median over batches, so the first
-call's compile and warm-up are counted once, apart), per state load and save — and
+speed only). Timed end to end, with the driver's stage clock (plan / execute / score from
+``run.log``). From the run's own records (state.json training summaries, DONE seconds, the
+per-image ``seconds`` of the image records) it derives per-unit rates (``rates``: seconds per
+training step — TI: per step of the pass — the overhead around a training's steps, seconds per
+image, and compiles counted once) and
 
-- checks the cost model: the model's prediction of this very run (start-up + training + images +
-  class images + scoring, from the per-unit rates) beside its measured wall time;
-- projects the full protocol (30 subjects; TI 5000 steps in passes of ``training.subjects_per_batch``
-  = 8; DreamBooth 1000 steps and LoRA 500 with 200 class images per class; 100 images per
-  (method, subject); CLIP-T/CLIP-I/DINO/DIV over 9000 images) on one GPU with one worker, and
-  with ``--workers-per-gpu`` concurrency applied to the trainings at the speed-up measured by
-  ``benchmarks/gpu_speed.py --concurrency`` (``--db-concurrency-gain``), stated as such.
+- checks the cost model: the model's parts for this very run beside the measured execute stage
+  (what they miss is fixed cost: worker start-up, backbone builds);
+- projects the full protocol (30 subjects; TI 5000 steps in passes of 8; DreamBooth 1000 and LoRA
+  500 steps with 200 class images per class; 100 images per (method, subject); 9000 scored
+  images) for the run's worker count.
+
+``--workers-per-gpu K`` runs the CLI with K workers on the GPU. ``--combine ONE.json K.json``
+(no run) divides the one-worker projection's execute stage by the gain the same workload
+measured with K workers; ``--ti-json`` / ``--scoring-json`` replace the TI and scoring parts by
+the ``gpu_ti_multi.py`` (pass of 8) and ``gpu_scoring.py`` measurements, each named in the output.
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
@@ -177,10 +181,17 @@ def model(rate: dict, counts: dict) -> dict:
     return parts
 
 
-def combine(one_path: str, many_path: str, out: str | None) -> int:
+def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None = None,
+            scoring_path: str | None = None) -> int:
     """Project K workers per GPU: the one-worker projection, its execute stage divided by the
     execute-stage speed-up the same 4-subject workload measured with K workers (more groups in
-    the full protocol balance better, so this is conservative)."""
+    the full protocol balance better, so this is conservative).
+
+    Optional refinements from the component benchmarks, each named in the output: ``ti_path``
+    (``gpu_ti_multi.py``: seconds per subject-step of its pass of 8, in place of the run's pass
+    of 4) and ``scoring_path`` (``gpu_scoring.py``: ``score_run`` seconds per image over 3000
+    stored PNGs, in place of the run's score stage scaled with its fixed costs).
+    """
     one, many = json.loads(Path(one_path).read_text()), json.loads(Path(many_path).read_text())
     if one["settings"]["workers_per_gpu"] != 1 or many["settings"]["workers_per_gpu"] <= 1:
         raise SystemExit(f"--combine wants a one-worker JSON then a K-worker JSON; got workers_per_gpu "
@@ -190,14 +201,39 @@ def combine(one_path: str, many_path: str, out: str | None) -> int:
     if differ:
         raise SystemExit(f"--combine: the two runs' workloads differ in {differ}")
     gain = one["measured"]["stage_seconds"]["execute"] / many["measured"]["stage_seconds"]["execute"]
-    projection = one["projection_full_protocol"]
+    projection = dict(one["projection_full_protocol"])
+    refinements = {}
+    if ti_path:
+        ti = json.loads(Path(ti_path).read_text())
+        passes = {p["subjects"]: p for p in ti["passes"]}
+        if PROTOCOL["ti_subjects_per_pass"] not in passes:
+            raise SystemExit(f"--ti-json {ti_path}: no pass of {PROTOCOL['ti_subjects_per_pass']} subjects in it")
+        rate = passes[PROTOCOL["ti_subjects_per_pass"]]["s_per_subject_step"]
+        slots = -(-PROTOCOL["subjects"] // PROTOCOL["ti_subjects_per_pass"]) * PROTOCOL["ti_subjects_per_pass"]
+        measured = passes[PROTOCOL["ti_subjects_per_pass"]]
+        # the first step's surplus (the compile, when compile_training) counted once
+        first_step = measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"]
+        before = projection["textual_inversion_training_s"]
+        projection["textual_inversion_training_s"] = slots * PROTOCOL["ti_steps"] * rate + max(0.0, first_step)
+        refinements["textual_inversion_training_s"] = {
+            "from": ti_path, "compile_training": ti["settings"].get("compile_training"),
+            "s_per_subject_step": rate, "first_step_surplus_s": first_step,
+            "before_s": before, "after_s": projection["textual_inversion_training_s"]}
+    if scoring_path:
+        scoring = json.loads(Path(scoring_path).read_text())
+        before = projection["score_s"]
+        projection["score_s"] = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
+        refinements["score_s"] = {"from": scoring_path, "before_s": before, "after_s": projection["score_s"]}
+    projection.pop("total_gpu_hours")
     fixed = projection["plan_and_process_s"] + projection["score_s"]
-    execute = projection["total_gpu_hours"] * 3600 - fixed
+    execute = sum(projection.values()) - fixed
     result = {
         "benchmark": "gpu_protocol_combined", "one_worker": one_path, "k_workers": many_path,
         "workers_per_gpu": many["settings"]["workers_per_gpu"], "execute_gain": gain,
-        "one_worker_gpu_hours": projection["total_gpu_hours"],
+        "refinements": refinements,
+        "one_worker_gpu_hours": (execute + fixed) / 3600,
         "k_workers_gpu_hours": (execute / gain + fixed) / 3600,
+        "parts_one_worker_s": projection,
     }
     text = json.dumps(result, indent=1)
     print(text)
@@ -224,6 +260,8 @@ def main(argv=None) -> int:
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
                         help="no run: the one-worker projection with the execute stage divided by the gain that the "
                         "same workload measured with --workers-per-gpu K")
+    parser.add_argument("--ti-json", default=None, help="with --combine: a gpu_ti_multi.py result (its pass of 8)")
+    parser.add_argument("--scoring-json", default=None, help="with --combine: a gpu_scoring.py result")
     parser.add_argument("--dataset-dir", default=None)
     parser.add_argument("--work", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")
@@ -231,7 +269,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.combine:
-        return combine(*args.combine, out=args.out)
+        return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json)
     if args.tiny:
         args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
         args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2
