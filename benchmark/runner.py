@@ -94,7 +94,7 @@ def _pending(store: Store, job: JobSpec, units: tuple[ImageUnit, ...]) -> tuple[
     return pending, skipped
 
 
-def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, memory: dict) -> dict:
+def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, memory: dict, compiled: bool) -> dict:
     """The manifest row of one finished image: its full spec and where/how it was made."""
     return {
         **unit_spec(group, unit),
@@ -103,7 +103,7 @@ def _record(unit: ImageUnit, group: WorkGroup, job: JobSpec, seconds: float, mem
         "resolution": job.context.resolution,
         "backbone": job.context.backbone.fingerprint(),
         "dtype": job.context.dtype,
-        "compile": job.context.compile_unet,  # generation.compile resolved (methods that sample through build_pipeline)
+        "compile": compiled,  # sampled through the compiled UNet: generation.compile resolved and the method uses it
         "device": environment.device_name(job.context.device),
         "seconds": seconds,
         **memory,
@@ -397,7 +397,8 @@ def _generate_batch(method, state, checkpoint, batch, group, job, store, result,
         seconds = (time.perf_counter() - started) / len(units)
         memory = environment.peak_memory_mb(job.context.device)
         for unit, image in zip(units, images):
-            writer.submit(unit, image, _record(unit, group, job, seconds, memory))
+            compiled = job.context.compile_unet and getattr(method, "samples_compiled", False)
+            writer.submit(unit, image, _record(unit, group, job, seconds, memory, compiled))
             written.add(unit.key)
 
     if len(batch) > 1:

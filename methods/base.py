@@ -95,6 +95,9 @@ class Method(ABC):
     # another's training (DreamBlend on DreamBooth) names it and gives the same training params,
     # so both entries share one state per subject.
     trains_as: ClassVar[type[Method] | None] = None
+    # True where ``generate`` samples through ``build_pipeline(..., compile_unet=context.compile_unet)``:
+    # the image records' ``compile`` field says what sampling actually did, not just the setting.
+    samples_compiled: ClassVar[bool] = False
 
     def __init__(self, params: Any, context: MethodContext):
         if not isinstance(params, self.Params):

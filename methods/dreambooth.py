@@ -18,6 +18,19 @@ disk and shared by every subject of the class). Defaults and where they come fro
   and subject share of its cross-attention per resolution in ``state.json``
   (``attention_collapse``); the report plots them against the training step. 0 turns it off.
 
+| algorithm step | where in the code | value | source |
+|---|---|---|---|
+| class-prior images x_pr from the frozen model on "a {class}" | ``prepare`` → ``methods.class_prior.class_prior_images`` | 200 per class, DDIM 50, guidance 7.5, seed 0; cached per class, shared by subjects and by ``dreambooth_lora`` | count: diffusers README (paper ~1000); sampler ours |
+| instance prompt | ``instance_prompt`` | "a {identifier} {class}", identifier ``sks`` | paper / diffusers example |
+| images → latents | ``methods.diffusion.subject_latents``, ``image_latents`` | VAE latent mean × the VAE scale, no flips | ours: deterministic (the script samples); no flips: paper and script |
+| a step's batch | ``_train`` (``next_batch``) | 1 instance + 1 class latent, each drawn from its own shuffled cycle | diffusers ``train_dreambooth.py`` |
+| L = ‖ε − ε_θ(z_t, c_inst)‖² + λ‖ε′ − ε_θ(z′_t, c_class)‖² | ``_train`` (per-sample weights 1/n, λ/n) → ``methods.training.train_loop`` | λ = ``prior_loss_weight`` = 1 | paper |
+| what trains | ``_trainable_modules`` | the whole UNet (fp32 master copy); text encoder off | paper (SD); text encoder: the script's default |
+| optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-6 constant, clip 1.0 | lr: paper; the rest: the script |
+| length, checkpoints | ``DreamBoothParams`` | 1000 steps; ``checkpoint_steps`` add ``step-N`` | paper; checkpoints ours, for sweeps |
+| sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
+| LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA) | diffusers LoRA script/README; prior on and fusing ours (below) |
+
 Checkpoints: ``checkpoint_steps`` save ``step-N`` states for sweeps (DreamBlend, pareto
 fronts); the end is ``final``. The full fine-tune saves the whole UNet state dict (and the text
 encoder's when trained) **in the context dtype** per checkpoint: SD 1.5's UNet is 1.72 GB in
@@ -139,6 +152,8 @@ class DreamBooth(Method):
     version = "2"  # 2: state.json holds the attention-collapse diagnostic
     Params = DreamBoothParams
     description = "DreamBooth (Ruiz et al. 2023): full UNet fine-tune with prior preservation"
+
+    samples_compiled = True  # generate() passes context.compile_unet to build_pipeline
 
     def __init__(self, params: DreamBoothParams, context):
         super().__init__(params, context)

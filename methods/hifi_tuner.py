@@ -206,6 +206,7 @@ def subject_masks(subject: Subject, segmenter: str) -> tuple[list[np.ndarray], s
 
 
 class HifiTuner(TextualInversion):
+    samples_compiled = False  # its generate() hooks attention per call: eager
     name = "hifi_tuner"
     version = "1"
     Params = HifiTunerParams

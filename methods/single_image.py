@@ -107,6 +107,7 @@ class Component:
 
 
 class TwoStage(DreamBooth):
+    samples_compiled = False  # its generate() samples eagerly
     name = "two_stage"
     default_label = "two_stage (reconstructed)"  # what reports show unless a suite labels it
     version = "1"

@@ -21,6 +21,21 @@ Faithful to the paper and its official code (rinongal/textual_inversion, SD conf
   frequencies match), or the 27 of diffusers' example (``templates: diffusers``); images flipped
   horizontally with p=0.5 (official ``flip_p``).
 
+| algorithm step | where in the code | value | source |
+|---|---|---|---|
+| a new word S* (``num_vectors`` tokens) in the tokenizer | ``placeholder_tokens``, ``_tokenizer`` | 1 vector, ``<{identifier}-{subject id}>`` | paper (one word); the name ours; ``<tok>_1`` naming diffusers' example |
+| v₀ = embedding of the initializer | ``initial_vectors`` | the class noun; several tokens: their mean | official code (one token); the mean ours |
+| only v learns, every other row frozen | ``PlaceholderEmbedding``, ``_text_encoder_copy`` | fp32 vectors spliced into a private text-encoder copy | official code (decay on v only) |
+| training images → latents (and mirrored) | ``training_latents`` (``methods.diffusion.subject_latents``) | VAE latent mean (``vae_latents=mean``), × the VAE scale | ours: deterministic (the official code samples) |
+| a batch: shuffled images, flips, a random template around S* | ``batch_source`` | ``batch_size=2``, ``flip_p=0.5``, ``imagenet_templates_small`` (81) | official code (``v1-finetune.yaml``, ``PersonalizedBase``) |
+| L = ‖ε − ε_θ(z_t, t, c_θ(y))‖², t ~ U{0..999}, UNet and text encoder frozen | ``_train`` → ``methods.training.train_loop`` → ``diffusion_loss`` | the backbone's DDPM noise schedule, ε-prediction | paper (eq. 2) |
+| optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-3 × batch 2 = 1e-2 constant, no clipping | official code (``main.py`` ``scale_lr``; torch AdamW defaults) |
+| length | ``TextualInversionParams.steps`` | 5000 | paper (the SD config stops at 6100) |
+| sampling prompt | ``render_prompt`` | "a S* in the jungle" (``prompt_style=token``) | paper ("a photo of S*") |
+| sampling | ``generate`` → ``methods.sampling`` | the run's sampler (protocol: DDIM 50, guidance 7.5) with the learned vectors | the DreamBooth protocol |
+| several subjects per pass | ``_train`` (``prepare_many``) | up to ``training.subjects_per_batch`` = 8 | ours, for speed (below) |
+| compiled frozen UNet | ``_train`` | ``training.compile=auto``: on for CUDA | ours, for speed: kernels change, not the algorithm (tested within fp32 rounding on tiny) |
+
 Multi-subject passes (ours, for speed; the algorithm is unchanged): the UNet and text encoder
 are frozen, so ``prepare_many`` trains several subjects' vectors in one batched pass (the harness
 groups up to ``training.subjects_per_batch`` subjects with equal training fingerprints). Each
@@ -238,6 +253,8 @@ class TextualInversion(Method):
     version = "1"
     Params = TextualInversionParams
     description = "Textual Inversion (Gal et al. 2023): one new token embedding, frozen model"
+
+    samples_compiled = True  # generate() passes context.compile_unet to build_pipeline
 
     def __init__(self, params: TextualInversionParams, context):
         super().__init__(params, context)

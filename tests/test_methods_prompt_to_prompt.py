@@ -47,7 +47,10 @@ def test_identical_prompts_reproduce_the_source(backbone):
     images, controller = _edit(backbone, "a photo of a cat", "a photo of a cat", EditSettings(self_replace_steps=1.0))
     assert controller.step == STEPS
     assert {k: type(v) for k, v in backbone.unet.attn_processors.items()} == before  # restored after sampling
-    np.testing.assert_array_equal(images[0], images[1])
+    # Equal up to float rounding: the two rows sit at different positions of the same GEMMs, and
+    # some BLAS builds round rows by position (found with a fresh install: ~1e-6 in the
+    # unconditional half's to_k), far below one 8-bit level (3.9e-3).
+    np.testing.assert_allclose(images[0], images[1], rtol=0, atol=1e-5)
     # The controlled source equals the pipeline's own sampling (explicit softmax vs SDPA: rounding).
     pipeline = build_pipeline(backbone, SamplerConfig(steps=STEPS))
     start = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))

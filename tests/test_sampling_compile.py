@@ -231,3 +231,23 @@ def test_compiled_textual_inversion_matches_eager(tmp_path, dog, fresh_compile_s
     np.testing.assert_allclose(compiled_losses, eager_losses, rtol=1e-4)
     torch.testing.assert_close(compiled_vectors, eager_vectors, rtol=0, atol=1e-4)
     assert (eager_vectors - compiled_vectors).abs().max() < (eager_vectors.abs().max() * 1e-3)
+
+
+def test_records_say_compile_only_where_the_method_sampled_compiled(tmp_path, fresh_compile_state):
+    """``generation.compile=true`` with a method that never samples through the compiled UNet
+    (the dummy; likewise DreamBlend, HiFi Tuner, two_stage): its records say false."""
+    import json
+
+    from benchmark.driver import run_benchmark
+    from methods.dreambooth import DreamBooth, DreamBoothLoRA
+    from methods.hifi_tuner import HifiTuner
+    from methods.single_image import TwoStage
+    from methods.textual_inversion import TextualInversion
+
+    config = load_config("default", ["methods=dummy", "subjects=dog", "protocol.prompts=[0]", "generation.compile=true"])
+    summary = run_benchmark(config, tmp_path / "run", quiet=True)
+    assert summary.exit_code == 0 and summary.done
+    records = [json.loads(p.read_text()) for p in (tmp_path / "run" / "images").rglob("*.json")]
+    assert records and all(r["compile"] is False for r in records)
+    assert TextualInversion.samples_compiled and DreamBooth.samples_compiled and DreamBoothLoRA.samples_compiled
+    assert not HifiTuner.samples_compiled and not TwoStage.samples_compiled
