@@ -137,29 +137,34 @@ def _median(values):
     return statistics.median(values) if values else None
 
 
-def rates(measured: dict, subjects: int) -> dict:
+def rates(measured: dict, subjects: int, steps: dict) -> dict:
     """Per-unit rates from the run's records.
 
-    Per training: ``s_per_step`` (TI: per step of a pass of all the run's subjects) and the
-    ``overhead_s`` around the steps (prepare seconds − training seconds − its class images at
-    the generation rate: latents, copies, state saves), median over subjects, with the first
-    training's surplus (its compiles) as ``first_training_extra_s``. Per image: the median
-    ``s_per_image``; the batches well above it (compiles) summed as ``compile_extra_s``.
+    Per training (TI: per pass of all the run's subjects; the others: per subject):
+    ``s_per_step`` and the ``overhead_s`` around the steps = prepare seconds − steps ×
+    ``s_per_step`` − its class images at the generation rate (latents, copies, the first step's
+    warm-up or compile, state saves), median over trainings, with the first training's surplus
+    (its compiles) as ``first_training_extra_s``. Per image: the median ``s_per_image``; the
+    batches well above it (compiles) summed as ``compile_extra_s``.
     """
     out = {}
     gen_rate = {m: row["s_per_image_median"] for m, row in measured["per_method"].items()}
     for method, row in measured["per_method"].items():
-        share = 1.0 / subjects if method == "textual_inversion" else 1.0
+        per_pass = method == "textual_inversion"
         overheads = []
-        for t in row["trainings"]:
-            if t["prepare_seconds"] is None or not t["training"].get("seconds"):
+        trainings = row["trainings"][:1] if per_pass else row["trainings"]  # TI: one pass; DONE holds its share
+        for t in trainings:
+            per_step = t["training"].get("seconds_per_step")
+            if t["prepare_seconds"] is None or not per_step:
                 continue
+            prepare = t["prepare_seconds"] * (len(row["trainings"]) if per_pass else 1)
             class_s = t.get("class_images_generated", 0) * gen_rate.get("dreambooth", gen_rate[method])
-            overheads.append(t["prepare_seconds"] - share * t["training"]["seconds"] - class_s)
+            overheads.append(prepare - steps[method] * per_step - class_s)
         median_image = row["s_per_image_median"]
         out[method] = {
-            "s_per_step": _median([t["training"].get("seconds_per_step") for t in row["trainings"]]),
+            "s_per_step": _median([t["training"].get("seconds_per_step") for t in trainings]),
             "overhead_s": _median(overheads),
+            "overhead_per": "pass" if per_pass else "subject",
             "first_training_extra_s": (max(overheads) - statistics.median(overheads)) if overheads else 0.0,
             "s_per_image": median_image,
             "compile_extra_s": sum(s - median_image for s in row["seconds"] if s > 1.5 * median_image),
@@ -175,10 +180,64 @@ def model(rate: dict, counts: dict) -> dict:
         steps = counts["steps"][method]
         trainings = counts["ti_passes"] if method == "textual_inversion" else counts["subjects"]
         parts[f"{method}_training_s"] = trainings * steps * (r["s_per_step"] or 0.0)
-        parts[f"{method}_overhead_s"] = counts["subjects"] * (r["overhead_s"] or 0.0) + r["first_training_extra_s"]
+        parts[f"{method}_overhead_s"] = trainings * (r["overhead_s"] or 0.0) + r["first_training_extra_s"]
         parts[f"{method}_images_s"] = counts["subjects"] * counts["images"] * r["s_per_image"] + r["compile_extra_s"]
     parts["class_images_s"] = counts["class_images"] * (rate.get("dreambooth", {}).get("s_per_image") or 0.0)
     return parts
+
+
+def analyse(measured: dict, settings: dict) -> dict:
+    """Rates, the model check on the run itself, and the full-protocol projection (one process's
+    sum of parts), from a run's ``measured`` block and the script's settings."""
+    subjects = len(settings["subjects"].split(","))
+    steps = {"textual_inversion": settings["ti_steps"], "dreambooth": settings["db_steps"],
+             "dreambooth_lora": settings["lora_steps"]}
+    rate = rates(measured, subjects, steps)
+    made = sum(t.get("class_images_generated", 0) for row in measured["per_method"].values() for t in row["trainings"])
+    run_counts = {"subjects": subjects, "steps": steps, "ti_passes": 1, "images": settings["prompts"] * 4,
+                  "class_images": made}
+    stages = measured.get("stage_seconds", {})
+    predicted = model(rate, run_counts)
+    execute = stages.get("execute")
+    # the model's parts against the run's own stage clock: what the parts miss is fixed cost
+    # (worker start-up, backbone builds), carried over unscaled to the projection
+    check = {
+        "parts_s": predicted,
+        "predicted_execute_s": sum(predicted.values()),
+        "measured_execute_s": execute,
+        "unmodelled_execute_s": (execute - sum(predicted.values())) if execute is not None else None,
+        "measured_stage_seconds": stages,
+        "measured_wall_s": measured["wall_seconds"],
+    }
+    p = PROTOCOL
+    ti = rate.get("textual_inversion")
+    if ti and ti["s_per_step"]:
+        # the protocol's passes of 8, at this run's per-subject cost (4 per pass here): conservative
+        rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
+    protocol_counts = {
+        "subjects": p["subjects"], "ti_passes": -(-p["subjects"] // p["ti_subjects_per_pass"]),
+        "steps": {"textual_inversion": p["ti_steps"], "dreambooth": p["db_steps"], "dreambooth_lora": p["lora_steps"]},
+        "images": p["images_per_method_subject"], "class_images": p["classes"] * p["class_images"],
+    }
+    projection = model(rate, protocol_counts)
+    projection["unmodelled_execute_s"] = max(0.0, check["unmodelled_execute_s"] or 0.0)
+    scored_images = sum(row["images"] for row in measured["per_method"].values())
+    projection["plan_and_process_s"] = (
+        (stages.get("plan", 0.0) + measured["wall_seconds"] - sum(stages.values())) if stages else 0.0
+    )
+    projection["score_s"] = stages.get("score", 0.0) * p["metric_images"] / max(1, scored_images)
+    execute_total = sum(v for k, v in projection.items() if k not in ("plan_and_process_s", "score_s"))
+    projection["total_gpu_hours"] = sum(projection.values()) / 3600
+    notes = (
+        f"Execute-stage parts {execute_total:.0f} s. Rates are per process; with --workers-per-gpu > 1 they run "
+        "concurrently, so the projection's total (a sum) overstates the wall time: divide by the measured gain of "
+        "the same workload against one worker (--combine). TI passes of 8 are projected at this run's per-subject "
+        "cost (a pass of 4), and its per-pass overhead (with any compile) counted in every pass: conservative. "
+        "Scoring is scaled by images from this run's score stage (its fixed cost included, conservative). Class "
+        "images at the DreamBooth generation rate."
+    )
+    return {"rates": rates(measured, subjects, steps), "model_check": check,
+            "projection_full_protocol": projection, "notes": notes}
 
 
 def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None = None,
@@ -201,7 +260,8 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     if differ:
         raise SystemExit(f"--combine: the two runs' workloads differ in {differ}")
     gain = one["measured"]["stage_seconds"]["execute"] / many["measured"]["stage_seconds"]["execute"]
-    projection = dict(one["projection_full_protocol"])
+    # recomputed from the run's measurements with this script's model (not the stored projection)
+    projection = analyse(one["measured"], one["settings"])["projection_full_protocol"]
     refinements = {}
     if ti_path:
         ti = json.loads(Path(ti_path).read_text())
@@ -283,51 +343,7 @@ def main(argv=None) -> int:
         "measured": measured,
     }
     if measured["returncode"] == 0 and measured["per_method"]:
-        subjects = len(args.subjects.split(","))
-        rate = rates(measured, subjects)
-        result["rates"] = rate
-        steps = {"textual_inversion": args.ti_steps, "dreambooth": args.db_steps, "dreambooth_lora": args.lora_steps}
-        made = sum(t.get("class_images_generated", 0) for row in measured["per_method"].values() for t in row["trainings"])
-        run_counts = {"subjects": subjects, "steps": steps, "ti_passes": 1, "images": args.prompts * 4, "class_images": made}
-        stages = measured.get("stage_seconds", {})
-        predicted = model(rate, run_counts)
-        execute = stages.get("execute")
-        # the model's parts against the run's own stage clock: what the parts miss is fixed cost
-        # (worker start-up, backbone builds), carried over unscaled to the projection
-        result["model_check"] = {
-            "parts_s": predicted,
-            "predicted_execute_s": sum(predicted.values()),
-            "measured_execute_s": execute,
-            "unmodelled_execute_s": (execute - sum(predicted.values())) if execute is not None else None,
-            "measured_stage_seconds": stages,
-            "measured_wall_s": measured["wall_seconds"],
-        }
-        p = PROTOCOL
-        ti = rate.get("textual_inversion")
-        if ti and ti["s_per_step"]:
-            # the protocol's passes of 8, at this run's per-subject cost (4 per pass here): conservative
-            rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
-        protocol_counts = {
-            "subjects": p["subjects"], "ti_passes": -(-p["subjects"] // p["ti_subjects_per_pass"]),
-            "steps": {"textual_inversion": p["ti_steps"], "dreambooth": p["db_steps"], "dreambooth_lora": p["lora_steps"]},
-            "images": p["images_per_method_subject"], "class_images": p["classes"] * p["class_images"],
-        }
-        projection = model(rate, protocol_counts)
-        projection["unmodelled_execute_s"] = max(0.0, result["model_check"]["unmodelled_execute_s"] or 0.0)
-        scored_images = sum(row["images"] for row in measured["per_method"].values())
-        non_execute = (stages.get("plan", 0.0) + measured["wall_seconds"] - sum(stages.values())) if stages else 0.0
-        projection["plan_and_process_s"] = non_execute
-        projection["score_s"] = stages.get("score", 0.0) * p["metric_images"] / max(1, scored_images)
-        execute_total = sum(v for k, v in projection.items() if k not in ("plan_and_process_s", "score_s"))
-        projection["total_gpu_hours"] = sum(projection.values()) / 3600
-        result["projection_full_protocol"] = projection
-        result["notes"] = (
-            f"Execute-stage parts {execute_total:.0f} s. Rates are per process; with --workers-per-gpu > 1 they run "
-            "concurrently, so the projection's total (a sum) overstates the wall time: divide by the measured gain of "
-            "the same workload against one worker. TI passes of 8 are projected at this run's per-subject cost (a "
-            "pass of 4), conservative. Scoring is scaled by images from this run's score stage (its fixed cost "
-            "included, conservative). Class images at the DreamBooth generation rate."
-        )
+        result.update(analyse(measured, vars(args)))
     text = json.dumps(result, indent=1, default=str)
     print(text)
     out = Path(args.out or Path(os.environ.get("OUT", ".")) / "gpu_protocol.json")

@@ -28,42 +28,52 @@ def _training(seconds, per_step, prepare, class_images=0):
 
 def test_rates_separate_overhead_class_images_and_compiles(protocol):
     measured = {"per_method": {
-        # TI: one pass of 2 subjects, 10 s of steps; DONE seconds are the pass's share (7 s each)
+        # TI: one pass of 2 subjects, 100 steps at 0.1 s; DONE seconds are the pass's share (7 s each)
         "textual_inversion": {"s_per_image_median": 0.5, "seconds": [0.5, 0.5, 3.5, 0.5],
                               "trainings": [_training(10.0, 0.1, 7.0), _training(10.0, 0.1, 7.0)]},
-        # DreamBooth: the first subject made 4 class images (at 0.25 s) and compiled (+20 s)
+        # DreamBooth, 50 steps at 0.1 s: the first subject made 4 class images (at 0.25 s) and compiled
         "dreambooth": {"s_per_image_median": 0.25, "seconds": [0.25] * 4,
                        "trainings": [_training(10.0, 0.1, 32.0, class_images=4), _training(10.0, 0.1, 11.0)]},
     }}
-    rates = protocol.rates(measured, subjects=2)
+    steps = {"textual_inversion": 100, "dreambooth": 50}
+    rates = protocol.rates(measured, 2, steps)
     ti, db = rates["textual_inversion"], rates["dreambooth"]
-    assert ti["overhead_s"] == pytest.approx(2.0) and ti["first_training_extra_s"] == pytest.approx(0.0)
+    # TI per pass: 2 × 7 − 100 × 0.1 = 4
+    assert ti["overhead_s"] == pytest.approx(4.0) and ti["overhead_per"] == "pass"
+    assert ti["first_training_extra_s"] == pytest.approx(0.0)
     assert ti["compile_extra_s"] == pytest.approx(3.0)  # the one slow image, above the median
-    # overheads: 32 - 10 - 4 × 0.25 = 21 and 11 - 10 = 1 → median 11, first extra 10
-    assert db["overhead_s"] == pytest.approx(11.0) and db["first_training_extra_s"] == pytest.approx(10.0)
+    # DreamBooth per subject: 32 − 5 − 4 × 0.25 = 26 and 11 − 5 = 6 → median 16, first extra 10
+    assert db["overhead_s"] == pytest.approx(16.0) and db["first_training_extra_s"] == pytest.approx(10.0)
     parts = protocol.model(rates, {"subjects": 3, "ti_passes": 2, "images": 10, "class_images": 8,
                                    "steps": {"textual_inversion": 100, "dreambooth": 50}})
     assert parts["textual_inversion_training_s"] == pytest.approx(2 * 100 * 0.1)
+    assert parts["textual_inversion_overhead_s"] == pytest.approx(2 * 4.0)  # per pass
     assert parts["dreambooth_training_s"] == pytest.approx(3 * 50 * 0.1)
-    assert parts["dreambooth_overhead_s"] == pytest.approx(3 * 11.0 + 10.0)
+    assert parts["dreambooth_overhead_s"] == pytest.approx(3 * 16.0 + 10.0)
     assert parts["textual_inversion_images_s"] == pytest.approx(3 * 10 * 0.5 + 3.0)
     assert parts["class_images_s"] == pytest.approx(8 * 0.25)
 
 
-def _run_json(path, workers, execute, parts):
-    settings = {"workers_per_gpu": workers, "subjects": "a,b", "ti_steps": 1, "db_steps": 1, "lora_steps": 1,
-                "class_images": 1, "prompts": 1, "sampling_steps": 1, "batch_size": 1}
-    projection = {**parts, "total_gpu_hours": sum(parts.values()) / 3600}
-    path.write_text(json.dumps({"settings": settings, "measured": {"stage_seconds": {"execute": execute}},
-                                "projection_full_protocol": projection}))
+def _run_json(path, workers, execute):
+    settings = {"workers_per_gpu": workers, "subjects": "a,b", "ti_steps": 100, "db_steps": 50, "lora_steps": 50,
+                "class_images": 4, "prompts": 1, "sampling_steps": 1, "batch_size": 4}
+    measured = {
+        "wall_seconds": execute + 30.0,
+        "stage_seconds": {"plan": 5.0, "execute": execute, "score": 10.0},
+        "per_method": {
+            "textual_inversion": {"images": 8, "s_per_image_median": 0.5, "seconds": [0.5] * 8,
+                                  "trainings": [_training(10.0, 0.1, 7.0), _training(10.0, 0.1, 7.0)]},
+            "dreambooth": {"images": 8, "s_per_image_median": 0.25, "seconds": [0.25] * 8,
+                           "trainings": [_training(5.0, 0.1, 7.0, 4), _training(5.0, 0.1, 6.0)]},
+        },
+    }
+    path.write_text(json.dumps({"settings": settings, "measured": measured}))
     return str(path)
 
 
 def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_path):
-    parts = {"textual_inversion_training_s": 3000.0, "dreambooth_training_s": 3600.0,
-             "plan_and_process_s": 100.0, "score_s": 500.0}
-    one = _run_json(tmp_path / "one.json", 1, 200.0, parts)
-    many = _run_json(tmp_path / "many.json", 4, 100.0, parts)
+    one = _run_json(tmp_path / "one.json", 1, 200.0)
+    many = _run_json(tmp_path / "many.json", 4, 100.0)
     ti = tmp_path / "ti.json"
     ti.write_text(json.dumps({"settings": {"measured_steps": 10, "compile_training": True},
                               "passes": [{"subjects": 8, "s_per_subject_step": 0.01, "s_per_step": 0.08,
@@ -71,26 +81,33 @@ def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_pa
     scoring = tmp_path / "scoring.json"
     scoring.write_text(json.dumps({"n_images": 3000, "score_run": {"seconds": 30.0}}))
     out = tmp_path / "combined.json"
+    # the projection is recomputed from the one-worker run's measurements
+    parts = protocol.analyse(json.loads(Path(one).read_text())["measured"],
+                             json.loads(Path(one).read_text())["settings"])["projection_full_protocol"]
+    total = parts.pop("total_gpu_hours") * 3600
+    fixed = parts["plan_and_process_s"] + parts["score_s"]
+    assert parts["plan_and_process_s"] == pytest.approx(5.0 + 30.0 - 15.0)  # plan + outside the stages
+    assert parts["score_s"] == pytest.approx(10.0 * 9000 / 16)
     assert protocol.combine(one, many, str(out)) == 0
     plain = json.loads(out.read_text())
     assert plain["execute_gain"] == pytest.approx(2.0)
-    assert plain["one_worker_gpu_hours"] == pytest.approx(7200 / 3600)
-    assert plain["k_workers_gpu_hours"] == pytest.approx((6600 / 2 + 600) / 3600)
+    assert plain["one_worker_gpu_hours"] == pytest.approx(total / 3600)
+    assert plain["k_workers_gpu_hours"] == pytest.approx(((total - fixed) / 2 + fixed) / 3600)
     protocol.combine(one, many, str(out), ti_path=str(ti), scoring_path=str(scoring))
     refined = json.loads(out.read_text())
     # TI: 32 slots (4 passes of 8) × 5000 steps × 0.01 s + the first step's surplus 50.8 − 10 × 0.08
     ti_s = 32 * 5000 * 0.01 + 50.0
     score_s = 30.0 / 3000 * 9000
     assert refined["parts_one_worker_s"]["textual_inversion_training_s"] == pytest.approx(ti_s)
-    assert refined["k_workers_gpu_hours"] == pytest.approx(((ti_s + 3600) / 2 + 100 + score_s) / 3600)
+    execute = total - fixed - parts["textual_inversion_training_s"] + ti_s
+    assert refined["k_workers_gpu_hours"] == pytest.approx((execute / 2 + parts["plan_and_process_s"] + score_s) / 3600)
     assert set(refined["refinements"]) == {"textual_inversion_training_s", "score_s"}
 
 
 def test_combine_refuses_runs_of_different_workloads(protocol, tmp_path):
-    parts = {"plan_and_process_s": 1.0, "score_s": 1.0}
-    one = _run_json(tmp_path / "one.json", 1, 10.0, parts)
+    one = _run_json(tmp_path / "one.json", 1, 10.0)
     many_path = tmp_path / "many.json"
-    _run_json(many_path, 4, 5.0, parts)
+    _run_json(many_path, 4, 5.0)
     data = json.loads(many_path.read_text())
     data["settings"]["db_steps"] = 2
     many_path.write_text(json.dumps(data))
