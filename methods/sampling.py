@@ -126,12 +126,39 @@ def compiled_unet(unet: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(unet, **COMPILE_OPTIONS)
 
 
+def compile_failed() -> bool:
+    """Whether a torch.compile failure has turned compiling off in this process."""
+    return bool(_compile_failed)
+
+
 def _maybe_compiled(unet: torch.nn.Module, wanted: bool) -> torch.nn.Module:
     return compiled_unet(unet) if wanted and not _compile_failed else unet
 
 
 def _eager(unet: torch.nn.Module) -> torch.nn.Module:
     return getattr(unet, "_orig_mod", unet)
+
+
+def compile_failure(error: BaseException, what: str, setting: str) -> bool:
+    """True if ``error`` is torch.compile's (dynamo/inductor): then compiling is off for the
+    rest of the process (``compiled_unet`` callers run eager) and one warning says so; False
+    for any other error, which the caller re-raises."""
+    import torch._dynamo.exc as dynamo_errors
+
+    compiler_error = isinstance(error, dynamo_errors.TorchDynamoException) or type(error).__module__.startswith(
+        ("torch._dynamo", "torch._inductor")
+    )
+    if not compiler_error:
+        return False
+    if not _compile_failed:
+        reason = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:2])
+        _compile_failed.append(f"{type(error).__name__}: {reason}")
+        log.warning(
+            "torch.compile of the %s UNet failed (%s); running eagerly from now on "
+            "(same results within the stated tolerance, slower). Set %s=false to skip the attempt.",
+            what, _compile_failed[0], setting,
+        )
+    return True
 
 
 def _call_pipeline(pipeline, **kwargs):
@@ -141,22 +168,9 @@ def _call_pipeline(pipeline, **kwargs):
         return pipeline(**kwargs)
     try:
         return pipeline(**kwargs)
-    except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed, see below
-        import torch._dynamo.exc as dynamo_errors
-
-        compiler_error = isinstance(error, dynamo_errors.TorchDynamoException) or type(error).__module__.startswith(
-            ("torch._dynamo", "torch._inductor")
-        )
-        if not compiler_error:
+    except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed, see compile_failure
+        if not compile_failure(error, "sampling", "generation.compile"):
             raise
-        if not _compile_failed:
-            reason = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:2])
-            _compile_failed.append(f"{type(error).__name__}: {reason}")
-            log.warning(
-                "torch.compile of the sampling UNet failed (%s); sampling eagerly from now on "
-                "(same images within the stated tolerance, slower). Set generation.compile=false "
-                "to skip the attempt.", _compile_failed[0],
-            )
         # A compile fails at the first UNet call, before the scheduler has drawn from the
         # generators, so the caller's latents and generators are reused unchanged.
         pipeline.register_modules(unet=_eager(unet))

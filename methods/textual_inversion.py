@@ -88,7 +88,13 @@ from methods.diffusion import (
     tokenize,
     working_copy,
 )
-from methods.sampling import build_pipeline, compiled_unet, generate_images
+from methods.sampling import (
+    build_pipeline,
+    compile_failed,
+    compile_failure,
+    compiled_unet,
+    generate_images,
+)
 from methods.training import TrainBatch, TrainingParams, TrainResult, checkpoint_name, train_loop
 
 # The 27 templates of the official code's ``imagenet_templates_small`` head (the whole list of
@@ -465,7 +471,9 @@ class TextualInversion(Method):
             ):
                 return train_loop(
                     # training.compile (auto: on for CUDA): the frozen UNet's compiled view, same weights
-                    unet=compiled_unet(backbone.unet) if self.context.compile_training else backbone.unet,
+                    unet=compiled_unet(backbone.unet)
+                    if self.context.compile_training and not compile_failed()
+                    else backbone.unet,
                     noise_scheduler=scheduler,
                     parameters=[t.vectors for t in trainings],
                     params=p,
@@ -481,10 +489,24 @@ class TextualInversion(Method):
         finally:
             embedding.set_vectors(None)
 
+    def _train_fresh(
+        self, backbone: Backbone, subjects: Sequence[Subject], seeds: Sequence[int], workdirs: Sequence[Path]
+    ) -> tuple[list[_SubjectTraining], TrainResult]:
+        """Set up and train; if the compiled UNet (``training.compile``) fails to compile, warn
+        once and train again from a fresh setup, eagerly (the failure comes at the first UNet
+        call, before any step; the redo draws exactly what the first attempt drew)."""
+        trainings = [self._training_setup(backbone, s, seed) for s, seed in zip(subjects, seeds)]
+        try:
+            return trainings, self._train(backbone, trainings, workdirs)
+        except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed
+            if not (self.context.compile_training and compile_failure(error, "training", "training.compile")):
+                raise
+        trainings = [self._training_setup(backbone, s, seed) for s, seed in zip(subjects, seeds)]
+        return trainings, self._train(backbone, trainings, workdirs)
+
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:
         backbone = self._backbone()
-        training = self._training_setup(backbone, subject, seed)
-        result = self._train(backbone, [training], [workdir])
+        (training,), result = self._train_fresh(backbone, [subject], [seed], [workdir])
         self._write_state(training, workdir, result)
 
     def prepares_many(self) -> bool:
@@ -502,8 +524,7 @@ class TextualInversion(Method):
         if not len(subjects) == len(workdirs) == len(seeds):
             raise ValueError("prepare_many: subjects, workdirs and seeds must have one entry each")
         backbone = self._backbone()
-        trainings = [self._training_setup(backbone, s, seed) for s, seed in zip(subjects, seeds)]
-        result = self._train(backbone, trainings, workdirs)
+        trainings, result = self._train_fresh(backbone, subjects, seeds, workdirs)
         for i, (training, workdir) in enumerate(zip(trainings, workdirs)):
             # Timings are the pass's (the harness's DONE records each subject's share).
             self._write_state(training, workdir, dataclasses.replace(result, losses=[row[i] for row in result.losses]))

@@ -121,7 +121,7 @@ def test_compile_failure_falls_back_to_identical_eager_images(backbone, fresh_co
     with caplog.at_level(logging.WARNING, logger="methods.sampling"):
         fallen_back = generate_images(build_pipeline(backbone, FAST, compile_unet=True), PROMPTS, SEEDS, FAST, 64)
     assert np.array_equal(_pixels(eager), _pixels(fallen_back))
-    assert "sampling eagerly from now on" in caplog.text and "no C++ compiler" in caplog.text
+    assert "sampling UNet failed" in caplog.text and "running eagerly from now on" in caplog.text and "no C++ compiler" in caplog.text
     assert sampling._compile_failed
     # Later pipelines do not try again.
     assert build_pipeline(backbone, FAST, compile_unet=True).unet is backbone.unet
@@ -251,3 +251,32 @@ def test_records_say_compile_only_where_the_method_sampled_compiled(tmp_path, fr
     assert records and all(r["compile"] is False for r in records)
     assert TextualInversion.samples_compiled and DreamBooth.samples_compiled and DreamBoothLoRA.samples_compiled
     assert not HifiTuner.samples_compiled and not TwoStage.samples_compiled
+
+
+def test_training_compile_failure_trains_eagerly_with_identical_results(tmp_path, dog, fresh_compile_state,
+                                                                      monkeypatch, caplog):
+    """``training.compile`` on a machine where compiling fails: one warning, then the training
+    redone eagerly from a fresh setup — the same vectors and losses as an eager run."""
+    from safetensors.torch import load_file
+
+    from methods.base import MethodContext
+    from methods.textual_inversion import TextualInversion, TextualInversionParams
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    monkeypatch.setitem(sampling.COMPILE_OPTIONS, "backend", failing_backend)
+    params = TextualInversionParams(steps=2)
+    results = {}
+    for compiled in (False, True):
+        context = MethodContext(backbone=resolve_backbone("tiny"), resolution=64, cache_dir=tmp_path / "cache",
+                                compile_training=compiled)
+        workdir = tmp_path / f"state-{compiled}"
+        workdir.mkdir()
+        with caplog.at_level(logging.WARNING, logger="methods.sampling"):
+            TextualInversion(params, context).prepare(dog, workdir, seed=0)
+        state = json.loads((workdir / "state.json").read_text())
+        results[compiled] = (state["losses"], load_file(str(workdir / "learned_embeds.safetensors")))
+    assert sampling._compile_failed and "training UNet failed" in caplog.text and "training.compile=false" in caplog.text
+    assert results[True][0] == results[False][0]
+    assert all(torch.equal(results[True][1][k], results[False][1][k]) for k in results[False][1])
