@@ -37,6 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_methods import synchronize as sync  # noqa: E402
+from benchmarks.gpu_methods import timed  # noqa: E402
 from methods import diffusion  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
@@ -45,19 +47,6 @@ from methods.sampling import build_pipeline, generate_images  # noqa: E402
 from methods.training import TrainBatch, TrainingParams, train_loop  # noqa: E402
 
 PROMPT = "a photo of a sks dog on the beach"
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    out = fn()
-    sync(device)
-    return out, time.perf_counter() - start
 
 
 def png_seconds(images) -> float:
