@@ -240,6 +240,9 @@ def training(args, backbone, device, results):
     variant("pinned_async_copies", pinned=True, compile_unet=False)
     if args.compile:
         variant(f"pinned+compile[{args.train_compile_mode}]", pinned=True, compile_unet=True)
+        # a second subject's training in the same process: a new fp32 copy, the compiled code reused?
+        # (its first_step_s against the first's says what the next training pays)
+        variant(f"pinned+compile[{args.train_compile_mode}] second copy", pinned=True, compile_unet=True)
 
 
 def train_child(args) -> int:
