@@ -396,8 +396,8 @@ def _generate_batch(method, state, checkpoint, batch, group, job, store, result,
             )
         seconds = (time.perf_counter() - started) / len(units)
         memory = environment.peak_memory_mb(job.context.device)
+        compiled = job.context.compile_unet and getattr(method, "samples_compiled", False)
         for unit, image in zip(units, images):
-            compiled = job.context.compile_unet and getattr(method, "samples_compiled", False)
             writer.submit(unit, image, _record(unit, group, job, seconds, memory, compiled))
             written.add(unit.key)
 

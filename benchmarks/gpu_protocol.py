@@ -210,16 +210,17 @@ def analyse(measured: dict, settings: dict) -> dict:
         "measured_wall_s": measured["wall_seconds"],
     }
     p = PROTOCOL
+    protocol_rate = rate
     ti = rate.get("textual_inversion")
     if ti and ti["s_per_step"]:
         # the protocol's passes of 8, at this run's per-subject cost (4 per pass here): conservative
-        rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
+        protocol_rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
     protocol_counts = {
         "subjects": p["subjects"], "ti_passes": -(-p["subjects"] // p["ti_subjects_per_pass"]),
         "steps": {"textual_inversion": p["ti_steps"], "dreambooth": p["db_steps"], "dreambooth_lora": p["lora_steps"]},
         "images": p["images_per_method_subject"], "class_images": p["classes"] * p["class_images"],
     }
-    projection = model(rate, protocol_counts)
+    projection = model(protocol_rate, protocol_counts)
     projection["unmodelled_execute_s"] = max(0.0, check["unmodelled_execute_s"] or 0.0)
     scored_images = sum(row["images"] for row in measured["per_method"].values())
     projection["plan_and_process_s"] = (
@@ -236,7 +237,7 @@ def analyse(measured: dict, settings: dict) -> dict:
         "Scoring is scaled by images from this run's score stage (its fixed cost included, conservative). Class "
         "images at the DreamBooth generation rate."
     )
-    return {"rates": rates(measured, subjects, steps), "model_check": check,
+    return {"rates": rate, "model_check": check,
             "projection_full_protocol": projection, "notes": notes}
 
 
@@ -268,9 +269,9 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
         passes = {p["subjects"]: p for p in ti["passes"]}
         if PROTOCOL["ti_subjects_per_pass"] not in passes:
             raise SystemExit(f"--ti-json {ti_path}: no pass of {PROTOCOL['ti_subjects_per_pass']} subjects in it")
-        rate = passes[PROTOCOL["ti_subjects_per_pass"]]["s_per_subject_step"]
-        slots = -(-PROTOCOL["subjects"] // PROTOCOL["ti_subjects_per_pass"]) * PROTOCOL["ti_subjects_per_pass"]
         measured = passes[PROTOCOL["ti_subjects_per_pass"]]
+        rate = measured["s_per_subject_step"]
+        slots = -(-PROTOCOL["subjects"] // PROTOCOL["ti_subjects_per_pass"]) * PROTOCOL["ti_subjects_per_pass"]
         # the first step's surplus (the compile, when compile_training) counted once
         first_step = measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"]
         before = projection["textual_inversion_training_s"]

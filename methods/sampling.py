@@ -98,7 +98,7 @@ def build_pipeline(
         vae=backbone.vae,
         text_encoder=text_encoder if text_encoder is not None else backbone.text_encoder,
         tokenizer=tokenizer if tokenizer is not None else backbone.tokenizer,
-        unet=_maybe_compiled(unet if unet is not None else backbone.unet, compile_unet),
+        unet=maybe_compiled(unet if unet is not None else backbone.unet, compile_unet),
         scheduler=make_scheduler(backbone.scheduler_config, sampler),
         safety_checker=None,
         feature_extractor=None,
@@ -126,12 +126,8 @@ def compiled_unet(unet: torch.nn.Module) -> torch.nn.Module:
     return torch.compile(unet, **COMPILE_OPTIONS)
 
 
-def compile_failed() -> bool:
-    """Whether a torch.compile failure has turned compiling off in this process."""
-    return bool(_compile_failed)
-
-
-def _maybe_compiled(unet: torch.nn.Module, wanted: bool) -> torch.nn.Module:
+def maybe_compiled(unet: torch.nn.Module, wanted: bool) -> torch.nn.Module:
+    """``compiled_unet(unet)`` if ``wanted`` and no compile has failed in this process, else ``unet``."""
     return compiled_unet(unet) if wanted and not _compile_failed else unet
 
 

@@ -88,13 +88,7 @@ from methods.diffusion import (
     tokenize,
     working_copy,
 )
-from methods.sampling import (
-    build_pipeline,
-    compile_failed,
-    compile_failure,
-    compiled_unet,
-    generate_images,
-)
+from methods.sampling import build_pipeline, compile_failure, generate_images, maybe_compiled
 from methods.training import TrainBatch, TrainingParams, TrainResult, checkpoint_name, train_loop
 
 # The 27 templates of the official code's ``imagenet_templates_small`` head (the whole list of
@@ -471,9 +465,7 @@ class TextualInversion(Method):
             ):
                 return train_loop(
                     # training.compile (auto: on for CUDA): the frozen UNet's compiled view, same weights
-                    unet=compiled_unet(backbone.unet)
-                    if self.context.compile_training and not compile_failed()
-                    else backbone.unet,
+                    unet=maybe_compiled(backbone.unet, self.context.compile_training),
                     noise_scheduler=scheduler,
                     parameters=[t.vectors for t in trainings],
                     params=p,
@@ -495,13 +487,16 @@ class TextualInversion(Method):
         """Set up and train; if the compiled UNet (``training.compile``) fails to compile, warn
         once and train again from a fresh setup, eagerly (the failure comes at the first UNet
         call, before any step; the redo draws exactly what the first attempt drew)."""
-        trainings = [self._training_setup(backbone, s, seed) for s, seed in zip(subjects, seeds)]
+        def setup() -> list[_SubjectTraining]:
+            return [self._training_setup(backbone, s, seed) for s, seed in zip(subjects, seeds)]
+
+        trainings = setup()
         try:
             return trainings, self._train(backbone, trainings, workdirs)
         except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed
             if not (self.context.compile_training and compile_failure(error, "training", "training.compile")):
                 raise
-        trainings = [self._training_setup(backbone, s, seed) for s, seed in zip(subjects, seeds)]
+        trainings = setup()  # compile_failure turned compiling off: this pass runs eagerly
         return trainings, self._train(backbone, trainings, workdirs)
 
     def prepare(self, subject: Subject, workdir: Path, seed: int) -> None:

@@ -199,6 +199,8 @@ def cost_table(run: RunData) -> pd.DataFrame:
         prepare_peak, prepare_kind = _peak(done_states, "prepare_peak_cuda_mb", "prepare_peak_rss_mb")
         generate_peak, generate_kind = _peak(images, "peak_cuda_mb", "peak_rss_mb")
         has_states = not done_states.empty
+        prepare_total = float(done_states["prepare_seconds"].sum()) if has_states else np.nan
+        generate_total = float(images["seconds_per_image"].sum()) if not images.empty else 0.0
         rows.append(
             {
                 "method": planned["label"].iloc[0],
@@ -207,7 +209,7 @@ def cost_table(run: RunData) -> pd.DataFrame:
                 "subjects_planned": planned["subject"].nunique(),
                 "prepare_device": _device_class(done_states["prepare_device"]) if has_states else "?",
                 "prepare_seconds_per_subject": float(done_states["prepare_seconds"].mean()) if has_states else np.nan,
-                "prepare_seconds_total": float(done_states["prepare_seconds"].sum()) if has_states else np.nan,
+                "prepare_seconds_total": prepare_total,
                 "prepare_peak_mb": prepare_peak,
                 "prepare_peak_kind": prepare_kind,
                 "state_mb_per_subject": float(done_states["state_bytes"].mean()) / 2**20 if has_states else np.nan,
@@ -217,10 +219,7 @@ def cost_table(run: RunData) -> pd.DataFrame:
                 "seconds_per_image": float(images["seconds_per_image"].mean()) if not images.empty else np.nan,
                 "generate_peak_mb": generate_peak,
                 "generate_peak_kind": generate_kind,
-                "device_hours": (
-                    (float(done_states["prepare_seconds"].sum()) if has_states else 0.0)
-                    + (float(images["seconds_per_image"].sum()) if not images.empty else 0.0)
-                ) / 3600,
+                "device_hours": ((prepare_total if has_states else 0.0) + generate_total) / 3600,
                 **_pretraining(done_states),
             }
         )

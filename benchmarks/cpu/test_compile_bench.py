@@ -10,9 +10,6 @@ Run explicitly: ``python -m pytest benchmarks/cpu/test_compile_bench.py --benchm
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import torch
 
 from methods import sampling
@@ -25,32 +22,15 @@ PROMPTS = [f"a photo of a dog number {i}" for i in range(8)]
 SEEDS = list(range(8))
 
 
-def _pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
-
-
-def test_compiled_vs_eager_sampling_tiny(benchmark):
+def test_compiled_vs_eager_sampling_tiny(compare_to_reference):
     torch._dynamo.reset()
     backbone = load_backbone(resolve_backbone("tiny"))
     eager_pipeline = build_pipeline(backbone, SAMPLER)
     compiled_pipeline = build_pipeline(backbone, SAMPLER, compile_unet=True)
-    figures = {}
-
-    generate_images(eager_pipeline, PROMPTS, SEEDS, SAMPLER, 64)  # warm-up
-    started = time.perf_counter()
-    eager = generate_images(eager_pipeline, PROMPTS, SEEDS, SAMPLER, 64)
-    figures["eager_s_per_image"] = (time.perf_counter() - started) / len(PROMPTS)
-
-    started = time.perf_counter()
-    generate_images(compiled_pipeline, PROMPTS, SEEDS, SAMPLER, 64)
-    figures["compile_first_call_s"] = time.perf_counter() - started
-    assert not sampling._compile_failed, sampling._compile_failed
-
-    compiled = benchmark.pedantic(
-        lambda: generate_images(compiled_pipeline, PROMPTS, SEEDS, SAMPLER, 64), rounds=3, iterations=1
+    figures = compare_to_reference(
+        lambda: generate_images(eager_pipeline, PROMPTS, SEEDS, SAMPLER, 64),
+        lambda: generate_images(compiled_pipeline, PROMPTS, SEEDS, SAMPLER, 64),  # first call: the compile
+        len(PROMPTS), ("eager", "compiled"),
     )
-    figures["compiled_s_per_image"] = benchmark.stats.stats.min / len(PROMPTS) if benchmark.stats else float("nan")
-    figures["max_abs_diff_levels"] = int(np.abs(_pixels(eager) - _pixels(compiled)).max())
-    benchmark.extra_info.update({k: round(v, 4) for k, v in figures.items()})
-    print(figures)
+    assert not sampling._compile_failed, sampling._compile_failed
     assert figures["max_abs_diff_levels"] <= 2

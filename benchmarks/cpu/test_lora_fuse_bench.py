@@ -11,9 +11,6 @@ Run explicitly: ``python -m pytest benchmarks/cpu/test_lora_fuse_bench.py --benc
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import torch
 
 from data.subjects import load_subjects
@@ -28,11 +25,7 @@ PROMPTS = [f"a sks dog number {i}" for i in range(8)]
 SEEDS = list(range(8))
 
 
-def _pixels(images) -> np.ndarray:
-    return np.stack([np.asarray(image, dtype=np.int16) for image in images])
-
-
-def test_fused_vs_adapter_lora_sampling_tiny(benchmark, tmp_path):
+def test_fused_vs_adapter_lora_sampling_tiny(compare_to_reference, tmp_path):
     torch.set_num_threads(1)
     dog = load_subjects("mini", subjects=["dog"])[0]
     context = MethodContext(backbone=resolve_backbone("tiny"), resolution=64, cache_dir=tmp_path / "cache")
@@ -43,15 +36,9 @@ def test_fused_vs_adapter_lora_sampling_tiny(benchmark, tmp_path):
 
     adapter = build_pipeline(backbone, SAMPLER, unet=working_copy(backbone.unet))
     adapter.load_lora_weights(str(state.path / "lora-final"))
-    generate_images(adapter, PROMPTS, SEEDS, SAMPLER, 64)  # warm-up
-    started = time.perf_counter()
-    theirs = generate_images(adapter, PROMPTS, SEEDS, SAMPLER, 64)
-    figures = {"adapter_s_per_image": (time.perf_counter() - started) / len(PROMPTS)}
-
-    method.generate(state, "final", PROMPTS, SEEDS, SAMPLER)  # warm-up (loads and fuses once)
-    ours = benchmark.pedantic(lambda: method.generate(state, "final", PROMPTS, SEEDS, SAMPLER), rounds=3, iterations=1)
-    figures["fused_s_per_image"] = benchmark.stats.stats.min / len(PROMPTS) if benchmark.stats else float("nan")
-    figures["max_abs_diff_levels"] = int(np.abs(_pixels(ours) - _pixels(theirs)).max())
-    benchmark.extra_info.update({k: round(v, 4) for k, v in figures.items()})
-    print(figures)
+    figures = compare_to_reference(
+        lambda: generate_images(adapter, PROMPTS, SEEDS, SAMPLER, 64),
+        lambda: method.generate(state, "final", PROMPTS, SEEDS, SAMPLER),  # first call loads and fuses
+        len(PROMPTS), ("adapter", "fused"),
+    )
     assert figures["max_abs_diff_levels"] <= 2
