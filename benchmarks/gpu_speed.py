@@ -258,18 +258,23 @@ def train_child(args) -> int:
     with torch.no_grad():
         hidden = diffusion.encode_text(backbone.text_encoder, backbone.tokenizer, [PROMPT, "a photo of dog"], device)
     unet = fp32_trainable_copy(backbone, "unet")
+    # --compile: this child trains through torch.compile (the warm-up below pays the compile, before
+    # the barrier, so the timed window holds compiled steps only; compile seconds are reported)
+    model = torch.compile(unet, mode=args.train_compile_mode) if args.compile else unet
     weights = torch.tensor([1.0, 1.0])
 
     def run(steps):
         params = TrainingParams(steps=steps, learning_rate=5e-6, adam_weight_decay=1e-2)
         return train_loop(
-            unet=unet, noise_scheduler=scheduler, parameters=list(unet.parameters()), params=params,
+            unet=model, noise_scheduler=scheduler, parameters=list(unet.parameters()), params=params,
             learning_rate=params.learning_rate, next_batch=lambda step: TrainBatch(latents, [PROMPT, "dog"], weights),
             encode_prompts=lambda prompts: hidden, generator=torch.Generator().manual_seed(1),
             device=device, dtype=backbone.dtype,
         )
 
-    run(3)  # warm-up: cuDNN autotuning, allocator
+    warm_start = time.time()
+    run(3)  # warm-up: cuDNN autotuning, allocator (and the compile, with --compile)
+    warm_seconds = time.time() - warm_start
     barrier = Path(args.barrier)
     (barrier / f"ready-{os.getpid()}").touch()
     deadline = time.time() + 600
@@ -280,7 +285,8 @@ def train_child(args) -> int:
     end = time.time()
     Path(args.out).write_text(json.dumps({
         "start": start, "end": end, "s_per_step": result.seconds_per_step,
-        "peak_gib": (result.peak_memory_bytes or 0) / 2**30,
+        "peak_gib": (result.peak_memory_bytes or 0) / 2**30, "warmup_seconds": warm_seconds,
+        "losses_first5": result.losses[:5],
     }))
     return 0
 
@@ -292,11 +298,14 @@ def concurrency(args, backbone, device, results):
     windows; the amortized seconds per 1000 steps per subject is 1000 / that.
     """
     out = results.setdefault("training_concurrency", {})
-    for count in args.concurrency:
+    arms = [(count, compiled) for compiled in args.concurrency_arms for count in args.concurrency]
+    for count, compiled in arms:
         work = Path(tempfile.mkdtemp(prefix=f"conc{count}-"))
         command = [sys.executable, __file__, "--child-train", "--barrier", str(work), "--barrier-count", str(count),
                    "--train-steps", str(args.train_steps), "--backbone", args.backbone,
                    "--resolution", str(args.resolution), "--device", args.device]
+        if compiled:
+            command += ["--compile", "--train-compile-mode", args.train_compile_mode]
         started = time.perf_counter()
         processes = [subprocess.Popen([*command, "--out", str(work / f"child{i}.json")]) for i in range(count)]
         codes = []
@@ -307,7 +316,8 @@ def concurrency(args, backbone, device, results):
                 process.kill()
                 codes.append("timeout")
         children = [json.loads(path.read_text()) for path in sorted(work.glob("child*.json"))]
-        row = {"processes": count, "returncodes": codes, "wall_seconds_incl_start": time.perf_counter() - started}
+        row = {"processes": count, "compiled": compiled, "returncodes": codes,
+               "wall_seconds_incl_start": time.perf_counter() - started}
         if len(children) == count:
             window = max(c["end"] for c in children) - min(c["start"] for c in children)
             aggregate = count * args.train_steps / window
@@ -316,10 +326,20 @@ def concurrency(args, backbone, device, results):
                 "amortized_s_per_1000_steps_per_subject": 1000 / aggregate,
                 "s_per_step_each": [c["s_per_step"] for c in children],
                 "peak_gib_each": [c["peak_gib"] for c in children],
+                "warmup_seconds_each": [c.get("warmup_seconds") for c in children],
+                "losses_first5_each": [c.get("losses_first5") for c in children],
             })
-        out[str(count)] = row
+        out[f"{count}{'+compile' if compiled else ''}"] = row
         print("concurrency", row, flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
+
+
+def _arms(text: str) -> list[bool]:
+    names = [part for part in text.split(",") if part]
+    unknown = sorted(set(names) - {"eager", "compiled"})
+    if unknown:
+        raise argparse.ArgumentTypeError(f"--concurrency-arms: unknown {unknown}; use eager and/or compiled")
+    return [name == "compiled" for name in names]
 
 
 def _ints(text: str) -> list[int]:
@@ -346,6 +366,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--layout-arms", action="store_true", help="also time channels_last and fused QKV")
     parser.add_argument("--concurrency", type=_ints, default=[], help="e.g. 1,2,4,8: DreamBooth trainings at once")
+    parser.add_argument("--concurrency-arms", type=_arms, default=[False],
+                        help="comma list of eager,compiled: how the --concurrency children train (default eager)")
     parser.add_argument("--child-timeout", type=int, default=400)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", default=None, help=argparse.SUPPRESS)
