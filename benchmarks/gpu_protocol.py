@@ -62,6 +62,7 @@ def overrides(args) -> list[str]:
         f"methods.dreambooth_lora.class_image_steps={args.sampling_steps}", "methods.dreambooth_lora.checkpoint_steps=[]",
         "metrics.weights=random", "metrics.names=[clip_t,clip_i,dino,div]",
         f"generation.batch_size={args.batch_size}", f"generation.compile={args.compile}",
+        f"training.compile={args.training_compile}",
     ]
 
 
@@ -258,6 +259,9 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
                          f"{one['settings']['workers_per_gpu']} and {many['settings']['workers_per_gpu']}")
     same = ("subjects", "ti_steps", "db_steps", "lora_steps", "class_images", "prompts", "sampling_steps", "batch_size")
     differ = [k for k in same if one["settings"][k] != many["settings"][k]]
+    # compile settings (older results predate training_compile: it was auto then)
+    differ += [k for k in ("compile", "training_compile")
+               if one["settings"].get(k, "auto") != many["settings"].get(k, "auto")]
     if differ:
         raise SystemExit(f"--combine: the two runs' workloads differ in {differ}")
     gain = one["measured"]["stage_seconds"]["execute"] / many["measured"]["stage_seconds"]["execute"]
@@ -316,7 +320,9 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=int, default=4)
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--compile", default="auto")
+    parser.add_argument("--compile", default="auto", help="generation.compile")
+    parser.add_argument("--training-compile", default="auto",
+                        help="training.compile (true also compiles the DreamBooth fine-tune)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="passed to the CLI run")
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
                         help="no run: the one-worker projection with the execute stage divided by the gain that the "

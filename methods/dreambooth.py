@@ -27,6 +27,7 @@ disk and shared by every subject of the class). Defaults and where they come fro
 | L = ‖ε − ε_θ(z_t, c_inst)‖² + λ‖ε′ − ε_θ(z′_t, c_class)‖² | ``_train`` (per-sample weights 1/n, λ/n) → ``methods.training.train_loop`` | λ = ``prior_loss_weight`` = 1 | paper |
 | what trains | ``_trainable_modules`` | the whole UNet (fp32 master copy); text encoder off | paper (SD); text encoder: the script's default |
 | optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-6 constant, clip 1.0 | lr: paper; the rest: the script |
+| compiled training (opt-in) | ``_train`` (``maybe_compiled``) | ``training.compile=true`` only; ``auto`` trains eagerly | ours, for speed: kernels change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``) |
 | length, checkpoints | ``DreamBoothParams`` | 1000 steps; ``checkpoint_steps`` add ``step-N`` | paper; checkpoints ours, for sweeps |
 | sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
 | LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA) | diffusers LoRA script/README; prior on and fusing ours (below) |
@@ -86,7 +87,13 @@ from methods.diffusion import (
     subject_latents,
     working_copy,
 )
-from methods.sampling import build_pipeline, generate_images, quiet_loading
+from methods.sampling import (
+    build_pipeline,
+    compile_failure,
+    generate_images,
+    maybe_compiled,
+    quiet_loading,
+)
 from methods.training import TrainBatch, TrainingParams, TrainResult, checkpoint_name, train_loop
 
 INSTANCE_PROMPT = Prompt(template="a {0} {1}", category="instance", index=-1)
@@ -154,6 +161,8 @@ class DreamBooth(Method):
     description = "DreamBooth (Ruiz et al. 2023): full UNet fine-tune with prior preservation"
 
     samples_compiled = True  # generate() passes context.compile_unet to build_pipeline
+    # training.compile=true trains the full fine-tune through torch.compile (context.compile_finetune)
+    compiles_finetune = True
 
     def __init__(self, params: DreamBoothParams, context):
         super().__init__(params, context)
@@ -207,7 +216,7 @@ class DreamBooth(Method):
             prior_data = (class_latents, prior.prompt)
         self._collapse_prompts = self.collapse_prompts(subject)
         self._collapse: dict[str, list[dict]] = {}
-        result, files = self._train(backbone, (instance_latents, instance_prompt), prior_data, workdir, seed)
+        result, files = self._train_fresh(backbone, (instance_latents, instance_prompt), prior_data, workdir, seed)
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()  # the fp32 copies and optimizer state died with _train
         state = {
@@ -225,6 +234,28 @@ class DreamBooth(Method):
             "attention_collapse": self._collapse_record(),
         }
         (workdir / "state.json").write_text(json.dumps(state, indent=1))
+
+    def _train_fresh(
+        self,
+        backbone: Backbone,
+        instance: tuple[torch.Tensor, str],
+        prior: tuple[torch.Tensor, str] | None,
+        workdir: Path,
+        seed: int,
+    ) -> tuple[TrainResult, dict[str, dict]]:
+        """``_train``; if the compiled fine-tune (``training.compile=true``) fails to compile, warn
+        once and train again eagerly from fresh copies (the failure comes at the first UNet call,
+        before any step; the redo draws exactly what the first attempt drew)."""
+        try:
+            return self._train(backbone, instance, prior, workdir, seed)
+        except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed
+            if not (self._compiles_training() and compile_failure(error, "training", "training.compile")):
+                raise
+        self._collapse = {}
+        return self._train(backbone, instance, prior, workdir, seed)  # compiling is off now: eager
+
+    def _compiles_training(self) -> bool:
+        return self.context.compile_finetune and self.compiles_finetune
 
     def _train(
         self,
@@ -281,7 +312,9 @@ class DreamBooth(Method):
                 if module is not None:
                     stack.enter_context(gradient_checkpointing(module, p.gradient_checkpointing))
             result = train_loop(
-                unet=unet,
+                # training.compile=true: the fp32 copy's compiled view (same parameters; the compiled
+                # code is per architecture, so later subjects in this process reuse it)
+                unet=maybe_compiled(unet, self._compiles_training()),
                 noise_scheduler=make_noise_scheduler(backbone),
                 parameters=parameters,
                 params=p,
@@ -395,6 +428,7 @@ class DreamBooth(Method):
 
 class DreamBoothLoRA(DreamBooth):
     name = "dreambooth_lora"
+    compiles_finetune = False  # peft adapters: compiling them is not measured, so always eager
     version = "2"  # 2: state.json holds the attention-collapse diagnostic
     Params = DreamBoothLoRAParams
     description = (
