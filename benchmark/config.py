@@ -106,7 +106,7 @@ class TrainingConfig:
     # 5000 steps vs 94 s eager, after a one-time ~85 s compile; benchmarks/results), "true" = on
     # everywhere, "false" = eager. Kernels change, not the algorithm (losses and vectors within
     # the tolerance tests/test_sampling_compile.py states), so it is not part of any key.
-    # "true" also compiles DreamBooth's full fine-tune (reused by every later subject in the
+    # "true" also compiles DreamBooth and DreamBooth-LoRA (reused by every later subject in the
     # worker process; "auto" leaves it eager: it pays only over many steps per process).
     compile: str = "auto"
 

@@ -69,7 +69,7 @@ class MethodContext:
     deterministic: bool = False  # deterministic kernels (benchmark.environment.apply_determinism)
     compile_unet: bool = False  # sample through a torch.compile'd UNet (methods.sampling.compiled_unet)
     compile_training: bool = False  # train through it where the UNet is frozen (training.compile)
-    # full fine-tunes (DreamBooth) train through it too: training.compile=true only (auto leaves
+    # fine-tunes (DreamBooth, its LoRA) train through it too: training.compile=true only (auto leaves
     # them eager; benchmarks/results says when it pays)
     compile_finetune: bool = False
 

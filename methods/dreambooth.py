@@ -30,7 +30,7 @@ disk and shared by every subject of the class). Defaults and where they come fro
 | compiled training (opt-in) | ``_train`` (``maybe_compiled``) | ``training.compile=true`` only; ``auto`` trains eagerly | ours, for speed: kernels change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``) |
 | length, checkpoints | ``DreamBoothParams`` | 1000 steps; ``checkpoint_steps`` add ``step-N`` | paper; checkpoints ours, for sweeps |
 | sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
-| LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA) | diffusers LoRA script/README; prior on and fusing ours (below) |
+| LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA); ``training.compile=true`` compiles it like the full fine-tune | diffusers LoRA script/README; prior on and fusing ours (below) |
 
 Checkpoints: ``checkpoint_steps`` save ``step-N`` states for sweeps (DreamBlend, pareto
 fronts); the end is ``final``. The full fine-tune saves the whole UNet state dict (and the text
@@ -428,7 +428,8 @@ class DreamBooth(Method):
 
 class DreamBoothLoRA(DreamBooth):
     name = "dreambooth_lora"
-    compiles_finetune = False  # peft adapters: compiling them is not measured, so always eager
+    # training.compile=true: the base-plus-adapters UNet through torch.compile too (losses within
+    # fp32 rounding of eager on tiny, tests/test_sampling_compile.py)
     version = "2"  # 2: state.json holds the attention-collapse diagnostic
     Params = DreamBoothLoRAParams
     description = (
