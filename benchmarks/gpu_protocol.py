@@ -243,7 +243,7 @@ def analyse(measured: dict, settings: dict) -> dict:
 
 
 def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None = None,
-            scoring_path: str | None = None) -> int:
+            scoring_path: str | None = None, finetune_path: str | None = None) -> int:
     """Project K workers per GPU: the one-worker projection, its execute stage divided by the
     execute-stage speed-up the same 4-subject workload measured with K workers (more groups in
     the full protocol balance better, so this is conservative).
@@ -251,7 +251,11 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     Optional refinements from the component benchmarks, each named in the output: ``ti_path``
     (``gpu_ti_multi.py``: seconds per subject-step of its pass of 8, in place of the run's pass
     of 4) and ``scoring_path`` (``gpu_scoring.py``: ``score_run`` seconds per image over 3000
-    stored PNGs, in place of the run's score stage scaled with its fixed costs).
+    stored PNGs, in place of the run's score stage scaled with its fixed costs) and
+    ``finetune_path`` (``gpu_finetune_compile.py``: DreamBooth's and LoRA's compiled seconds per
+    step, ``training.compile=true``, plus one compile each, in place of the run's eager rates).
+    The K-worker figure still divides by the gain measured with the runs' own trainings; with a
+    finetune refinement that gain was measured on eager trainings, which the output says.
     """
     one, many = json.loads(Path(one_path).read_text()), json.loads(Path(many_path).read_text())
     if one["settings"]["workers_per_gpu"] != 1 or many["settings"]["workers_per_gpu"] <= 1:
@@ -289,6 +293,26 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
         before = projection["score_s"]
         projection["score_s"] = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
         refinements["score_s"] = {"from": scoring_path, "before_s": before, "after_s": projection["score_s"]}
+    if finetune_path:
+        finetune = json.loads(Path(finetune_path).read_text())
+        mismatch = [k for k in ("backbone", "resolution") if finetune["settings"][k] != one["settings"][k]]
+        if mismatch:
+            raise SystemExit(f"--finetune-json {finetune_path}: its {mismatch} differ from {one_path}'s; "
+                             "measure both on the same backbone and resolution")
+        steps = {"dreambooth": PROTOCOL["db_steps"], "dreambooth_lora": PROTOCOL["lora_steps"]}
+        for method, row in finetune["results"].items():
+            key = f"{method}_training_s"
+            if method not in steps or row["compiled"].get("compile_failed"):
+                continue
+            before = projection[key]
+            compile_s = max(0.0, row["compile_seconds"])
+            projection[key] = PROTOCOL["subjects"] * steps[method] * row["compiled"]["s_per_step"] + compile_s
+            refinements[key] = {
+                "from": finetune_path, "training_compile": "true", "s_per_step": row["compiled"]["s_per_step"],
+                "eager_s_per_step_same_process": row["eager"]["s_per_step"], "compile_once_s": compile_s,
+                "agreement": row["agreement"], "before_s": before, "after_s": projection[key],
+                "k_worker_gain": "measured on eager trainings (the CLI runs'): compiled steps leave less "
+                "host time for other workers to fill, so the K-worker figure is optimistic for these parts"}
     projection.pop("total_gpu_hours")
     fixed = projection["plan_and_process_s"] + projection["score_s"]
     execute = sum(projection.values()) - fixed
@@ -329,6 +353,8 @@ def main(argv=None) -> int:
                         "same workload measured with --workers-per-gpu K")
     parser.add_argument("--ti-json", default=None, help="with --combine: a gpu_ti_multi.py result (its pass of 8)")
     parser.add_argument("--scoring-json", default=None, help="with --combine: a gpu_scoring.py result")
+    parser.add_argument("--finetune-json", default=None,
+                        help="with --combine: a gpu_finetune_compile.py result (compiled DreamBooth and LoRA rates)")
     parser.add_argument("--dataset-dir", default=None)
     parser.add_argument("--work", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")
@@ -336,7 +362,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     if args.combine:
-        return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json)
+        return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json,
+                       finetune_path=args.finetune_json)
     if args.tiny:
         args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
         args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2

@@ -55,7 +55,7 @@ def test_rates_separate_overhead_class_images_and_compiles(protocol):
 
 
 def _run_json(path, workers, execute):
-    settings = {"workers_per_gpu": workers, "subjects": "a,b", "ti_steps": 100, "db_steps": 50, "lora_steps": 50,
+    settings = {"workers_per_gpu": workers, "backbone": "sd15-random", "resolution": 512, "subjects": "a,b", "ti_steps": 100, "db_steps": 50, "lora_steps": 50,
                 "class_images": 4, "prompts": 1, "sampling_steps": 1, "batch_size": 4}
     measured = {
         "wall_seconds": execute + 30.0,
@@ -115,3 +115,32 @@ def test_combine_refuses_runs_of_different_workloads(protocol, tmp_path):
         protocol.combine(one, str(many_path), None)
     with pytest.raises(SystemExit, match="one-worker JSON then a K-worker JSON"):
         protocol.combine(str(many_path), one, None)
+
+
+def test_combine_takes_compiled_finetune_rates(protocol, tmp_path):
+    """``--finetune-json``: DreamBooth's training part becomes 30 subjects × 1000 steps at the
+    compiled rate plus one compile; a failed compile or another backbone is not used."""
+    one = _run_json(tmp_path / "one.json", 1, 200.0)
+    many = _run_json(tmp_path / "many.json", 4, 100.0)
+    finetune = {"settings": {"backbone": "sd15-random", "resolution": 512}, "results": {"dreambooth": {
+        "eager": {"s_per_step": 0.1}, "compiled": {"s_per_step": 0.05}, "compile_seconds": 90.0,
+        "agreement": {"max_relative_loss_difference": 1e-5}}}}
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(finetune))
+    out = tmp_path / "combined.json"
+    protocol.combine(one, many, str(out))
+    before = json.loads(out.read_text())
+    protocol.combine(one, many, str(out), finetune_path=str(path))
+    after = json.loads(out.read_text())
+    assert after["parts_one_worker_s"]["dreambooth_training_s"] == pytest.approx(30 * 1000 * 0.05 + 90.0)
+    change = after["parts_one_worker_s"]["dreambooth_training_s"] - before["parts_one_worker_s"]["dreambooth_training_s"]
+    assert after["one_worker_gpu_hours"] - before["one_worker_gpu_hours"] == pytest.approx(change / 3600)
+    assert "eager" in after["refinements"]["dreambooth_training_s"]["k_worker_gain"]
+    finetune["results"]["dreambooth"]["compiled"]["compile_failed"] = True
+    path.write_text(json.dumps(finetune))
+    protocol.combine(one, many, str(out), finetune_path=str(path))
+    assert json.loads(out.read_text())["refinements"] == {}
+    finetune["settings"]["backbone"] = "tiny"
+    path.write_text(json.dumps(finetune))
+    with pytest.raises(SystemExit, match="backbone"):
+        protocol.combine(one, many, None, finetune_path=str(path))
