@@ -170,9 +170,20 @@ def main(argv: list[str] | None = None) -> dict:
     subject = load_subjects("mini", subjects=[args.subject])[0]
     root = Path(tempfile.mkdtemp(prefix="bench-ft-compile-"))
     results = {}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.methods:
         results[name] = measure(name, args, spec, device, subject, root)
-    document = {
+        out.write_text(json.dumps(_document(args, spec, device, results), indent=1))  # kept if a later method times out
+    document = _document(args, spec, device, results)
+    shutil.rmtree(root, ignore_errors=True)
+    out.write_text(json.dumps(document, indent=1))
+    print(json.dumps(document, indent=1))
+    return document
+
+
+def _document(args, spec, device, results: dict) -> dict:
+    return {
         "benchmark": "gpu_finetune_compile",
         "environment": environment(device),
         "settings": {
@@ -187,12 +198,6 @@ def main(argv: list[str] | None = None) -> dict:
         },
         "results": results,
     }
-    shutil.rmtree(root, ignore_errors=True)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(document, indent=1))
-    print(json.dumps(document, indent=1))
-    return document
 
 
 if __name__ == "__main__":

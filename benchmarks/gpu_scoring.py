@@ -177,7 +177,7 @@ def populate(root: Path, dataset: Path, n: int, args: argparse.Namespace) -> tup
         try:
             with ThreadPoolExecutor(threads, thread_name_prefix="make") as makers:
                 for unit, image in zip(units, makers.map(make, units)):
-                    writer.submit(unit, image, _record(unit, group, job, 0.0, {}))
+                    writer.submit(unit, image, _record(unit, group, job, 0.0, {}, compiled=False))
                     written += 1
         finally:
             writer.drain()
