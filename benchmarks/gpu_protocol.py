@@ -252,8 +252,9 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     (``gpu_ti_multi.py``: seconds per subject-step of its pass of 8, in place of the run's pass
     of 4) and ``scoring_path`` (``gpu_scoring.py``: ``score_run`` seconds per image over 3000
     stored PNGs, in place of the run's score stage scaled with its fixed costs) and
-    ``finetune_path`` (``gpu_finetune_compile.py``: DreamBooth's and LoRA's compiled seconds per
-    step, ``training.compile=true``, plus one compile each, in place of the run's eager rates).
+    ``finetune_path`` (``gpu_finetune_compile.py``: DreamBooth's and LoRA's training parts scaled
+    by the compiled/eager step-time ratio it measured in one process, ``training.compile=true``,
+    plus one compile each).
     The K-worker figure still divides by the gain measured with the runs' own trainings; with a
     finetune refinement that gain was measured on eager trainings, which the output says.
     """
@@ -306,10 +307,14 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
                 continue
             before = projection[key]
             compile_s = max(0.0, row["compile_seconds"])
-            projection[key] = PROTOCOL["subjects"] * steps[method] * row["compiled"]["s_per_step"] + compile_s
+            # the CLI run's own rate times the compiled/eager ratio measured in one process: machines
+            # of one kind differ by ±30 %, a ratio measured side by side transfers, an absolute does not
+            ratio = row["compiled"]["s_per_step"] / row["eager"]["s_per_step"]
+            projection[key] = before * ratio + compile_s
             refinements[key] = {
-                "from": finetune_path, "training_compile": "true", "s_per_step": row["compiled"]["s_per_step"],
-                "eager_s_per_step_same_process": row["eager"]["s_per_step"], "compile_once_s": compile_s,
+                "from": finetune_path, "training_compile": "true", "compiled_over_eager": ratio,
+                "s_per_step_same_process": {"eager": row["eager"]["s_per_step"], "compiled": row["compiled"]["s_per_step"]},
+                "compile_once_s": compile_s,
                 "agreement": row["agreement"], "before_s": before, "after_s": projection[key],
                 "k_worker_gain": "measured on eager trainings (the CLI runs'): compiled steps leave less "
                 "host time for other workers to fill, so the K-worker figure is optimistic for these parts"}
@@ -354,7 +359,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ti-json", default=None, help="with --combine: a gpu_ti_multi.py result (its pass of 8)")
     parser.add_argument("--scoring-json", default=None, help="with --combine: a gpu_scoring.py result")
     parser.add_argument("--finetune-json", default=None,
-                        help="with --combine: a gpu_finetune_compile.py result (compiled DreamBooth and LoRA rates)")
+                        help="with --combine: a gpu_finetune_compile.py result (compiled/eager ratios for DreamBooth and LoRA)")
     parser.add_argument("--dataset-dir", default=None)
     parser.add_argument("--work", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")

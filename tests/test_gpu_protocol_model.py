@@ -118,8 +118,8 @@ def test_combine_refuses_runs_of_different_workloads(protocol, tmp_path):
 
 
 def test_combine_takes_compiled_finetune_rates(protocol, tmp_path):
-    """``--finetune-json``: DreamBooth's training part becomes 30 subjects × 1000 steps at the
-    compiled rate plus one compile; a failed compile or another backbone is not used."""
+    """``--finetune-json``: DreamBooth's training part is scaled by the compiled/eager ratio
+    measured in one process, plus one compile; a failed compile or another backbone is not used."""
     one = _run_json(tmp_path / "one.json", 1, 200.0)
     many = _run_json(tmp_path / "many.json", 4, 100.0)
     finetune = {"settings": {"backbone": "sd15-random", "resolution": 512}, "results": {"dreambooth": {
@@ -132,7 +132,9 @@ def test_combine_takes_compiled_finetune_rates(protocol, tmp_path):
     before = json.loads(out.read_text())
     protocol.combine(one, many, str(out), finetune_path=str(path))
     after = json.loads(out.read_text())
-    assert after["parts_one_worker_s"]["dreambooth_training_s"] == pytest.approx(30 * 1000 * 0.05 + 90.0)
+    # the run's 0.1 s/step (30 × 1000 steps) halved by the ratio 0.05 / 0.1, plus the compile
+    assert before["parts_one_worker_s"]["dreambooth_training_s"] == pytest.approx(30 * 1000 * 0.1)
+    assert after["parts_one_worker_s"]["dreambooth_training_s"] == pytest.approx(30 * 1000 * 0.1 * 0.5 + 90.0)
     change = after["parts_one_worker_s"]["dreambooth_training_s"] - before["parts_one_worker_s"]["dreambooth_training_s"]
     assert after["one_worker_gpu_hours"] - before["one_worker_gpu_hours"] == pytest.approx(change / 3600)
     assert "eager" in after["refinements"]["dreambooth_training_s"]["k_worker_gain"]
