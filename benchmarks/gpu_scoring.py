@@ -322,6 +322,11 @@ def resolve_metrics(text: str) -> list[str]:
     return [name.strip() for name in text.split(",") if name.strip()]
 
 
+def _progress(message: str) -> None:
+    """A stage line on stderr, so a run stopped by a time limit shows how far it got."""
+    print(f"[gpu_scoring] {message}", file=sys.stderr, flush=True)
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     environment.apply_determinism(False)  # as `subjectbench run`: fast kernels, cuDNN not benchmarking
@@ -349,6 +354,7 @@ def run(args: argparse.Namespace) -> dict:
         print("warning: a metric of role 'prior' is asked for but --prior-images is 0: it scores nothing")
 
     started = time.perf_counter()
+    _progress(f"writing {args.n} PNGs of {args.size} px ...")
     write_dataset(dataset, n_subjects, args.size, args.seed)
     store, plan, subjects, info = populate(work / f"run-{args.size}px", dataset, args.n, args)
     config, _ = harness_config(dataset, args)
@@ -357,6 +363,7 @@ def run(args: argparse.Namespace) -> dict:
     result["precision"] = "bf16-autocast" if device.type == "cuda" else "fp32"
 
     # Builds and warm-up: a first score_run in its own run directory (backbones stay cached).
+    _progress(f"store written in {result['setup']['seconds']} s; metric builds and warm-up ...")
     started = time.perf_counter()
     warm_images = min(args.n, WARMUP_IMAGES)
     warm_store, warm_plan, warm_subjects, _ = populate(work / f"warmup-{args.size}px", dataset, warm_images, args)
@@ -371,6 +378,7 @@ def run(args: argparse.Namespace) -> dict:
     }
 
     # The floor first: decode every image (timed alone), score them from memory, free them.
+    _progress("decode alone and the in-memory floor ...")
     done = plan[store.done_mask(plan)].reset_index(drop=True)
     assert len(done) >= args.n, f"only {len(done)} of {args.n} images are done in {store.root}"
     roles_present = {get_metric_class(name).role for name in args.metrics}
@@ -391,6 +399,7 @@ def run(args: argparse.Namespace) -> dict:
     result["in_memory_floor"] = floor
     del batches, metrics
 
+    _progress(f"floor {floor['seconds']} s; score_run × {args.repeats} ...")
     runs = [timed_score_run(store, plan, subjects, config, device) for _ in range(args.repeats)]
     seconds = statistics.median(r["seconds"] for r in runs)
     result["score_run"] = {
