@@ -300,10 +300,9 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
         if mismatch:
             raise SystemExit(f"--finetune-json {finetune_path}: its {mismatch} differ from {one_path}'s; "
                              "measure both on the same backbone and resolution")
-        steps = {"dreambooth": PROTOCOL["db_steps"], "dreambooth_lora": PROTOCOL["lora_steps"]}
         for method, row in finetune["results"].items():
             key = f"{method}_training_s"
-            if method not in steps or row["compiled"].get("compile_failed"):
+            if method not in ("dreambooth", "dreambooth_lora") or row["compiled"].get("compile_failed"):
                 continue
             before = projection[key]
             compile_s = max(0.0, row["compile_seconds"])

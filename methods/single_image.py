@@ -108,6 +108,7 @@ class Component:
 
 class TwoStage(DreamBooth):
     samples_compiled = False  # its generate() samples eagerly
+    compiles_finetune = False  # its own stages (_run_stage) train eagerly, training.compile or not
     name = "two_stage"
     default_label = "two_stage (reconstructed)"  # what reports show unless a suite labels it
     version = "1"
