@@ -201,6 +201,48 @@ def compile_enabled(config: RunConfig, device: str, mode: str | None = None) -> 
     return mode == "true"
 
 
+# ``training.compile=auto`` compiles the fine-tunes (DreamBooth, DreamBooth-LoRA) only when one
+# worker process will train at least this many of their steps: the compile is paid once per
+# process (H200: 135-165 s cold, ~14 s on a warm inductor cache) and each step then saves ~30 %
+# (cold break-even ~3 100 DreamBooth / ~4 400 LoRA steps; benchmarks/results, fifth and sixth
+# sessions). The 30-subject protocol (45 000 fine-tune steps) is far above it, one subject below.
+FINETUNE_COMPILE_STEPS = 4000
+
+
+def resolve_finetune_compile(
+    config: RunConfig, context: MethodContext, groups, processes: int | None, trained=lambda group: False
+) -> tuple[MethodContext, str]:
+    """``context`` with ``compile_finetune`` decided, and one line saying why (for the run log).
+
+    ``true``/``false`` are kept as given. ``auto`` (off on a CPU and under ``deterministic``)
+    compiles when the untrained groups (``trained(group)`` False) of methods that compile their
+    fine-tune add up to ``FINETUNE_COMPILE_STEPS`` or more steps per worker process;
+    ``processes=None`` (an executor whose process count is not known, e.g. Ray) keeps them eager.
+    """
+    mode = config.training.compile
+    if mode != "auto":
+        return context, f"fine-tunes {'compiled' if mode == 'true' else 'eager'} (training.compile={mode})"
+    if not compile_enabled(config, context.device, "auto"):
+        return context, "fine-tunes eager (training.compile=auto: CPU or deterministic run)"
+    steps, builds = 0, {}
+    for group in groups:
+        cell = group.prepare.cell
+        if cell.cell_id not in builds:
+            builds[cell.cell_id] = cell.build(context).compiles_finetune
+        if builds[cell.cell_id] and not trained(group):
+            steps += int(cell.training_fingerprint.get("params", {}).get("steps") or 0)
+    if not steps:
+        return context, "fine-tunes: none to train"
+    if not processes:
+        return context, f"fine-tunes eager (training.compile=auto: {steps} steps, worker count unknown to this executor)"
+    per_process = steps / processes
+    if per_process < FINETUNE_COMPILE_STEPS:
+        return context, (f"fine-tunes eager (training.compile=auto: {per_process:.0f} steps per worker < "
+                         f"{FINETUNE_COMPILE_STEPS}, where a compile pays back; training.compile=true forces it)")
+    return dataclasses.replace(context, compile_finetune=True), (
+        f"fine-tunes compiled (training.compile=auto: {per_process:.0f} steps per worker >= {FINETUNE_COMPILE_STEPS})")
+
+
 def select_prompts(config: RunConfig, subject: Subject) -> tuple[Prompt, ...]:
     prompts = subject.prompts()
     if config.protocol.prompts == "all" or subject.scene:  # a scene pair has its one prompt
@@ -313,28 +355,41 @@ def training_passes(
     """Indices of ``groups`` by training pass, in plan order.
 
     Groups whose trainings differ only in the subject (same method, trainer and training
-    fingerprint) go into one pass, up to ``subjects_per_batch``, when their method
-    ``prepares_many()`` (Textual Inversion); every other group is a pass of its own. Which groups
-    share a pass changes only the speed: each state is stored as if prepared alone, equal within
-    the method's stated tolerance.
+    fingerprint) go into passes of at most ``subjects_per_batch`` when their method
+    ``prepares_many()`` (Textual Inversion); every other group is a pass of its own. The passes of
+    one training are as equal in size as the limit allows (30 subjects at 8 make 8, 8, 7, 7, not
+    8, 8, 8, 6; at 16, two of 15): a compiled pass compiles once per batch shape, so fewer shapes
+    cost fewer compiles, and no short last pass idles the GPU. Which groups share a pass changes
+    only the speed: each state is stored as if prepared alone, equal within the method's stated
+    tolerance. Passes are ordered by their first group's place in the plan.
     """
-    passes: list[list[int]] = []
-    filling: dict[str, list[int]] = {}
+    members: dict[str, list[int]] = {}
+    singles: list[list[int]] = []
     batchable: dict[str, bool] = {}
     for index, group in enumerate(groups):
         cell = group.prepare.cell
         key = stable_hash([cell.method, cell.trainer, cell.training_fingerprint])
         if key not in batchable:
             batchable[key] = subjects_per_batch > 1 and cell.build(context).prepares_many()
-        if not batchable[key]:
-            passes.append([index])
-            continue
-        current = filling.get(key)
-        if current is None or len(current) >= subjects_per_batch:
-            current = filling[key] = []
-            passes.append(current)
-        current.append(index)
+        if batchable[key]:
+            members.setdefault(key, []).append(index)
+        else:
+            singles.append([index])
+    passes = singles + [chunk for indices in members.values() for chunk in balanced_chunks(indices, subjects_per_batch)]
+    passes.sort(key=lambda indices: indices[0])
     return [tuple(indices) for indices in passes]
+
+
+def balanced_chunks(items: list, limit: int) -> list[list]:
+    """``items`` in order, cut into the fewest chunks of at most ``limit``, sizes differing by ≤ 1."""
+    count = -(-len(items) // limit)
+    size, extra = divmod(len(items), count) if count else (0, 0)
+    chunks, start = [], 0
+    for number in range(count):
+        end = start + size + (number < extra)  # the first ``extra`` chunks take one more
+        chunks.append(items[start:end])
+        start = end
+    return chunks
 
 
 def shard(groups: tuple[WorkGroup, ...], index: int, count: int) -> tuple[WorkGroup, ...]:

@@ -252,3 +252,16 @@ def test_sigkill_mid_pass_then_rerun_gives_identical_results(tmp_path):
     run_cli("run", "default", *args, "--out", str(victim), check=True)
     assert leftovers(victim) == []
     assert snapshot(victim) == snapshot(reference)
+
+
+def test_passes_are_balanced_so_a_compiled_pass_sees_few_shapes():
+    from benchmark.units import balanced_chunks
+
+    sizes = lambda n, limit: [len(c) for c in balanced_chunks(list(range(n)), limit)]  # noqa: E731
+    assert sizes(30, 8) == [8, 8, 7, 7]
+    assert sizes(30, 16) == [15, 15]
+    assert sizes(3, 2) == [2, 1]
+    assert sizes(8, 8) == [8]
+    assert sizes(0, 8) == []
+    assert sizes(5, 1) == [1] * 5
+    assert sum(balanced_chunks(list(range(17)), 4), []) == list(range(17))  # order kept, nothing lost
