@@ -25,6 +25,8 @@ def test_gpu_scoring_runs_on_cpu(tmp_path, one_torch_thread):
                                         "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 16 and result["score_run"]["seconds"] > 0
+    split = result["score_run"]["repeats"][0]["seconds_split"]
+    assert set(split) == set(result["metrics"]) and all(row["score_s"] > 0 for row in split.values())
 
 
 @pytest.mark.slow  # ~90 s on two cores: inductor compiles the tiny UNet for both methods
@@ -39,3 +41,24 @@ def test_gpu_finetune_compile_runs_on_cpu(tmp_path, one_torch_thread, monkeypatc
         assert not row["compiled"]["compile_failed"]
         assert row["agreement"]["max_relative_loss_difference"] < 1e-4
         assert row["agreement"]["weights_gap_share_of_move"] < 0.01
+
+
+def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
+    """Eager arms only (seconds on two cores); a CPU or tiny run never claims the 0.20 s target."""
+    out = tmp_path / "modes.json"
+    assert _script("gpu_sampling_modes").main(["--tiny", "--device", "cpu", "--arms", "eager,eager_cudnn_attention",
+                                               "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["arms"]["eager"]["s_per_image"] > 0
+    assert result["arms"]["eager_cudnn_attention"]["vs_eager_max_levels"] <= 1  # the CPU ignores the SDPA flags
+    assert result["target"]["met"] is False
+
+
+@pytest.mark.slow  # ~50 s on two cores: one CPU compile of the tiny UNet
+def test_gpu_sampling_modes_compiled_arm_runs_on_cpu(tmp_path, one_torch_thread):
+    out = tmp_path / "modes.json"
+    _script("gpu_sampling_modes").main(["--tiny", "--device", "cpu", "--arms", "eager,compile_default,"
+                                        "compile_default_cudnn_benchmark", "--out", str(out)])
+    arms = json.loads(out.read_text())["arms"]
+    assert "error" not in arms["compile_default"] and arms["compile_default"]["vs_eager_max_levels"] <= 2
+    assert arms["compile_default_cudnn_benchmark"]["first_call_seconds"] < arms["compile_default"]["first_call_seconds"]

@@ -1,0 +1,207 @@
+"""Issue 17 item 1: which compile settings make the sampling path faster, in one process.
+
+The protocol's sampling (DDIM 50, guidance 7.5, bf16, ``generate_images`` with one CPU generator
+per image, PIL images out) at one batch size (``--batch``, 32 = what the suite samples per call),
+timed for each arm below after that arm's first call (which holds its compile, reported apart):
+
+- ``eager``: the harness path without compile (``generation.compile=false``), the reference;
+- ``compile_default``: ``torch.compile(unet, dynamic=False)``, today's default on CUDA;
+- ``..._cudnn_benchmark``: the same compiled code with ``torch.backends.cudnn.benchmark = True``
+  (the harness leaves it False in fast mode; inductor's default mode runs convolutions through
+  cuDNN, which then picks its kernels by heuristics instead of by timing);
+- ``compile_tuned``: inductor options ``conv_1x1_as_mm``, ``coordinate_descent_tuning``,
+  ``epilogue_fusion=False`` (the settings diffusers' "accelerate inference" guide uses);
+- ``compile_tuned_channels_last``: the same with the UNet in ``channels_last``;
+- ``compile_max_autotune``: ``max-autotune-no-cudagraphs`` (Triton/cuBLAS/cuDNN kernels chosen by
+  timing) plus the tuned options;
+- ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
+  (``gpu_speed.reference_arm``: 4 prompts x 4 images).
+
+Every compiled arm starts from ``torch._dynamo.reset()`` and an inductor cache in a fresh
+temporary folder (so its first call shows a cold compile). Images of each arm are compared with
+the eager arm's at the same seeds (max and mean |difference| in uint8 levels): a fast path may move
+pixels only as much as two fast-mode runs differ (13/255, ``benchmarks/results``).
+
+The JSON is rewritten after every arm, so a time limit keeps what finished. CPU check (tiny, a few
+seconds plus CPU compiles): ``python benchmarks/gpu_sampling_modes.py --tiny --device cpu
+--arms eager,compile_default --out /tmp/sm.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
+from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
+from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
+from methods.base import SamplerConfig  # noqa: E402
+from methods.sampling import build_pipeline, generate_images  # noqa: E402
+
+TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
+ARMS = (
+    "eager",
+    "diffusers_fp16_reference",
+    "compile_default",
+    "compile_default_cudnn_benchmark",
+    "compile_tuned",
+    "compile_tuned_channels_last",
+    "compile_max_autotune",
+    "eager_cudnn_attention",
+    "compile_default_cudnn_attention",
+)
+TARGET_S_PER_IMAGE = 0.20
+
+
+def compile_options(arm: str) -> dict | None:
+    if arm.startswith("compile_default"):  # also compile_default_cudnn_attention
+        return {}
+    if arm.startswith("compile_tuned"):
+        return dict(TUNED)
+    if arm == "compile_max_autotune":
+        from torch._inductor import list_mode_options
+
+        return {**list_mode_options("max-autotune-no-cudagraphs"), **TUNED}
+    return None
+
+
+def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
+    out = document["arms"].setdefault(arm, {})
+    if arm == "diffusers_fp16_reference":
+        if device.type != "cuda":
+            out["skipped"] = "CUDA only (fp16)"
+            return
+        holder: dict = {}
+        reference_arm(SimpleNamespace(sampling_steps=args.steps, repeats=args.repeats), backbone, sampler, device, holder)
+        out.update(holder["reference_diffusers_fp16_16_images"])
+        return
+    cudnn_attention = arm.endswith("cudnn_attention")
+    if cudnn_attention:  # SDPA through cuDNN's fused attention instead of FlashAttention-2
+        torch.backends.cuda.enable_flash_sdp(False)
+        torch.backends.cuda.enable_mem_efficient_sdp(False)
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        out["sdpa_backend"] = "cudnn"
+    try:
+        _run_arm(arm, args, backbone, sampler, device, document, out)
+    finally:
+        torch.backends.cuda.enable_flash_sdp(True)
+        torch.backends.cuda.enable_mem_efficient_sdp(True)
+
+
+def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dict) -> None:
+    torch.backends.cudnn.benchmark = arm.endswith("cudnn_benchmark") or (args.cudnn_benchmark and arm != "eager")
+    out["cudnn_benchmark"] = torch.backends.cudnn.benchmark
+    channels_last = arm.endswith("channels_last")
+    backbone.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    options = compile_options(arm)
+    unet = None
+    if options is not None:
+        if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
+            torch._dynamo.reset()
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
+        unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
+        out["inductor_options"] = options
+    prompts = [f"{PROMPT} {i % 4}" for i in range(args.batch)]
+    seeds = list(range(args.batch))
+    pipeline = build_pipeline(backbone, sampler, unet=unet)
+    call = lambda: generate_images(pipeline, prompts, seeds, sampler, args.resolution)  # noqa: E731
+    _, first = timed(call, device)
+    out["first_call_seconds"] = round(first, 2)
+    print(f"{arm}: first call {first:.1f} s", flush=True)
+    times, images = [], None
+    for _ in range(args.repeats):
+        images, seconds = timed(call, device)
+        times.append(seconds / args.batch)
+    out["s_per_image"] = round(min(times), 4)
+    out["s_per_image_all"] = [round(t, 4) for t in times]
+    if device.type == "cuda":
+        out["peak_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        torch.cuda.reset_peak_memory_stats(device)
+    pixels = as_uint8(images)
+    if arm == "eager":
+        document["_eager_pixels"] = pixels
+    elif "_eager_pixels" in document:
+        difference = np.abs(pixels - document["_eager_pixels"])
+        out["vs_eager_max_levels"] = int(difference.max())
+        out["vs_eager_mean_levels"] = round(float(difference.mean()), 3)
+    backbone.unet.to(memory_format=torch.contiguous_format)
+    print(f"{arm}: {out}", flush=True)
+
+
+def write(document: dict, path: Path) -> None:
+    timed_arms = {k: v["s_per_image"] for k, v in document["arms"].items() if "s_per_image" in v and k != "diffusers_fp16_reference"}
+    if timed_arms:
+        best = min(timed_arms, key=timed_arms.get)
+        document["best"] = {"arm": best, "s_per_image": timed_arms[best]}
+        settings = document["settings"]
+        protocol = (settings["backbone"] != "tiny" and settings["resolution"] >= 512 and settings["ddim_steps"] == 50
+                    and document["environment"]["device"].startswith("cuda"))
+        document["target"] = {"s_per_image": TARGET_S_PER_IMAGE,
+                              "met": bool(protocol and timed_arms[best] <= TARGET_S_PER_IMAGE),
+                              "note": "denoising at the suite's batch; PNG writing runs in the writer's threads"}
+    public = {k: v for k, v in document.items() if not k.startswith("_")}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(public, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="sd15-random")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--batch", type=int, default=32, help="images per pipeline call")
+    parser.add_argument("--repeats", type=int, default=2, help="timed calls per arm after its first (best kept)")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list from {', '.join(ARMS)}")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN benchmarking in every compiled arm")
+    parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, batch 4")
+    parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_sampling_modes.json"))
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.backbone, args.resolution, args.steps, args.batch, args.repeats = "tiny", 64, 4, 4, 1
+    arms = [a for a in args.arms.split(",") if a]
+    unknown = sorted(set(arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backbone = load_backbone(resolve_backbone(args.backbone), args.device, dtype)
+    sampler = SamplerConfig(name="ddim", steps=args.steps, guidance=7.5, eta=0.0)
+    document: dict = {
+        "benchmark": "gpu_sampling_modes",
+        "environment": environment(device),
+        "settings": {"backbone": args.backbone, "resolution": args.resolution, "ddim_steps": args.steps,
+                     "guidance": 7.5, "batch": args.batch, "repeats": args.repeats, "dtype": str(dtype)},
+        "arms": {},
+    }
+    # warm-up outside every timing: CUDA context, cuBLAS handles, the text encoder's kernels
+    generate_images(build_pipeline(backbone, sampler), [PROMPT] * 2, [0, 1], sampler, args.resolution)
+    synchronize(device)
+    out = Path(args.out)
+    for arm in arms:
+        started = time.perf_counter()
+        try:
+            run_arm(arm, args, backbone, sampler, device, document)
+        except Exception as error:  # noqa: BLE001 - keep the other arms
+            document["arms"].setdefault(arm, {})["error"] = f"{type(error).__name__}: {str(error)[:2000]}"
+            print(f"{arm}: failed: {error}", flush=True)
+        document["arms"][arm]["arm_wall_seconds"] = round(time.perf_counter() - started, 1)
+        write(document, out)
+    torch.backends.cudnn.benchmark = False
+    print(json.dumps({k: v for k, v in document.items() if not k.startswith("_")}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
