@@ -57,6 +57,43 @@ def _prefetch(pool: ThreadPoolExecutor, store: Store, passes, batch) -> dict[str
     return futures
 
 
+def _load_photo(path) -> object:
+    """One real photo (reference, training or scene image) as a 3×H×W float tensor in [0, 1]."""
+    return to_tensor([load_image(path)])[0]
+
+
+def _photo_paths(subject: dict | None, choice: str) -> list:
+    """Every real photo a subject batch's metrics may read (scene, subject photos, the view's
+    references and training images); the same path often serves several roles."""
+    if subject is None:
+        return []
+    try:
+        view = subject_view(subject, choice)
+    except KeyError:  # reported by _score_batch, as a failure of that batch
+        return []
+    return [*(subject.get("scene") or []), *subject["images"], *view["references"], *view["train"]]
+
+
+def _prefetch_photos(pool: ThreadPoolExecutor, photos: dict, subject: dict | None, choice: str) -> None:
+    """Start loading the photos of a subject batch not loaded yet (path -> future, in ``photos``)."""
+    for path in _photo_paths(subject, choice):
+        if str(path) not in photos:
+            photos[str(path)] = pool.submit(_load_photo, path)
+
+
+def _photo(path, photos: dict):
+    """The decoded photo at ``path``: loaded once per scoring pass (a real DreamBooth photo of up
+    to ~1300 px takes tens of ms to decode), whatever roles and metrics use it. A load error
+    surfaces here, as a failure of the batch that needs it."""
+    key = str(path)
+    value = photos.get(key)
+    if value is None:
+        value = photos[key] = _load_photo(path)
+    elif isinstance(value, Future):
+        value = photos[key] = value.result()
+    return value
+
+
 _UNIT_TABLES: dict = {}  # device -> the 256 values k / 255 as data.images.to_tensor computes them on the CPU
 
 
@@ -127,11 +164,15 @@ def score_run(
     device: str,
     progress: Callable[[str, int], None] | None = None,
     force: bool = False,
+    timings: dict | None = None,
 ) -> tuple[int, list[dict]]:
     """Score the plan's finished images. Returns (values computed, failures).
 
     One pass: subject batch by subject batch, every metric scores the batch's images, which are
     decoded once for all of them (a run scored with every convention variant reads each PNG once).
+    Where the time went is logged at the end and, if ``timings`` is given, added to it per metric:
+    ``inputs_s`` (its photos and its batch's images on the device: waiting for their decodes, the
+    copy, the float conversion) and ``score_s`` (its ``score`` calls).
     """
     from metrics.base import MetricSettings
     from metrics.registry import build_metric
@@ -183,18 +224,34 @@ def score_run(
         batch for one in passes for batch in zip(one.rows["subject"], one.rows["train_image"])
     ))
     computed, failures = 0, []
+    photos: dict = {}  # photo path -> its tensor (a future while loading), one decode per path per pass
+    spent: dict = {}  # metric -> seconds building its inputs and in its score calls
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
+        if batches:
+            _prefetch_photos(pool, photos, by_subject.get(batches[0][0]), batches[0][1])
         ahead = _prefetch(pool, store, passes, batches[0]) if batches else {}
         for index, batch in enumerate(batches):
             decoded: dict = dict(ahead)  # this batch's PNGs (futures until used), decoded once for every metric
+            if index + 1 < len(batches):  # the next batch's photos and PNGs load while this one scores
+                _prefetch_photos(pool, photos, by_subject.get(batches[index + 1][0]), batches[index + 1][1])
             ahead = _prefetch(pool, store, passes, batches[index + 1]) if index + 1 < len(batches) else {}
-            got = _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures, device)
+            got = _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures, device,
+                               photos, spent)
             computed += got
     atomic_write_json(store.root / CURRENT_SCORES_FILE, current)
+    if spent:
+        log.info("scoring seconds (inputs: photos and decoded images on the device; score: the metric's calls): %s",
+                 ", ".join(f"{name} {t['inputs_s']:.2f} + {t['score_s']:.2f}" for name, t in spent.items()))
+    if timings is not None:
+        for name, t in spent.items():
+            row = timings.setdefault(name, {"inputs_s": 0.0, "score_s": 0.0})
+            row["inputs_s"] += t["inputs_s"]
+            row["score_s"] += t["score_s"]
     return computed, failures
 
 
-def _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures, device="cpu") -> int:
+def _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures, device="cpu",
+                 photos: dict | None = None, spent: dict | None = None) -> int:
     """Every metric of the pass on one subject batch; failures are recorded and appended."""
     from metrics.base import ScoringInputs
 
@@ -213,13 +270,14 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
         failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
         try:
             view = subject_view(subject, choice)
+            photos = {} if photos is None else photos
             if (subject_id, "scene") not in references:
-                references[(subject_id, "scene")] = [to_tensor([load_image(p)])[0] for p in subject.get("scene") or []]
+                references[(subject_id, "scene")] = [_photo(p, photos) for p in subject.get("scene") or []]
             if (subject_id, "photos") not in references:
-                references[(subject_id, "photos")] = [to_tensor([load_image(p)])[0] for p in subject["images"]]
+                references[(subject_id, "photos")] = [_photo(p, photos) for p in subject["images"]]
             for role in ("references", "train"):
                 if (subject_id, choice, role) not in references:
-                    references[(subject_id, choice, role)] = [to_tensor([load_image(p)])[0] for p in view[role]]
+                    references[(subject_id, choice, role)] = [_photo(p, photos) for p in view[role]]
             # DIV needs every sibling of a group in one call, even those already scored.
             groups = sibling_groups(subject_rows)
             if one.needs_groups:
@@ -243,7 +301,12 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
                 scene_images=references[(subject_id, "scene")],
                 prompt_texts=list(subject_rows["prompt_text"]),
             )
+            scoring_started = time.perf_counter()
             values = np.asarray(metric.score(inputs), dtype=np.float64)
+            if spent is not None:
+                row = spent.setdefault(name, {"inputs_s": 0.0, "score_s": 0.0})
+                row["inputs_s"] += scoring_started - started
+                row["score_s"] += time.perf_counter() - scoring_started
             if values.shape != (len(subject_rows),):
                 raise RuntimeError(f"metric {name} returned shape {values.shape} for {len(subject_rows)} images")
         except Exception as error:  # noqa: BLE001 - a scoring failure is recorded, the rest goes on

@@ -211,7 +211,8 @@ def timed_score_run(store: Store, plan: pd.DataFrame, subjects: list[dict], conf
     reset_peak(device)
     synchronize(device)
     started = time.perf_counter()
-    computed, failures = scoring.score_run(store, plan, subjects, config.metrics, str(device))
+    split: dict = {}
+    computed, failures = scoring.score_run(store, plan, subjects, config.metrics, str(device), timings=split)
     synchronize(device)
     seconds = time.perf_counter() - started
     in_calls = metric_call_seconds(store, list(config.metrics.names))
@@ -223,6 +224,9 @@ def timed_score_run(store: Store, plan: pd.DataFrame, subjects: list[dict], conf
         # batch's decodes, stacking them, and the score call
         "seconds_in_metric_calls": in_calls,
         "seconds_outside_metric_calls": round(seconds - sum(in_calls.values()), 3),
+        # the same calls split: building the inputs (photos, waiting for the batch's decodes, the
+        # copy to the device and the float conversion) vs the metric's own score call
+        "seconds_split": {name: {k: round(v, 3) for k, v in row.items()} for name, row in split.items()},
         **peak_memory(device),
     }
 

@@ -146,7 +146,8 @@ def _shipped() -> list[str]:
 
 @pytest.mark.parametrize("name", _shipped())
 def test_metrics_leave_the_shared_images_untouched(name):
-    """The scoring pass hands one image tensor to every metric of a subject batch."""
+    """The scoring pass hands one image tensor to every metric of a subject batch, and one tensor
+    per reference photo to every role and metric."""
     generator = torch.Generator().manual_seed(1)
     photos = [torch.rand(3, 64, 48, generator=generator) for _ in range(2)]
     inputs = ScoringInputs(
@@ -164,5 +165,11 @@ def test_metrics_leave_the_shared_images_untouched(name):
         prompt_texts=["a sks dog"] * 4,
     )
     before = inputs.images.clone()
+    photos_before = [photo.clone() for photo in photos]
+    scene_before = inputs.scene_images[0].clone()
     build_metric(name, RANDOM).score(inputs)
     assert torch.equal(inputs.images, before), f"{name} modified ScoringInputs.images in place"
+    # the reference photos too: one decoded tensor per path serves every role (references,
+    # training images, subject images) of every metric in a scoring pass
+    assert all(torch.equal(a, b) for a, b in zip(photos, photos_before)), f"{name} modified a reference photo in place"
+    assert torch.equal(inputs.scene_images[0], scene_before), f"{name} modified a scene image in place"

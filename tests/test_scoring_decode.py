@@ -63,3 +63,32 @@ def test_unit_table_is_to_tensor_of_every_level():
     image = Image.fromarray(np.stack([levels.numpy().reshape(16, 16)] * 3, axis=-1))
     expected = to_tensor([image])[0, 0].flatten()
     assert torch.equal(_unit_table("cpu"), expected)
+
+
+def test_each_photo_is_decoded_once_per_scoring_pass(tmp_path, monkeypatch):
+    """A subject's photos serve as references, training images and subject images for several
+    metrics; the scoring pass decodes each path once (in the decode threads, ahead of its batch),
+    and the scores equal a pass that decodes per role (the old path) — checked by value."""
+    from benchmark import scoring
+    from benchmark.config import load_config
+    from benchmark.driver import run_benchmark
+    from benchmark.results import read_score_parts
+
+    overrides = ["methods=dummy", "metrics.names=[clip_i,dino,copy]", "metrics.weights=random",
+                 "protocol.prompts=[0]", "protocol.images_per_prompt=1"]
+    calls: list[str] = []
+    real = scoring._load_photo
+    monkeypatch.setattr(scoring, "_load_photo", lambda path: (calls.append(str(path)), real(path))[1])
+    run_benchmark(load_config("default", overrides), tmp_path / "once", quiet=True)
+    assert calls and len(calls) == len(set(calls)), "a photo was decoded more than once"
+    assert "scoring seconds (inputs" in (tmp_path / "once" / "run.log").read_text()  # where scoring time went
+
+    # the same run scored with one decode per role and metric call (no shared photo cache)
+    monkeypatch.setattr(scoring, "_photo", lambda path, photos: real(path))
+    run_benchmark(load_config("default", overrides), tmp_path / "per_role", quiet=True)
+    for name in ("clip_i", "dino", "copy"):
+        once = pd.concat(read_score_parts(p) for p in (tmp_path / "once" / "scores" / name).iterdir())
+        per_role = pd.concat(read_score_parts(p) for p in (tmp_path / "per_role" / "scores" / name).iterdir())
+        merged = once.merge(per_role, on="image_key", suffixes=("", "_per_role"))
+        assert len(merged) == len(once) > 0
+        assert np.array_equal(merged["value"].to_numpy(), merged["value_per_role"].to_numpy(), equal_nan=True), name
