@@ -106,8 +106,10 @@ class TrainingConfig:
     # 5000 steps vs 94 s eager, after a one-time ~85 s compile; benchmarks/results), "true" = on
     # everywhere, "false" = eager. Kernels change, not the algorithm (losses and vectors within
     # the tolerance tests/test_sampling_compile.py states), so it is not part of any key.
-    # "true" also compiles DreamBooth and DreamBooth-LoRA (reused by every later subject in the
-    # worker process; "auto" leaves it eager: it pays only over many steps per process).
+    # DreamBooth and DreamBooth-LoRA compile under "true", and under "auto" when the run gives
+    # each worker process >= 4000 of their steps (the compile, ~2.5 min cold, is paid once per
+    # process and pays back after ~3100-4400 steps on an H200; benchmark/units.py::
+    # resolve_finetune_compile logs the decision). Passes are balanced (30 at 8: 8, 8, 7, 7).
     compile: str = "auto"
 
 

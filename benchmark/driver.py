@@ -23,7 +23,7 @@ from benchmark.results import load_subject_table, save_plan
 from benchmark.runner import JobSpec
 from benchmark.scoring import score_run, scoring_workload
 from benchmark.store import Store, file_lock
-from benchmark.units import expand, method_context, shard
+from benchmark.units import expand, method_context, resolve_finetune_compile, shard
 from data.common import UserError, available_cores
 from data.subjects import cache_root
 from methods.registry import get_method
@@ -185,6 +185,15 @@ def run_benchmark(
             "run %s: %d groups, %d images, device %s (%s), executor %s",
             config.name, len(groups), summary.planned, device, dtype, executor,
         )
+        runner_pool = make_executor(
+            executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu
+        )
+        context, finetune_note = resolve_finetune_compile(
+            config, context, groups, runner_pool.processes,
+            trained=lambda group: not force and store.state_done(
+                group.prepare.trainer, group.prepare.subject.id, group.prepare.key),
+        )
+        log.info("%s", finetune_note)
         job = JobSpec(
             run_dir=str(store.root),
             context=context,
@@ -200,9 +209,7 @@ def run_benchmark(
         stage_started = time.perf_counter()
         summary.stage_seconds["plan"] = stage_started - started
         try:
-            results = make_executor(
-                executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu
-            ).run(groups, job, progress)
+            results = runner_pool.run(groups, job, progress)
             for result in results:
                 summary.done += result.done
                 summary.skipped += result.skipped

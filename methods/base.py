@@ -101,6 +101,10 @@ class Method(ABC):
     # True where ``generate`` samples through ``build_pipeline(..., compile_unet=context.compile_unet)``:
     # the image records' ``compile`` field says what sampling actually did, not just the setting.
     samples_compiled: ClassVar[bool] = False
+    # True where ``prepare`` fine-tunes UNet weights through ``torch.compile`` when
+    # ``context.compile_finetune`` (DreamBooth, DreamBooth-LoRA); ``training.compile=auto`` counts
+    # such methods' steps to decide it (``benchmark.units.resolve_finetune_compile``).
+    compiles_finetune: ClassVar[bool] = False
 
     def __init__(self, params: Any, context: MethodContext):
         if not isinstance(params, self.Params):

@@ -27,10 +27,10 @@ disk and shared by every subject of the class). Defaults and where they come fro
 | L = ‖ε − ε_θ(z_t, c_inst)‖² + λ‖ε′ − ε_θ(z′_t, c_class)‖² | ``_train`` (per-sample weights 1/n, λ/n) → ``methods.training.train_loop`` | λ = ``prior_loss_weight`` = 1 | paper |
 | what trains | ``_trainable_modules`` | the whole UNet (fp32 master copy); text encoder off | paper (SD); text encoder: the script's default |
 | optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-6 constant, clip 1.0 | lr: paper; the rest: the script |
-| compiled training (opt-in) | ``_train`` (``maybe_compiled``) | ``training.compile=true`` only; ``auto`` trains eagerly | ours, for speed: kernels change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``) |
+| compiled training | ``_train`` (``maybe_compiled``) | ``training.compile=true``; ``auto`` when a worker trains ≥ 4000 fine-tune steps (``benchmark.units.resolve_finetune_compile``; the 30-subject protocol does) | ours, for speed: kernels change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``; H200 bf16 losses within 1e-4 rel.) |
 | length, checkpoints | ``DreamBoothParams`` | 1000 steps; ``checkpoint_steps`` add ``step-N`` | paper; checkpoints ours, for sweeps |
 | sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
-| LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA); ``training.compile=true`` compiles it like the full fine-tune | diffusers LoRA script/README; prior on and fusing ours (below) |
+| LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA); compiled training like the full fine-tune | diffusers LoRA script/README; prior on and fusing ours (below) |
 
 Checkpoints: ``checkpoint_steps`` save ``step-N`` states for sweeps (DreamBlend, pareto
 fronts); the end is ``final``. The full fine-tune saves the whole UNet state dict (and the text
@@ -161,7 +161,8 @@ class DreamBooth(Method):
     description = "DreamBooth (Ruiz et al. 2023): full UNet fine-tune with prior preservation"
 
     samples_compiled = True  # generate() passes context.compile_unet to build_pipeline
-    # training.compile=true trains the full fine-tune through torch.compile (context.compile_finetune)
+    # context.compile_finetune (training.compile=true, or auto over many steps per worker) trains
+    # the full fine-tune through torch.compile
     compiles_finetune = True
 
     def __init__(self, params: DreamBoothParams, context):
@@ -428,7 +429,7 @@ class DreamBooth(Method):
 
 class DreamBoothLoRA(DreamBooth):
     name = "dreambooth_lora"
-    # training.compile=true: the base-plus-adapters UNet through torch.compile too (losses within
+    # compiled training: the base-plus-adapters UNet through torch.compile too (losses within
     # fp32 rounding of eager on tiny, tests/test_sampling_compile.py)
     version = "2"  # 2: state.json holds the attention-collapse diagnostic
     Params = DreamBoothLoRAParams

@@ -124,6 +124,7 @@ def test_rerun_skips_finished_work_and_force_redoes(tmp_path):
     assert set(first.stage_seconds) <= {"plan", "execute", "score"} and {"plan", "execute"} <= set(first.stage_seconds)
     assert sum(first.stage_seconds.values()) <= first.seconds
     assert "stage seconds: {" in (tmp_path / "run.log").read_text()
+    assert "fine-tunes" in (tmp_path / "run.log").read_text()  # what training.compile decided, and why
     before = {p: p.stat().st_mtime_ns for p in (tmp_path / "images").rglob("*.png")}
     again = run_benchmark(config(), tmp_path, quiet=True)
     assert (again.done, again.skipped) == (0, 24)

@@ -283,14 +283,49 @@ def test_training_compile_failure_trains_eagerly_with_identical_results(tmp_path
 
 
 def test_training_compile_true_alone_compiles_the_full_fine_tune():
-    """``auto`` compiles frozen-UNet trainings (TI) on CUDA; full fine-tunes (DreamBooth) only
-    and DreamBooth-LoRA only with ``training.compile=true``."""
+    """The context alone: ``true`` compiles the fine-tunes (DreamBooth, DreamBooth-LoRA); ``auto``
+    leaves them to ``resolve_finetune_compile``, which needs the plan (next test)."""
     from methods.dreambooth import DreamBooth, DreamBoothLoRA
 
     assert method_context(load_config("default", ["training.compile=true"]), "cpu", "float32").compile_finetune
     assert not method_context(load_config("default"), "cuda", "bfloat16").compile_finetune
     assert not method_context(load_config("default", ["training.compile=false"]), "cuda", "bfloat16").compile_finetune
     assert DreamBooth.compiles_finetune and DreamBoothLoRA.compiles_finetune
+
+
+def test_auto_compiles_fine_tunes_when_a_worker_trains_enough_steps():
+    """``training.compile=auto`` compiles DreamBooth/LoRA when the untrained fine-tune steps per
+    worker process reach FINETUNE_COMPILE_STEPS (where a cold compile pays back), on CUDA only,
+    never under ``deterministic``; TI steps do not count (it compiles under ``auto`` anyway)."""
+    from benchmark.units import FINETUNE_COMPILE_STEPS, expand, resolve_finetune_compile
+
+    def decide(overrides, device="cuda", processes=1, trained=lambda group: False):
+        config = load_config("default", [
+            "methods=textual_inversion,dreambooth,dreambooth_lora", "methods.textual_inversion.steps=5000",
+            "methods.dreambooth.steps=1000", "methods.dreambooth_lora.steps=500", *overrides,
+        ])
+        context = method_context(config, device, "bfloat16")
+        plan = expand(config, context)
+        decided, note = resolve_finetune_compile(config, context, plan.groups, processes, trained)
+        return decided.compile_finetune, note
+
+    # the mini set's 3 subjects at the paper's steps: DreamBooth 3 x 1000 + LoRA 3 x 500 = 4500
+    # (TI's 15 000 do not count)
+    assert 3 * 1000 + 3 * 500 >= FINETUNE_COMPILE_STEPS
+    compiled, note = decide([])
+    assert compiled and "4500 steps per worker" in note
+    compiled, note = decide([], processes=2)  # 2250 per worker: the compile would not pay
+    assert not compiled and "2250 steps per worker" in note and "training.compile=true" in note
+    assert not decide([], device="cpu")[0]
+    assert not decide(["deterministic=true"])[0]
+    assert not decide([], processes=None)[0]  # an executor that cannot say how many workers compile
+    assert decide(["training.compile=true"], device="cpu", processes=8)[0]
+    assert not decide(["training.compile=false"])[0]
+    # already trained DreamBooth states do not count: LoRA's 1500 steps alone stay eager
+    compiled, note = decide([], trained=lambda group: group.prepare.cell.method == "dreambooth")
+    assert not compiled and "1500 steps per worker" in note
+    compiled, note = decide(["methods.dreambooth.steps=3000"], processes=2)  # (9000 + 1500) / 2
+    assert compiled and "5250 steps per worker" in note
 
 
 def _l2(pairs) -> float:
