@@ -12,14 +12,17 @@ image, and compiles counted once) and
 
 - checks the cost model: the model's parts for this very run beside the measured execute stage
   (what they miss is fixed cost: worker start-up, backbone builds);
-- projects the full protocol (30 subjects; TI 5000 steps in passes of 8; DreamBooth 1000 and LoRA
+- projects the full protocol (30 subjects; TI 5000 steps in passes of up to 16, the suite's
+  ``training.subjects_per_batch``; DreamBooth 1000 and LoRA
   500 steps with 200 class images per class; 100 images per (method, subject); 9000 scored
   images) for the run's worker count.
 
 ``--workers-per-gpu K`` runs the CLI with K workers on the GPU. ``--combine ONE.json K.json``
 (no run) divides the one-worker projection's execute stage by the gain the same workload
 measured with K workers; ``--ti-json`` / ``--scoring-json`` replace the TI and scoring parts by
-the ``gpu_ti_multi.py`` (pass of 8) and ``gpu_scoring.py`` measurements, each named in the output.
+the ``gpu_ti_multi.py`` (the protocol's pass size) and ``gpu_scoring.py`` measurements, and
+``--finetune-json`` / ``--concurrency-json`` scale the DreamBooth and LoRA training parts by
+measured compiled/eager ratios (``training.compile``), each named in the output.
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
@@ -43,9 +46,10 @@ sys.path.insert(0, str(ROOT))
 from benchmark import environment  # noqa: E402
 from benchmark.results import load_records  # noqa: E402
 from benchmark.store import Store  # noqa: E402
+from benchmark.units import balanced_chunks  # noqa: E402
 
 PROTOCOL = {"subjects": 30, "classes": 15, "ti_steps": 5000, "db_steps": 1000, "lora_steps": 500,
-            "class_images": 200, "images_per_method_subject": 100, "ti_subjects_per_pass": 8,
+            "class_images": 200, "images_per_method_subject": 100, "ti_subjects_per_pass": 16,
             "metric_images": 9000}
 METHODS = ("textual_inversion", "dreambooth", "dreambooth_lora")
 
@@ -214,7 +218,7 @@ def analyse(measured: dict, settings: dict) -> dict:
     protocol_rate = rate
     ti = rate.get("textual_inversion")
     if ti and ti["s_per_step"]:
-        # the protocol's passes of 8, at this run's per-subject cost (4 per pass here): conservative
+        # the protocol's passes of up to 16, at this run's per-subject cost (4 per pass here): conservative
         protocol_rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
     protocol_counts = {
         "subjects": p["subjects"], "ti_passes": -(-p["subjects"] // p["ti_subjects_per_pass"]),
@@ -233,7 +237,7 @@ def analyse(measured: dict, settings: dict) -> dict:
     notes = (
         f"Execute-stage parts {execute_total:.0f} s. Rates are per process; with --workers-per-gpu > 1 they run "
         "concurrently, so the projection's total (a sum) overstates the wall time: divide by the measured gain of "
-        "the same workload against one worker (--combine). TI passes of 8 are projected at this run's per-subject "
+        "the same workload against one worker (--combine). TI passes of 16 are projected at this run's per-subject "
         "cost (a pass of 4), and its per-pass overhead (with any compile) counted in every pass: conservative. "
         "Scoring is scaled by images from this run's score stage (its fixed cost included, conservative). Class "
         "images at the DreamBooth generation rate."
@@ -243,20 +247,25 @@ def analyse(measured: dict, settings: dict) -> dict:
 
 
 def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None = None,
-            scoring_path: str | None = None, finetune_path: str | None = None) -> int:
+            scoring_path: str | None = None, finetune_path: str | None = None,
+            concurrency_path: str | None = None, ti_pass: int | None = None) -> int:
     """Project K workers per GPU: the one-worker projection, its execute stage divided by the
     execute-stage speed-up the same 4-subject workload measured with K workers (more groups in
     the full protocol balance better, so this is conservative).
 
     Optional refinements from the component benchmarks, each named in the output: ``ti_path``
-    (``gpu_ti_multi.py``: seconds per subject-step of its pass of 8, in place of the run's pass
-    of 4) and ``scoring_path`` (``gpu_scoring.py``: ``score_run`` seconds per image over 3000
+    (``gpu_ti_multi.py``: the step time of its pass of the protocol's largest pass size at
+    ``training.subjects_per_batch`` = ``ti_pass`` (default the suite's 16: two passes of 15), in
+    place of the run's pass of 4, plus one compile per distinct pass size) and ``scoring_path`` (``gpu_scoring.py``: ``score_run`` seconds per image over 3000
     stored PNGs, in place of the run's score stage scaled with its fixed costs) and
     ``finetune_path`` (``gpu_finetune_compile.py``: DreamBooth's and LoRA's training parts scaled
     by the compiled/eager step-time ratio it measured in one process, ``training.compile=true``,
-    plus one compile each).
-    The K-worker figure still divides by the gain measured with the runs' own trainings; with a
-    finetune refinement that gain was measured on eager trainings, which the output says.
+    plus one compile each) and ``concurrency_path`` (``gpu_speed.py --concurrency 1,K
+    --concurrency-arms eager,compiled``: DreamBooth's compiled/eager ratio with one training and
+    with K at once, the K-worker figure then uses the latter; LoRA's K-worker saving is estimated
+    from its one-process saving shrunk as DreamBooth's was, and says so).
+    The K-worker figure divides the execute stage by the gain the runs measured (eager trainings)
+    after scaling each compiled part by its K-worker ratio; compiles are added once, undivided.
     """
     one, many = json.loads(Path(one_path).read_text()), json.loads(Path(many_path).read_text())
     if one["settings"]["workers_per_gpu"] != 1 or many["settings"]["workers_per_gpu"] <= 1:
@@ -275,25 +284,32 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     refinements = {}
     if ti_path:
         ti = json.loads(Path(ti_path).read_text())
-        passes = {p["subjects"]: p for p in ti["passes"]}
-        if PROTOCOL["ti_subjects_per_pass"] not in passes:
-            raise SystemExit(f"--ti-json {ti_path}: no pass of {PROTOCOL['ti_subjects_per_pass']} subjects in it")
-        measured = passes[PROTOCOL["ti_subjects_per_pass"]]
-        rate = measured["s_per_subject_step"]
-        slots = -(-PROTOCOL["subjects"] // PROTOCOL["ti_subjects_per_pass"]) * PROTOCOL["ti_subjects_per_pass"]
-        # the first step's surplus (the compile, when compile_training) counted once
-        first_step = measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"]
+        limit = ti_pass or PROTOCOL["ti_subjects_per_pass"]
+        # the suite's passes (benchmark.units.balanced_chunks): 30 at 16 are two of 15, at 8 four of 8, 8, 7, 7
+        sizes = [len(chunk) for chunk in balanced_chunks(list(range(PROTOCOL["subjects"])), limit)]
+        passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
+        if max(sizes) not in passes:
+            raise SystemExit(f"--ti-json {ti_path}: no pass of {max(sizes)} subjects in it (the protocol's passes at "
+                             f"training.subjects_per_batch={limit} are {sizes}); it has {sorted(passes)}")
+        measured = passes[max(sizes)]
+        # the first step's surplus (the compile, when compile_training) once per distinct pass size:
+        # a compiled pass compiles once per batch shape
+        first_step = max(0.0, measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"])
         before = projection["textual_inversion_training_s"]
-        projection["textual_inversion_training_s"] = slots * PROTOCOL["ti_steps"] * rate + max(0.0, first_step)
+        # every pass at the largest pass's step time: smaller passes are a little faster (conservative)
+        projection["textual_inversion_training_s"] = (
+            len(sizes) * PROTOCOL["ti_steps"] * measured["s_per_step"] + first_step * len(set(sizes)))
         refinements["textual_inversion_training_s"] = {
             "from": ti_path, "compile_training": ti["settings"].get("compile_training"),
-            "s_per_subject_step": rate, "first_step_surplus_s": first_step,
+            "subjects_per_batch": limit, "passes": sizes, "s_per_step_of_pass": measured["s_per_step"],
+            "s_per_subject_step": measured["s_per_subject_step"], "first_step_surplus_s": first_step,
             "before_s": before, "after_s": projection["textual_inversion_training_s"]}
     if scoring_path:
         scoring = json.loads(Path(scoring_path).read_text())
         before = projection["score_s"]
         projection["score_s"] = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
         refinements["score_s"] = {"from": scoring_path, "before_s": before, "after_s": projection["score_s"]}
+    ratios = {}  # fine-tune part -> compiled/eager step-time ratios (one worker, K workers) and compile seconds
     if finetune_path:
         finetune = json.loads(Path(finetune_path).read_text())
         mismatch = [k for k in ("backbone", "resolution") if finetune["settings"][k] != one["settings"][k]]
@@ -301,31 +317,59 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
             raise SystemExit(f"--finetune-json {finetune_path}: its {mismatch} differ from {one_path}'s; "
                              "measure both on the same backbone and resolution")
         for method, row in finetune["results"].items():
-            key = f"{method}_training_s"
             if method not in ("dreambooth", "dreambooth_lora") or row["compiled"].get("compile_failed"):
                 continue
-            before = projection[key]
-            compile_s = max(0.0, row["compile_seconds"])
             # the CLI run's own rate times the compiled/eager ratio measured in one process: machines
             # of one kind differ by ±30 %, a ratio measured side by side transfers, an absolute does not
             ratio = row["compiled"]["s_per_step"] / row["eager"]["s_per_step"]
-            projection[key] = before * ratio + compile_s
-            refinements[key] = {
-                "from": finetune_path, "training_compile": "true", "compiled_over_eager": ratio,
+            ratios[f"{method}_training_s"] = {
+                "one": ratio, "k": ratio, "compile_s": max(0.0, row["compile_seconds"]), "from": finetune_path,
                 "s_per_step_same_process": {"eager": row["eager"]["s_per_step"], "compiled": row["compiled"]["s_per_step"]},
-                "compile_once_s": compile_s,
-                "agreement": row["agreement"], "before_s": before, "after_s": projection[key],
-                "k_worker_gain": "measured on eager trainings (the CLI runs'): compiled steps leave less "
-                "host time for other workers to fill, so the K-worker figure is optimistic for these parts"}
+                "agreement": row["agreement"],
+                "k_worker_ratio": "the one-process ratio (not measured with K trainings at once: optimistic)"}
+    if concurrency_path:
+        rows = json.loads(Path(concurrency_path).read_text())["training_concurrency"]
+        k = many["settings"]["workers_per_gpu"]
+        wanted = ["1", "1+compile", str(k), f"{k}+compile"]
+        missing = [name for name in wanted if "aggregate_steps_per_s" not in rows.get(name, {})]
+        if missing:
+            raise SystemExit(f"--concurrency-json {concurrency_path}: no measured rows {missing} (gpu_speed.py "
+                             f"--concurrency 1,{k} --concurrency-arms eager,compiled makes them)")
+        one_ratio = rows["1"]["aggregate_steps_per_s"] / rows["1+compile"]["aggregate_steps_per_s"]
+        k_ratio = rows[str(k)]["aggregate_steps_per_s"] / rows[f"{k}+compile"]["aggregate_steps_per_s"]
+        compile_s = max(0.0, rows["1+compile"]["warmup_seconds_each"][0] - rows["1"]["warmup_seconds_each"][0])
+        ratios["dreambooth_training_s"] = {
+            "one": one_ratio, "k": k_ratio, "compile_s": compile_s, "from": concurrency_path,
+            "aggregate_steps_per_s": {name: rows[name]["aggregate_steps_per_s"] for name in wanted},
+            "k_worker_ratio": f"measured: {k} compiled trainings at once against {k} eager ones"}
+        lora = ratios.get("dreambooth_lora_training_s")
+        if lora and one_ratio < 1:
+            # LoRA was not measured with K at once: its one-process saving shrunk as DreamBooth's did
+            lora["k"] = 1 - (1 - lora["one"]) * (1 - k_ratio) / (1 - one_ratio)
+            lora["k_worker_ratio"] = (f"estimated: its one-process saving times DreamBooth's shrink under {k} "
+                                      f"trainings at once ({(1 - k_ratio) / (1 - one_ratio):.2f})")
+    k_scaled = {}  # fine-tune parts as the K-worker run has them (before the gain)
+    compiles = 0.0  # paid once per worker, in parallel: added to the K-worker wall time undivided
+    for key, r in ratios.items():
+        if key not in projection:  # a method the CLI runs did not train
+            continue
+        before = projection[key]
+        projection[key] = before * r["one"] + r["compile_s"]
+        k_scaled[key] = before * r["k"]
+        compiles += r["compile_s"]
+        refinements[key] = {**{n: v for n, v in r.items() if n not in ("one", "k")}, "training_compile": "true or auto",
+                            "compiled_over_eager": {"one_worker": r["one"], "k_workers": r["k"]},
+                            "compile_once_s": r["compile_s"], "before_s": before, "after_s": projection[key]}
     projection.pop("total_gpu_hours")
     fixed = projection["plan_and_process_s"] + projection["score_s"]
     execute = sum(projection.values()) - fixed
+    execute_k = execute - sum(projection[key] for key in k_scaled) + sum(k_scaled.values())
     result = {
         "benchmark": "gpu_protocol_combined", "one_worker": one_path, "k_workers": many_path,
         "workers_per_gpu": many["settings"]["workers_per_gpu"], "execute_gain": gain,
         "refinements": refinements,
         "one_worker_gpu_hours": (execute + fixed) / 3600,
-        "k_workers_gpu_hours": (execute / gain + fixed) / 3600,
+        "k_workers_gpu_hours": (execute_k / gain + compiles + fixed) / 3600,
         "parts_one_worker_s": projection,
     }
     text = json.dumps(result, indent=1)
@@ -355,7 +399,12 @@ def main(argv=None) -> int:
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
                         help="no run: the one-worker projection with the execute stage divided by the gain that the "
                         "same workload measured with --workers-per-gpu K")
-    parser.add_argument("--ti-json", default=None, help="with --combine: a gpu_ti_multi.py result (its pass of 8)")
+    parser.add_argument("--ti-json", default=None,
+                        help="with --combine: a gpu_ti_multi.py result holding the protocol's largest pass (15 at --ti-pass 16)")
+    parser.add_argument("--ti-pass", type=int, default=None,
+                        help="with --ti-json: training.subjects_per_batch of the projected run (default: the suite's, 16)")
+    parser.add_argument("--concurrency-json", default=None,
+                        help="with --combine: a gpu_speed.py --concurrency 1,K --concurrency-arms eager,compiled result")
     parser.add_argument("--scoring-json", default=None, help="with --combine: a gpu_scoring.py result")
     parser.add_argument("--finetune-json", default=None,
                         help="with --combine: a gpu_finetune_compile.py result (compiled/eager ratios for DreamBooth and LoRA)")
@@ -367,7 +416,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.combine:
         return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json,
-                       finetune_path=args.finetune_json)
+                       finetune_path=args.finetune_json, concurrency_path=args.concurrency_json, ti_pass=args.ti_pass)
     if args.tiny:
         args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
         args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2

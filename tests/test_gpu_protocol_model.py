@@ -77,7 +77,9 @@ def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_pa
     ti = tmp_path / "ti.json"
     ti.write_text(json.dumps({"settings": {"measured_steps": 10, "compile_training": True},
                               "passes": [{"subjects": 8, "s_per_subject_step": 0.01, "s_per_step": 0.08,
-                                          "wall_seconds": 50.8}]}))
+                                          "wall_seconds": 50.8},
+                                         {"subjects": 15, "s_per_subject_step": 0.01, "s_per_step": 0.15,
+                                          "wall_seconds": 61.5}]}))
     scoring = tmp_path / "scoring.json"
     scoring.write_text(json.dumps({"n_images": 3000, "score_run": {"seconds": 30.0}}))
     out = tmp_path / "combined.json"
@@ -95,13 +97,21 @@ def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_pa
     assert plain["k_workers_gpu_hours"] == pytest.approx(((total - fixed) / 2 + fixed) / 3600)
     protocol.combine(one, many, str(out), ti_path=str(ti), scoring_path=str(scoring))
     refined = json.loads(out.read_text())
-    # TI: 32 slots (4 passes of 8) × 5000 steps × 0.01 s + the first step's surplus 50.8 − 10 × 0.08
-    ti_s = 32 * 5000 * 0.01 + 50.0
+    # TI at the suite's 16 per pass: two passes of 15 × 5000 steps × 0.15 s + one compile (the first
+    # step's surplus 61.5 − 10 × 0.15: one pass size, one shape)
+    ti_s = 2 * 5000 * 0.15 + 60.0
     score_s = 30.0 / 3000 * 9000
     assert refined["parts_one_worker_s"]["textual_inversion_training_s"] == pytest.approx(ti_s)
     execute = total - fixed - parts["textual_inversion_training_s"] + ti_s
     assert refined["k_workers_gpu_hours"] == pytest.approx((execute / 2 + parts["plan_and_process_s"] + score_s) / 3600)
     assert set(refined["refinements"]) == {"textual_inversion_training_s", "score_s"}
+    # at 8 per pass: 8, 8, 7, 7 (balanced), each at the pass of 8's step time, and two shapes compile
+    protocol.combine(one, many, str(out), ti_path=str(ti), ti_pass=8)
+    at8 = json.loads(out.read_text())
+    assert at8["refinements"]["textual_inversion_training_s"]["passes"] == [8, 8, 7, 7]
+    assert at8["parts_one_worker_s"]["textual_inversion_training_s"] == pytest.approx(4 * 5000 * 0.08 + 2 * 50.0)
+    with pytest.raises(SystemExit, match="no pass of 10 subjects"):
+        protocol.combine(one, many, None, ti_path=str(ti), ti_pass=10)  # 30 at 10: three of 10
 
 
 def test_combine_refuses_runs_of_different_workloads(protocol, tmp_path):
@@ -137,7 +147,10 @@ def test_combine_takes_compiled_finetune_rates(protocol, tmp_path):
     assert after["parts_one_worker_s"]["dreambooth_training_s"] == pytest.approx(30 * 1000 * 0.1 * 0.5 + 90.0)
     change = after["parts_one_worker_s"]["dreambooth_training_s"] - before["parts_one_worker_s"]["dreambooth_training_s"]
     assert after["one_worker_gpu_hours"] - before["one_worker_gpu_hours"] == pytest.approx(change / 3600)
-    assert "eager" in after["refinements"]["dreambooth_training_s"]["k_worker_gain"]
+    assert "not measured with K trainings at once" in after["refinements"]["dreambooth_training_s"]["k_worker_ratio"]
+    # K workers: the same ratio applied before the gain, the compile added once
+    assert after["k_workers_gpu_hours"] * 3600 == pytest.approx(
+        before["k_workers_gpu_hours"] * 3600 - 3000 / 2 + 1500 / 2 + 90.0)
     finetune["results"]["dreambooth"]["compiled"]["compile_failed"] = True
     path.write_text(json.dumps(finetune))
     protocol.combine(one, many, str(out), finetune_path=str(path))
@@ -146,3 +159,45 @@ def test_combine_takes_compiled_finetune_rates(protocol, tmp_path):
     path.write_text(json.dumps(finetune))
     with pytest.raises(SystemExit, match="backbone"):
         protocol.combine(one, many, None, finetune_path=str(path))
+
+
+def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol, tmp_path):
+    """``--concurrency-json``: DreamBooth's one-worker part scales by the one-process compiled/eager
+    ratio, its K-worker part by the ratio of K compiled to K eager trainings at once; compiles are
+    added once to the K-worker wall time; LoRA's K-worker saving shrinks as DreamBooth's did."""
+    one = _run_json(tmp_path / "one.json", 1, 200.0)
+    many = _run_json(tmp_path / "many.json", 4, 100.0)  # execute gain 2
+    for path in (one, many):  # a LoRA row like DreamBooth's
+        data = json.loads(Path(path).read_text())
+        data["measured"]["per_method"]["dreambooth_lora"] = data["measured"]["per_method"]["dreambooth"]
+        Path(path).write_text(json.dumps(data))
+    rows = {"1": {"aggregate_steps_per_s": 5.0, "warmup_seconds_each": [20.0]},
+            "1+compile": {"aggregate_steps_per_s": 10.0, "warmup_seconds_each": [120.0]},
+            "4": {"aggregate_steps_per_s": 16.0, "warmup_seconds_each": [5.0] * 4},
+            "4+compile": {"aggregate_steps_per_s": 20.0, "warmup_seconds_each": [9.0] * 4}}
+    concurrency = tmp_path / "conc.json"
+    concurrency.write_text(json.dumps({"training_concurrency": rows}))
+    out = tmp_path / "combined.json"
+    protocol.combine(one, many, str(out))
+    before = json.loads(out.read_text())
+    protocol.combine(one, many, str(out), concurrency_path=str(concurrency))
+    after = json.loads(out.read_text())
+    db = 30 * 1000 * 0.1  # the run's DreamBooth part, eager
+    assert after["parts_one_worker_s"]["dreambooth_training_s"] == pytest.approx(db * 0.5 + 100.0)
+    # K workers: DreamBooth at 16/20 of its eager part, divided by the gain; the compile once, undivided
+    assert after["k_workers_gpu_hours"] * 3600 == pytest.approx(
+        before["k_workers_gpu_hours"] * 3600 - db / 2 + db * 0.8 / 2 + 100.0)
+    assert "measured" in after["refinements"]["dreambooth_training_s"]["k_worker_ratio"]
+    # with LoRA's one-process ratio (0.75) its K-worker ratio is 1 - 0.25 × (0.2 / 0.5) = 0.9
+    finetune = {"settings": {"backbone": "sd15-random", "resolution": 512}, "results": {"dreambooth_lora": {
+        "eager": {"s_per_step": 0.1}, "compiled": {"s_per_step": 0.075}, "compile_seconds": 50.0, "agreement": {}}}}
+    path = tmp_path / "ft.json"
+    path.write_text(json.dumps(finetune))
+    protocol.combine(one, many, str(out), finetune_path=str(path), concurrency_path=str(concurrency))
+    lora = json.loads(out.read_text())["refinements"]["dreambooth_lora_training_s"]
+    assert lora["compiled_over_eager"] == pytest.approx({"one_worker": 0.75, "k_workers": 0.9})
+    assert "estimated" in lora["k_worker_ratio"]
+    del rows["4+compile"]
+    concurrency.write_text(json.dumps({"training_concurrency": rows}))
+    with pytest.raises(SystemExit, match="4\+compile"):
+        protocol.combine(one, many, None, concurrency_path=str(concurrency))
