@@ -199,6 +199,8 @@ def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict
         "data_sha": prepare.subject.data_sha,
         "seed": prepare.seed,
         "compile_training": job.context.compile_training,
+        # fine-tunes through torch.compile (training.compile=true, or auto over enough steps per worker)
+        "compile_finetune": job.context.compile_finetune and bool(getattr(prepare.cell.build(job.context), "compiles_finetune", False)),
         **extra,
         "git": environment.git_hash(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -266,7 +268,7 @@ def execute_group(
     state was just published by a joint pass (``execute_pass``), even under ``--force``."""
     progress = progress or (lambda stage, n: None)
     environment.apply_determinism(job.context.deterministic)  # workers are fresh processes
-    if job.context.compile_unet or job.context.compile_training:
+    if job.context.compile_unet or job.context.compile_training or job.context.compile_finetune:
         set_compile_cache(job.context.cache_dir)
     store = Store(job.run_dir)
     prepare = group.prepare

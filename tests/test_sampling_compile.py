@@ -409,3 +409,20 @@ def test_dreambooth_compile_failure_trains_eagerly_with_identical_results(tmp_pa
     assert sampling._compile_failed and "training UNet failed" in caplog.text
     assert results[True][0] == results[False][0]
     assert all(torch.equal(results[True][1][k], results[False][1][k]) for k in results[False][1])
+
+
+def test_done_records_whether_the_fine_tune_was_compiled():
+    """DONE's provenance says whether a training went through the compiled fine-tune, which
+    ``auto`` now decides per run: true only for methods that compile their fine-tune."""
+    import dataclasses
+
+    from benchmark.runner import JobSpec, _state_info
+    from benchmark.units import expand
+
+    config = load_config("default", ["methods=textual_inversion,dreambooth"])
+    context = method_context(config, "cpu", "float32")
+    plan = expand(config, context)
+    for compiled in (False, True):
+        job = JobSpec(run_dir="unused", context=dataclasses.replace(context, compile_finetune=compiled), batch_size=1)
+        recorded = {g.prepare.cell.method: _state_info(g, job, 1.0)["compile_finetune"] for g in plan.groups}
+        assert recorded == {"textual_inversion": False, "dreambooth": compiled}
