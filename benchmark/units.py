@@ -228,7 +228,8 @@ def resolve_finetune_compile(
     for group in groups:
         cell = group.prepare.cell
         if cell.cell_id not in builds:
-            builds[cell.cell_id] = cell.build(context).compiles_finetune
+            method = cell.build(context)  # DreamBlend trains as DreamBooth (trains_as): its class decides
+            builds[cell.cell_id] = (method.trains_as or type(method)).compiles_finetune
         if builds[cell.cell_id] and not trained(group):
             steps += int(cell.training_fingerprint.get("params", {}).get("steps") or 0)
     if not steps:

@@ -326,6 +326,11 @@ def test_auto_compiles_fine_tunes_when_a_worker_trains_enough_steps():
     assert not compiled and "1500 steps per worker" in note
     compiled, note = decide(["methods.dreambooth.steps=3000"], processes=2)  # (9000 + 1500) / 2
     assert compiled and "5250 steps per worker" in note
+    # DreamBlend trains DreamBooth states (trains_as): its steps count as DreamBooth's
+    config = load_config("default", ["methods=dreamblend", "methods.dreamblend.steps=2000"])
+    context = method_context(config, "cuda", "bfloat16")
+    decided, note = resolve_finetune_compile(config, context, expand(config, context).groups, 1)
+    assert decided.compile_finetune and "6000 steps per worker" in note
 
 
 def _l2(pairs) -> float:
@@ -419,10 +424,10 @@ def test_done_records_whether_the_fine_tune_was_compiled():
     from benchmark.runner import JobSpec, _state_info
     from benchmark.units import expand
 
-    config = load_config("default", ["methods=textual_inversion,dreambooth"])
+    config = load_config("default", ["methods=textual_inversion,dreambooth,dreamblend"])
     context = method_context(config, "cpu", "float32")
     plan = expand(config, context)
     for compiled in (False, True):
         job = JobSpec(run_dir="unused", context=dataclasses.replace(context, compile_finetune=compiled), batch_size=1)
         recorded = {g.prepare.cell.method: _state_info(g, job, 1.0)["compile_finetune"] for g in plan.groups}
-        assert recorded == {"textual_inversion": False, "dreambooth": compiled}
+        assert recorded == {"textual_inversion": False, "dreambooth": compiled, "dreamblend": compiled}
