@@ -220,8 +220,10 @@ def execute_pass(groups: list[WorkGroup], job: JobSpec, progress: Progress | Non
     The subjects that need a state train together and each state is published as its own
     ``prepare`` would publish it (DONE adds ``subjects_in_pass`` and the pass's seconds; its
     ``seconds`` is the subject's share). Killed mid-pass, nothing is published and the rerun
-    trains the same pass again. If the joint training fails, nothing of it is published and each
-    group prepares alone, so a failure is recorded against its own subject only.
+    trains the same pass again. If the joint training runs out of GPU memory, nothing of it is
+    published and it is retried as two passes of half the size (down to subjects alone); any other
+    failure of a pass has each group prepare alone, so a failure is recorded against its own
+    subject only.
     """
     prepared = _prepare_together(groups, job) if len(groups) > 1 else set()
     return [execute_group(g, job, progress, prepared_here=g.prepare.key in prepared) for g in groups]
@@ -230,7 +232,13 @@ def execute_pass(groups: list[WorkGroup], job: JobSpec, progress: Progress | Non
 def _prepare_together(groups: list[WorkGroup], job: JobSpec) -> set[str]:
     """Train the groups that need a state in one ``prepare_many``; the keys it published."""
     store = Store(job.run_dir)
-    todo = [g for g in groups if _needs_training(store, job, g)]
+    return _train_pass([g for g in groups if _needs_training(store, job, g)], job, store)
+
+
+def _train_pass(todo: list[WorkGroup], job: JobSpec, store: Store) -> set[str]:
+    """``prepare_many`` of ``todo`` (two or more) and publish each state; the keys published.
+    Out of GPU memory, the pass is split in two and each half retried (a GPU smaller than the
+    one ``training.subjects_per_batch`` was chosen for still runs the largest passes it holds)."""
     if len(todo) < 2:
         return set()
     environment.apply_determinism(job.context.deterministic)
@@ -238,27 +246,34 @@ def _prepare_together(groups: list[WorkGroup], job: JobSpec) -> set[str]:
     subjects = [g.prepare.subject for g in todo]
     names = ", ".join(s.id for s in subjects)
     log.info("prepare %s on %d subjects in one pass (%s)", todo[0].prepare.cell.cell_id, len(todo), names)
-    workdirs = []
+    workdirs, out_of_memory = [], ""
     try:
         environment.reset_peak_memory(job.context.device)
         workdirs = [store.new_state_workdir(g.prepare.trainer, g.prepare.subject.id, g.prepare.key) for g in todo]
         started = time.perf_counter()
         method.prepare_many(subjects, workdirs, [g.prepare.seed for g in todo])
         seconds = time.perf_counter() - started
-    except Exception as error:  # noqa: BLE001 - each subject then trains alone
+    except Exception as error:  # noqa: BLE001 - smaller passes, or each subject alone
         if (fatal := disk_error(error)) is not None:
             raise fatal from None
-        if _is_oom(error):
-            environment.free_cuda_memory()
         for workdir in workdirs:
             shutil.rmtree(workdir, ignore_errors=True)
-        log.warning(
-            "training %d subjects in one pass failed (%s); training each alone",
-            len(todo), f"{type(error).__name__}: {error}".splitlines()[0],
-        )
-        return set()
+        message = f"{type(error).__name__}: {error}".splitlines()[0]
+        if not _is_oom(error):
+            log.warning("training %d subjects in one pass failed (%s); training each alone", len(todo), message)
+            return set()
+        out_of_memory = message  # retried below, once this handler has let go of the failed frames' tensors
     finally:
         method.release()
+    if out_of_memory:
+        environment.free_cuda_memory()
+        half = (len(todo) + 1) // 2
+        log.warning(
+            "training %d subjects in one pass ran out of GPU memory (%s); retrying as passes of %d and %d "
+            "(training.subjects_per_batch=%d or lower starts there)",
+            len(todo), out_of_memory, half, len(todo) - half, half,
+        )
+        return _train_pass(todo[:half], job, store) | _train_pass(todo[half:], job, store)
     for group, workdir in zip(todo, workdirs):
         prepare = group.prepare
         info = _state_info(group, job, seconds / len(todo), subjects_in_pass=len(todo), pass_seconds=seconds)

@@ -229,6 +229,36 @@ def test_a_failing_pass_falls_back_to_each_subject_alone(tmp_path, monkeypatch):
     assert [Path(p).parent.name for p in leftovers(tmp_path / "run")] == ["teapot"]
 
 
+def test_a_pass_out_of_gpu_memory_is_split_not_dropped_to_alone(tmp_path, monkeypatch):
+    """A GPU that holds 2 subjects per pass: the pass of 3 runs out of memory, is retried as a pass
+    of 2 and one alone, and every state equals its alone-trained one (the CPU raises CUDA's OOM
+    error where a real GPU would)."""
+    original = TextualInversion.prepare_many
+    sizes: list[int] = []
+
+    def holds_two(self, subjects, workdirs, seeds):
+        sizes.append(len(subjects))
+        if len(subjects) > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, subjects, workdirs, seeds)
+
+    monkeypatch.setattr(TextualInversion, "prepare_many", holds_two)
+    summary = run_benchmark(_config("training.subjects_per_batch=8"), tmp_path / "split", quiet=True)
+    assert summary.exit_code == 0 and summary.done == 3 and not summary.failed
+    assert sizes == [3, 2]
+    log = (tmp_path / "split" / "run.log").read_text()
+    assert "ran out of GPU memory" in log and "passes of 2 and 1" in log
+    states = _states(tmp_path / "split")
+    in_pass = {s: json.loads((p / "DONE").read_text()).get("subjects_in_pass") for s, p in states.items()}
+    assert sorted(in_pass.values(), key=str) == [2, 2, None]  # a pass of two, the third alone
+    assert leftovers(tmp_path / "split") == []  # the failed pass's workdirs are gone
+    alone = run_benchmark(_config("training.subjects_per_batch=1"), tmp_path / "alone", quiet=True)
+    assert alone.done == 3
+    for subject, folder in _states(tmp_path / "alone").items():
+        a, b = _vectors(states[subject], "learned_embeds.safetensors"), _vectors(folder, "learned_embeds.safetensors")
+        assert torch.allclose(a, b, rtol=0, atol=VECTOR_ATOL), subject
+
+
 @pytest.mark.slow
 def test_sigkill_mid_pass_then_rerun_gives_identical_results(tmp_path):
     args = [*TI_RUN, "methods.textual_inversion.steps=60", "--quiet"]
