@@ -116,6 +116,7 @@ def measure(args) -> dict:
             done = json.loads((state_dir / "DONE").read_text())
             trainings.append({"subject": subject, "training": state.get("training", {}),
                               "prepare_seconds": done.get("seconds"),
+                              "compile_finetune": done.get("compile_finetune", False),
                               "class_images_generated": state.get("class_images_generated", 0)})
         seconds = rows["seconds"].astype(float).tolist()
         per_method[method] = {
@@ -309,6 +310,11 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
         before = projection["score_s"]
         projection["score_s"] = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
         refinements["score_s"] = {"from": scoring_path, "before_s": before, "after_s": projection["score_s"]}
+    compiled_already = one["settings"].get("training_compile", "auto") == "true" or any(
+        t.get("compile_finetune") for row in one["measured"]["per_method"].values() for t in row["trainings"])
+    if (finetune_path or concurrency_path) and compiled_already:
+        raise SystemExit(f"--finetune-json/--concurrency-json scale eager fine-tunes, but {one_path} already trained "
+                         "them compiled (its DONE records or training_compile say so): combine without them")
     ratios = {}  # fine-tune part -> compiled/eager step-time ratios (one worker, K workers) and compile seconds
     if finetune_path:
         finetune = json.loads(Path(finetune_path).read_text())

@@ -197,6 +197,23 @@ def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol
     lora = json.loads(out.read_text())["refinements"]["dreambooth_lora_training_s"]
     assert lora["compiled_over_eager"] == pytest.approx({"one_worker": 0.75, "k_workers": 0.9})
     assert "estimated" in lora["k_worker_ratio"]
+    for path in (one, many):  # runs that trained compiled already: scaling them again would count twice
+        data = json.loads(Path(path).read_text())
+        data["settings"]["training_compile"] = "true"
+        Path(path).write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="already trained"):
+        protocol.combine(one, many, None, concurrency_path=str(concurrency))
+    for path in (one, many):  # auto, but its DONE records say the fine-tunes compiled (enough steps per worker)
+        data = json.loads(Path(path).read_text())
+        data["settings"]["training_compile"] = "auto"
+        data["measured"]["per_method"]["dreambooth"]["trainings"][0]["compile_finetune"] = True
+        Path(path).write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="already trained"):
+        protocol.combine(one, many, None, concurrency_path=str(concurrency))
+    for path in (one, many):
+        data = json.loads(Path(path).read_text())
+        data["measured"]["per_method"]["dreambooth"]["trainings"][0]["compile_finetune"] = False
+        Path(path).write_text(json.dumps(data))
     del rows["4+compile"]
     concurrency.write_text(json.dumps({"training_concurrency": rows}))
     with pytest.raises(SystemExit, match="4\+compile"):
