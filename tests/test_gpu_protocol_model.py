@@ -95,6 +95,9 @@ def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_pa
     assert plain["execute_gain"] == pytest.approx(2.0)
     assert plain["one_worker_gpu_hours"] == pytest.approx(total / 3600)
     assert plain["k_workers_gpu_hours"] == pytest.approx(((total - fixed) / 2 + fixed) / 3600)
+    ti_train = parts["textual_inversion_training_s"]
+    assert plain["k_workers_gpu_hours_if_ti_gains_nothing"] == pytest.approx(
+        ((total - fixed - ti_train) / 2 + ti_train + fixed) / 3600)
     protocol.combine(one, many, str(out), ti_path=str(ti), scoring_path=str(scoring))
     refined = json.loads(out.read_text())
     # TI at the suite's 16 per pass: two passes of 15 × 5000 steps × 0.15 s + one compile (the first
