@@ -62,3 +62,49 @@ def test_gpu_sampling_modes_compiled_arm_runs_on_cpu(tmp_path, one_torch_thread)
     arms = json.loads(out.read_text())["arms"]
     assert "error" not in arms["compile_default"] and arms["compile_default"]["vs_eager_max_levels"] <= 2
     assert arms["compile_default_cudnn_benchmark"]["first_call_seconds"] < arms["compile_default"]["first_call_seconds"]
+
+
+def test_gpu_db_stacked_runs_on_cpu(tmp_path, one_torch_thread):
+    """The stacked-subjects DreamBooth probe: each subject's gradients from the one vmapped step
+    equal its own module's backward (fp32, tiny) — the precondition for building on it."""
+    out = tmp_path / "stacked.json"
+    assert _script("gpu_db_stacked").main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    arms = json.loads(out.read_text())["arms"]
+    assert arms["reference"]["s_per_step"] > 0
+    stacked = arms["stacked_2"]
+    assert "error" not in stacked, stacked
+    assert stacked["agreement"]["max_gradient_relative_l2"] < 1e-5
+    for row in stacked["agreement"]["subjects"]:
+        assert abs(row["loss_stacked"] - row["loss_plain"]) <= 1e-6 * abs(row["loss_plain"])
+
+
+def test_gpu_db_stacked_step_updates_each_subject_as_its_own_trainer_would(one_torch_thread):
+    """One stacked step (vmapped gradients, per-subject clipping, one AdamW over stacked tensors)
+    moves each subject's weights as a plain step of its own module and optimizer does."""
+    import contextlib
+
+    import torch
+    from torch.func import stack_module_state
+
+    from methods.backbones import load_backbone, resolve_backbone
+    from methods.diffusion import fp32_trainable_copy
+
+    probe = _script("gpu_db_stacked")
+    backbone = load_backbone(resolve_backbone("tiny"), "cpu", torch.float32)
+    device = torch.device("cpu")
+    plain = [fp32_trainable_copy(backbone, "unet") for _ in range(2)]
+    start = [{n: p.detach().clone() for n, p in m.named_parameters()} for m in plain]
+    stacked, buffers = stack_module_state([fp32_trainable_copy(backbone, "unet") for _ in range(2)])
+    inputs = probe.subject_inputs(2, plain[0], 64, device, seed=3)
+    inputs["noise"] *= 50  # large gradients, so that clipping (max norm 1) acts
+    for k, module in enumerate(plain):
+        optimizer = torch.optim.AdamW(module.parameters(), lr=probe.LEARNING_RATE, weight_decay=1e-2)
+        probe.plain_step(module, optimizer, inputs, k, contextlib.nullcontext)
+    step, _ = probe.make_stacked_step(__import__("copy").deepcopy(plain[0]).to("meta"), contextlib.nullcontext)
+    optimizer = torch.optim.AdamW(list(stacked.values()), lr=probe.LEARNING_RATE, weight_decay=1e-2)
+    step(stacked, buffers, optimizer, inputs)
+    for k, module in enumerate(plain):
+        # over all weights (an element whose gradient is near Adam's eps moves by rounding alone)
+        moved = sum(float(((p.detach() - start[k][n]) ** 2).sum()) for n, p in module.named_parameters()) ** 0.5
+        gap = sum(float(((stacked[n][k].detach() - p.detach()) ** 2).sum()) for n, p in module.named_parameters()) ** 0.5
+        assert moved > 0 and gap <= 1e-3 * moved, (k, gap, moved)
