@@ -10,7 +10,9 @@ subject's gradients, as the trainer) and one fused AdamW over the stacked tensor
 so equal to K separate optimizers). It measures, in one process:
 
 - ``reference``: the plain module step for one subject (forward, backward, clip, fused AdamW:
-  what one DreamBooth training does per step in ``methods.training.train_loop``), s/step;
+  what one DreamBooth training does per step in ``methods.training.train_loop``), s/step, and with
+  ``--profile N`` where its time goes (the GPU's busy share, the top operators by device time):
+  whether batch-2 kernels, the optimizer or the host is what leaves the GPU idle;
 - ``stacked_K`` for each ``--counts`` K: s per stacked step, s per subject-step, peak memory,
   amortized seconds per 1000-step training; and optionally (``--compile``) the same through
   ``torch.compile``;
@@ -111,6 +113,34 @@ def timed_steps(step, steps: int, device) -> float:
     return (time.perf_counter() - started) / steps
 
 
+def profile_steps(step, steps: int, device) -> dict:
+    """Where one training step's time goes: ``torch.profiler`` over ``steps`` steps (after the
+    timed ones), the GPU's busy share of the wall time and the top operators by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    attribute = "self_cpu_time_total"
+    if device.type == "cuda":  # renamed across torch versions
+        attribute = next((a for a in ("self_device_time_total", "self_cuda_time_total")
+                          if events and hasattr(events[0], a)), "self_device_time_total")
+    rows = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)
+    busy_us = sum(getattr(e, attribute, 0.0) for e in events)
+    return {
+        "steps": steps, "wall_s": wall, "device_busy_s": busy_us / 1e6,
+        "device_busy_share": busy_us / 1e6 / wall if wall else None,
+        "top_ops_by_device_time": [{"op": e.key, "calls": e.count, "ms": getattr(e, attribute, 0.0) / 1e3}
+                                   for e in rows[:25]],
+    }
+
+
 def agreement(backbone, batched, count: int, inputs: dict, autocast) -> dict:
     """Subject k's gradients from the stacked computation vs its own module's backward."""
     from torch.func import stack_module_state
@@ -142,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--counts", default="2,4", help="subjects per stacked step")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per arm, after one warm-up step")
     parser.add_argument("--compile", action="store_true", help="also time the stacked step through torch.compile")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="also profile this many reference steps (GPU busy share, top operators by device time)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 steps, counts 2")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_db_stacked.json"))
     args = parser.parse_args(argv)
@@ -173,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
     seconds = timed_steps(lambda: plain_step(unet, optimizer, inputs, 0, autocast), args.steps, device)
     document["arms"]["reference"] = {"subjects": 1, "s_per_step": seconds, "s_per_subject_step": seconds,
                                      "amortized_s_per_1000_steps": 1000 * seconds, "peak_gib": peak_gib(device)}
+    if args.profile:
+        document["arms"]["reference"]["profile"] = profile_steps(
+            lambda: plain_step(unet, optimizer, inputs, 0, autocast), args.profile, device)
     print("reference", document["arms"]["reference"], flush=True)
     base = copy.deepcopy(unet).to("meta")
     del unet, optimizer

@@ -68,9 +68,10 @@ def test_gpu_db_stacked_runs_on_cpu(tmp_path, one_torch_thread):
     """The stacked-subjects DreamBooth probe: each subject's gradients from the one vmapped step
     equal its own module's backward (fp32, tiny) — the precondition for building on it."""
     out = tmp_path / "stacked.json"
-    assert _script("gpu_db_stacked").main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    assert _script("gpu_db_stacked").main(["--tiny", "--device", "cpu", "--profile", "1", "--out", str(out)]) == 0
     arms = json.loads(out.read_text())["arms"]
     assert arms["reference"]["s_per_step"] > 0
+    assert arms["reference"]["profile"]["top_ops_by_device_time"]  # on the CPU: CPU time
     stacked = arms["stacked_2"]
     assert "error" not in stacked, stacked
     assert stacked["agreement"]["max_gradient_relative_l2"] < 1e-5
