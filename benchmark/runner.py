@@ -186,12 +186,6 @@ def _needs_training(store: Store, job: JobSpec, group: WorkGroup) -> bool:
     return _training_decision(store, job, group, _pending(store, job, group.images)[0]) == "train"
 
 
-def _trainer_class(cell, context):
-    """The class whose ``prepare`` trains ``cell``'s state (DreamBlend trains as DreamBooth)."""
-    method = cell.build(context)
-    return method.trains_as or type(method)
-
-
 def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict:
     """What DONE records about a training: cost, device, fingerprint and provenance."""
     prepare = group.prepare
@@ -206,7 +200,7 @@ def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict
         "seed": prepare.seed,
         "compile_training": job.context.compile_training,
         # fine-tunes through torch.compile (training.compile=true, or auto over enough steps per worker)
-        "compile_finetune": job.context.compile_finetune and _trainer_class(prepare.cell, job.context).compiles_finetune,
+        "compile_finetune": job.context.compile_finetune and prepare.cell.trainer_class.compiles_finetune,
         **extra,
         "git": environment.git_hash(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -227,14 +227,15 @@ def score_run(
     photos: dict = {}  # photo path -> its tensor (a future while loading), one decode per path per pass
     spent: dict = {}  # metric -> seconds building its inputs and in its score calls
     with ThreadPoolExecutor(DECODE_THREADS, thread_name_prefix="decode") as pool:
-        if batches:
-            _prefetch_photos(pool, photos, by_subject.get(batches[0][0]), batches[0][1])
-        ahead = _prefetch(pool, store, passes, batches[0]) if batches else {}
+        def load_ahead(batch) -> dict:  # a batch's photos and PNGs start loading (PNGs: key -> future)
+            _prefetch_photos(pool, photos, by_subject.get(batch[0]), batch[1])
+            return _prefetch(pool, store, passes, batch)
+
+        ahead = load_ahead(batches[0]) if batches else {}
         for index, batch in enumerate(batches):
             decoded: dict = dict(ahead)  # this batch's PNGs (futures until used), decoded once for every metric
-            if index + 1 < len(batches):  # the next batch's photos and PNGs load while this one scores
-                _prefetch_photos(pool, photos, by_subject.get(batches[index + 1][0]), batches[index + 1][1])
-            ahead = _prefetch(pool, store, passes, batches[index + 1]) if index + 1 < len(batches) else {}
+            # the next batch loads while this one scores
+            ahead = load_ahead(batches[index + 1]) if index + 1 < len(batches) else {}
             got = _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures, device,
                                photos, spent)
             computed += got
@@ -256,6 +257,7 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
     from metrics.base import ScoringInputs
 
     subject_id, choice = batch
+    photos = {} if photos is None else photos
     computed = 0
     shared: dict = {}  # this subject batch's device tensors, one per distinct row set
     for one in passes:
@@ -270,7 +272,6 @@ def _score_batch(batch, decoded, passes, store, by_subject, references, progress
         failure_key = f"score-{name}-{subject_id}" + ("" if choice == ALL_IMAGES else f"-image{choice}")
         try:
             view = subject_view(subject, choice)
-            photos = {} if photos is None else photos
             if (subject_id, "scene") not in references:
                 references[(subject_id, "scene")] = [_photo(p, photos) for p in subject.get("scene") or []]
             if (subject_id, "photos") not in references:

@@ -46,6 +46,12 @@ class MethodCell:
         return get_method(self.method)(self.params, context)
 
     @property
+    def trainer_class(self) -> type[Method]:
+        """The class whose ``prepare`` trains this cell's state (DreamBlend trains as DreamBooth)."""
+        method = get_method(self.method)
+        return method.trains_as or method
+
+    @property
     def generation_key_part(self) -> dict | None:
         """What image keys add to the prepare key: None for a method generating as it trains
         (keeps the keys of methods without generation-only params as they always were)."""
@@ -224,13 +230,10 @@ def resolve_finetune_compile(
         return context, f"fine-tunes {'compiled' if mode == 'true' else 'eager'} (training.compile={mode})"
     if not compile_enabled(config, context.device, "auto"):
         return context, "fine-tunes eager (training.compile=auto: CPU or deterministic run)"
-    steps, builds = 0, {}
+    steps = 0
     for group in groups:
         cell = group.prepare.cell
-        if cell.cell_id not in builds:
-            method = cell.build(context)  # DreamBlend trains as DreamBooth (trains_as): its class decides
-            builds[cell.cell_id] = (method.trains_as or type(method)).compiles_finetune
-        if builds[cell.cell_id] and not trained(group):
+        if cell.trainer_class.compiles_finetune and not trained(group):
             steps += int(cell.training_fingerprint.get("params", {}).get("steps") or 0)
     if not steps:
         return context, "fine-tunes: none to train"

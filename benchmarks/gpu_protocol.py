@@ -13,9 +13,8 @@ image, and compiles counted once) and
 - checks the cost model: the model's parts for this very run beside the measured execute stage
   (what they miss is fixed cost: worker start-up, backbone builds);
 - projects the full protocol (30 subjects; TI 5000 steps in passes of up to 16, the suite's
-  ``training.subjects_per_batch``; DreamBooth 1000 and LoRA
-  500 steps with 200 class images per class; 100 images per (method, subject); 9000 scored
-  images) for the run's worker count.
+  ``training.subjects_per_batch``; DreamBooth 1000 and LoRA 500 steps with 200 class images per
+  class; 100 images per (method, subject); 9000 scored images) for the run's worker count.
 
 ``--workers-per-gpu K`` runs the CLI with K workers on the GPU. ``--combine ONE.json K.json``
 (no run) divides the one-worker projection's execute stage by the gain the same workload
@@ -257,8 +256,9 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     Optional refinements from the component benchmarks, each named in the output: ``ti_path``
     (``gpu_ti_multi.py``: the step time of its pass of the protocol's largest pass size at
     ``training.subjects_per_batch`` = ``ti_pass`` (default the suite's 16: two passes of 15), in
-    place of the run's pass of 4, plus one compile per distinct pass size) and ``scoring_path`` (``gpu_scoring.py``: ``score_run`` seconds per image over 3000
-    stored PNGs, in place of the run's score stage scaled with its fixed costs) and
+    place of the run's pass of 4, plus one compile per distinct pass size) and ``scoring_path``
+    (``gpu_scoring.py``: ``score_run`` seconds per image over 3000 stored PNGs, in place of the
+    run's score stage scaled with its fixed costs) and
     ``finetune_path`` (``gpu_finetune_compile.py``: DreamBooth's and LoRA's training parts scaled
     by the compiled/eager step-time ratio it measured in one process, ``training.compile=true``,
     plus one compile each) and ``concurrency_path`` (``gpu_speed.py --concurrency 1,K
