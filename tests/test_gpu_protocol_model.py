@@ -219,5 +219,5 @@ def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol
         Path(path).write_text(json.dumps(data))
     del rows["4+compile"]
     concurrency.write_text(json.dumps({"training_concurrency": rows}))
-    with pytest.raises(SystemExit, match="4\+compile"):
+    with pytest.raises(SystemExit, match=r"4\+compile"):
         protocol.combine(one, many, None, concurrency_path=str(concurrency))
