@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, peak_gib, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_methods import environment, peak_gib, profile_steps, reset_peak, synchronize  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.diffusion import fp32_trainable_copy  # noqa: E402
 
@@ -114,32 +114,29 @@ def timed_steps(step, steps: int, device) -> float:
     return (time.perf_counter() - started) / steps
 
 
-def profile_steps(step, steps: int, device) -> dict:
-    """Where one training step's time goes: ``torch.profiler`` over ``steps`` steps (after the
-    timed ones), the GPU's busy share of the wall time and the top operators by device time."""
-    from torch.profiler import ProfilerActivity, profile
+VARIANTS = ("channels_last", "compiled", "compiled_channels_last")
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    synchronize(device)
-    started = time.perf_counter()
-    with profile(activities=activities) as prof:
-        for _ in range(steps):
-            step()
-        synchronize(device)
-    wall = time.perf_counter() - started
-    events = prof.key_averages()
-    attribute = "self_cpu_time_total"
-    if device.type == "cuda":  # renamed across torch versions
-        attribute = next((a for a in ("self_device_time_total", "self_cuda_time_total")
-                          if events and hasattr(events[0], a)), "self_device_time_total")
-    rows = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)
-    busy_us = sum(getattr(e, attribute, 0.0) for e in events)
-    return {
-        "steps": steps, "wall_s": wall, "device_busy_s": busy_us / 1e6,
-        "device_busy_share": busy_us / 1e6 / wall if wall else None,
-        "top_ops_by_device_time": [{"op": e.key, "calls": e.count, "ms": getattr(e, attribute, 0.0) / 1e3}
-                                   for e in rows[:25]],
-    }
+
+def variant_arm(backbone, variant: str, args, device, autocast) -> dict:
+    """The reference step with the UNet (and its inputs) in channels-last layout and/or through
+    ``torch.compile``; its first losses beside the plain reference's on the same inputs."""
+    unet = fp32_trainable_copy(backbone, "unet")
+    inputs = subject_inputs(1, unet, args.resolution, device)
+    if "channels_last" in variant:
+        unet = unet.to(memory_format=torch.channels_last)
+        # per subject a channels-last 4-d tensor (a stacked 5-d tensor cannot hold that layout)
+        inputs = {k: ([x.contiguous(memory_format=torch.channels_last) for x in v] if v.dim() == 5 else v)
+                  for k, v in inputs.items()}
+    module = torch.compile(unet) if variant.startswith("compiled") else unet
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=LEARNING_RATE, weight_decay=1e-2, fused=device.type == "cuda")
+    step = functools.partial(plain_step, module, optimizer, inputs, 0, autocast)
+    first = time.perf_counter()
+    seconds = timed_steps(step, args.steps, device)
+    row = {"variant": variant, "subjects": 1, "s_per_step": seconds, "amortized_s_per_1000_steps": 1000 * seconds,
+           "peak_gib": peak_gib(device), "wall_s_incl_warmup": time.perf_counter() - first}
+    if args.profile:
+        row["profile"] = profile_steps(step, args.profile, device)
+    return row
 
 
 def agreement(backbone, batched, count: int, inputs: dict, autocast) -> dict:
@@ -175,12 +172,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="also time the stacked step through torch.compile")
     parser.add_argument("--profile", type=int, default=0,
                         help="also profile this many reference steps (GPU busy share, top operators by device time)")
+    parser.add_argument("--variants", default="",
+                        help="more one-subject arms, comma-separated: channels_last, compiled, compiled_channels_last "
+                             "(profiled too with --profile)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 steps, counts 2")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_db_stacked.json"))
     args = parser.parse_args(argv)
     if args.tiny:
         args.backbone, args.resolution, args.steps, args.counts = "tiny", 64, 2, "2"
-    counts = [int(c) for c in args.counts.split(",")]
+    counts = [int(c) for c in args.counts.split(",") if c]
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     warnings.filterwarnings("ignore", message=".*batching rule.*")  # SDPA's loop fallback, documented above
@@ -213,6 +213,19 @@ def main(argv: list[str] | None = None) -> int:
     base = copy.deepcopy(unet).to("meta")
     del reference_step, unet, optimizer  # free the reference's weights and optimizer state
     save()
+
+    # one-subject variants of the trainer's step: memory layout, torch.compile
+    for variant in [v for v in args.variants.split(",") if v]:
+        if variant not in VARIANTS:
+            parser.error(f"--variants: unknown {variant!r}; choose from {', '.join(VARIANTS)}")
+        try:
+            reset_peak(device)
+            row = variant_arm(backbone, variant, args, device, autocast)
+        except Exception as error:  # noqa: BLE001 - keep the other arms
+            row = {"variant": variant, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
+        document["arms"][variant] = row
+        print(variant, {k: v for k, v in row.items() if k != "profile"}, flush=True)
+        save()
 
     from torch.func import stack_module_state
 

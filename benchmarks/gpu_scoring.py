@@ -71,6 +71,7 @@ from benchmark.results import load_subject_table, read_score_parts, save_plan, s
 from benchmark.runner import GroupResult, ImageWriter, JobSpec, _record  # noqa: E402
 from benchmark.store import Store  # noqa: E402
 from benchmark.units import expand, method_context  # noqa: E402
+from benchmarks.gpu_methods import profile_steps  # noqa: E402
 from benchmarks.gpu_metrics import peak_memory, reset_peak, synchronize, write_result  # noqa: E402
 from data.images import load_image, to_tensor  # noqa: E402
 from data.subjects import mini_dataset_dir, read_subject_table  # noqa: E402
@@ -415,6 +416,15 @@ def run(args: argparse.Namespace) -> dict:
                     "metric's score calls, writing score parts and the embedding cache",
         "repeats": runs,
     }
+    if args.profile:
+        _progress("score_run under the profiler ...")
+
+        def profiled_run():
+            reset_scores(store)
+            scoring.score_run(store, plan, subjects, config.metrics, str(device))
+
+        # the device's busy seconds beside the wall: how much a faster host could still gain
+        result["score_run"]["profile"] = profile_steps(profiled_run, 1, device, top=40)
     result["target"] = {
         "seconds": TARGET_SECONDS,
         "n_images": TARGET_IMAGES,
@@ -437,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prior-images", type=int, default=0, help="prior images per subject (for PRES; default 0)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed score_run repeats, the median is reported (default 3 on CUDA, 1 on a CPU)")
+    parser.add_argument("--profile", action="store_true",
+                        help="one more score_run under torch.profiler: device busy seconds, top operators")
     parser.add_argument("--decode-sample", type=int, default=300, help="images timed for one-thread decode")
     parser.add_argument("--work", default=None, help="run directory parent to (re)use; default a temporary one")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")

@@ -22,9 +22,11 @@ def _script(name: str):
 def test_gpu_scoring_runs_on_cpu(tmp_path, one_torch_thread):
     out = tmp_path / "scoring.json"
     assert _script("gpu_scoring").main(["--device", "cpu", "--n", "16", "--size", "64", "--repeats", "1",
-                                        "--out", str(out)]) == 0
+                                        "--profile", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["n_images"] == 16 and result["score_run"]["seconds"] > 0
+    profile = result["score_run"]["profile"]
+    assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_ops_by_device_time"]
     split = result["score_run"]["repeats"][0]["seconds_split"]
     assert set(split) == set(result["metrics"]) and all(row["score_s"] > 0 for row in split.values())
 
@@ -68,9 +70,12 @@ def test_gpu_db_stacked_runs_on_cpu(tmp_path, one_torch_thread):
     """The stacked-subjects DreamBooth probe: each subject's gradients from the one vmapped step
     equal its own module's backward (fp32, tiny) — the precondition for building on it."""
     out = tmp_path / "stacked.json"
-    assert _script("gpu_db_stacked").main(["--tiny", "--device", "cpu", "--profile", "1", "--out", str(out)]) == 0
+    assert _script("gpu_db_stacked").main(["--tiny", "--device", "cpu", "--profile", "1", "--variants", "channels_last",
+                                           "--out", str(out)]) == 0
     arms = json.loads(out.read_text())["arms"]
     assert arms["reference"]["s_per_step"] > 0
+    assert "error" not in arms["channels_last"] and arms["channels_last"]["s_per_step"] > 0
+    assert arms["channels_last"]["profile"]["device_busy_s_per_step"] > 0
     assert arms["reference"]["profile"]["top_ops_by_device_time"]  # on the CPU: CPU time
     stacked = arms["stacked_2"]
     assert "error" not in stacked, stacked
