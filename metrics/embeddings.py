@@ -164,8 +164,16 @@ def reference_embeddings(
         cached = _REFERENCES.get(index)
     if cached is not None and cached.shape[0] == len(references):
         return cached
-    # References come in their own sizes, so each is resized on its own.
-    rows = torch.cat([encode_batch(backbone, reference.unsqueeze(0)) for reference in references])
+    # References come in their own sizes: those of one size are encoded as one batch (the
+    # pipeline resizes per batch), then put back in the given order.
+    by_size: dict[tuple, list[int]] = {}
+    for position, reference in enumerate(references):
+        by_size.setdefault(tuple(reference.shape), []).append(position)
+    rows_at: dict[int, torch.Tensor] = {}
+    for indices in by_size.values():
+        encoded = encode_batch(backbone, torch.stack([references[i] for i in indices]))
+        rows_at.update(zip(indices, encoded))
+    rows = torch.stack([rows_at[i] for i in range(len(references))]) if references else torch.zeros(0, 0)
     with _LOCK:
         _REFERENCES[index] = rows
     return rows

@@ -97,6 +97,54 @@ def pairwise_lpips(backbone: LoadedBackbone, images: torch.Tensor, batch_size: i
     return matrix
 
 
+def group_mean_lpips(backbone: LoadedBackbone, images: torch.Tensor, groups: Sequence[Sequence[int]],
+                     batch_size: int) -> torch.Tensor:
+    """Per image of ``groups`` (lists of row indices of ``images``, each of ≥ 2 rows): its mean
+    LPIPS to the other images of its group; rows in no group are NaN.
+
+    Groups are packed into chunks of at most ``batch_size`` images: one trunk pass per chunk and
+    its pairs in batches of ``batch_size``, the sums kept on the device until the end (one copy
+    to the host), instead of a trunk call, a pair call and a host sync per group. A group larger
+    than ``batch_size`` goes through ``pairwise_lpips`` alone. Same arithmetic as
+    ``pairwise_lpips`` per group (tested against ``lpips.LPIPS.forward``)."""
+    totals = torch.zeros(images.shape[0], dtype=torch.float32, device=backbone.device)
+    counts = torch.zeros(images.shape[0], dtype=torch.float32)
+    chunks: list[list[Sequence[int]]] = [[]]
+    for group in groups:
+        if len(group) > batch_size:
+            matrix = pairwise_lpips(backbone, images[list(group)], batch_size)
+            totals[list(group)] = matrix.sum(dim=1).to(totals.device)
+            counts[list(group)] = len(group) - 1
+            continue
+        if sum(len(g) for g in chunks[-1]) + len(group) > batch_size:
+            chunks.append([])
+        chunks[-1].append(group)
+    for chunk in chunks:
+        if not chunk:
+            continue
+        rows = [index for group in chunk for index in group]
+        features = lpips_features(backbone, images[rows])
+        first, second, start = [], [], 0  # pairs as positions in ``rows``
+        for group in chunk:
+            for a in range(len(group)):
+                for b in range(a + 1, len(group)):
+                    first.append(start + a)
+                    second.append(start + b)
+            start += len(group)
+        first_t, second_t = torch.tensor(first), torch.tensor(second)
+        position_to_row = torch.tensor(rows)
+        for begin in range(0, len(first), batch_size):
+            i, j = first_t[begin : begin + batch_size], second_t[begin : begin + batch_size]
+            i_dev, j_dev = i.to(backbone.device), j.to(backbone.device)
+            values = lpips_from_features(backbone, [f[i_dev] for f in features], [f[j_dev] for f in features])
+            totals.index_add_(0, position_to_row[i].to(totals.device), values)
+            totals.index_add_(0, position_to_row[j].to(totals.device), values)
+        for group in chunk:
+            counts[list(group)] = len(group) - 1
+    means = totals.cpu() / counts
+    return torch.where(counts > 0, means, torch.full_like(means, float("nan")))
+
+
 class Div(BackboneMetric):
     name = "div"
     higher_is_better = True
@@ -125,11 +173,12 @@ class Div(BackboneMetric):
         members: dict[str, list[int]] = defaultdict(list)
         for index, group in enumerate(inputs.groups):
             members[group].append(index)
-        backbone = self.backbone
         for indices in members.values():
             if len(indices) < 2:
                 self.notes[indices[0]] = SINGLETON_NOTE
-                continue
-            matrix = pairwise_lpips(backbone, inputs.images[indices], self.settings.batch_size)
-            values[indices] = (matrix.sum(dim=1) / (len(indices) - 1)).double().numpy()
+        groups = [indices for indices in members.values() if len(indices) >= 2]
+        if groups:
+            means = group_mean_lpips(self.backbone, inputs.images, groups, self.settings.batch_size).double().numpy()
+            scored = [index for group in groups for index in group]
+            values[scored] = means[scored]
         return values

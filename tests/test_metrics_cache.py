@@ -62,6 +62,23 @@ def test_image_embeddings_are_shared_in_process(encode_counter):
     assert encode_counter["images"] == 7
 
 
+@pytest.mark.parametrize("get_backbone", [get_clip, get_dino])
+def test_references_of_one_size_encode_as_one_batch_in_their_order(get_backbone, monkeypatch):
+    """Same-size references share one encode call; the rows keep the given order and equal each
+    reference encoded alone (the per-image path they replaced)."""
+    backbone = get_backbone(RANDOM)
+    generator = torch.Generator().manual_seed(0)
+    sizes = [(96, 128), (80, 80), (96, 128), (80, 80), (64, 100)]
+    references = [torch.rand(3, h, w, generator=generator) for h, w in sizes]
+    calls = []
+    real = embeddings.encode_batch
+    monkeypatch.setattr(embeddings, "encode_batch", lambda b, images: calls.append(images.shape[0]) or real(b, images))
+    rows = embeddings.reference_embeddings(backbone, references, "mixed-sizes")
+    assert sorted(calls) == [1, 2, 2]
+    alone = torch.cat([real(backbone, reference.unsqueeze(0)) for reference in references])
+    torch.testing.assert_close(rows, alone, rtol=1e-4, atol=1e-5)
+
+
 def test_disk_cache_recomputes_only_what_is_missing(tmp_path, encode_counter):
     settings = MetricSettings(weights="random", cache_dir=tmp_path)
     inputs = mini_scoring_inputs(per_subject=2)

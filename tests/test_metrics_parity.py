@@ -289,3 +289,30 @@ def test_div_pairwise_lpips_matches_lpips_forward(net):
     assert np.isnan(ours[4]) and "alone" in metric.notes[4] and metric.notes[:4] == [""] * 4
     # The mean over a group's images is its mean pairwise LPIPS.
     assert ours[:4].mean() == pytest.approx(np.mean(list(pairs.values())), rel=1e-5)
+
+
+@pytest.mark.parametrize("batch_size", [3, 4, 32])
+def test_div_packs_groups_and_matches_lpips_forward(batch_size):
+    """Several interleaved groups of 2-4 images and a singleton, packed into shared trunk and pair
+    batches (and a group larger than the batch on its own): each image's value is its mean
+    ``lpips.LPIPS.forward`` to its siblings."""
+    import lpips
+
+    settings = MetricSettings(weights="random", lpips_net="alex", batch_size=batch_size)
+    backbone = get_lpips(settings)
+    reference = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    reference.load_state_dict(backbone.model.state_dict())
+    images, keys, _ = mini_images()
+    images = torch.cat([images, images.flip(-1)])[:10]
+    groups = ["a", "b", "a", "c", "b", "a", "lone", "c", "a", "c"]  # a: 4, b: 2, c: 3
+    metric = build_metric("div", settings)
+    ours = metric.score(ScoringInputs(images, [f"k{i}" for i in range(10)], [], [], "", groups))
+    with torch.no_grad():
+        for index, group in enumerate(groups):
+            siblings = [j for j, g in enumerate(groups) if g == group and j != index]
+            if not siblings:
+                assert np.isnan(ours[index]) and "alone" in metric.notes[index]
+                continue
+            expected = np.mean([float(reference(images[index : index + 1], images[j : j + 1], normalize=True))
+                                for j in siblings])
+            assert ours[index] == pytest.approx(expected, rel=1e-5, abs=1e-6), (index, group)
