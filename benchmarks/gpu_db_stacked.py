@@ -19,8 +19,9 @@ so equal to K separate optimizers). It measures, in one process:
 - agreement: subject k's loss and gradients from the stacked step against the plain step of
   subject k's module on the same inputs (relative L2 of all gradients).
 
-Nothing in the harness uses this yet: it answers whether stacking beats processes before a
-method is built on it. Known cost: PyTorch has no vmap batching rule for the fused SDPA kernels,
+Nothing in the harness uses this: it answered whether stacking beats processes before a method
+was built on it, and on an H200 it did not (2 subjects 0.44×, 4 subjects 0.75× a plain step per
+subject; ``benchmarks/results/README.md``, seventh session). Known cost: PyTorch has no vmap batching rule for the fused SDPA kernels,
 so attention falls back to a loop over the K subjects (a warning says so); the convolutions and
 linear layers run batched.
 
