@@ -66,3 +66,30 @@ def test_mask_noise_sweep(benchmark):
     mask = (ys - 256) ** 2 + (xs - 256) ** 2 <= 150**2
     results = benchmark(sweep, mask, "erode:2,4,8;dilate:2,4,8;jitter:2,4;flip:0.05,0.1;bbox;empty;full")
     assert len(results) == 13
+
+
+@pytest.mark.parametrize("path", ["packed", "per_group"])
+def test_div_packing(benchmark, path):
+    """DIV over a subject batch of 100 images in 25 groups of 4: the groups packed into shared
+    trunk and pair batches (``group_mean_lpips``, what DIV runs) beside the per-group path it
+    replaced (``pairwise_lpips`` per group: a trunk call, a pair call and a host copy each). On a
+    GPU the per-group host syncs are what packing removes; on a CPU this shows it costs nothing."""
+    from metrics.backbones import get_lpips
+    from metrics.lpips_metrics import group_mean_lpips, pairwise_lpips
+
+    backbone = get_lpips(SETTINGS)
+    images = torch.rand(100, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0))
+    groups = [list(range(start, start + 4)) for start in range(0, 100, 4)]
+
+    def packed():
+        return group_mean_lpips(backbone, images, groups, SETTINGS.batch_size)
+
+    def per_group():
+        out = torch.empty(100)
+        for group in groups:
+            out[group] = pairwise_lpips(backbone, images[group], SETTINGS.batch_size).sum(dim=1) / 3
+        return out
+
+    values = benchmark.pedantic(packed if path == "packed" else per_group, rounds=3, warmup_rounds=1)
+    torch.testing.assert_close(values, per_group(), rtol=1e-5, atol=1e-6)
+    record_rate(benchmark, 100)
