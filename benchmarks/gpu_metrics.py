@@ -78,11 +78,24 @@ def peak_memory(device: torch.device) -> dict:
     return out
 
 
+def result_path(out: str | None, name: str) -> Path:
+    """``out``, else ``$OUT/<name>``, else ``./<name>``."""
+    return Path(out) if out else Path(os.environ.get("OUT") or ".") / name
+
+
+def save_partial(result: dict, out: str | None, name: str) -> Path:
+    """Write what a benchmark has measured so far (a call cut off by its time limit keeps it)."""
+    path = result_path(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    temporary.write_text(json.dumps(result, indent=1))
+    os.replace(temporary, path)
+    return path
+
+
 def write_result(result: dict, out: str | None, name: str) -> Path:
     """Write a benchmark's JSON to ``out`` (default: ``$OUT/<name>``, else ``./<name>``) and print it."""
-    path = Path(out) if out else Path(os.environ.get("OUT") or ".") / name
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    path = save_partial(result, out, name)
     print(json.dumps(result, indent=1))
     print(f"wrote {path}")
     return path

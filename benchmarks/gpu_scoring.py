@@ -72,7 +72,7 @@ from benchmark.runner import GroupResult, ImageWriter, JobSpec, _record  # noqa:
 from benchmark.store import Store  # noqa: E402
 from benchmark.units import expand, method_context  # noqa: E402
 from benchmarks.gpu_methods import profile_steps  # noqa: E402
-from benchmarks.gpu_metrics import peak_memory, reset_peak, synchronize, write_result  # noqa: E402
+from benchmarks.gpu_metrics import peak_memory, reset_peak, save_partial, synchronize, write_result  # noqa: E402
 from data.images import load_image, to_tensor  # noqa: E402
 from data.subjects import mini_dataset_dir, read_subject_table  # noqa: E402
 from metrics.base import MetricSettings, ScoringInputs  # noqa: E402
@@ -332,7 +332,10 @@ def _progress(message: str) -> None:
     print(f"[gpu_scoring] {message}", file=sys.stderr, flush=True)
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, save=None) -> dict:
+    """The benchmark; ``save(result)``, if given, is called after each stage with what is measured
+    so far (``"complete": False`` until the end), so a call cut off by its time limit keeps it."""
+    save = save or (lambda result: None)
     device = torch.device(args.device)
     environment.apply_determinism(False)  # as `subjectbench run`: fast kernels, cuDNN not benchmarking
     threads = environment.configure_cpu_threads(1)
@@ -353,6 +356,7 @@ def run(args: argparse.Namespace) -> dict:
         "metrics": args.metrics,
         "weights": "random (real architectures; speed only, values are not measurements)",
         "work_dir": str(work),
+        "complete": False,
     }
     roles = sorted({get_metric_class(name).role for name in args.metrics})
     if "prior" in roles and args.prior_images == 0:
@@ -366,6 +370,7 @@ def run(args: argparse.Namespace) -> dict:
     result["setup"] = {**info, "seconds": round(time.perf_counter() - started, 2)}
     result["metrics_batch_size"] = config.metrics.batch_size
     result["precision"] = "bf16-autocast" if device.type == "cuda" else "fp32"
+    save(result)
 
     # Builds and warm-up: a first score_run in its own run directory (backbones stay cached).
     _progress(f"store written in {result['setup']['seconds']} s; metric builds and warm-up ...")
@@ -402,6 +407,7 @@ def run(args: argparse.Namespace) -> dict:
     floor["images_per_second"] = round(len(done) / floor["seconds"], 1)
     floor["embedding_cache"] = "memory only"
     result["in_memory_floor"] = floor
+    save(result)
     del batches, metrics
 
     _progress(f"floor {floor['seconds']} s; score_run × {args.repeats} ...")
@@ -416,6 +422,13 @@ def run(args: argparse.Namespace) -> dict:
                     "metric's score calls, writing score parts and the embedding cache",
         "repeats": runs,
     }
+    result["target"] = {
+        "seconds": TARGET_SECONDS,
+        "n_images": TARGET_IMAGES,
+        "measured_seconds": round(seconds, 3),
+        "met": bool(args.n >= TARGET_IMAGES and args.size >= 512 and seconds <= TARGET_SECONDS),
+    }
+    save(result)
     if args.profile:
         # the warm-up's run directory (up to 100 images, one subject): the profiler's own
         # post-processing of a 3000-image run outlasted a 180 s device call
@@ -428,12 +441,7 @@ def run(args: argparse.Namespace) -> dict:
         # the device's busy seconds beside the wall: how much a faster host could still gain
         profile = profile_steps(profiled_run, 1, device, top=40)
         result["score_run"]["profile"] = {"images": warm_images, **profile}
-    result["target"] = {
-        "seconds": TARGET_SECONDS,
-        "n_images": TARGET_IMAGES,
-        "measured_seconds": round(seconds, 3),
-        "met": bool(args.n >= TARGET_IMAGES and args.size >= 512 and seconds <= TARGET_SECONDS),
-    }
+    result["complete"] = True
     if not args.work and not args.keep:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -462,7 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     args.metrics = resolve_metrics(args.metrics)
     if args.repeats is None:
         args.repeats = 3 if args.device.startswith("cuda") else 1
-    write_result(run(args), args.out, "gpu_scoring.json")
+    write_result(run(args, save=lambda result: save_partial(result, args.out, "gpu_scoring.json")), args.out,
+                 "gpu_scoring.json")
     return 0
 
 

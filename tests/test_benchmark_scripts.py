@@ -27,6 +27,21 @@ def test_gpu_scoring_runs_on_cpu(tmp_path, one_torch_thread):
     assert result["n_images"] == 16 and result["score_run"]["seconds"] > 0
     profile = result["score_run"]["profile"]
     assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_ops_by_device_time"]
+    assert result["complete"] is True
+
+
+def test_gpu_scoring_keeps_what_it_measured_when_cut_off(tmp_path, one_torch_thread):
+    """A call cut off in a later stage (here the profile raises) leaves the timed runs on disk."""
+    script, out = _script("gpu_scoring"), tmp_path / "scoring.json"
+
+    def cut_off(*args, **kwargs):
+        raise KeyboardInterrupt("the call's time limit")
+
+    script.profile_steps = cut_off
+    with pytest.raises(KeyboardInterrupt):
+        script.main(["--device", "cpu", "--n", "8", "--size", "64", "--repeats", "1", "--profile", "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert result["complete"] is False and result["score_run"]["seconds"] > 0 and "target" in result
     split = result["score_run"]["repeats"][0]["seconds_split"]
     assert set(split) == set(result["metrics"]) and all(row["score_s"] > 0 for row in split.values())
 
