@@ -44,7 +44,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, peak_gib, profile_steps, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_methods import environment, peak_gib, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_metrics import profile_steps, save_partial  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.diffusion import fp32_trainable_copy  # noqa: E402
 
@@ -192,11 +193,9 @@ def main(argv: list[str] | None = None) -> int:
     backbone = load_backbone(resolve_backbone(args.backbone), args.device, dtype)
     document: dict = {"benchmark": "gpu_db_stacked", "environment": environment(device),
                       "settings": {k: v for k, v in vars(args).items() if k != "out"}, "arms": {}}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
 
-    def save():
-        out.write_text(json.dumps(document, indent=1))
+    def save():  # after every arm: a call cut off by its time limit keeps the arms before
+        save_partial(document, args.out, "gpu_db_stacked.json")
 
     # reference: one subject, its plain module, fused AdamW (the trainer's step)
     reset_peak(device)

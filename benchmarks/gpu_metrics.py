@@ -26,6 +26,7 @@ import platform
 import resource
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -76,6 +77,39 @@ def peak_memory(device: torch.device) -> dict:
         out["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         out["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     return out
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
+    """Where ``steps`` calls of ``step`` spend their time, under ``torch.profiler``: the device's
+    busy seconds (its kernels only: an operator row's device time restates its kernels') beside the
+    wall time, and the top rows (operators and kernels) by self device time (CPU time on a CPU)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    synchronize(device)
+    started = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    attribute = "self_cpu_time_total"
+    if device.type == "cuda":  # renamed across torch versions
+        attribute = next((a for a in ("self_device_time_total", "self_cuda_time_total")
+                          if events and hasattr(events[0], a)), "self_device_time_total")
+    rows = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)
+    kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+    busy_us = sum(getattr(e, attribute, 0.0) for e in (kernels if device.type == "cuda" else events))
+    return {
+        "steps": steps, "wall_s": wall, "device_busy_s": busy_us / 1e6,
+        "device_busy_s_per_step": busy_us / 1e6 / steps,
+        "device_busy_share": busy_us / 1e6 / wall if wall else None,
+        "note": "wall includes the profiler's own overhead; compare device_busy_s_per_step with the unprofiled time",
+        "top_ops_by_device_time": [{"op": e.key[:160], "calls": e.count, "ms": getattr(e, attribute, 0.0) / 1e3}
+                                   for e in rows[:top]],
+    }
 
 
 def result_path(out: str | None, name: str) -> Path:

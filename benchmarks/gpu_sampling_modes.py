@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
+from benchmarks.gpu_metrics import save_partial  # noqa: E402
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
@@ -150,9 +151,7 @@ def write(document: dict, path: Path) -> None:
         document["target"] = {"s_per_image": TARGET_S_PER_IMAGE,
                               "met": bool(protocol and timed_arms[best] <= TARGET_S_PER_IMAGE),
                               "note": "denoising at the suite's batch; PNG writing runs in the writer's threads"}
-    public = {k: v for k, v in document.items() if not k.startswith("_")}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(public, indent=1))
+    save_partial({k: v for k, v in document.items() if not k.startswith("_")}, str(path), path.name)
 
 
 def main(argv: list[str] | None = None) -> int:

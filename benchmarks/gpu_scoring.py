@@ -71,8 +71,14 @@ from benchmark.results import load_subject_table, read_score_parts, save_plan, s
 from benchmark.runner import GroupResult, ImageWriter, JobSpec, _record  # noqa: E402
 from benchmark.store import Store  # noqa: E402
 from benchmark.units import expand, method_context  # noqa: E402
-from benchmarks.gpu_methods import profile_steps  # noqa: E402
-from benchmarks.gpu_metrics import peak_memory, reset_peak, save_partial, synchronize, write_result  # noqa: E402
+from benchmarks.gpu_metrics import (  # noqa: E402
+    peak_memory,
+    profile_steps,
+    reset_peak,
+    save_partial,
+    synchronize,
+    write_result,
+)
 from data.images import load_image, to_tensor  # noqa: E402
 from data.subjects import mini_dataset_dir, read_subject_table  # noqa: E402
 from metrics.base import MetricSettings, ScoringInputs  # noqa: E402
