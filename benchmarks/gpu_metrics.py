@@ -19,6 +19,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import json
 import os
@@ -77,6 +78,28 @@ def peak_memory(device: torch.device) -> dict:
         out["gpu_max_allocated_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         out["gpu_max_reserved_gib"] = round(torch.cuda.max_memory_reserved(device) / 2**30, 3)
     return out
+
+
+SDPA_ORDERS = {
+    "default": None,  # torch's own order (FlashAttention-2 first on these GPUs)
+    "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+}
+
+
+@contextlib.contextmanager
+def sdpa_preference(name: str):
+    """Scaled-dot-product attention with the backends of ``SDPA_ORDERS[name]`` tried in that
+    order (a shape one backend cannot take falls to the next, never straight to the math kernel);
+    ``default`` leaves torch's choice alone."""
+    if name not in SDPA_ORDERS:
+        raise SystemExit(f"--sdpa {name!r}: choose from {sorted(SDPA_ORDERS)}")
+    if SDPA_ORDERS[name] is None:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([getattr(SDPBackend, b) for b in SDPA_ORDERS[name]], set_priority=True):
+        yield
 
 
 def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:

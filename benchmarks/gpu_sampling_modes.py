@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
-from benchmarks.gpu_metrics import save_partial  # noqa: E402
+from benchmarks.gpu_metrics import save_partial, sdpa_preference  # noqa: E402
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
@@ -87,17 +87,12 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
         reference_arm(SimpleNamespace(sampling_steps=args.steps, repeats=args.repeats), backbone, sampler, device, holder)
         out.update(holder["reference_diffusers_fp16_16_images"])
         return
-    cudnn_attention = arm.endswith("cudnn_attention")
-    if cudnn_attention:  # SDPA through cuDNN's fused attention instead of FlashAttention-2
-        torch.backends.cuda.enable_flash_sdp(False)
-        torch.backends.cuda.enable_mem_efficient_sdp(False)
-        torch.backends.cuda.enable_cudnn_sdp(True)
-        out["sdpa_backend"] = "cudnn"
-    try:
+    if arm.endswith("cudnn_attention"):  # SDPA through cuDNN's fused attention first, FlashAttention-2 next
+        out["sdpa_backend"] = "cudnn first"
+        with sdpa_preference("cudnn"):
+            _run_arm(arm, args, backbone, sampler, device, document, out)
+    else:
         _run_arm(arm, args, backbone, sampler, device, document, out)
-    finally:
-        torch.backends.cuda.enable_flash_sdp(True)
-        torch.backends.cuda.enable_mem_efficient_sdp(True)
 
 
 def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dict) -> None:

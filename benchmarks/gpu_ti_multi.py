@@ -35,6 +35,7 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_metrics import SDPA_ORDERS, sdpa_preference  # noqa: E402
 from data.subjects import load_subjects  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import MethodContext  # noqa: E402
@@ -54,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--counts", default="4,8,16", help="subjects per pass")
     parser.add_argument("--compile", action="store_true",
                         help="training.compile: the frozen UNet through torch.compile (the warm-up pass compiles)")
+    parser.add_argument("--sdpa", default="default", choices=sorted(SDPA_ORDERS),
+                        help="attention backend order (gpu_metrics.SDPA_ORDERS): cudnn tries cuDNN's fused attention first")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, passes of 2 and 3")
     parser.add_argument(
         "--out",
@@ -119,6 +122,11 @@ def row(count: int, seconds: float, summary: dict, steps: int) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    with sdpa_preference(args.sdpa):
+        return _main(args)
+
+
+def _main(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     spec = resolve_backbone(args.backbone)
     context = MethodContext(
@@ -170,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_size_per_subject": params.batch_size,
             "measured_steps": args.steps,
             "compile_training": args.compile,
+            "sdpa": args.sdpa,
             "note": f"{PAPER_STEPS}-step figures are projected from {args.steps} measured steps "
             "(seconds per step after the first, checkpoint writing excluded)",
         },

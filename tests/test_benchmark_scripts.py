@@ -71,6 +71,26 @@ def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
     assert result["target"]["met"] is False
 
 
+def test_sdpa_preference_orders_the_backends_and_restores_them():
+    """``--sdpa cudnn`` (gpu_ti_multi, the sampling arms): cuDNN's attention first, FlashAttention-2
+    next, every backend still allowed; torch's own order is back afterwards; a wrong name is refused."""
+    import torch
+    from torch.nn.attention import SDPBackend
+
+    sdpa_preference = _script("gpu_metrics").sdpa_preference
+    before = torch._C._get_sdp_priority_order()
+    with sdpa_preference("cudnn"):
+        order = torch._C._get_sdp_priority_order()
+        assert order[:2] == [int(SDPBackend.CUDNN_ATTENTION), int(SDPBackend.FLASH_ATTENTION)]
+        assert torch.backends.cuda.math_sdp_enabled() and torch.backends.cuda.flash_sdp_enabled()
+    assert torch._C._get_sdp_priority_order() == before
+    with sdpa_preference("default"):
+        assert torch._C._get_sdp_priority_order() == before
+    with pytest.raises(SystemExit, match="choose from"):
+        with sdpa_preference("fastest"):
+            pass
+
+
 @pytest.mark.slow  # ~50 s on two cores: one CPU compile of the tiny UNet
 def test_gpu_sampling_modes_compiled_arm_runs_on_cpu(tmp_path, one_torch_thread):
     out = tmp_path / "modes.json"
