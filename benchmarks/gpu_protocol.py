@@ -12,8 +12,8 @@ image, and compiles counted once) and
 
 - checks the cost model: the model's parts for this very run beside the measured execute stage
   (what they miss is fixed cost: worker start-up, backbone builds);
-- projects the full protocol (30 subjects; TI 5000 steps in passes of up to 16, the suite's
-  ``training.subjects_per_batch``; DreamBooth 1000 and LoRA 500 steps with 200 class images per
+- projects the full protocol (30 subjects; TI 5000 steps in passes of up to the suite's
+  ``training.subjects_per_batch`` (30: one pass); DreamBooth 1000 and LoRA 500 steps with 200 class images per
   class; 100 images per (method, subject); 9000 scored images) for the run's worker count.
 
 ``--workers-per-gpu K`` runs the CLI with K workers on the GPU. ``--combine ONE.json K.json``
@@ -21,7 +21,9 @@ image, and compiles counted once) and
 measured with K workers; ``--ti-json`` / ``--scoring-json`` replace the TI and scoring parts by
 the ``gpu_ti_multi.py`` (the protocol's pass size) and ``gpu_scoring.py`` measurements, and
 ``--finetune-json`` / ``--concurrency-json`` scale the DreamBooth and LoRA training parts by
-measured compiled/eager ratios (``training.compile``), each named in the output.
+measured compiled/eager ratios (``training.compile``), each named in the output;
+``--check-compiled K_COMPILED.json`` (the K-worker run made again with ``--training-compile true``)
+checks those ratios against the CLI (``cli_check``).
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
@@ -43,13 +45,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmark import environment  # noqa: E402
+from benchmark.config import load_config  # noqa: E402
 from benchmark.results import load_records  # noqa: E402
 from benchmark.store import Store  # noqa: E402
 from benchmark.units import balanced_chunks  # noqa: E402
 
 PROTOCOL = {"subjects": 30, "classes": 15, "ti_steps": 5000, "db_steps": 1000, "lora_steps": 500,
-            "class_images": 200, "images_per_method_subject": 100, "ti_subjects_per_pass": 16,
-            "metric_images": 9000}
+            "class_images": 200, "images_per_method_subject": 100, "metric_images": 9000,
+            # the suite's own pass size, read from it (one place to change it)
+            "ti_subjects_per_pass": load_config("dreambooth").training.subjects_per_batch}
 METHODS = ("textual_inversion", "dreambooth", "dreambooth_lora")
 
 
@@ -218,7 +222,7 @@ def analyse(measured: dict, settings: dict) -> dict:
     protocol_rate = rate
     ti = rate.get("textual_inversion")
     if ti and ti["s_per_step"]:
-        # the protocol's passes of up to 16, at this run's per-subject cost (4 per pass here): conservative
+        # the protocol's passes (the suite's size), at this run's per-subject cost (4 per pass here): conservative
         protocol_rate = {**rate, "textual_inversion": {**ti, "s_per_step": ti["s_per_step"] / subjects * p["ti_subjects_per_pass"]}}
     protocol_counts = {
         "subjects": p["subjects"], "ti_passes": -(-p["subjects"] // p["ti_subjects_per_pass"]),
@@ -237,7 +241,7 @@ def analyse(measured: dict, settings: dict) -> dict:
     notes = (
         f"Execute-stage parts {execute_total:.0f} s. Rates are per process; with --workers-per-gpu > 1 they run "
         "concurrently, so the projection's total (a sum) overstates the wall time: divide by the measured gain of "
-        "the same workload against one worker (--combine). TI passes of 16 are projected at this run's per-subject "
+        "the same workload against one worker (--combine). TI passes of the suite's size are projected at this run's per-subject "
         "cost (a pass of 4), and its per-pass overhead (with any compile) counted in every pass: conservative. "
         "Scoring is scaled by images from this run's score stage (its fixed cost included, conservative). Class "
         "images at the DreamBooth generation rate."
@@ -248,14 +252,15 @@ def analyse(measured: dict, settings: dict) -> dict:
 
 def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None = None,
             scoring_path: str | None = None, finetune_path: str | None = None,
-            concurrency_path: str | None = None, ti_pass: int | None = None) -> int:
+            concurrency_path: str | None = None, ti_pass: int | None = None,
+            compiled_path: str | None = None) -> int:
     """Project K workers per GPU: the one-worker projection, its execute stage divided by the
     execute-stage speed-up the same 4-subject workload measured with K workers (more groups in
     the full protocol balance better, so this is conservative).
 
     Optional refinements from the component benchmarks, each named in the output: ``ti_path``
     (``gpu_ti_multi.py``: the step time of its pass of the protocol's largest pass size at
-    ``training.subjects_per_batch`` = ``ti_pass`` (default the suite's 16: two passes of 15), in
+    ``training.subjects_per_batch`` = ``ti_pass`` (default the suite's, 30: one pass), in
     place of the run's pass of 4, plus one compile per distinct pass size) and ``scoring_path``
     (``gpu_scoring.py``: ``score_run`` seconds per image over 3000 stored PNGs, in place of the
     run's score stage scaled with its fixed costs) and
@@ -265,6 +270,8 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     --concurrency-arms eager,compiled``: DreamBooth's compiled/eager ratio with one training and
     with K at once, the K-worker figure then uses the latter; LoRA's K-worker saving is estimated
     from its one-process saving shrunk as DreamBooth's was, and says so).
+    ``compiled_path`` (``--check-compiled``): the K-worker run repeated through the CLI with
+    compiled fine-tunes, against which the compiled/eager ratios used are checked (``check_compiled``).
     The K-worker figure divides the execute stage by the gain the runs measured (eager trainings)
     after scaling each compiled part by its K-worker ratio; compiles are added once, undivided.
     """
@@ -286,7 +293,7 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     if ti_path:
         ti = json.loads(Path(ti_path).read_text())
         limit = ti_pass or PROTOCOL["ti_subjects_per_pass"]
-        # the suite's passes (benchmark.units.balanced_chunks): 30 at 16 are two of 15, at 8 four of 8, 8, 7, 7
+        # the suite's passes (benchmark.units.balanced_chunks): 30 at 30 are one, at 16 two of 15, at 8 8, 8, 7, 7
         sizes = [len(chunk) for chunk in balanced_chunks(list(range(PROTOCOL["subjects"])), limit)]
         passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
         if max(sizes) not in passes:
@@ -383,11 +390,60 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
             execute_k / gain + ti_part * (1 - 1 / gain) + compiles + fixed) / 3600,
         "parts_one_worker_s": projection,
     }
+    if compiled_path:
+        result["cli_check"] = check_compiled(many, compiled_path, ratios, k_scaled, execute_k, gain, compiles, fixed)
     text = json.dumps(result, indent=1)
     print(text)
     if out:
         Path(out).write_text(text)
     return 0
+
+
+def _median_step(row: dict) -> float | None:
+    return _median([t["training"].get("seconds_per_step") for t in row.get("trainings", [])])
+
+
+def check_compiled(many: dict, compiled_path: str, ratios: dict, k_scaled: dict, execute_k: float,
+                   gain: float, compiles: float, fixed: float) -> dict:
+    """The projection's compiled fine-tune ratios against a CLI run: the K-worker workload run again
+    with ``--training-compile true``. Per fine-tune: the median seconds per step of the compiled run
+    over the eager K-worker run's (both through the CLI, K trainings at once), beside the ratio the
+    projection used; the K-worker GPU-hours with the CLI-measured ratios in their place; and each
+    compiled training's surplus over its steps (its compile, K workers compiling at once) beside the
+    compile seconds the projection adds once."""
+    compiled = json.loads(Path(compiled_path).read_text())
+    same = ("subjects", "ti_steps", "db_steps", "lora_steps", "class_images", "prompts", "sampling_steps",
+            "batch_size", "workers_per_gpu")
+    differ = [k for k in same if compiled["settings"][k] != many["settings"][k]]
+    if differ:
+        raise SystemExit(f"--check-compiled {compiled_path}: its workload differs from the K-worker run's in {differ}")
+    if compiled["settings"].get("training_compile") != "true":
+        raise SystemExit(f"--check-compiled {compiled_path}: not a compiled run (made with --training-compile true)")
+    steps = {"dreambooth": compiled["settings"]["db_steps"], "dreambooth_lora": compiled["settings"]["lora_steps"]}
+    methods, k_cli = {}, dict(k_scaled)
+    for method, n_steps in steps.items():
+        key = f"{method}_training_s"
+        eager_row, compiled_row = many["measured"]["per_method"].get(method), compiled["measured"]["per_method"].get(method)
+        if not (eager_row and compiled_row and _median_step(eager_row) and _median_step(compiled_row)):
+            continue
+        measured = _median_step(compiled_row) / _median_step(eager_row)
+        surplus = [t["training"]["seconds"] - n_steps * t["training"]["seconds_per_step"]
+                   for t in compiled_row["trainings"] if t["training"].get("seconds") and t["training"].get("seconds_per_step")]
+        used = ratios.get(key)
+        methods[method] = {
+            "s_per_step_k_workers": {"eager": _median_step(eager_row), "compiled": _median_step(compiled_row)},
+            "compiled_over_eager_cli": measured,
+            "compiled_over_eager_projection": used and used["k"],
+            "compile_surplus_s_per_training": surplus,
+            "compile_once_s_projection": used and used["compile_s"]}
+        if key in k_cli and used:
+            k_cli[key] = k_scaled[key] / used["k"] * measured
+    execute_cli = execute_k - sum(k_scaled.values()) + sum(k_cli.values())
+    return {"from": compiled_path, "measured_wall_s": compiled["measured"]["wall_seconds"],
+            "measured_stage_seconds": compiled["measured"].get("stage_seconds"), "per_method": methods,
+            "k_workers_gpu_hours_with_cli_ratios": (execute_cli / gain + compiles + fixed) / 3600,
+            "note": "both K-worker runs through the CLI, on different machines of one kind (±30 %); at the "
+                    "run's short lengths its wall time is mostly the K workers' concurrent compiles"}
 
 
 def main(argv=None) -> int:
@@ -411,14 +467,17 @@ def main(argv=None) -> int:
                         help="no run: the one-worker projection with the execute stage divided by the gain that the "
                         "same workload measured with --workers-per-gpu K")
     parser.add_argument("--ti-json", default=None,
-                        help="with --combine: a gpu_ti_multi.py result holding the protocol's largest pass (15 at --ti-pass 16)")
+                        help="with --combine: a gpu_ti_multi.py result holding the protocol's largest pass (30 at the suite's pass size; 15 at --ti-pass 16)")
     parser.add_argument("--ti-pass", type=int, default=None,
-                        help="with --ti-json: training.subjects_per_batch of the projected run (default: the suite's, 16)")
+                        help="with --ti-json: training.subjects_per_batch of the projected run (default: the suite's, 30)")
     parser.add_argument("--concurrency-json", default=None,
                         help="with --combine: a gpu_speed.py --concurrency 1,K --concurrency-arms eager,compiled result")
     parser.add_argument("--scoring-json", default=None, help="with --combine: a gpu_scoring.py result")
     parser.add_argument("--finetune-json", default=None,
                         help="with --combine: a gpu_finetune_compile.py result (compiled/eager ratios for DreamBooth and LoRA)")
+    parser.add_argument("--check-compiled", default=None, metavar="K_COMPILED_JSON",
+                        help="with --combine: the K-worker run again with --training-compile true; checks the "
+                             "compiled fine-tune ratios the projection used against it (cli_check)")
     parser.add_argument("--dataset-dir", default=None)
     parser.add_argument("--work", default=None)
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")
@@ -427,7 +486,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.combine:
         return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json,
-                       finetune_path=args.finetune_json, concurrency_path=args.concurrency_json, ti_pass=args.ti_pass)
+                       finetune_path=args.finetune_json, concurrency_path=args.concurrency_json, ti_pass=args.ti_pass,
+                       compiled_path=args.check_compiled)
     if args.tiny:
         args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
         args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2

@@ -98,9 +98,13 @@ def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_pa
     ti_train = parts["textual_inversion_training_s"]
     assert plain["k_workers_gpu_hours_if_ti_gains_nothing"] == pytest.approx(
         ((total - fixed - ti_train) / 2 + ti_train + fixed) / 3600)
-    protocol.combine(one, many, str(out), ti_path=str(ti), scoring_path=str(scoring))
+    # the suite's own pass size (30 subjects in one pass): this TI JSON has no pass of 30
+    assert protocol.PROTOCOL["ti_subjects_per_pass"] == 30
+    with pytest.raises(SystemExit, match="no pass of 30 subjects"):
+        protocol.combine(one, many, None, ti_path=str(ti))
+    protocol.combine(one, many, str(out), ti_path=str(ti), scoring_path=str(scoring), ti_pass=16)
     refined = json.loads(out.read_text())
-    # TI at the suite's 16 per pass: two passes of 15 × 5000 steps × 0.15 s + one compile (the first
+    # TI at 16 per pass: two passes of 15 × 5000 steps × 0.15 s + one compile (the first
     # step's surplus 61.5 − 10 × 0.15: one pass size, one shape)
     ti_s = 2 * 5000 * 0.15 + 60.0
     score_s = 30.0 / 3000 * 9000
@@ -221,3 +225,42 @@ def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol
     concurrency.write_text(json.dumps({"training_concurrency": rows}))
     with pytest.raises(SystemExit, match=r"4\+compile"):
         protocol.combine(one, many, None, concurrency_path=str(concurrency))
+
+
+def test_check_compiled_sets_the_cli_ratio_beside_the_projections(protocol, tmp_path):
+    """``--check-compiled``: the K-worker run made again with compiled fine-tunes. DreamBooth's
+    compiled/eager step ratio through the CLI (0.06 / 0.1) is reported beside the ratio the
+    projection used (20 ÷ 16 aggregate steps/s → 0.8), the K-worker hours recomputed with it, and
+    each compiled training's surplus over its steps (its compile) listed."""
+    one = _run_json(tmp_path / "one.json", 1, 200.0)
+    many = _run_json(tmp_path / "many.json", 4, 100.0)  # execute gain 2
+    compiled = json.loads(Path(_run_json(tmp_path / "compiled.json", 4, 300.0)).read_text())
+    compiled["settings"]["training_compile"] = "true"
+    compiled["measured"]["per_method"]["dreambooth"]["trainings"] = [_training(53.0, 0.06, 60.0),
+                                                                      _training(13.0, 0.06, 20.0)]
+    (tmp_path / "compiled.json").write_text(json.dumps(compiled))
+    rows = {"1": {"aggregate_steps_per_s": 5.0, "warmup_seconds_each": [20.0]},
+            "1+compile": {"aggregate_steps_per_s": 10.0, "warmup_seconds_each": [120.0]},
+            "4": {"aggregate_steps_per_s": 16.0, "warmup_seconds_each": [5.0] * 4},
+            "4+compile": {"aggregate_steps_per_s": 20.0, "warmup_seconds_each": [9.0] * 4}}
+    concurrency = tmp_path / "conc.json"
+    concurrency.write_text(json.dumps({"training_concurrency": rows}))
+    out = tmp_path / "combined.json"
+    protocol.combine(one, many, str(out), concurrency_path=str(concurrency),
+                     compiled_path=str(tmp_path / "compiled.json"))
+    result = json.loads(out.read_text())
+    check = result["cli_check"]["per_method"]["dreambooth"]
+    assert check["compiled_over_eager_cli"] == pytest.approx(0.6)
+    assert check["compiled_over_eager_projection"] == pytest.approx(0.8)
+    assert check["compile_surplus_s_per_training"] == pytest.approx([53.0 - 50 * 0.06, 13.0 - 50 * 0.06])
+    db = 30 * 1000 * 0.1  # the run's DreamBooth part, eager: at 0.6 instead of 0.8, divided by the gain
+    assert result["cli_check"]["k_workers_gpu_hours_with_cli_ratios"] * 3600 == pytest.approx(
+        result["k_workers_gpu_hours"] * 3600 - db * 0.8 / 2 + db * 0.6 / 2)
+    compiled["settings"]["training_compile"] = "auto"
+    (tmp_path / "compiled.json").write_text(json.dumps(compiled))
+    with pytest.raises(SystemExit, match="not a compiled run"):
+        protocol.combine(one, many, None, concurrency_path=str(concurrency), compiled_path=str(tmp_path / "compiled.json"))
+    compiled["settings"].update(training_compile="true", db_steps=7)
+    (tmp_path / "compiled.json").write_text(json.dumps(compiled))
+    with pytest.raises(SystemExit, match="differs from the K-worker run's in \\['db_steps'\\]"):
+        protocol.combine(one, many, None, concurrency_path=str(concurrency), compiled_path=str(tmp_path / "compiled.json"))
