@@ -149,3 +149,12 @@ def test_gpu_db_stacked_step_updates_each_subject_as_its_own_trainer_would(one_t
         moved = sum(float(((p.detach() - start[k][n]) ** 2).sum()) for n, p in module.named_parameters()) ** 0.5
         gap = sum(float(((stacked[n][k].detach() - p.detach()) ** 2).sum()) for n, p in module.named_parameters()) ** 0.5
         assert moved > 0 and gap <= 1e-3 * moved, (k, gap, moved)
+
+
+def test_gpu_decode_runs_on_cpu(tmp_path, one_torch_thread):
+    """The post-denoising probe: uint8 made on the device gives diffusers' PIL pixels exactly."""
+    out = tmp_path / "decode.json"
+    assert _script("gpu_decode").main(["--tiny", "--device", "cpu", "--no-compile", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and result["stages"]["vae_decode_eager"]["s_per_image"] > 0
+    assert result["stages"]["uint8_on_gpu"]["vs_postprocess_max_levels"] == 0
