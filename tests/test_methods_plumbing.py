@@ -132,6 +132,42 @@ def test_generation_is_seeded_per_image(backbone):
     assert np.abs(_pixels(other_seed) - _pixels(alone)).mean() > 5
 
 
+def test_images_equal_the_pipelines_own_pil_output(backbone):
+    """``generate_images`` makes uint8 on the device (``pil_images``); the reference is the same
+    pipeline call with diffusers' own ``output_type="pil"`` conversion: bit-identical."""
+    from methods.sampling import initial_latents, seeded_generators
+
+    pipeline = build_pipeline(backbone, FAST)
+    prompts, seeds = ["a dog in the jungle", "a red teapot"], [11, 22]
+    ours = generate_images(pipeline, prompts, seeds, FAST, 64)
+    latents = initial_latents(seeded_generators(seeds), (4, 64 // pipeline.vae_scale_factor, 64 // pipeline.vae_scale_factor))
+    theirs = pipeline(prompt=prompts, height=64, width=64, num_inference_steps=FAST.steps, guidance_scale=FAST.guidance,
+                      eta=FAST.eta, generator=seeded_generators(seeds), latents=latents.to(pipeline.unet.dtype),
+                      output_type="pil").images
+    assert all(a.mode == b.mode == "RGB" for a, b in zip(ours, theirs))
+    assert all(np.array_equal(_pixels(a), _pixels(b)) for a, b in zip(ours, theirs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pil_images_round_as_diffusers_does(dtype):
+    """On exact half levels too (k + 0.5)/255, where rounding half-to-even decides."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from methods.sampling import pil_images
+
+    pixels = torch.rand(3, 3, 17, 19, generator=torch.Generator().manual_seed(0))
+    pixels[0, 0, 0, :10] = (torch.arange(10) + 0.5) / 255
+    pixels[1, :, 0, 0] = torch.tensor([0.0, 1.0, 0.5])
+    pixels = pixels.to(dtype)
+    theirs = VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels))
+    ours = pil_images(pixels)
+    assert [im.size for im in ours] == [(19, 17)] * 3
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(ours, theirs))
+    gray = pil_images(pixels[:, :1])
+    assert gray[0].mode == "L" and np.array_equal(
+        np.asarray(gray[0]), np.asarray(VaeImageProcessor.numpy_to_pil(VaeImageProcessor.pt_to_numpy(pixels[:1, :1]))[0]))
+
+
 def test_ddim_eta_noise_stays_per_image(backbone):
     sampler = SamplerConfig(steps=8, eta=1.0)
     pipeline = build_pipeline(backbone, sampler)
