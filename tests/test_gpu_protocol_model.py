@@ -71,6 +71,17 @@ def _run_json(path, workers, execute):
     return str(path)
 
 
+def _concurrency_json(tmp_path) -> Path:
+    """A ``gpu_speed.py --concurrency 1,4`` result: compiled/eager 0.5 alone, 0.8 with 4 at once."""
+    rows = {"1": {"aggregate_steps_per_s": 5.0, "warmup_seconds_each": [20.0]},
+            "1+compile": {"aggregate_steps_per_s": 10.0, "warmup_seconds_each": [120.0]},
+            "4": {"aggregate_steps_per_s": 16.0, "warmup_seconds_each": [5.0] * 4},
+            "4+compile": {"aggregate_steps_per_s": 20.0, "warmup_seconds_each": [9.0] * 4}}
+    path = tmp_path / "conc.json"
+    path.write_text(json.dumps({"training_concurrency": rows}))
+    return path
+
+
 def test_combine_divides_the_execute_stage_by_the_measured_gain(protocol, tmp_path):
     one = _run_json(tmp_path / "one.json", 1, 200.0)
     many = _run_json(tmp_path / "many.json", 4, 100.0)
@@ -178,12 +189,7 @@ def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol
         data = json.loads(Path(path).read_text())
         data["measured"]["per_method"]["dreambooth_lora"] = data["measured"]["per_method"]["dreambooth"]
         Path(path).write_text(json.dumps(data))
-    rows = {"1": {"aggregate_steps_per_s": 5.0, "warmup_seconds_each": [20.0]},
-            "1+compile": {"aggregate_steps_per_s": 10.0, "warmup_seconds_each": [120.0]},
-            "4": {"aggregate_steps_per_s": 16.0, "warmup_seconds_each": [5.0] * 4},
-            "4+compile": {"aggregate_steps_per_s": 20.0, "warmup_seconds_each": [9.0] * 4}}
-    concurrency = tmp_path / "conc.json"
-    concurrency.write_text(json.dumps({"training_concurrency": rows}))
+    concurrency = _concurrency_json(tmp_path)
     out = tmp_path / "combined.json"
     protocol.combine(one, many, str(out))
     before = json.loads(out.read_text())
@@ -221,6 +227,7 @@ def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol
         data = json.loads(Path(path).read_text())
         data["measured"]["per_method"]["dreambooth"]["trainings"][0]["compile_finetune"] = False
         Path(path).write_text(json.dumps(data))
+    rows = json.loads(concurrency.read_text())["training_concurrency"]
     del rows["4+compile"]
     concurrency.write_text(json.dumps({"training_concurrency": rows}))
     with pytest.raises(SystemExit, match=r"4\+compile"):
@@ -239,12 +246,7 @@ def test_check_compiled_sets_the_cli_ratio_beside_the_projections(protocol, tmp_
     compiled["measured"]["per_method"]["dreambooth"]["trainings"] = [_training(53.0, 0.06, 60.0),
                                                                       _training(13.0, 0.06, 20.0)]
     (tmp_path / "compiled.json").write_text(json.dumps(compiled))
-    rows = {"1": {"aggregate_steps_per_s": 5.0, "warmup_seconds_each": [20.0]},
-            "1+compile": {"aggregate_steps_per_s": 10.0, "warmup_seconds_each": [120.0]},
-            "4": {"aggregate_steps_per_s": 16.0, "warmup_seconds_each": [5.0] * 4},
-            "4+compile": {"aggregate_steps_per_s": 20.0, "warmup_seconds_each": [9.0] * 4}}
-    concurrency = tmp_path / "conc.json"
-    concurrency.write_text(json.dumps({"training_concurrency": rows}))
+    concurrency = _concurrency_json(tmp_path)
     out = tmp_path / "combined.json"
     protocol.combine(one, many, str(out), concurrency_path=str(concurrency),
                      compiled_path=str(tmp_path / "compiled.json"))
