@@ -419,6 +419,9 @@ def check_compiled(many: dict, compiled_path: str, ratios: dict, k_scaled: dict,
         raise SystemExit(f"--check-compiled {compiled_path}: its workload differs from the K-worker run's in {differ}")
     if compiled["settings"].get("training_compile") != "true":
         raise SystemExit(f"--check-compiled {compiled_path}: not a compiled run (made with --training-compile true)")
+    if many["settings"].get("training_compile", "auto") == "true" or any(
+            t.get("compile_finetune") for row in many["measured"]["per_method"].values() for t in row["trainings"]):
+        raise SystemExit("--check-compiled compares against eager fine-tunes, but the K-worker run trained them compiled")
     steps = {"dreambooth": compiled["settings"]["db_steps"], "dreambooth_lora": compiled["settings"]["lora_steps"]}
     methods, k_cli = {}, dict(k_scaled)
     for method, n_steps in steps.items():

@@ -262,7 +262,16 @@ def test_check_compiled_sets_the_cli_ratio_beside_the_projections(protocol, tmp_
     (tmp_path / "compiled.json").write_text(json.dumps(compiled))
     with pytest.raises(SystemExit, match="not a compiled run"):
         protocol.combine(one, many, None, concurrency_path=str(concurrency), compiled_path=str(tmp_path / "compiled.json"))
-    compiled["settings"].update(training_compile="true", db_steps=7)
+    compiled["settings"]["training_compile"] = "true"
+    (tmp_path / "compiled.json").write_text(json.dumps(compiled))
+    eager_k = json.loads(Path(many).read_text())
+    eager_k["measured"]["per_method"]["dreambooth"]["trainings"][0]["compile_finetune"] = True
+    Path(many).write_text(json.dumps(eager_k))
+    with pytest.raises(SystemExit, match="K-worker run trained them compiled"):
+        protocol.combine(one, many, None, concurrency_path=str(concurrency), compiled_path=str(tmp_path / "compiled.json"))
+    eager_k["measured"]["per_method"]["dreambooth"]["trainings"][0]["compile_finetune"] = False
+    Path(many).write_text(json.dumps(eager_k))
+    compiled["settings"]["db_steps"] = 7
     (tmp_path / "compiled.json").write_text(json.dumps(compiled))
     with pytest.raises(SystemExit, match="differs from the K-worker run's in \\['db_steps'\\]"):
         protocol.combine(one, many, None, concurrency_path=str(concurrency), compiled_path=str(tmp_path / "compiled.json"))
