@@ -19,6 +19,10 @@ so equal to K separate optimizers). It measures, in one process:
 - agreement: subject k's loss and gradients from the stacked step against the plain step of
   subject k's module on the same inputs (relative L2 of all gradients).
 
+``--streams K,...`` times a third way, K trainings in one process on K CUDA streams from K
+threads (``streams_arm``): processes time-share the GPU, streams of one process can overlap
+their kernels; the same K one after another in one thread is its reference.
+
 Nothing in the harness uses this: it answered whether stacking beats processes before a method
 was built on it, and on an H200 it did not (2 subjects 0.44×, 4 subjects 0.75× a plain step per
 subject; ``benchmarks/results/README.md``, seventh session). Known cost: PyTorch has no vmap batching rule for the fused SDPA kernels,
@@ -141,6 +145,64 @@ def variant_arm(backbone, variant: str, args, device, autocast) -> dict:
     return row
 
 
+def streams_arm(backbone, count: int, args, device, autocast, compiled: bool) -> dict:
+    """K plain trainings in one process (own fp32 UNet, fused AdamW, inputs), each ``--steps``
+    steps: first one after another in the main thread (the reference), then again from the same
+    weights with each training in its own thread on its own CUDA stream, so the GPU may run one
+    training's kernels beside another's (separate processes only time-share it: without MPS
+    their kernels never overlap). Aggregate subject-steps per second of both, and the largest
+    difference between a subject's losses in the two runs (same inputs, same start)."""
+    import contextlib
+    import threading
+
+    unets = [fp32_trainable_copy(backbone, "unet") for _ in range(count)]
+    start = [copy.deepcopy(unet.state_dict()) for unet in unets]
+    inputs = subject_inputs(count, unets[0], args.resolution, device)
+    modules = [torch.compile(unet) if compiled else unet for unet in unets]
+    streams = [torch.cuda.Stream(device) if device.type == "cuda" else None for _ in range(count)]
+
+    def fresh_optimizers() -> list:
+        for unet, state in zip(unets, start):
+            unet.load_state_dict(state)
+        return [torch.optim.AdamW(unet.parameters(), lr=LEARNING_RATE, weight_decay=1e-2, fused=device.type == "cuda")
+                for unet in unets]
+
+    def train(k: int, optimizers: list, steps: int, losses: list) -> None:
+        with torch.cuda.stream(streams[k]) if streams[k] is not None else contextlib.nullcontext():
+            for _ in range(steps):
+                losses[k].append(plain_step(modules[k], optimizers[k], inputs, k, autocast))
+
+    runs = {}
+    for mode in ("sequential", "threads"):
+        optimizers = fresh_optimizers()
+        losses: list = [[] for _ in range(count)]
+        for k in range(count):  # warm-up step of each (the compile, in the main thread), not timed
+            train(k, optimizers, 1, losses)
+        synchronize(device)
+        started = time.perf_counter()
+        if mode == "sequential":
+            for k in range(count):
+                train(k, optimizers, args.steps, losses)
+        else:
+            threads = [threading.Thread(target=train, args=(k, optimizers, args.steps, losses)) for k in range(count)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        synchronize(device)
+        seconds = time.perf_counter() - started
+        runs[mode] = {"seconds": seconds, "s_per_subject_step": seconds / (count * args.steps),
+                      "losses": [[float(x) for x in row] for row in losses]}
+    difference = max(abs(a - b) / max(abs(a), 1e-12) for s_row, t_row in zip(runs["sequential"]["losses"], runs["threads"]["losses"])
+                     for a, b in zip(s_row, t_row))
+    return {"subjects": count, "compiled": compiled, "steps_each": args.steps,
+            "sequential_s_per_subject_step": runs["sequential"]["s_per_subject_step"],
+            "threads_s_per_subject_step": runs["threads"]["s_per_subject_step"],
+            "threads_speedup": runs["sequential"]["s_per_subject_step"] / runs["threads"]["s_per_subject_step"],
+            "amortized_s_per_1000_steps_threads": 1000 * runs["threads"]["s_per_subject_step"],
+            "max_relative_loss_difference": difference, "peak_gib": peak_gib(device)}
+
+
 def agreement(backbone, batched, count: int, inputs: dict, autocast) -> dict:
     """Subject k's gradients from the stacked computation vs its own module's backward."""
     from torch.func import stack_module_state
@@ -177,6 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", default="",
                         help="more one-subject arms, comma-separated: channels_last, compiled, compiled_channels_last "
                              "(profiled too with --profile)")
+    parser.add_argument("--streams", default="",
+                        help="comma list of K: K trainings in one process on K CUDA streams from K threads, beside "
+                             "the same K one after another (with --compile also through torch.compile)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 steps, counts 2")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_db_stacked.json"))
     args = parser.parse_args(argv)
@@ -226,6 +291,20 @@ def main(argv: list[str] | None = None) -> int:
         document["arms"][variant] = row
         print(variant, {k: v for k, v in row.items() if k != "profile"}, flush=True)
         save()
+
+    for count in [int(c) for c in args.streams.split(",") if c]:
+        for compiled in ([False, True] if args.compile else [False]):
+            name = f"streams_{count}" + ("_compiled" if compiled else "")
+            try:
+                reset_peak(device)
+                row = streams_arm(backbone, count, args, device, autocast, compiled)
+            except Exception as error:  # noqa: BLE001 - keep the other arms
+                row = {"subjects": count, "compiled": compiled, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            document["arms"][name] = row
+            print(name, row, flush=True)
+            save()
 
     from torch.func import stack_module_state
 

@@ -119,6 +119,18 @@ def test_gpu_db_stacked_runs_on_cpu(tmp_path, one_torch_thread):
         assert abs(row["loss_stacked"] - row["loss_plain"]) <= 1e-6 * abs(row["loss_plain"])
 
 
+def test_gpu_db_streams_arm_trains_each_subject_as_alone(tmp_path, one_torch_thread):
+    """``--streams 2``: two trainings from two threads (CUDA streams on a GPU) give each subject
+    the losses it gets when the two run one after another from the same start."""
+    out = tmp_path / "streams.json"
+    assert _script("gpu_db_stacked").main(["--tiny", "--device", "cpu", "--counts", "", "--streams", "2",
+                                           "--out", str(out)]) == 0
+    row = json.loads(out.read_text())["arms"]["streams_2"]
+    assert "error" not in row, row
+    assert row["threads_s_per_subject_step"] > 0 and row["sequential_s_per_subject_step"] > 0
+    assert row["max_relative_loss_difference"] <= 1e-6
+
+
 def test_gpu_db_stacked_step_updates_each_subject_as_its_own_trainer_would(one_torch_thread):
     """One stacked step (vmapped gradients, per-subject clipping, one AdamW over stacked tensors)
     moves each subject's weights as a plain step of its own module and optimizer does."""
