@@ -292,46 +292,40 @@ def main(argv: list[str] | None = None) -> int:
         print(variant, {k: v for k, v in row.items() if k != "profile"}, flush=True)
         save()
 
-    for count in [int(c) for c in args.streams.split(",") if c]:
+    def stacked_arm(count: int, compiled: bool) -> dict:
+        from torch.func import stack_module_state
+
+        step, batched = make_stacked_step(base, autocast)
+        params, buffers = stack_module_state([fp32_trainable_copy(backbone, "unet") for _ in range(count)])
+        optimizer = torch.optim.AdamW(list(params.values()), lr=LEARNING_RATE, weight_decay=1e-2,
+                                      fused=device.type == "cuda")
+        stacked_step = functools.partial(torch.compile(step) if compiled else step, params, buffers, optimizer,
+                                         subject_inputs(count, base, args.resolution, device))
+        first = time.perf_counter()
+        seconds = timed_steps(stacked_step, args.steps, device)
+        row = {"subjects": count, "compiled": compiled, "s_per_step": seconds, "s_per_subject_step": seconds / count,
+               "amortized_s_per_1000_steps": 1000 * seconds / count, "peak_gib": peak_gib(device),
+               "wall_s_incl_warmup": time.perf_counter() - first,
+               "speedup_vs_reference": document["arms"]["reference"]["s_per_step"] / (seconds / count)}
+        del stacked_step, params, buffers, optimizer
+        if not compiled:
+            row["agreement"] = agreement(backbone, batched, count, subject_inputs(count, base, args.resolution, device, 1), autocast)
+        return row
+
+    def streams(count: int, compiled: bool) -> dict:
+        return streams_arm(backbone, count, args, device, autocast, compiled)
+
+    arms = [("streams", int(c), streams) for c in args.streams.split(",") if c] + [("stacked", c, stacked_arm) for c in counts]
+    for kind, count, arm in arms:
         for compiled in ([False, True] if args.compile else [False]):
-            name = f"streams_{count}" + ("_compiled" if compiled else "")
+            name = f"{kind}_{count}" + ("_compiled" if compiled else "")
             try:
                 reset_peak(device)
-                row = streams_arm(backbone, count, args, device, autocast, compiled)
+                row = arm(count, compiled)
             except Exception as error:  # noqa: BLE001 - keep the other arms
                 row = {"subjects": count, "compiled": compiled, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-            document["arms"][name] = row
-            print(name, row, flush=True)
-            save()
-
-    from torch.func import stack_module_state
-
-    for count in counts:
-        for compiled in ([False, True] if args.compile else [False]):
-            name = f"stacked_{count}" + ("_compiled" if compiled else "")
-            try:
-                reset_peak(device)
-                step, batched = make_stacked_step(base, autocast)
-                params, buffers = stack_module_state([fp32_trainable_copy(backbone, "unet") for _ in range(count)])
-                optimizer = torch.optim.AdamW(list(params.values()), lr=LEARNING_RATE, weight_decay=1e-2,
-                                              fused=device.type == "cuda")
-                stacked_step = functools.partial(torch.compile(step) if compiled else step, params, buffers, optimizer,
-                                                 subject_inputs(count, base, args.resolution, device))
-                first = time.perf_counter()
-                seconds = timed_steps(stacked_step, args.steps, device)
-                row = {"subjects": count, "compiled": compiled, "s_per_step": seconds, "s_per_subject_step": seconds / count,
-                       "amortized_s_per_1000_steps": 1000 * seconds / count, "peak_gib": peak_gib(device),
-                       "wall_s_incl_warmup": time.perf_counter() - first,
-                       "speedup_vs_reference": document["arms"]["reference"]["s_per_step"] / (seconds / count)}
-                del stacked_step, params, buffers, optimizer
-                if not compiled:
-                    row["agreement"] = agreement(backbone, batched, count, subject_inputs(count, base, args.resolution, device, 1), autocast)
-            except Exception as error:  # noqa: BLE001 - keep the other arms
-                row = {"subjects": count, "compiled": compiled, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
             document["arms"][name] = row
             print(name, row, flush=True)
             save()
