@@ -175,6 +175,7 @@ def streams_arm(backbone, count: int, args, device, autocast, compiled: bool) ->
     runs = {}
     for mode in ("sequential", "threads"):
         optimizers = fresh_optimizers()
+        synchronize(device)  # the weights were reloaded on the default stream; the trainings read them on theirs
         losses: list = [[] for _ in range(count)]
         for k in range(count):  # warm-up step of each (the compile, in the main thread), not timed
             train(k, optimizers, 1, losses)
