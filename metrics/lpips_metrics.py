@@ -124,16 +124,15 @@ def group_mean_lpips(backbone: LoadedBackbone, images: torch.Tensor, groups: Seq
             continue
         rows = [index for group in chunk for index in group]
         features = lpips_features(backbone, images[rows])
-        first, second, start = [], [], 0  # pairs as positions in ``rows``
+        first, second, start = [], [], 0  # pairs as positions in ``rows``, each group's as pairwise_lpips's
         for group in chunk:
-            for a in range(len(group)):
-                for b in range(a + 1, len(group)):
-                    first.append(start + a)
-                    second.append(start + b)
+            a, b = torch.triu_indices(len(group), len(group), offset=1)
+            first.append(a + start)
+            second.append(b + start)
             start += len(group)
-        first_t, second_t = torch.tensor(first), torch.tensor(second)
+        first_t, second_t = torch.cat(first), torch.cat(second)
         position_to_row = torch.tensor(rows)
-        for begin in range(0, len(first), batch_size):
+        for begin in range(0, first_t.numel(), batch_size):
             i, j = first_t[begin : begin + batch_size], second_t[begin : begin + batch_size]
             i_dev, j_dev = i.to(backbone.device), j.to(backbone.device)
             values = lpips_from_features(backbone, [f[i_dev] for f in features], [f[j_dev] for f in features])
