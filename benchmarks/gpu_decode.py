@@ -1,15 +1,17 @@
 """Issue 17 item 1: what the sampling path spends after the denoising loop, per image.
 
-After its 50 DDIM steps, ``generate_images`` (``output_type="pil"``) decodes the latents with the
-VAE (eager) and converts them to PIL on the main thread (diffusers' ``image_processor.postprocess``:
-float on the GPU → float numpy on the host → uint8 → PIL). Both sit on the critical path. This
-probe times, on one batch of ``--batch`` random latents (``sd15-random`` weights, bf16):
+After its 50 DDIM steps the pipeline decodes the latents with the VAE (eager), and the images
+are converted to PIL on the sampling thread: by diffusers' ``output_type="pil"`` (float on the GPU
+→ float numpy on the host → uint8 → PIL) until ``generate_images`` switched to
+``methods.sampling.pil_images`` (uint8 made on the device). Both steps sit on the critical path.
+This probe times, on one batch of ``--batch`` random latents (``sd15-random`` weights, bf16):
 
 - ``vae_decode_eager``: ``vae.decode`` as the pipeline calls it (the reference);
 - ``postprocess_pil``: diffusers' conversion to PIL, as the pipeline does it (the reference);
-- ``uint8_on_gpu``: the same pixels made uint8 on the GPU and copied to the host as uint8
-  (a quarter of the bytes of float32), then wrapped as PIL; checked equal to ``postprocess_pil``
-  within one level;
+- ``uint8_on_gpu``: what ``generate_images`` now does (the pipeline's ``"pt"`` output, i.e.
+  diffusers' denormalizing on the device, then ``methods.sampling.pil_images``): the same pixels
+  made uint8 on the GPU and copied to the host as uint8 (a quarter of the bytes of
+  float32), then wrapped as PIL; its largest difference from ``postprocess_pil`` in levels;
 - ``vae_decode_compiled``: the VAE's decoder through ``torch.compile`` (first call apart),
   checked against eager in uint8 levels.
 
@@ -27,13 +29,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment, timed  # noqa: E402
 from benchmarks.gpu_metrics import save_partial  # noqa: E402
+from benchmarks.gpu_speed import as_uint8  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
+from methods.sampling import pil_images  # noqa: E402
+
+
+def max_levels(first: list, second: list) -> int:
+    """Largest difference between two lists of images, in uint8 levels."""
+    return int(np.abs(as_uint8(first) - as_uint8(second)).max())
 
 
 def best_of(call, repeats: int, device: torch.device) -> tuple[object, float, float]:
@@ -44,12 +52,6 @@ def best_of(call, repeats: int, device: torch.device) -> tuple[object, float, fl
         result, seconds = timed(call, device)
         times.append(seconds)
     return result, first, min(times)
-
-
-def uint8_images(decoded: torch.Tensor) -> list[Image.Image]:
-    pixels = ((decoded.float() / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)
-    array = pixels.permute(0, 2, 3, 1).contiguous().cpu().numpy()
-    return [Image.fromarray(image) for image in array]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -90,16 +92,16 @@ def main(argv: list[str] | None = None) -> int:
         record("vae_decode_eager", first, best)
         images, first, best = best_of(lambda: processor.postprocess(decoded, output_type="pil"), args.repeats, device)
         record("postprocess_pil", first, best)
-        fast, first, best = best_of(lambda: uint8_images(decoded), args.repeats, device)
-        difference = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-                         for a, b in zip(images, fast))
-        record("uint8_on_gpu", first, best, vs_postprocess_max_levels=difference)
+        def harness_images(pixels: torch.Tensor) -> list:  # generate_images: the pipeline's "pt" output, then pil_images
+            return pil_images(processor.postprocess(pixels, output_type="pt"))
+
+        fast, first, best = best_of(lambda: harness_images(decoded), args.repeats, device)
+        record("uint8_on_gpu", first, best, vs_postprocess_max_levels=max_levels(images, fast))
         if not args.no_compile:
             vae.decoder = torch.compile(vae.decoder, dynamic=False)
             compiled, first, best = best_of(decode, args.repeats, device)
-            difference = max(int(np.abs(np.asarray(a, dtype=np.int16) - np.asarray(b, dtype=np.int16)).max())
-                             for a, b in zip(uint8_images(decoded), uint8_images(compiled)))
-            record("vae_decode_compiled", first, best, vs_eager_max_levels=difference)
+            record("vae_decode_compiled", first, best,
+                   vs_eager_max_levels=max_levels(harness_images(decoded), harness_images(compiled)))
     document["complete"] = True
     save_partial(document, args.out, "gpu_decode.json")
     return 0
