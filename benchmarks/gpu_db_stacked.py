@@ -125,7 +125,7 @@ VARIANTS = ("channels_last", "compiled", "compiled_channels_last")
 
 def variant_arm(backbone, variant: str, args, device, autocast) -> dict:
     """The reference step with the UNet (and its inputs) in channels-last layout and/or through
-    ``torch.compile``; its first losses beside the plain reference's on the same inputs."""
+    ``torch.compile``: s/step, peak memory, and with ``--profile`` where its device time goes."""
     unet = fp32_trainable_copy(backbone, "unet")
     inputs = subject_inputs(1, unet, args.resolution, device)
     if "channels_last" in variant:
@@ -280,18 +280,24 @@ def main(argv: list[str] | None = None) -> int:
     del reference_step, unet, optimizer  # free the reference's weights and optimizer state
     save()
 
+    def run_arm(name: str, measure, **identity) -> None:
+        """One arm: its row (or its error, the other arms go on), memory released, JSON saved."""
+        try:
+            reset_peak(device)
+            row = measure()
+        except Exception as error:  # noqa: BLE001 - keep the other arms
+            row = {**identity, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        document["arms"][name] = row
+        print(name, {k: v for k, v in row.items() if k != "profile"}, flush=True)
+        save()
+
     # one-subject variants of the trainer's step: memory layout, torch.compile
     for variant in [v for v in args.variants.split(",") if v]:
         if variant not in VARIANTS:
             parser.error(f"--variants: unknown {variant!r}; choose from {', '.join(VARIANTS)}")
-        try:
-            reset_peak(device)
-            row = variant_arm(backbone, variant, args, device, autocast)
-        except Exception as error:  # noqa: BLE001 - keep the other arms
-            row = {"variant": variant, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
-        document["arms"][variant] = row
-        print(variant, {k: v for k, v in row.items() if k != "profile"}, flush=True)
-        save()
+        run_arm(variant, functools.partial(variant_arm, backbone, variant, args, device, autocast), variant=variant)
 
     def stacked_arm(count: int, compiled: bool) -> dict:
         from torch.func import stack_module_state
@@ -319,17 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     arms = [("streams", int(c), streams) for c in args.streams.split(",") if c] + [("stacked", c, stacked_arm) for c in counts]
     for kind, count, arm in arms:
         for compiled in ([False, True] if args.compile else [False]):
-            name = f"{kind}_{count}" + ("_compiled" if compiled else "")
-            try:
-                reset_peak(device)
-                row = arm(count, compiled)
-            except Exception as error:  # noqa: BLE001 - keep the other arms
-                row = {"subjects": count, "compiled": compiled, "error": f"{type(error).__name__}: {str(error)[:1500]}"}
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            document["arms"][name] = row
-            print(name, row, flush=True)
-            save()
+            run_arm(f"{kind}_{count}" + ("_compiled" if compiled else ""), functools.partial(arm, count, compiled),
+                    subjects=count, compiled=compiled)
     print(json.dumps(document, indent=1))
     return 0
 

@@ -250,6 +250,13 @@ def analyse(measured: dict, settings: dict) -> dict:
             "projection_full_protocol": projection, "notes": notes}
 
 
+def compiled_finetunes(run: dict) -> bool:
+    """Whether a CLI run trained its fine-tunes compiled (``--training-compile true``, or ``auto``
+    that chose it: its DONE records say so)."""
+    return run["settings"].get("training_compile", "auto") == "true" or any(
+        t.get("compile_finetune") for row in run["measured"]["per_method"].values() for t in row["trainings"])
+
+
 def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None = None,
             scoring_path: str | None = None, finetune_path: str | None = None,
             concurrency_path: str | None = None, ti_pass: int | None = None,
@@ -317,9 +324,7 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
         before = projection["score_s"]
         projection["score_s"] = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
         refinements["score_s"] = {"from": scoring_path, "before_s": before, "after_s": projection["score_s"]}
-    compiled_already = one["settings"].get("training_compile", "auto") == "true" or any(
-        t.get("compile_finetune") for row in one["measured"]["per_method"].values() for t in row["trainings"])
-    if (finetune_path or concurrency_path) and compiled_already:
+    if (finetune_path or concurrency_path) and compiled_finetunes(one):
         raise SystemExit(f"--finetune-json/--concurrency-json scale eager fine-tunes, but {one_path} already trained "
                          "them compiled (its DONE records or training_compile say so): combine without them")
     ratios = {}  # fine-tune part -> compiled/eager step-time ratios (one worker, K workers) and compile seconds
@@ -419,8 +424,7 @@ def check_compiled(many: dict, compiled_path: str, ratios: dict, k_scaled: dict,
         raise SystemExit(f"--check-compiled {compiled_path}: its workload differs from the K-worker run's in {differ}")
     if compiled["settings"].get("training_compile") != "true":
         raise SystemExit(f"--check-compiled {compiled_path}: not a compiled run (made with --training-compile true)")
-    if many["settings"].get("training_compile", "auto") == "true" or any(
-            t.get("compile_finetune") for row in many["measured"]["per_method"].values() for t in row["trainings"]):
+    if compiled_finetunes(many):
         raise SystemExit("--check-compiled compares against eager fine-tunes, but the K-worker run trained them compiled")
     steps = {"dreambooth": compiled["settings"]["db_steps"], "dreambooth_lora": compiled["settings"]["lora_steps"]}
     methods, k_cli = {}, dict(k_scaled)

@@ -90,10 +90,8 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
         reference_arm(SimpleNamespace(sampling_steps=args.steps, repeats=args.repeats), backbone, sampler, device, holder)
         out.update(holder["reference_diffusers_fp16_16_images"])
         return
-    decoder = backbone.vae.decoder
+    decoder = backbone.vae.decoder  # an arm may compile it (``_vae``): restored for the next arm
     try:
-        if arm.endswith("_vae"):  # the VAE's decoder through torch.compile too (after the UNet's reset)
-            out["vae_decoder_compiled"] = True
         if arm.endswith("cudnn_attention"):  # SDPA through cuDNN's fused attention first, FlashAttention-2 next
             out["sdpa_backend"] = "cudnn first"
             with sdpa_preference("cudnn"):
@@ -117,8 +115,9 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
         unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
         out["inductor_options"] = options
-        if arm.endswith("_vae"):
+        if arm.endswith("_vae"):  # the VAE's decoder through torch.compile too (after the UNet's reset)
             backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False)
+            out["vae_decoder_compiled"] = True
     prompts = [f"{PROMPT} {i % 4}" for i in range(args.batch)]
     seeds = list(range(args.batch))
     pipeline = build_pipeline(backbone, sampler, unet=unet)
