@@ -16,6 +16,13 @@ timed for each arm below after that arm's first call (which holds its compile, r
   timing) plus the tuned options;
 - ``compile_default_vae``: ``compile_default`` with the VAE's decoder compiled too (the decode
   after the loop is eager in the harness: 13 ms of ~220 per image, second session's split);
+- ``compile_default_channels_last[_vae[_fused_qkv]]``: the default compile with the UNet in
+  ``channels_last``, then also the compiled decoder, then also diffusers'
+  ``fuse_qkv_projections()`` (one matmul for q, k, v of self-attention, one for k, v of
+  cross-attention: the same arithmetic on concatenated weights), each undone after its arm;
+- ``compile_cudagraphs_channels_last_vae``: as ``compile_default_channels_last_vae`` with
+  ``mode="reduce-overhead"`` (the UNet's forward replayed as a CUDA graph: no per-kernel launch
+  cost on the host);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -64,12 +71,16 @@ ARMS = (
     "eager_cudnn_attention",
     "compile_default_cudnn_attention",
     "compile_default_vae",
+    "compile_default_channels_last",
+    "compile_default_channels_last_vae",
+    "compile_default_channels_last_vae_fused_qkv",
+    "compile_cudagraphs_channels_last_vae",
 )
 TARGET_S_PER_IMAGE = 0.20
 
 
 def compile_options(arm: str) -> dict | None:
-    if arm.startswith("compile_default"):  # also compile_default_cudnn_attention
+    if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
         return dict(TUNED)
@@ -100,12 +111,14 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
             _run_arm(arm, args, backbone, sampler, device, document, out)
     finally:
         backbone.vae.decoder = decoder
+        if out.get("fused_qkv"):
+            backbone.unet.unfuse_qkv_projections()
 
 
 def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dict) -> None:
     torch.backends.cudnn.benchmark = arm.endswith("cudnn_benchmark") or (args.cudnn_benchmark and arm != "eager")
     out["cudnn_benchmark"] = torch.backends.cudnn.benchmark
-    channels_last = arm.endswith("channels_last")
+    channels_last = "_channels_last" in arm
     backbone.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     options = compile_options(arm)
     unet = None
@@ -113,11 +126,18 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
         if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
             torch._dynamo.reset()
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
-        unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
-        out["inductor_options"] = options
-        if arm.endswith("_vae"):  # the VAE's decoder through torch.compile too (after the UNet's reset)
+        if arm.startswith("compile_cudagraphs"):
+            unet = torch.compile(backbone.unet, dynamic=False, mode="reduce-overhead")
+            out["compile_mode"] = "reduce-overhead"
+        else:
+            unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
+            out["inductor_options"] = options
+        if arm.endswith("_vae") or "_vae_" in arm:  # the VAE's decoder through torch.compile too (after the UNet's reset)
             backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False)
             out["vae_decoder_compiled"] = True
+    if arm.endswith("_fused_qkv"):  # before the first call, so the compiled graph sees the fused weights
+        backbone.unet.fuse_qkv_projections()
+        out["fused_qkv"] = True
     prompts = [f"{PROMPT} {i % 4}" for i in range(args.batch)]
     seeds = list(range(args.batch))
     pipeline = build_pipeline(backbone, sampler, unet=unet)
