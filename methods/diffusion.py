@@ -166,7 +166,8 @@ def diffusion_loss(
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     unet_dtype = frozen_dtype(unet)
     prediction = unet(
-        noisy.to(unet_dtype), timesteps, encoder_hidden_states.to(unet_dtype), return_dict=False
+        noisy.to(unet_dtype, memory_format=input_layout(unet)), timesteps, encoder_hidden_states.to(unet_dtype),
+        return_dict=False,
     )[0]
     target = prediction_target(noise_scheduler, latents, noise, timesteps)
     squared = F.mse_loss(prediction.float(), target.float(), reduction="none")
@@ -194,6 +195,16 @@ def fixed_draw_loss(
     with torch.no_grad():
         loss, _ = diffusion_loss(unet, noise_scheduler, repeated, hidden, generator)
     return float(loss)
+
+
+def input_layout(unet: torch.nn.Module) -> torch.memory_format:
+    """``channels_last`` for a UNet whose input convolution's weight is in that layout
+    (``methods.sampling.maybe_compiled(..., channels_last=True)``), else the input's own layout."""
+    weight = getattr(getattr(unet, "conv_in", None), "weight", None)
+    if weight is not None and weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) \
+            and not weight.is_contiguous():
+        return torch.channels_last
+    return torch.preserve_format
 
 
 def frozen_dtype(module: torch.nn.Module) -> torch.dtype:

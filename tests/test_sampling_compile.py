@@ -89,6 +89,61 @@ def test_compiled_view_wraps_the_module_and_keeps_the_weights(backbone, fresh_co
     assert build_pipeline(backbone, FAST).unet is backbone.unet  # off unless asked
 
 
+def _conv_weights(module):
+    """The convolution weights whose channels-last layout differs from the default one."""
+    return {name: w for name, w in module.named_parameters() if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1}
+
+
+def test_channels_last_is_only_for_a_module_that_will_be_compiled(backbone, fresh_compile_state):
+    """``maybe_compiled(..., channels_last=True)`` converts the 4-D weights of a module that will
+    be compiled (values unchanged), and leaves the layout alone when it will run eagerly: not
+    wanted, or compiling already failed in this process (the eager fallback keeps the default)."""
+    import copy
+
+    from methods.diffusion import input_layout
+
+    before = {k: v.detach().clone() for k, v in backbone.unet.state_dict().items()}
+    for wanted, failed in ((False, []), (True, ["RuntimeError: no compiler"])):
+        module = copy.deepcopy(backbone.unet)
+        sampling._compile_failed[:] = failed
+        assert sampling.maybe_compiled(module, wanted, channels_last=True) is module
+        assert all(w.is_contiguous() for w in _conv_weights(module).values())
+        assert input_layout(module) is torch.preserve_format
+    sampling._compile_failed.clear()
+    module = copy.deepcopy(backbone.unet)
+    view = sampling.maybe_compiled(module, True, channels_last=True)
+    assert view._orig_mod is module
+    weights = _conv_weights(module)
+    assert weights and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                           for w in weights.values())
+    assert input_layout(view) is torch.channels_last and input_layout(module) is torch.channels_last
+    assert all(torch.equal(v, before[k]) for k, v in module.state_dict().items())
+    assert all(w.is_contiguous() for w in backbone.unet.parameters())  # the shared module is untouched
+
+
+def test_channels_last_loss_matches_the_default_layout(backbone):
+    """The denoising loss and its gradients through channels-last weights and inputs (eager, so
+    the layout is the only change) against the default layout on the same draw: equal within
+    fp32 rounding (rtol 1e-5)."""
+    import copy
+
+    from methods.diffusion import diffusion_loss, make_noise_scheduler
+
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    hidden = torch.randn(2, 77, backbone.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(1))
+    results = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        module = copy.deepcopy(backbone.unet).float().train().requires_grad_(True)
+        module.to(memory_format=layout)
+        loss, _ = diffusion_loss(module, make_noise_scheduler(backbone), latents, hidden, torch.Generator().manual_seed(2))
+        loss.backward()
+        results.append((loss.detach(), {k: p.grad for k, p in module.named_parameters()}))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    torch.testing.assert_close(loss_b, loss_a, rtol=1e-5, atol=0)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_working_copies_share_compiled_code_and_are_freed(backbone, fresh_compile_state):
     """One compiled graph for every working copy of the architecture, and a copy that is let go
     is freed: a per-module cache of views once held every DreamBooth subject's UNet (+1.7 GB of
