@@ -250,7 +250,7 @@ class DreamBooth(Method):
         try:
             return self._train(backbone, instance, prior, workdir, seed)
         except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed
-            if not (self._compiles_training() and compile_failure(error, "training", "training.compile")):
+            if not (self._compiles_training() and compile_failure(error, "training UNet", "training.compile")):
                 raise
         self._collapse = {}
         return self._train(backbone, instance, prior, workdir, seed)  # compiling is off now: eager

@@ -15,7 +15,9 @@ image per call would be bit-exact but throws the batching away.
 
 Compiled sampling (``generation.compile``, on by default on CUDA): ``build_pipeline(...,
 compile_unet=True)`` puts a ``torch.compile``'d view of the UNet in the pipeline
-(``compiled_unet``; default inductor mode, static shapes). The algorithm and the weights are the
+(``compiled_unet``; default inductor mode, static shapes) and decodes through a compiled view of
+the VAE's decoder (``with_compiled_decoder``; H200: −3 % per image, peak memory 18 → 12 GiB at
+batch 32). The algorithm and the weights are the
 same; kernels differ, so images move like they do between two fast-mode runs (H200, ``sd15``
 architecture, batch 32, DDIM 50: max 13 uint8 levels, mean 0.99 vs eager — the same spread as
 two eager runs, ``benchmarks/results``), and on the tiny backbone on CPU within the tolerance
@@ -33,6 +35,7 @@ no float work per pixel before the image writer's threads encode the PNGs.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -88,9 +91,9 @@ def build_pipeline(
 ):
     """A ``StableDiffusionPipeline`` over the backbone's modules, with any of them replaced.
 
-    ``compile_unet``: the pipeline samples through ``compiled_unet(unet)`` (the module docstring
-    says what that changes); callers that hook into the UNet per call (attention control,
-    guidance callbacks) leave it off.
+    ``compile_unet``: the pipeline samples through ``compiled_unet(unet)`` and decodes through
+    ``with_compiled_decoder(backbone.vae)`` (the module docstring says what that changes);
+    callers that hook into the UNet per call (attention control, guidance callbacks) leave it off.
 
     Building one is cheap (no weights are copied); the pipeline never owns the shared modules,
     so callers must not use API that modifies them in place (e.g. ``load_lora_weights``) unless
@@ -99,7 +102,7 @@ def build_pipeline(
     from diffusers import StableDiffusionPipeline
 
     pipeline = StableDiffusionPipeline(
-        vae=backbone.vae,
+        vae=with_compiled_decoder(backbone.vae) if compile_unet and not _compile_failed else backbone.vae,
         text_encoder=text_encoder if text_encoder is not None else backbone.text_encoder,
         tokenizer=tokenizer if tokenizer is not None else backbone.tokenizer,
         unet=maybe_compiled(unet if unet is not None else backbone.unet, compile_unet),
@@ -149,6 +152,37 @@ def maybe_compiled(unet: torch.nn.Module, wanted: bool, *, channels_last: bool =
     return compiled_unet(unet)
 
 
+class _CompiledDecoder(torch.nn.Module):
+    """A VAE decoder called through ``torch.compile``; if compiling fails, one warning
+    (``compile_failure``) and the same decoder eagerly. The decode reads no generator, so the
+    eager redo gives what an eager pipeline would have."""
+
+    def __init__(self, decoder: torch.nn.Module) -> None:
+        super().__init__()
+        self.eager = decoder
+        self.compiled = torch.compile(decoder, **COMPILE_OPTIONS)
+
+    def forward(self, *args, **kwargs):
+        if not _compile_failed:
+            try:
+                return self.compiled(*args, **kwargs)
+            except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed, see compile_failure
+                if not compile_failure(error, "sampling VAE decoder", "generation.compile"):
+                    raise
+        return self.eager(*args, **kwargs)
+
+
+def with_compiled_decoder(vae: torch.nn.Module) -> torch.nn.Module:
+    """A view of ``vae`` (same parameters and submodules, nothing copied) whose ``decoder`` runs
+    through ``torch.compile``; ``vae`` itself is unchanged, so encoders, other callers and saved
+    state dicts never see the compiled wrapper. H200, batch 32, DDIM 50: 0.2198 → 0.2134 s per
+    image with the UNet compiled in both (``benchmarks/results``, ``gpu_sampling_modes.py``)."""
+    view = copy.copy(vae)  # a shallow copy shares every tensor and submodule with ``vae``
+    view._modules = dict(vae._modules)  # its own submodule table, so the swap below stays in the view
+    view._modules["decoder"] = _CompiledDecoder(vae.decoder)
+    return view
+
+
 def _eager(unet: torch.nn.Module) -> torch.nn.Module:
     return getattr(unet, "_orig_mod", unet)
 
@@ -168,7 +202,7 @@ def compile_failure(error: BaseException, what: str, setting: str) -> bool:
         reason = " ".join([line.strip() for line in str(error).splitlines() if line.strip()][:2])
         _compile_failed.append(f"{type(error).__name__}: {reason}")
         log.warning(
-            "torch.compile of the %s UNet failed (%s); running eagerly from now on "
+            "torch.compile of the %s failed (%s); running eagerly from now on "
             "(same results within the stated tolerance, slower). Set %s=false to skip the attempt.",
             what, _compile_failed[0], setting,
         )
@@ -183,7 +217,7 @@ def _call_pipeline(pipeline, **kwargs):
     try:
         return pipeline(**kwargs)
     except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed, see compile_failure
-        if not compile_failure(error, "sampling", "generation.compile"):
+        if not compile_failure(error, "sampling UNet", "generation.compile"):
             raise
         # A compile fails at the first UNet call, before the scheduler has drawn from the
         # generators, so the caller's latents and generators are reused unchanged.

@@ -494,7 +494,7 @@ class TextualInversion(Method):
         try:
             return trainings, self._train(backbone, trainings, workdirs)
         except Exception as error:  # noqa: BLE001 - only compiler failures are absorbed
-            if not (self.context.compile_training and compile_failure(error, "training", "training.compile")):
+            if not (self.context.compile_training and compile_failure(error, "training UNet", "training.compile")):
                 raise
         trainings = setup()  # compile_failure turned compiling off: this pass runs eagerly
         return trainings, self._train(backbone, trainings, workdirs)

@@ -144,6 +144,38 @@ def test_channels_last_loss_matches_the_default_layout(backbone):
         torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_compiled_pipeline_decodes_through_a_view_of_the_shared_vae(backbone, fresh_compile_state):
+    """The compiled pipeline's VAE is a view: same config, encoder and decoder parameters as the
+    backbone's, the decoder wrapped for torch.compile; the backbone's VAE (and its state dict)
+    is unchanged, and an uncompiled pipeline gets the backbone's VAE itself."""
+    keys = list(backbone.vae.state_dict())
+    view = build_pipeline(backbone, FAST, compile_unet=True).vae
+    assert view is not backbone.vae and isinstance(view.decoder, sampling._CompiledDecoder)
+    assert view.decoder.eager is backbone.vae.decoder and view.encoder is backbone.vae.encoder
+    assert view.config == backbone.vae.config and view.dtype == backbone.vae.dtype
+    assert not isinstance(backbone.vae.decoder, sampling._CompiledDecoder)
+    assert list(backbone.vae.state_dict()) == keys
+    assert build_pipeline(backbone, FAST).vae is backbone.vae
+
+
+def test_decoder_compile_failure_decodes_eagerly_with_one_warning(backbone, fresh_compile_state, monkeypatch, caplog):
+    """A compiler failure inside the decoder (a real dynamo trace with a failing backend): one
+    warning naming the decoder, the same pixels as the eager decoder, and no retry after."""
+
+    def failing_backend(graph, example_inputs):
+        raise RuntimeError("no C++ compiler on this machine")
+
+    monkeypatch.setitem(sampling.COMPILE_OPTIONS, "backend", failing_backend)
+    decoder = sampling._CompiledDecoder(backbone.vae.decoder)
+    latents = torch.randn(2, backbone.vae.config.latent_channels, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), caplog.at_level(logging.WARNING, logger="methods.sampling"):
+        decoded = decoder(latents)
+        expected = backbone.vae.decoder(latents)
+    assert torch.equal(decoded, expected)
+    assert "sampling VAE decoder failed" in caplog.text and sampling._compile_failed
+    assert build_pipeline(backbone, FAST, compile_unet=True).vae is backbone.vae
+
+
 def test_working_copies_share_compiled_code_and_are_freed(backbone, fresh_compile_state):
     """One compiled graph for every working copy of the architecture, and a copy that is let go
     is freed: a per-module cache of views once held every DreamBooth subject's UNet (+1.7 GB of
@@ -163,7 +195,7 @@ def test_working_copies_share_compiled_code_and_are_freed(backbone, fresh_compil
         del unet
         gc.collect()
     assert not sampling._compile_failed, sampling._compile_failed
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2  # the UNet's and the VAE decoder's, each compiled once
     assert all(copy() is None for copy in copies)
 
 
@@ -211,8 +243,8 @@ def test_compiled_images_match_eager_within_tolerance(backbone, fresh_compile_st
 
 
 def test_the_harness_samples_through_the_compiled_unet(tmp_path, fresh_compile_state):
-    """``generation.compile=true`` through `run`: the method's pipeline uses the compiled view,
-    records say so, and the images equal the eager run's (same state) within the tolerance."""
+    """``generation.compile=true`` through `run`: the method's pipeline uses the compiled views
+    (UNet and VAE decoder), records say so, and the images equal the eager run's (same state) within the tolerance."""
     import json
     import shutil
 
@@ -229,7 +261,7 @@ def test_the_harness_samples_through_the_compiled_unet(tmp_path, fresh_compile_s
     assert not counters["stats"]["unique_graphs"]
     summary = run_benchmark(load_config("default", [*base, "generation.compile=true"]), run_dir, quiet=True)
     assert summary.exit_code == 0 and summary.done == 4
-    assert counters["stats"]["unique_graphs"] == 1 and not sampling._compile_failed
+    assert counters["stats"]["unique_graphs"] == 2 and not sampling._compile_failed  # UNet, VAE decoder
     records = [json.loads(p.read_text()) for p in (run_dir / "images").rglob("*.json")]
     assert records and all(r["compile"] is True for r in records)
     eager = sorted((tmp_path / "eager").rglob("*.png"))
