@@ -176,7 +176,8 @@ def with_compiled_decoder(vae: torch.nn.Module) -> torch.nn.Module:
     """A view of ``vae`` (same parameters and submodules, nothing copied) whose ``decoder`` runs
     through ``torch.compile``; ``vae`` itself is unchanged, so encoders, other callers and saved
     state dicts never see the compiled wrapper. H200, batch 32, DDIM 50: 0.2198 → 0.2134 s per
-    image with the UNet compiled in both (``benchmarks/results``, ``gpu_sampling_modes.py``)."""
+    image, the UNet compiled (and in channels-last) in both arms (``benchmarks/results``,
+    ``gpu_sampling_modes.py``)."""
     view = copy.copy(vae)  # a shallow copy shares every tensor and submodule with ``vae``
     view._modules = dict(vae._modules)  # its own submodule table, so the swap below stays in the view
     view._modules["decoder"] = _CompiledDecoder(vae.decoder)
