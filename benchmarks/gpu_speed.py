@@ -13,7 +13,10 @@ Training: the DreamBooth step (fp32 master UNet, bf16 autocast, 1 instance + 1 c
 fused AdamW) through the project's ``train_loop``: seconds per step with pageable host copies
 (the old behaviour) and with the pinned asynchronous copies, with and without
 ``torch.compile``; the first 5 losses of each variant are kept so that a fast path can be
-checked against eager.
+checked against eager. ``--train-layout harness`` trains every compiled variant (and every
+compiled concurrency child) the way the harness now does: the fp32 copy's weights in
+channels-last before ``torch.compile`` (``methods.sampling.maybe_compiled(...,
+channels_last=True)``); ``default`` keeps the layout these figures were first measured in.
 
 Writes one JSON document to ``--out``. CPU check:
 ``python benchmarks/gpu_speed.py --backbone tiny --device cpu --resolution 64 --quick --out /tmp/s.json``.
@@ -210,7 +213,7 @@ def training(args, backbone, device, results):
 
     def variant(name, *, pinned: bool, compile_unet: bool):
         unet = fp32_trainable_copy(backbone, "unet")
-        model = torch.compile(unet, mode=args.train_compile_mode) if compile_unet else unet
+        model = compiled_for_training(unet, args) if compile_unet else unet
         original = diffusion.to_device
         if not pinned:
             diffusion.to_device = lambda t, d, dtype=None: t.to(device=d, dtype=dtype) if dtype is not None else t.to(d)
@@ -245,6 +248,15 @@ def training(args, backbone, device, results):
         variant(f"pinned+compile[{args.train_compile_mode}] second copy", pinned=True, compile_unet=True)
 
 
+def compiled_for_training(unet: torch.nn.Module, args) -> torch.nn.Module:
+    """``torch.compile(unet)`` in ``--train-compile-mode``; with ``--train-layout harness`` the
+    weights go to channels-last first, as ``methods.sampling.maybe_compiled(..., channels_last=True)``
+    does for the harness's compiled fine-tunes (``diffusion_loss`` then feeds that layout)."""
+    if args.train_layout == "harness":
+        unet.to(memory_format=torch.channels_last)
+    return torch.compile(unet, mode=args.train_compile_mode)
+
+
 def train_child(args) -> int:
     """One DreamBooth training in this process, timed after a start barrier shared with its peers."""
     device = torch.device(args.device)
@@ -260,7 +272,7 @@ def train_child(args) -> int:
     unet = fp32_trainable_copy(backbone, "unet")
     # --compile: this child trains through torch.compile (the warm-up below pays the compile, before
     # the barrier, so the timed window holds compiled steps only; compile seconds are reported)
-    model = torch.compile(unet, mode=args.train_compile_mode) if args.compile else unet
+    model = compiled_for_training(unet, args) if args.compile else unet
     weights = torch.tensor([1.0, 1.0])
 
     def run(steps):
@@ -305,7 +317,7 @@ def concurrency(args, backbone, device, results):
                    "--train-steps", str(args.train_steps), "--backbone", args.backbone,
                    "--resolution", str(args.resolution), "--device", args.device]
         if compiled:
-            command += ["--compile", "--train-compile-mode", args.train_compile_mode]
+            command += ["--compile", "--train-compile-mode", args.train_compile_mode, "--train-layout", args.train_layout]
         started = time.perf_counter()
         processes = [subprocess.Popen([*command, "--out", str(work / f"child{i}.json")]) for i in range(count)]
         codes = []
@@ -361,6 +373,8 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--sampling-batches", type=_ints, default=[8, 16, 32])
     parser.add_argument("--train-compile-mode", default="default", help="e.g. reduce-overhead (CUDA graphs)")
+    parser.add_argument("--train-layout", choices=("default", "harness"), default="default",
+                        help="harness: compiled trainings in channels-last, as the harness's fine-tunes")
     parser.add_argument("--compile-batches", type=_ints, default=[16, 32])
     parser.add_argument("--compile-cache", default=None, help="TORCHINDUCTOR_CACHE_DIR for the compiled arms")
     parser.add_argument("--compile-child", action="store_true", help=argparse.SUPPRESS)
