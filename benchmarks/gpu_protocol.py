@@ -32,6 +32,7 @@ CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -383,12 +384,13 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     execute = sum(projection.values()) - fixed
     execute_k = execute - sum(projection[key] for key in k_scaled) + sum(k_scaled.values())
     ti_part = projection.get("textual_inversion_training_s", 0.0)
+    k_run = KWorkerRun(execute_k=execute_k, gain=gain, compiles=compiles, fixed=fixed)
     result = {
         "benchmark": "gpu_protocol_combined", "one_worker": one_path, "k_workers": many_path,
         "workers_per_gpu": many["settings"]["workers_per_gpu"], "execute_gain": gain,
         "refinements": refinements,
         "one_worker_gpu_hours": (execute + fixed) / 3600,
-        "k_workers_gpu_hours": (execute_k / gain + compiles + fixed) / 3600,
+        "k_workers_gpu_hours": k_run.gpu_hours(execute_k),
         # the gain was measured on a mix whose TI pass was small; a GPU-filling TI pass may gain
         # nothing from workers beside it: the bound with TI training's part left undivided
         "k_workers_gpu_hours_if_ti_gains_nothing": (
@@ -396,7 +398,7 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
         "parts_one_worker_s": projection,
     }
     if compiled_path:
-        result["cli_check"] = check_compiled(many, compiled_path, ratios, k_scaled, execute_k, gain, compiles, fixed)
+        result["cli_check"] = check_compiled(many, compiled_path, ratios, k_scaled, k_run)
     text = json.dumps(result, indent=1)
     print(text)
     if out:
@@ -408,8 +410,23 @@ def _median_step(row: dict) -> float | None:
     return _median([t["training"].get("seconds_per_step") for t in row.get("trainings", [])])
 
 
-def check_compiled(many: dict, compiled_path: str, ratios: dict, k_scaled: dict, execute_k: float,
-                   gain: float, compiles: float, fixed: float) -> dict:
+@dataclasses.dataclass(frozen=True)
+class KWorkerRun:
+    """The K-worker projection's totals: its execute seconds (fine-tunes as K workers run them),
+    the measured K-worker gain on execute, the compiles paid once, and the fixed parts (plan,
+    process start, scoring)."""
+
+    execute_k: float
+    gain: float
+    compiles: float
+    fixed: float
+
+    def gpu_hours(self, execute_k: float) -> float:
+        """GPU-hours of a K-worker run whose execute part is ``execute_k``."""
+        return (execute_k / self.gain + self.compiles + self.fixed) / 3600
+
+
+def check_compiled(many: dict, compiled_path: str, ratios: dict, k_scaled: dict, k_run: KWorkerRun) -> dict:
     """The projection's compiled fine-tune ratios against a CLI run: the K-worker workload run again
     with ``--training-compile true``. Per fine-tune: the median seconds per step of the compiled run
     over the eager K-worker run's (both through the CLI, K trainings at once), beside the ratio the
@@ -445,10 +462,10 @@ def check_compiled(many: dict, compiled_path: str, ratios: dict, k_scaled: dict,
             "compile_once_s_projection": used and used["compile_s"]}
         if key in k_cli and used:
             k_cli[key] = k_scaled[key] / used["k"] * measured
-    execute_cli = execute_k - sum(k_scaled.values()) + sum(k_cli.values())
+    execute_cli = k_run.execute_k - sum(k_scaled.values()) + sum(k_cli.values())
     return {"from": compiled_path, "measured_wall_s": compiled["measured"]["wall_seconds"],
             "measured_stage_seconds": compiled["measured"].get("stage_seconds"), "per_method": methods,
-            "k_workers_gpu_hours_with_cli_ratios": (execute_cli / gain + compiles + fixed) / 3600,
+            "k_workers_gpu_hours_with_cli_ratios": k_run.gpu_hours(execute_cli),
             "note": "both K-worker runs through the CLI, on different machines of one kind (±30 %); at the "
                     "run's short lengths its wall time is mostly the K workers' concurrent compiles"}
 
