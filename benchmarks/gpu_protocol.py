@@ -32,7 +32,6 @@ CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /t
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import statistics
@@ -41,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -410,8 +410,7 @@ def _median_step(row: dict) -> float | None:
     return _median([t["training"].get("seconds_per_step") for t in row.get("trainings", [])])
 
 
-@dataclasses.dataclass(frozen=True)
-class KWorkerRun:
+class KWorkerRun(NamedTuple):
     """The K-worker projection's totals: its execute seconds (fine-tunes as K workers run them),
     the measured K-worker gain on execute, the compiles paid once, and the fixed parts (plan,
     process start, scoring)."""
