@@ -131,6 +131,26 @@ def test_gpu_db_streams_arm_trains_each_subject_as_alone(tmp_path, one_torch_thr
     assert row["max_relative_loss_difference"] <= 1e-6
 
 
+def test_gpu_db_graphs_plumbing_on_cpu(tmp_path, one_torch_thread):
+    """The whole-step CUDA graph probe without a GPU (nothing captured, a replay is a step): every
+    training's losses in the graph arms, warm-up then replays in round-robin order, equal the
+    plain arm's exactly, and the subjects' losses differ (each has its own inputs)."""
+    out = tmp_path / "graphs.json"
+    assert _script("gpu_db_graphs").main(["--tiny", "--device", "cpu", "--out", str(out)]) == 0
+    arms = json.loads(out.read_text())["arms"]
+    probe = _script("gpu_db_graphs")
+    for count in (1, 2):
+        plain = arms[f"plain_{count}"]
+        assert "error" not in plain and len(plain["losses"]) == count
+        assert all(len(row) == probe.WARMUP_STEPS + 2 for row in plain["losses"])
+        for name in ("graphs_one_stream", "graphs_k_streams"):
+            row = arms[f"{name}_{count}"]
+            assert "error" not in row, row
+            assert row["captured"] is False and row["losses"] == plain["losses"]
+            assert row["max_relative_loss_difference_vs_plain"] == 0.0
+    assert arms["plain_2"]["losses"][0] != arms["plain_2"]["losses"][1]
+
+
 def test_gpu_db_stacked_step_updates_each_subject_as_its_own_trainer_would(one_torch_thread):
     """One stacked step (vmapped gradients, per-subject clipping, one AdamW over stacked tensors)
     moves each subject's weights as a plain step of its own module and optimizer does."""
