@@ -28,7 +28,7 @@ disk and shared by every subject of the class). Defaults and where they come fro
 | what trains | ``_trainable_modules`` | the whole UNet (fp32 master copy); text encoder off | paper (SD); text encoder: the script's default |
 | optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-6 constant, clip 1.0 | lr: paper; the rest: the script |
 | compiled training | ``_train`` (``maybe_compiled``, the copy's weights in ``channels_last``) | ``training.compile=true``; ``auto`` when a worker trains ≥ 4000 fine-tune steps (``benchmark.units.resolve_finetune_compile``; the 30-subject protocol does) | ours, for speed: kernels and memory layout change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``; H200 bf16 losses within 1e-4 rel.; channels-last: 51 → 42 ms of kernels per full fine-tune step, H200) |
-| length, checkpoints | ``DreamBoothParams`` | 1000 steps; ``checkpoint_steps`` add ``step-N`` | paper; checkpoints ours, for sweeps |
+| length, checkpoints | ``DreamBoothParams``; ``_save_checkpoint`` | 1000 steps; ``checkpoint_steps`` add ``step-N``; weights copied to the host at the step, files written by a background thread while training goes on | paper; checkpoints ours, for sweeps; background writes ours, for speed (files byte-identical to in-line writes, tested) |
 | sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
 | LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA); compiled training like the full fine-tune | diffusers LoRA script/README; prior on and fusing ours (below) |
 
@@ -36,7 +36,10 @@ Checkpoints: ``checkpoint_steps`` save ``step-N`` states for sweeps (DreamBlend,
 fronts); the end is ``final``. The full fine-tune saves the whole UNet state dict (and the text
 encoder's when trained) **in the context dtype** per checkpoint: SD 1.5's UNet is 1.72 GB in
 bf16 (3.44 GB fp32), so 6 checkpoints x 30 subjects is ~310 GB; ask only for the checkpoints a
-study needs. Trainable weights are fp32 master copies made from fp32 weights; see
+study needs. Each checkpoint's weights are copied to host memory at its step and its files are
+written by a background thread while training goes on (one write in flight; a failed write fails
+the training with its own error and the file's name; ``prepare`` returns only once every file is
+on disk). Trainable weights are fp32 master copies made from fp32 weights; see
 ``methods.diffusion`` for the precision rules.
 
 LoRA variant (``dreambooth_lora``, diffusers' ``train_dreambooth_lora.py``): peft LoRA of rank
@@ -60,6 +63,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -94,7 +98,14 @@ from methods.sampling import (
     maybe_compiled,
     quiet_loading,
 )
-from methods.training import TrainBatch, TrainingParams, TrainResult, checkpoint_name, train_loop
+from methods.training import (
+    BackgroundWrites,
+    TrainBatch,
+    TrainingParams,
+    TrainResult,
+    checkpoint_name,
+    train_loop,
+)
 
 INSTANCE_PROMPT = Prompt(template="a {0} {1}", category="instance", index=-1)
 UNET_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
@@ -168,6 +179,7 @@ class DreamBooth(Method):
     def __init__(self, params: DreamBoothParams, context):
         super().__init__(params, context)
         self._generation: tuple | None = None  # ((workdir, checkpoint), unet, text_encoder)
+        self._writes: BackgroundWrites | None = None  # set while a training writes checkpoints
 
     def checkpoints(self) -> Sequence[str]:
         return self.params.checkpoint_names()
@@ -309,6 +321,7 @@ class DreamBooth(Method):
                 self._collapse[name] = [{"training_step": step, **row} for row in rows]
 
         with contextlib.ExitStack() as stack:
+            writes = stack.enter_context(self._background_writes())
             for module in (unet, text_encoder):
                 if module is not None:
                     stack.enter_context(gradient_checkpointing(module, p.gradient_checkpointing))
@@ -327,6 +340,9 @@ class DreamBooth(Method):
                 dtype=backbone.dtype,
                 on_checkpoint=on_checkpoint,
             )
+            waited = writes.close()  # every file on disk before the state says it exists
+        result.checkpoint_seconds += waited
+        result.seconds += waited
         return result, files
 
     def collapse_prompts(self, subject: Subject) -> tuple[list[str], list[int]] | None:
@@ -366,12 +382,31 @@ class DreamBooth(Method):
     def _save_checkpoint(
         self, workdir: Path, name: str, unet, text_encoder, dtype: torch.dtype
     ) -> dict:
+        """The weights copied to host memory now (training goes on changing them); the files
+        written in the background inside ``_background_writes``, in line outside it."""
         out = {"unet": f"unet-{name}.safetensors", "text_encoder": None}
-        save_file(_state_dict(unet, dtype), str(workdir / out["unet"]))
         if text_encoder is not None:
             out["text_encoder"] = f"text_encoder-{name}.safetensors"
-            save_file(_state_dict(text_encoder, dtype), str(workdir / out["text_encoder"]))
+        writes = self._writes or BackgroundWrites(threads=0)
+        for module, key in ((unet, "unet"), (text_encoder, "text_encoder")):
+            if module is not None:
+                path = str(workdir / out[key])
+                writes.submit(path, functools.partial(save_file, _state_dict(module, dtype), path))
         return out
+
+    @contextlib.contextmanager
+    def _background_writes(self):
+        """Checkpoint files written by a background thread while the training goes on
+        (``methods.training.BackgroundWrites``); the caller ``close()``s it once training is done
+        (waiting for the files, re-raising a failed write); leaving the block any other way waits
+        for the writes quietly, so no thread writes into a workdir that is being discarded."""
+        writes = BackgroundWrites()
+        self._writes = writes
+        try:
+            yield writes
+        finally:
+            writes.shutdown()
+            self._writes = None
 
     # ------------------------------------------------------------------ state and generation
 
@@ -506,7 +541,10 @@ class DreamBoothLoRA(DreamBooth):
 
 
 def _state_dict(module: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to(dtype=dtype).cpu().contiguous() for k, v in module.state_dict().items()}
+    """A host copy of the module's weights in ``dtype`` (cast on the module's device first), never
+    an alias: on the CPU in the weights' own dtype, ``.cpu()`` alone would return the live
+    tensors, and a background write would save whatever training made of them since."""
+    return {k: v.detach().to(dtype=dtype).to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
 
 
 def _cpu(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

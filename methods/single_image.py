@@ -172,13 +172,17 @@ class TwoStage(DreamBooth):
             files[name] = self._save_checkpoint(workdir, name, unet, text_encoder, backbone.dtype)
 
         stage_one = [scene, *([scene_prior] if scene_prior else [])]
-        first = self._run_stage(backbone, unet, text_encoder, parameters, stage_one, p.stage1_params(), generator,
-                                lambda step: save(STAGE1) if step == p.stage1_steps else None)
-        stage_two = [instance, *([instance_prior] if instance_prior else [])]
-        if p.scene_loss_weight > 0:
-            stage_two.append(dataclasses.replace(scene, weight=p.scene_loss_weight))
-        second = self._run_stage(backbone, unet, text_encoder, parameters, stage_two, p, generator,
-                                 lambda step: save(checkpoint_name(step, p.steps)))
+        with self._background_writes() as writes:  # checkpoint files written while training goes on
+            first = self._run_stage(backbone, unet, text_encoder, parameters, stage_one, p.stage1_params(), generator,
+                                    lambda step: save(STAGE1) if step == p.stage1_steps else None)
+            stage_two = [instance, *([instance_prior] if instance_prior else [])]
+            if p.scene_loss_weight > 0:
+                stage_two.append(dataclasses.replace(scene, weight=p.scene_loss_weight))
+            second = self._run_stage(backbone, unet, text_encoder, parameters, stage_two, p, generator,
+                                     lambda step: save(checkpoint_name(step, p.steps)))
+            waited = writes.close()
+        second.checkpoint_seconds += waited
+        second.seconds += waited
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
         state = {

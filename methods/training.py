@@ -14,6 +14,7 @@ import dataclasses
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -90,6 +91,64 @@ class TrainingParams:
 
     def save_steps(self) -> list[int]:
         return [s for s in self.checkpoint_steps if s < self.steps] + [self.steps]
+
+
+# Threads that write checkpoint files while training goes on; 0 writes them in line (the
+# reference path, and what tests compare against).
+CHECKPOINT_WRITE_THREADS = 1
+
+
+class BackgroundWrites:
+    """Checkpoint files written off the training's critical path.
+
+    The caller takes its snapshot first (e.g. the weights copied to host memory: training goes on
+    changing the originals), then ``submit(path, write)`` hands ``write()`` to a background
+    thread. At most ``limit`` writes are queued or running; submitting beyond that waits for the
+    oldest, so host memory holds at most ``limit`` snapshots beside the one being taken. ``close()``
+    waits for every write and re-raises the first failure (the original exception, so disk errors
+    keep their meaning, with a note naming the file); it returns the seconds it waited, which the
+    caller adds to its checkpoint time. ``shutdown()`` (on the way out of a failed training) waits
+    quietly, so no thread writes into a folder the caller is about to discard. With
+    ``threads=0`` every write happens inside ``submit``.
+    """
+
+    def __init__(self, threads: int | None = None, limit: int = 1) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        threads = CHECKPOINT_WRITE_THREADS if threads is None else threads
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="checkpoint") if threads > 0 else None
+        self.limit = max(limit, 1)
+        self.pending: list = []  # futures, oldest first
+
+    def submit(self, path: Path | str, write: Callable[[], None]) -> None:
+        if self.pool is None:
+            _write(path, write)
+            return
+        while len(self.pending) >= self.limit:
+            self.pending.pop(0).result()  # re-raises that write's own exception
+        self.pending.append(self.pool.submit(_write, path, write))
+
+    def close(self) -> float:
+        started = time.perf_counter()
+        try:
+            while self.pending:
+                self.pending.pop(0).result()
+        finally:
+            self.shutdown()
+        return time.perf_counter() - started
+
+    def shutdown(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)
+        self.pending.clear()
+
+
+def _write(path: Path | str, write: Callable[[], None]) -> None:
+    try:
+        write()
+    except BaseException as error:
+        error.add_note(f"while writing the checkpoint file {path}")
+        raise
 
 
 def _synchronize(device: torch.device) -> None:

@@ -282,3 +282,90 @@ def test_prior_loss_weight_scales_the_class_term(context, dog, tmp_path):
     state = json.loads((workdir / "state.json").read_text())
     assert state["class_prompt"] is None and state["class_images_generated"] == 0
     assert not any(empty_cache.rglob("*.png"))
+
+
+# ----------------------------------------------------------------------------- checkpoint writes
+
+
+def _checkpoint_bytes(workdir) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(workdir.glob("*.safetensors"))}
+
+
+def test_background_checkpoint_writes_equal_inline_writes(context, dog, tmp_path, monkeypatch):
+    """Checkpoint files written by the background thread (the default) are byte-identical to
+    the same training's files written in line (``CHECKPOINT_WRITE_THREADS = 0``), for an
+    intermediate checkpoint that training goes on past and for the final one, UNet and text
+    encoder; and the state records the wait for them in its checkpoint time."""
+    from methods import training
+
+    params = DreamBoothParams(steps=3, learning_rate=1e-3, checkpoint_steps=(1,), train_text_encoder=True, **PRIOR)
+    written = {}
+    for threads in (0, 1):
+        monkeypatch.setattr(training, "CHECKPOINT_WRITE_THREADS", threads)
+        workdir = tmp_path / f"threads-{threads}"
+        workdir.mkdir()
+        DreamBooth(params, context).prepare(dog, workdir, seed=0)
+        written[threads] = _checkpoint_bytes(workdir)
+        state = json.loads((workdir / "state.json").read_text())
+        assert state["training"]["checkpoint_seconds"] > 0
+    assert sorted(written[1]) == ["text_encoder-final.safetensors", "text_encoder-step-1.safetensors",
+                                  "unet-final.safetensors", "unet-step-1.safetensors"]
+    assert written[1] == written[0]
+    assert written[1]["unet-step-1.safetensors"] != written[1]["unet-final.safetensors"]
+
+
+def test_a_checkpoint_is_the_weights_at_its_step_even_when_written_later(context, tmp_path, monkeypatch):
+    """The snapshot is taken when the checkpoint is asked for: a write held back until after the
+    weights changed (on the CPU in fp32, where ``.cpu()`` would alias the live tensors) still
+    saves the values of that moment."""
+    import threading
+
+    from methods import dreambooth
+
+    method = DreamBooth(DreamBoothParams(steps=2, class_images=0), context)
+    module = torch.nn.Linear(3, 2)
+    before = {k: v.clone() for k, v in module.state_dict().items()}
+    release = threading.Event()
+    real_save = dreambooth.save_file
+
+    def held_save(tensors, path):
+        release.wait(timeout=30)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(dreambooth, "save_file", held_save)
+    with method._background_writes() as writes:
+        files = method._save_checkpoint(tmp_path, "step-1", module, None, torch.float32)
+        with torch.no_grad():
+            module.weight.add_(1.0)  # training goes on
+        release.set()
+        writes.close()
+    saved = load_file(str(tmp_path / files["unet"]))
+    assert all(torch.equal(saved[k], before[k]) for k in before) and not torch.equal(saved["weight"], module.weight)
+    assert method._writes is None
+
+
+def test_a_failed_background_write_fails_the_training_and_names_the_file(context, dog, tmp_path, monkeypatch):
+    """A checkpoint write that fails in the background (here: a full disk at the intermediate
+    checkpoint) fails ``prepare`` with the write's own error, noted with the file's path, and
+    no state.json is written; the thread is gone afterwards."""
+    import errno
+    import threading
+
+    from methods import dreambooth
+
+    real_save = dreambooth.save_file
+
+    def full_disk(tensors, path):
+        if "step-1" in path:
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        real_save(tensors, path)
+
+    monkeypatch.setattr(dreambooth, "save_file", full_disk)
+    method = DreamBooth(DreamBoothParams(steps=3, learning_rate=1e-3, checkpoint_steps=(1,), **PRIOR), context)
+    with pytest.raises(OSError, match="No space left") as raised:
+        method.prepare(dog, tmp_path, seed=0)
+    assert raised.value.errno == errno.ENOSPC
+    assert any("unet-step-1.safetensors" in note for note in getattr(raised.value, "__notes__", []))
+    assert not (tmp_path / "state.json").exists()
+    assert method._writes is None
+    assert not [t for t in threading.enumerate() if t.name.startswith("checkpoint")]
