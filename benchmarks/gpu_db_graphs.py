@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_db_stacked import LEARNING_RATE, MAX_GRAD_NORM, _loss, subject_inputs  # noqa: E402
 from benchmarks.gpu_methods import environment, peak_gib, reset_peak, synchronize  # noqa: E402
-from benchmarks.gpu_metrics import save_partial  # noqa: E402
+from benchmarks.gpu_metrics import SDPA_ORDERS, save_partial, sdpa_preference  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.diffusion import fp32_trainable_copy  # noqa: E402
 
@@ -194,6 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps (replays) per training, after the warm-up")
     parser.add_argument("--compile", action="store_true", help="the UNet inside each step through torch.compile")
     parser.add_argument("--channels-last", action="store_true", help="weights and inputs in channels-last")
+    parser.add_argument("--sdpa", default="default", choices=sorted(SDPA_ORDERS),
+                        help="attention backends for every arm (flash: without cuDNN's attention, should its "
+                             "kernels refuse graph capture)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 steps, counts 1,2")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_db_graphs.json"))
     args = parser.parse_args(argv)
@@ -204,6 +207,15 @@ def main(argv: list[str] | None = None) -> int:
     backbone = load_backbone(resolve_backbone(args.backbone), args.device, dtype)
     document: dict = {"benchmark": "gpu_db_graphs", "environment": environment(device),
                       "settings": {k: v for k, v in vars(args).items() if k != "out"}, "arms": {}}
+    with sdpa_preference(args.sdpa):
+        run_arms(args, backbone, device, document)
+    save_partial(document, args.out, "gpu_db_graphs.json")
+    print(json.dumps({k: v for k, v in document.items() if k != "arms"}, indent=1))
+    return 0
+
+
+def run_arms(args, backbone, device, document: dict) -> None:
+    """For each K: the plain reference, then the two graph arms; the JSON saved after each."""
     for count in [int(c) for c in args.counts.split(",") if c]:
         start = [copy.deepcopy(fp32_trainable_copy(backbone, "unet").state_dict()) for _ in range(count)]
         inputs = subject_inputs(count, backbone.unet, args.resolution, device)
@@ -228,9 +240,6 @@ def main(argv: list[str] | None = None) -> int:
             print(key, {k: v for k, v in row.items() if k != "losses"}, flush=True)
             save_partial(document, args.out, "gpu_db_graphs.json")
         del start, inputs
-    save_partial(document, args.out, "gpu_db_graphs.json")
-    print(json.dumps({k: v for k, v in document.items() if k != "arms"}, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

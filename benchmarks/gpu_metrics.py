@@ -85,6 +85,7 @@ def peak_memory(device: torch.device) -> dict:
 SDPA_ORDERS = {
     "default": None,  # torch's own choice (torch 2.11 on an H200 picked cuDNN's attention for SD 1.5: profiled)
     "cudnn": ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),
+    "flash": ("FLASH_ATTENTION", "EFFICIENT_ATTENTION", "MATH"),  # cuDNN's attention left out
 }
 
 
