@@ -453,6 +453,31 @@ def _dreambooth_states(tmp_path, dog, compiled_arms, steps, lora=False):
     return results
 
 
+def test_compiled_dreambooth_trains_its_copy_in_channels_last(tmp_path, dog, fresh_compile_state, monkeypatch):
+    """The wiring, in the default tier: with ``compile_finetune`` DreamBooth's train loop gets a
+    compiled view of a copy whose weights are channels-last (dynamo with its ``eager`` backend, so
+    no inductor compile here), the shared backbone UNet keeps its layout, and the losses equal the
+    eager default-layout run's within fp32 rounding (rtol 1e-5): the layout alone changes nothing."""
+    from methods import dreambooth
+    from methods.diffusion import input_layout
+
+    monkeypatch.setitem(sampling.COMPILE_OPTIONS, "backend", "eager")
+    layouts = []
+    real_train_loop = dreambooth.train_loop
+
+    def recording_train_loop(**kwargs):
+        layouts.append(input_layout(kwargs["unet"]))
+        return real_train_loop(**kwargs)
+
+    monkeypatch.setattr(dreambooth, "train_loop", recording_train_loop)
+    results = _dreambooth_states(tmp_path, dog, (False, True), steps=2)
+    assert layouts == [torch.preserve_format, torch.channels_last]
+    assert not sampling._compile_failed
+    np.testing.assert_allclose(results[True][0], results[False][0], rtol=1e-5)
+    shared = load_backbone(resolve_backbone("tiny")).unet
+    assert all(w.is_contiguous() for w in shared.parameters())
+
+
 @pytest.mark.slow  # ~60 s on two cores: inductor compiles the tiny UNet's forward and backward
 def test_compiled_dreambooth_matches_eager(tmp_path, dog, fresh_compile_state):
     """``training.compile=true``: DreamBooth through the compiled fp32 UNet copy vs eager on the
