@@ -50,7 +50,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_db_stacked import LEARNING_RATE, MAX_GRAD_NORM, _loss, subject_inputs  # noqa: E402
+from benchmarks.gpu_db_stacked import LEARNING_RATE, step_body, subject_inputs  # noqa: E402
 from benchmarks.gpu_methods import environment, peak_gib, reset_peak, synchronize  # noqa: E402
 from benchmarks.gpu_metrics import SDPA_ORDERS, save_partial, sdpa_preference  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
@@ -64,7 +64,6 @@ class Training:
     AdamW, fixed inputs, and — once captured — its step as a CUDA graph."""
 
     def __init__(self, unet, inputs: dict, k: int, *, compiled: bool, channels_last: bool, capturable: bool, device):
-        self.unet = unet
         if channels_last:
             unet.to(memory_format=torch.channels_last)
         self.module = torch.compile(unet) if compiled else unet
@@ -79,17 +78,15 @@ class Training:
         self.static_loss = None
 
     def body(self) -> torch.Tensor:
-        """Forward, backward, clipping, AdamW: the trainer's step without zeroing the gradients
-        (a captured backward writes them afresh on every replay)."""
+        """``gpu_db_stacked.step_body``: forward, backward, clipping, AdamW, without zeroing the
+        gradients (a captured backward writes them afresh on every replay)."""
+        return step_body(self.module, self.optimizer, self.latents, self.noise, self.timesteps, self.hidden,
+                         self._autocast)
+
+    def _autocast(self):
         # autocast's weight-cast cache must be off under capture (PyTorch's CUDA graphs notes)
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda",
-                            cache_enabled=False):
-            pred = self.module(self.latents + self.noise, self.timesteps, self.hidden).sample
-            loss = _loss(pred, self.noise)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), MAX_GRAD_NORM)
-        self.optimizer.step()
-        return loss.detach()
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda",
+                              cache_enabled=False)
 
     def plain_step(self) -> torch.Tensor:
         loss = self.body()
@@ -122,15 +119,21 @@ class Training:
         losses.append(self.static_loss.clone())
 
 
+def make_trainings(backbone, args, device, start: list, inputs: dict, *, capturable: bool) -> list[Training]:
+    """One ``Training`` per start state: a fresh fp32 UNet copy loaded with it, subject k's inputs."""
+    trainings = []
+    for k, state in enumerate(start):
+        unet = fp32_trainable_copy(backbone, "unet")
+        unet.load_state_dict(state)
+        trainings.append(Training(unet, inputs, k, compiled=args.compile, channels_last=args.channels_last,
+                                  capturable=capturable, device=device))
+    return trainings
+
+
 def graphs_arm(backbone, count: int, args, device, start: list, inputs: dict, reference: dict, streams: bool) -> dict:
     """K trainings' graphs replayed ``--steps`` times each: on one stream one after another, or
     round-robin on K streams from this thread."""
-    trainings = []
-    for k in range(count):
-        unet = fp32_trainable_copy(backbone, "unet")
-        unet.load_state_dict(start[k])
-        trainings.append(Training(unet, inputs, k, compiled=args.compile, channels_last=args.channels_last,
-                                  capturable=device.type == "cuda", device=device))
+    trainings = make_trainings(backbone, args, device, start, inputs, capturable=device.type == "cuda")
     losses: list = [[] for _ in range(count)]
     first = time.perf_counter()
     for k, training in enumerate(trainings):  # warm-up steps (and the compile), then the capture
@@ -163,12 +166,7 @@ def graphs_arm(backbone, count: int, args, device, start: list, inputs: dict, re
 def plain_arm(backbone, count: int, args, device, start: list, inputs: dict) -> dict:
     """The K trainings' ordinary steps, one training after another: ``WARMUP_STEPS`` untimed
     steps each (the graph arms' warm-up), then ``--steps`` timed ones each."""
-    trainings = []
-    for k in range(count):
-        unet = fp32_trainable_copy(backbone, "unet")
-        unet.load_state_dict(start[k])
-        trainings.append(Training(unet, inputs, k, compiled=args.compile, channels_last=args.channels_last,
-                                  capturable=False, device=device))
+    trainings = make_trainings(backbone, args, device, start, inputs, capturable=False)
     losses: list = [[] for _ in range(count)]
     for k, training in enumerate(trainings):
         for _ in range(WARMUP_STEPS):

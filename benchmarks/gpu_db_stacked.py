@@ -75,15 +75,23 @@ def _loss(pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3)).mean()
 
 
-def plain_step(module, optimizer, inputs: dict, k: int, autocast) -> torch.Tensor:
+def step_body(module, optimizer, latents, noise, timesteps, hidden, autocast) -> torch.Tensor:
+    """Forward, loss, backward, clipping at ``MAX_GRAD_NORM``, optimizer step: the trainer's step
+    without zeroing the gradients (``plain_step`` zeroes them; a captured step must not)."""
     with autocast():
-        pred = module(inputs["latents"][k] + inputs["noise"][k], inputs["timesteps"][k], inputs["hidden"][k]).sample
-        loss = _loss(pred, inputs["noise"][k])
+        pred = module(latents + noise, timesteps, hidden).sample
+        loss = _loss(pred, noise)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(module.parameters(), MAX_GRAD_NORM)
     optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def plain_step(module, optimizer, inputs: dict, k: int, autocast) -> torch.Tensor:
+    loss = step_body(module, optimizer, inputs["latents"][k], inputs["noise"][k], inputs["timesteps"][k],
+                     inputs["hidden"][k], autocast)
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 def make_stacked_step(base, autocast):
