@@ -341,8 +341,7 @@ class DreamBooth(Method):
                 on_checkpoint=on_checkpoint,
             )
             waited = writes.close()  # every file on disk before the state says it exists
-        result.checkpoint_seconds += waited
-        result.seconds += waited
+        result.add_checkpoint_wait(waited)
         return result, files
 
     def collapse_prompts(self, subject: Subject) -> tuple[list[str], list[int]] | None:

@@ -101,11 +101,12 @@ def build_pipeline(
     """
     from diffusers import StableDiffusionPipeline
 
+    compiling = compile_unet and not _compile_failed  # maybe_compiled's own test, once for both modules
     pipeline = StableDiffusionPipeline(
-        vae=with_compiled_decoder(backbone.vae) if compile_unet and not _compile_failed else backbone.vae,
+        vae=with_compiled_decoder(backbone.vae) if compiling else backbone.vae,
         text_encoder=text_encoder if text_encoder is not None else backbone.text_encoder,
         tokenizer=tokenizer if tokenizer is not None else backbone.tokenizer,
-        unet=maybe_compiled(unet if unet is not None else backbone.unet, compile_unet),
+        unet=maybe_compiled(unet if unet is not None else backbone.unet, compiling),
         scheduler=make_scheduler(backbone.scheduler_config, sampler),
         safety_checker=None,
         feature_extractor=None,

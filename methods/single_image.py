@@ -181,8 +181,7 @@ class TwoStage(DreamBooth):
             second = self._run_stage(backbone, unet, text_encoder, parameters, stage_two, p, generator,
                                      lambda step: save(checkpoint_name(step, p.steps)))
             waited = writes.close()
-        second.checkpoint_seconds += waited
-        second.seconds += waited
+        second.add_checkpoint_wait(waited)
         if backbone.device.type == "cuda":
             torch.cuda.empty_cache()
         state = {

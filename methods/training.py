@@ -185,6 +185,12 @@ class TrainResult:
     checkpoint_seconds: float = 0.0  # time spent in on_checkpoint (writing states)
     peak_memory_bytes: int | None = None
 
+    def add_checkpoint_wait(self, seconds: float) -> None:
+        """Time spent after the loop waiting for checkpoint files (``BackgroundWrites.close``):
+        part of the checkpoint time and of the training's wall time."""
+        self.checkpoint_seconds += seconds
+        self.seconds += seconds
+
     def summary(self) -> dict:
         out = dataclasses.asdict(self)
         out.pop("losses")
