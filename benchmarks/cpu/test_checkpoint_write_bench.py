@@ -43,11 +43,10 @@ def test_checkpoint_write(benchmark, tmp_path):
         inline.append(time.perf_counter() - started)
     blocked, waits = [], []
 
-    def background(index=[0]):  # noqa: B006 - a counter across rounds
+    def background():
         """One checkpoint through BackgroundWrites: submit (what the training waits for), then close."""
         writes = BackgroundWrites(threads=1)
-        path = tmp_path / f"background-{index[0]}.safetensors"
-        index[0] += 1
+        path = tmp_path / f"background-{len(blocked)}.safetensors"
         started = time.perf_counter()
         writes.submit(path, lambda: save_file(state, str(path)))
         blocked.append(time.perf_counter() - started)
