@@ -1,0 +1,247 @@
+"""Issue 17 item 1: where one sampling UNet forward spends its GPU time, and which attention
+kernel is fastest at the UNet's own attention shapes.
+
+Sampling is ~100 UNet forwards per image (DDIM 50 x CFG), so the forward's kernel time is the
+sampling floor. This script, in one process:
+
+1. times one UNet forward (``--latents`` latents of 64x64 = 512 px, 77 text tokens, bf16, no
+   grad) for each arm: ``eager`` (the reference), ``compiled`` (``torch.compile``, default layout:
+   the harness's sampling UNet) and ``compiled_channels_last``; median of CUDA-event timings;
+2. profiles a few forwards of each arm and sums the kernels' device time by kind (attention,
+   convolution, matmul, inductor's fused Triton kernels, other), with the top kernels by name;
+3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
+   and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
+   ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
+   largest difference from the math backend's output in fp32.
+
+A backend that refuses a shape is recorded as refused. The JSON is rewritten after each part, so
+a time limit keeps what finished. CPU check (tiny, seconds): ``python benchmarks/gpu_unet_kernels.py
+--tiny --device cpu --out /tmp/uk.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.gpu_methods import environment, synchronize  # noqa: E402
+from benchmarks.gpu_metrics import save_partial  # noqa: E402
+from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
+
+KINDS = (  # first match wins; lower-case substrings of kernel names
+    ("attention", ("attention", "fmha", "flash", "sdpa", "attn")),
+    ("convolution", ("conv", "implicit_gemm", "fprop", "dgrad", "wgrad", "xmma_fprop")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "matmul", "cublas", "gemv")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("inductor_triton", ("triton_",)),
+)
+BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+
+
+def kind_of(name: str) -> str:
+    lowered = name.lower()
+    for kind, needles in KINDS:
+        if any(n in lowered for n in needles):
+            return kind
+    return "other"
+
+
+def event_times(function, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call of ``function``, one per repeat (CUDA events on CUDA, host clock elsewhere)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def kernel_breakdown(function, device: torch.device, calls: int, top: int = 15) -> dict:
+    """Device time of ``calls`` calls of ``function`` by kernel kind, per call (CUDA only)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            function()
+        synchronize(device)
+    attribute = next((a for a in ("self_device_time_total", "self_cuda_time_total")
+                      if hasattr(prof.key_averages()[0], a)), "self_device_time_total")
+    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+    by_kind: dict[str, float] = {}
+    for event in kernels:
+        kind = kind_of(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + getattr(event, attribute, 0.0) / 1e3 / calls
+    total = sum(by_kind.values())
+    kernels.sort(key=lambda e: getattr(e, attribute, 0.0), reverse=True)
+    return {
+        "device_ms_per_call": round(total, 3),
+        "ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
+        "share_by_kind": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if total else {},
+        "top_kernels": [{"kernel": e.key[:140], "kind": kind_of(e.key), "calls_per_forward": e.count / calls,
+                         "ms_per_forward": round(getattr(e, attribute, 0.0) / 1e3 / calls, 3)} for e in kernels[:top]],
+    }
+
+
+def record_attention_shapes(unet, inputs) -> dict[tuple, int]:
+    """Every SDPA call of one eager forward: (q shape, k shape, dtype) -> count."""
+    seen: dict[tuple, int] = {}
+    original = F.scaled_dot_product_attention
+
+    def spy(query, key, value, *args, **kwargs):
+        signature = (tuple(query.shape), tuple(key.shape), str(query.dtype))
+        seen[signature] = seen.get(signature, 0) + 1
+        return original(query, key, value, *args, **kwargs)
+
+    F.scaled_dot_product_attention = spy
+    try:
+        with torch.no_grad():
+            unet(*inputs)
+    finally:
+        F.scaled_dot_product_attention = original
+    return seen
+
+
+def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    generator = torch.Generator(device=device).manual_seed(0)
+    q = torch.randn(q_shape, device=device, dtype=dtype, generator=generator)
+    k = torch.randn(k_shape, device=device, dtype=dtype, generator=generator)
+    v = torch.randn(k_shape, device=device, dtype=dtype, generator=generator)
+    batch, heads, lq, dim = q_shape
+    flops = 4 * batch * heads * lq * k_shape[2] * dim
+    with torch.no_grad():
+        reference = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    result: dict = {"flops": flops}
+    candidates = {b: (lambda b=b: _sdpa_with(sdpa_kernel, getattr(SDPBackend, b), q, k, v)) for b in BACKENDS}
+    candidates["DEFAULT"] = lambda: F.scaled_dot_product_attention(q, k, v)
+    if device.type == "cuda":
+        try:
+            from torch.nn.attention.flex_attention import flex_attention
+
+            compiled_flex = torch.compile(flex_attention, dynamic=False)
+            candidates["FLEX_COMPILED"] = lambda: compiled_flex(q, k, v)
+        except Exception as error:  # noqa: BLE001 - recorded, the others still run
+            result["FLEX_COMPILED"] = {"refused": f"{type(error).__name__}: {str(error)[:300]}"}
+    for name, call in candidates.items():
+        try:
+            with torch.no_grad():
+                out = call()
+                for _ in range(3):
+                    call()
+                times = event_times(call, device, repeats)
+        except Exception as error:  # noqa: BLE001 - a backend that refuses a shape
+            result[name] = {"refused": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+            continue
+        median = statistics.median(times)
+        result[name] = {"ms": round(median * 1e3, 4), "tflops": round(flops / median / 1e12, 1),
+                        "max_abs_vs_fp32_math": float((out.float() - reference).abs().max())}
+    timed = {n: r["ms"] for n, r in result.items() if isinstance(r, dict) and "ms" in r}
+    if timed:
+        result["fastest"] = min(timed, key=timed.get)
+    return result
+
+
+def _sdpa_with(sdpa_kernel, backend, q, k, v):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--backbone", default="sd15-random")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--resolution", type=int, default=512)
+    parser.add_argument("--latents", type=int, default=64, help="latents per forward (32 images per call x CFG = 64)")
+    parser.add_argument("--repeats", type=int, default=20, help="timed forwards per arm (median kept)")
+    parser.add_argument("--profile-calls", type=int, default=3)
+    parser.add_argument("--arms", default="eager,compiled,compiled_channels_last")
+    parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 latents, 2 repeats")
+    parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_unet_kernels.json"))
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.backbone, args.resolution, args.latents, args.repeats = "tiny", 64, 2, 2
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    backbone = load_backbone(resolve_backbone(args.backbone), args.device, dtype)
+    unet = backbone.unet
+    size = args.resolution // 8
+    generator = torch.Generator(device=device).manual_seed(0)
+    latents = torch.randn(args.latents, unet.config.in_channels, size, size, device=device, dtype=dtype, generator=generator)
+    text = torch.randn(args.latents, 77, unet.config.cross_attention_dim, device=device, dtype=dtype, generator=generator)
+    timestep = torch.full((args.latents,), 500, device=device, dtype=torch.long)
+    document: dict = {
+        "benchmark": "gpu_unet_kernels", "environment": environment(device),
+        "settings": {"backbone": args.backbone, "resolution": args.resolution, "latents_per_forward": args.latents,
+                     "repeats": args.repeats, "dtype": str(dtype)},
+        "arms": {},
+    }
+    out = Path(args.out)
+    for arm in [a for a in args.arms.split(",") if a]:
+        entry = document["arms"].setdefault(arm, {})
+        started = time.perf_counter()
+        try:
+            channels_last = arm.endswith("channels_last")
+            unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+            x = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
+            model = unet
+            if arm.startswith("compiled"):
+                torch._dynamo.reset()
+                model = torch.compile(unet, dynamic=False)
+
+            def forward(model=model, x=x):
+                with torch.no_grad():
+                    return model(x, timestep, encoder_hidden_states=text).sample
+
+            first = event_times(forward, device, 1)[0]
+            for _ in range(2):
+                forward()
+            times = event_times(forward, device, args.repeats)
+            median = statistics.median(times)
+            entry.update({"first_call_s": round(first, 2), "ms_per_forward": round(median * 1e3, 3),
+                          "ms_per_forward_spread": [round(min(times) * 1e3, 3), round(max(times) * 1e3, 3)],
+                          "ms_per_latent_forward": round(median * 1e3 / args.latents, 4),
+                          "sampling_floor_s_per_image": round(median / args.latents * 100, 4)})
+            if device.type == "cuda":
+                entry["kernels"] = kernel_breakdown(forward, device, args.profile_calls)
+        except Exception as error:  # noqa: BLE001 - keep the other arms
+            entry["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
+        finally:
+            unet.to(memory_format=torch.contiguous_format)
+        entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
+        print(arm, {k: v for k, v in entry.items() if k != "kernels"}, entry.get("kernels", {}).get("ms_by_kind"), flush=True)
+        save_partial(document, str(out), out.name)
+    if not args.skip_attention:
+        shapes = record_attention_shapes(unet, (latents, timestep, text))
+        attention = document.setdefault("attention_shapes", [])
+        for (q_shape, k_shape, dtype_name), count in sorted(shapes.items(), key=lambda kv: -kv[0][0][2] * kv[0][1][2]):
+            row = {"q": list(q_shape), "k": list(k_shape), "dtype": dtype_name, "calls_per_forward": count}
+            row.update(time_attention_shape(q_shape, k_shape, dtype, device, max(args.repeats, 5)))
+            attention.append(row)
+            print("attention", {k: v for k, v in row.items()}, flush=True)
+            save_partial(document, str(out), out.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
