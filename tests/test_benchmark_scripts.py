@@ -190,3 +190,28 @@ def test_gpu_decode_runs_on_cpu(tmp_path, one_torch_thread):
     result = json.loads(out.read_text())
     assert result["complete"] and result["stages"]["vae_decode_eager"]["s_per_image"] > 0
     assert result["stages"]["uint8_on_gpu"]["vs_postprocess_max_levels"] == 0
+
+
+def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
+    """The UNet-forward probe on tiny: the eager arm is timed, every SDPA shape of the forward is
+    recorded with its count, and each backend's output is checked against fp32 math."""
+    out = tmp_path / "unet.json"
+    assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", "--arms", "eager", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    eager = result["arms"]["eager"]
+    assert "error" not in eager and eager["ms_per_forward"] > 0
+    assert eager["sampling_floor_s_per_image"] == pytest.approx(eager["ms_per_latent_forward"] / 10, rel=1e-3)
+    shapes = result["attention_shapes"]
+    assert shapes and all(row["calls_per_forward"] >= 1 for row in shapes)
+    assert {tuple(row["k"])[2] for row in shapes} >= {77}  # the cross-attention to the 77 text tokens
+    for row in shapes:
+        timed = [row[name] for name in ("DEFAULT", "FLASH_ATTENTION") if "ms" in row.get(name, {})]
+        assert timed and all(entry["max_abs_vs_fp32_math"] < 1e-4 for entry in timed)
+
+
+def test_gpu_unet_kernels_counts_fused_triton_kernels_apart():
+    kind_of = _script("gpu_unet_kernels").kind_of
+    assert kind_of("triton_poi_fused_convolution_native_group_norm_silu_119") == "inductor_triton"
+    assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
+    assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
+    assert kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "matmul"
