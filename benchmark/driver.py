@@ -145,6 +145,7 @@ def run_benchmark(
     workers: int | None = None,
     address: str | None = None,
     workers_per_gpu: int = 1,
+    mps: bool = False,
     force: bool = False,
     retry_failed: bool = False,
     quiet: bool = False,
@@ -186,7 +187,7 @@ def run_benchmark(
             config.name, len(groups), summary.planned, device, dtype, executor,
         )
         runner_pool = make_executor(
-            executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu
+            executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu, mps=mps
         )
         context, finetune_note = resolve_finetune_compile(
             config, context, groups, runner_pool.processes,
