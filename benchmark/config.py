@@ -111,6 +111,13 @@ class TrainingConfig:
     # process and pays back after ~3100-4400 steps on an H200; benchmark/units.py::
     # resolve_finetune_compile logs the decision). Passes are balanced (30 at 8: 8, 8, 7, 7).
     compile: str = "auto"
+    # DreamBooth and DreamBooth-LoRA steps captured once as a CUDA graph and replayed
+    # (methods.training.CapturedStep): no host work per kernel (a compiled DreamBooth step: 36 ms
+    # replayed against 126 ms plain in the gpu_db_graphs probe, H200). Opt-in: the trainer's own
+    # captured step has not yet been timed or checked on a GPU (its plumbing is, on the CPU, equal
+    # to the plain loop). Same algorithm (AdamW keeps its step counters on the device), so it is
+    # not part of any key, like compile.
+    cuda_graphs: bool = False
 
 
 @dataclass(frozen=True)
@@ -515,7 +522,8 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
             GenerationConfig, document.get("generation"), "generation", batch_size=_positive, compile=_compile_mode
         ),
         training=_build(
-            TrainingConfig, document.get("training"), "training", subjects_per_batch=_positive, compile=_compile_mode
+            TrainingConfig, document.get("training"), "training", subjects_per_batch=_positive, compile=_compile_mode,
+            cuda_graphs=_boolean,
         ),
     )
     if config.deterministic and config.training.compile == "true":

@@ -201,6 +201,7 @@ def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict
         "compile_training": job.context.compile_training,
         # fine-tunes through torch.compile (training.compile=true, or auto over enough steps per worker)
         "compile_finetune": job.context.compile_finetune and prepare.cell.trainer_class.compiles_finetune,
+        "cuda_graphs": job.context.graph_finetune and prepare.cell.trainer_class.compiles_finetune,
         **extra,
         "git": environment.git_hash(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -10,6 +10,9 @@ steps: they only feed the prior term, the step time does not depend on them):
 - compiled: the same, ``MethodContext(compile_finetune=True)``; its first step holds the compile;
 - compiled again in the same process (the next subject of a worker): the compiled code is reused,
   so its first step shows what a later subject pays;
+- with ``--graphs``: compiled and captured (``training.cuda_graphs``: each step one replayed CUDA
+  graph, ``methods.training.CapturedStep``), its step time, what the state says was captured, and
+  its losses against eager's;
 - agreement: the first losses of both arms and the final weights' L2 gap as a share of how far
   eager training moved them (DreamBooth: the UNet from the backbone's; LoRA: the up weights, which
   start at zero), the fast mode's tolerance;
@@ -57,6 +60,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default="dreambooth,dreambooth_lora")
     parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--compile-cache", default=None, help="TORCHINDUCTOR_CACHE_DIR (default: an empty one)")
+    parser.add_argument("--graphs", action="store_true", help="also compiled + captured (training.cuda_graphs)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps")
     parser.add_argument(
         "--out",
@@ -101,16 +105,18 @@ def train(name: str, context: MethodContext, steps: int, subject, root: Path, la
         "losses_first5": state["losses"][:5],
         "peak_memory_gib": peak_gib(device),
     }
+    if "cuda_graphs" in training:
+        row["cuda_graphs"], row["uncaptured_steps"] = training["cuda_graphs"], training["uncaptured_steps"]
     weights = load_file(str(path))
     shutil.rmtree(workdir)
     return row, state["losses"], weights
 
 
 def measure(name: str, args, spec, device, subject, root: Path) -> dict:
-    def context(compiled: bool) -> MethodContext:
+    def context(compiled: bool, graphs: bool = False) -> MethodContext:
         return MethodContext(
             backbone=spec, device=args.device, dtype=args.dtype, resolution=args.resolution or spec.resolution,
-            cache_dir=root / "cache", compile_finetune=compiled,
+            cache_dir=root / "cache", compile_finetune=compiled, graph_finetune=graphs,
         )
 
     print(f"{name}: warm-up (eager, 2 steps; class images) ...", flush=True)
@@ -125,6 +131,15 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
     print(f"{name}: compiled again (the next subject of the same worker) ...", flush=True)
     again, _, _ = train(name, context(True), args.steps, subject, root, "compiled-again", device)
     print(f"  {again}", flush=True)
+    captured = None
+    if args.graphs:
+        print(f"{name}: compiled and captured (training.cuda_graphs) ...", flush=True)
+        captured, captured_losses, _ = train(name, context(True, graphs=True), args.steps, subject, root, "captured", device)
+        captured["max_relative_loss_difference_vs_eager"] = max(
+            abs(c - e) / abs(e) for e, c in zip(eager_losses, captured_losses) if e)
+        captured["speedup_per_step_vs_compiled"] = (
+            round(again["s_per_step"] / captured["s_per_step"], 3) if captured["s_per_step"] else None)
+        print(f"  {captured}", flush=True)
 
     if name == "dreambooth":
         initial = {k: v.detach().cpu() for k, v in load_backbone(spec, args.device, torch.float32).unet.state_dict().items()}
@@ -142,6 +157,7 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
         "eager": eager,
         "compiled": compiled,
         "compiled_again": again,
+        **({"compiled_captured": captured} if captured is not None else {}),
         "speedup_per_step": round(eager["s_per_step"] / compiled["s_per_step"], 3) if compiled["s_per_step"] else None,
         "compile_seconds": round(compile_s, 1),
         "break_even_steps": round(compile_s / saved) if saved > 0 else None,

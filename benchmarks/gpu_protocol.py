@@ -78,7 +78,8 @@ def measure(args) -> dict:
     run_dir = Path(args.work or tempfile.mkdtemp(prefix="gpu-protocol-")) / "run"
     env = {**os.environ, "SUBJECTBENCH_CACHE": str(run_dir.parent / "cache")}
     command = [sys.executable, "-m", "benchmark", "run", "dreambooth", *overrides(args), "--out", str(run_dir),
-               "--quiet", *(["--gpus", "1", "--workers-per-gpu", str(args.workers_per_gpu)] if args.device == "cuda" else [])]
+               "--quiet", *(["--gpus", "1", "--workers-per-gpu", str(args.workers_per_gpu)] if args.device == "cuda" else []),
+               *(["--mps"] if args.mps else [])]
     if args.device != "cuda":
         command.append(f"device={args.device}")
     if args.dataset_dir:
@@ -486,6 +487,7 @@ def main(argv=None) -> int:
     parser.add_argument("--training-compile", default="auto",
                         help="training.compile (true also compiles the DreamBooth fine-tune)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="passed to the CLI run")
+    parser.add_argument("--mps", action="store_true", help="passed to the CLI run (needs --workers-per-gpu 2 or more)")
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
                         help="no run: the one-worker projection with the execute stage divided by the gain that the "
                         "same workload measured with --workers-per-gpu K")

@@ -72,6 +72,8 @@ class MethodContext:
     # fine-tunes (DreamBooth, its LoRA) train through it too: training.compile=true only (auto leaves
     # them eager; benchmarks/results says when it pays)
     compile_finetune: bool = False
+    # fine-tunes capture their training step as a CUDA graph (training.cuda_graphs; methods.training.CapturedStep)
+    graph_finetune: bool = False
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -43,11 +43,13 @@ _ENCODE_BATCH = 8
 # ----------------------------------------------------------------------------- precision
 
 
-def autocast_context(device: torch.device, dtype: torch.dtype) -> contextlib.AbstractContextManager:
-    """bf16/fp16 autocast for mixed precision; a no-op in fp32."""
+def autocast_context(device: torch.device, dtype: torch.dtype, cache: bool = True) -> contextlib.AbstractContextManager:
+    """bf16/fp16 autocast for mixed precision; a no-op in fp32. ``cache=False`` turns off
+    autocast's cache of weight casts, which a step captured as a CUDA graph must not use
+    (PyTorch's CUDA-graph notes); the values are the same either way."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype, cache_enabled=cache)
 
 
 def fp32_trainable_copy(backbone: Backbone, part: str) -> torch.nn.Module:
@@ -137,6 +139,20 @@ def to_device(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype | N
     return tensor.to(device=device, dtype=dtype) if dtype is not None else tensor.to(device=device)
 
 
+def draw_noise_and_timesteps(
+    noise_scheduler, latents: torch.Tensor, generator: torch.Generator,
+    noise: torch.Tensor | None = None, timesteps: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's noise and timesteps: those given, else drawn from ``generator`` on the CPU
+    (noise first, then timesteps: the one order every path uses, so a step whose draws are made
+    ahead of it — a captured step — sees the same numbers as one that draws inside the loss)."""
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    if timesteps is None:
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator)
+    return noise, timesteps
+
+
 def diffusion_loss(
     unet: torch.nn.Module,
     noise_scheduler,
@@ -155,13 +171,9 @@ def diffusion_loss(
     the squared error spatially (mask-guided losses). ``timesteps``/``noise`` may be fixed by
     callers that probe the loss on a fixed draw.
     """
-    batch = latents.shape[0]
     device = latents.device
-    if noise is None:
-        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+    noise, timesteps = draw_noise_and_timesteps(noise_scheduler, latents, generator, noise, timesteps)
     noise = to_device(noise, device, latents.dtype)
-    if timesteps is None:
-        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (batch,), generator=generator)
     timesteps = to_device(timesteps, device, torch.long)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     unet_dtype = frozen_dtype(unet)

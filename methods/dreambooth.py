@@ -28,6 +28,7 @@ disk and shared by every subject of the class). Defaults and where they come fro
 | what trains | ``_trainable_modules`` | the whole UNet (fp32 master copy); text encoder off | paper (SD); text encoder: the script's default |
 | optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-6 constant, clip 1.0 | lr: paper; the rest: the script |
 | compiled training | ``_train`` (``maybe_compiled``, the copy's weights in ``channels_last``) | ``training.compile=true``; ``auto`` when a worker trains ≥ 4000 fine-tune steps (``benchmark.units.resolve_finetune_compile``; the 30-subject protocol does) | ours, for speed: kernels and memory layout change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``; H200 bf16 losses within 1e-4 rel.; channels-last: 51 → 42 ms of kernels per full fine-tune step, H200) |
+| captured training step | ``methods.training.CapturedStep`` via ``train_loop(cuda_graphs=...)`` | ``training.cuda_graphs=true`` (off by default); the conditioning and the noise/timestep draws are made before the step, AdamW keeps its step counters on the device | ours, for speed: no host work per kernel (whole-step graph probe 36 vs 126 ms per compiled step, H200); CPU: the plumbing equals the plain loop exactly (``tests/test_training_graphs.py``); the trainer's captured step not yet run on a GPU |
 | length, checkpoints | ``DreamBoothParams``; ``_save_checkpoint`` | 1000 steps; ``checkpoint_steps`` add ``step-N``; weights copied to the host at the step, files written by a background thread while training goes on | paper; checkpoints ours, for sweeps; background writes ours, for speed (files byte-identical to in-line writes, tested) |
 | sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
 | LoRA variant | ``DreamBoothLoRA`` | rank 4 (alpha 4) on to_q/k/v/out.0, lr 1e-4, 500 steps, prior kept on; sampled fused (W + BA); compiled training like the full fine-tune | diffusers LoRA script/README; prior on and fusing ours (below) |
@@ -339,6 +340,7 @@ class DreamBooth(Method):
                 device=device,
                 dtype=backbone.dtype,
                 on_checkpoint=on_checkpoint,
+                cuda_graphs=self.context.graph_finetune,  # training.cuda_graphs
             )
             waited = writes.close()  # every file on disk before the state says it exists
         result.add_checkpoint_wait(waited)

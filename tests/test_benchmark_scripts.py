@@ -51,13 +51,16 @@ def test_gpu_finetune_compile_runs_on_cpu(tmp_path, one_torch_thread, monkeypatc
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
     out = tmp_path / "ft.json"
     _script("gpu_finetune_compile").main(["--tiny", "--device", "cpu", "--compile-cache", str(tmp_path / "inductor"),
-                                          "--out", str(out)])
+                                          "--graphs", "--out", str(out)])
     results = json.loads(out.read_text())["results"]
     assert set(results) == {"dreambooth", "dreambooth_lora"}
     for row in results.values():
         assert not row["compiled"]["compile_failed"]
         assert row["agreement"]["max_relative_loss_difference"] < 1e-4
         assert row["agreement"]["weights_gap_share_of_move"] < 0.01
+        captured = row["compiled_captured"]  # on a CPU: the captured path's plumbing, no capture
+        assert captured["cuda_graphs"] == "not captured on a CPU (same plumbing)" and captured["uncaptured_steps"] == 0
+        assert captured["max_relative_loss_difference_vs_eager"] < 1e-4
 
 
 def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
