@@ -44,6 +44,12 @@ MAX_RETRIES = 2  # runs of a group after a worker died under it, local and Ray a
 
 MPS_CONTROL = "nvidia-cuda-mps-control"
 SYSTEM_MPS_PIPE = Path("/tmp/nvidia-mps")  # the control daemon's default pipe directory
+# what a running control daemon keeps in its pipe directory: its control pipe, and its pid file
+MPS_DAEMON_FILES = ("control", "nvidia-cuda-mps-control.pid")
+
+
+def _daemon_in(pipe: Path) -> bool:
+    return any((pipe / name).exists() for name in MPS_DAEMON_FILES)
 
 
 class MpsError(UserError, RuntimeError):
@@ -77,7 +83,7 @@ class MpsDaemon:
 
     def __enter__(self) -> MpsDaemon:
         existing = os.environ.get("CUDA_MPS_PIPE_DIRECTORY")
-        if existing and (Path(existing) / "control").exists() or not existing and (SYSTEM_MPS_PIPE / "control").exists():
+        if _daemon_in(Path(existing) if existing else SYSTEM_MPS_PIPE):
             where = existing or str(SYSTEM_MPS_PIPE)
             log.info("mps: a daemon already serves %s; the workers use it (this run starts and stops none)", where)
             return self
@@ -101,10 +107,12 @@ class MpsDaemon:
             raise MpsError(f"--mps: `{self.control} -d` did not return within {self.start_timeout:.0f} s; "
                            "run without --mps") from None
         deadline = time.monotonic() + self.start_timeout
-        while started.returncode == 0 and not (pipe / "control").exists() and time.monotonic() < deadline:
+        while started.returncode == 0 and not _daemon_in(pipe) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if started.returncode != 0 or not (pipe / "control").exists():
+        if started.returncode != 0 or not _daemon_in(pipe):
             said = (started.stderr or started.stdout or "").strip() or self._log_tail()
+            if started.returncode == 0:  # it may be up without the files we look for: ask it to quit
+                self._quit(binary)
             self._cleanup()
             raise MpsError(f"--mps: the MPS control daemon did not start (exit {started.returncode}: "
                            f"{said or 'no message'}); run without --mps")
@@ -114,21 +122,26 @@ class MpsDaemon:
     def __exit__(self, *exc_info) -> None:
         if self._daemon_env is None:
             return
-        binary = shutil.which(self.control) or self.control
+        if self._quit(shutil.which(self.control) or self.control):
+            log.info("mps: control daemon stopped")
+            self._cleanup()
+
+    def _quit(self, binary: str) -> bool:
+        """Ask the daemon to quit and wait for it to go; False (with a warning saying how to stop it
+        by hand) where it could not be asked."""
         try:
             subprocess.run([binary], input="quit\n", env=self._daemon_env, capture_output=True, text=True,
                            timeout=self.start_timeout)
         except (OSError, subprocess.TimeoutExpired) as error:
             log.warning("mps: stopping the control daemon failed (%s); stop it with "
-                        "`CUDA_MPS_PIPE_DIRECTORY=%s %s` and `quit`", error, self.worker_env.get("CUDA_MPS_PIPE_DIRECTORY"),
+                        "`echo quit | CUDA_MPS_PIPE_DIRECTORY=%s %s`", error, self.worker_env.get("CUDA_MPS_PIPE_DIRECTORY"),
                         self.control)
-            return
+            return False
         deadline = time.monotonic() + self.start_timeout
-        control = Path(self.worker_env["CUDA_MPS_PIPE_DIRECTORY"]) / "control"
-        while control.exists() and time.monotonic() < deadline:
+        pipe = Path(self.worker_env["CUDA_MPS_PIPE_DIRECTORY"])
+        while _daemon_in(pipe) and time.monotonic() < deadline:
             time.sleep(0.05)
-        log.info("mps: control daemon stopped")
-        self._cleanup()
+        return True
 
     def _log_tail(self) -> str:
         path = self._root / "log" / "control.log" if self._root else None

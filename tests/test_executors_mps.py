@@ -44,22 +44,23 @@ if {fail!r}:
     print("cannot open the GPU (stand-in failure)", file=sys.stderr)
     sys.exit(1)
 if sys.argv[1:] == ["-d"]:
-    (pipe / "control").write_text("")
+    if not {silent!r}:
+        (pipe / "control").write_text("")
 else:
     record["stdin"] = sys.stdin.read()
     if record["stdin"].strip() == "quit":
-        (pipe / "control").unlink()
+        (pipe / "control").unlink(missing_ok=True)
 with calls.open("a") as f:
     f.write(json.dumps(record) + "\\n")
 """
 
 
-def stand_in(tmp_path: Path, monkeypatch, fail: bool = False) -> Path:
+def stand_in(tmp_path: Path, monkeypatch, fail: bool = False, silent: bool = False) -> Path:
     """Put a stand-in ``nvidia-cuda-mps-control`` first on PATH; returns the file of its calls."""
     folder, calls = tmp_path / "bin", tmp_path / "mps-calls.jsonl"
     folder.mkdir(exist_ok=True)
     program = folder / "nvidia-cuda-mps-control"
-    program.write_text(textwrap.dedent(STAND_IN.format(python=sys.executable, calls=str(calls), fail=fail)))
+    program.write_text(textwrap.dedent(STAND_IN.format(python=sys.executable, calls=str(calls), fail=fail, silent=silent)))
     program.chmod(program.stat().st_mode | stat.S_IXUSR)
     monkeypatch.setenv("PATH", f"{folder}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.delenv("CUDA_MPS_PIPE_DIRECTORY", raising=False)
@@ -115,6 +116,11 @@ def test_mps_errors_name_the_cause_and_the_fix(tmp_path, monkeypatch):
             pass
     assert read_calls(calls) == []
     assert not list(Path(tempfile.gettempdir()).glob("subjectbench-mps-*"))  # nothing left behind
+    calls = stand_in(tmp_path, monkeypatch, silent=True)  # returns 0 but never shows up in its pipe folder
+    with pytest.raises(MpsError, match="did not start"):
+        with MpsDaemon(start_timeout=0.5):
+            pass
+    assert [call["argv"] for call in read_calls(calls)] == [["-d"], []]  # asked to quit all the same
     monkeypatch.setenv("PATH", str(tmp_path / "empty"))
     with pytest.raises(MpsError, match="nvidia-cuda-mps-control is not on PATH.*or run without --mps"):
         with MpsDaemon():
