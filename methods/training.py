@@ -238,7 +238,7 @@ def build_optimizer(
 GRAPH_WARMUP_STEPS = 3  # ordinary steps on a side stream before the capture (PyTorch's whole-network recipe)
 
 
-def graph_refusal(params: TrainingParams, device: torch.device, dtype: torch.dtype, extra_loss, problems: int) -> str | None:
+def graph_refusal(params: TrainingParams, device: torch.device, dtype: torch.dtype, extra_loss) -> str | None:
     """Why ``training.cuda_graphs`` cannot capture this training's step (None: it can)."""
     if device.type != "cuda":
         return None  # the CPU runs the same plumbing without a capture (tests)
@@ -381,7 +381,7 @@ def train_loop(
     for tensor in parameters:
         if tensor.dtype != torch.float32:
             raise ValueError(f"trainable tensors must be fp32 master weights, got {tensor.dtype}")
-    refusal = graph_refusal(params, device, dtype, extra_loss, problems) if cuda_graphs else "off"
+    refusal = graph_refusal(params, device, dtype, extra_loss) if cuda_graphs else "off"
     optimizer = build_optimizer(parameters, params, learning_rate, capturable=refusal is None)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
