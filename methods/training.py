@@ -11,6 +11,7 @@ checkpoint steps, loss history and timing. See ``methods.diffusion`` for the con
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -238,10 +239,9 @@ def build_optimizer(
 GRAPH_WARMUP_STEPS = 3  # ordinary steps on a side stream before the capture (PyTorch's whole-network recipe)
 
 
-def graph_refusal(params: TrainingParams, device: torch.device, dtype: torch.dtype, extra_loss) -> str | None:
-    """Why ``training.cuda_graphs`` cannot capture this training's step (None: it can)."""
-    if device.type != "cuda":
-        return None  # the CPU runs the same plumbing without a capture (tests)
+def graph_refusal(params: TrainingParams, dtype: torch.dtype, extra_loss) -> str | None:
+    """Why ``training.cuda_graphs`` cannot capture this training's step (None: it can). The same
+    answer on a CPU, which runs the captured path's plumbing without a capture (tests)."""
     if dtype == torch.float16:
         return "fp16 needs a GradScaler, whose step is not capturable"
     if params.optimizer != "adamw":
@@ -381,33 +381,19 @@ def train_loop(
     for tensor in parameters:
         if tensor.dtype != torch.float32:
             raise ValueError(f"trainable tensors must be fp32 master weights, got {tensor.dtype}")
-    refusal = graph_refusal(params, device, dtype, extra_loss) if cuda_graphs else "off"
+    refusal = graph_refusal(params, dtype, extra_loss) if cuda_graphs else "off"
     optimizer = build_optimizer(parameters, params, learning_rate, capturable=refusal is None)
     scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 else None
 
-    def step_body(inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """A captured step: the loss on precomputed conditioning and draws, backward, clipping, AdamW."""
-        with autocast_context(device, dtype, cache=False):
+    def step_body(inputs: dict[str, torch.Tensor], cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step on its conditioning (``hidden``) and batch: the loss (drawing its noise and
+        timesteps where ``inputs`` has none), extra loss terms, backward (scaled in fp16),
+        clipping, the optimizer; the gradients are left for the caller to clear. A captured step
+        runs it without autocast's cast cache and without a scaler or extra terms (``graph_refusal``)."""
+        with autocast_context(device, dtype, cache=cache):
             loss, per_sample = diffusion_loss(
                 unet, noise_scheduler, inputs["latents"], inputs["hidden"], generator, inputs.get("weights"),
-                inputs.get("mask"), timesteps=inputs["timesteps"], noise=inputs["noise"],
-            )
-        loss.backward()
-        if params.max_grad_norm > 0:
-            for group in clip_groups:
-                torch.nn.utils.clip_grad_norm_(group, params.max_grad_norm)
-        optimizer.step()
-        return loss.detach(), per_sample
-
-    def plain_step(batch: TrainBatch, hidden: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The reference step: conditioning, loss (drawing its noise and timesteps), extra loss
-        terms, backward (scaled in fp16), clipping, the optimizer."""
-        with autocast_context(device, dtype):
-            if hidden is None:
-                hidden = encode_prompts(batch.prompts)
-            loss, per_sample = diffusion_loss(
-                unet, noise_scheduler, batch.latents, hidden, generator, batch.weights, batch.mask,
-                timesteps=batch.timesteps, noise=batch.noise,
+                inputs.get("mask"), timesteps=inputs.get("timesteps"), noise=inputs.get("noise"),
             )
             if extra_loss is not None:
                 loss = loss + extra_loss()
@@ -424,10 +410,9 @@ def train_loop(
             scaler.update()
         else:
             optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
         return loss.detach(), per_sample
 
-    captured = CapturedStep(step_body, optimizer, device) if refusal is None else None
+    captured = CapturedStep(functools.partial(step_body, cache=False), optimizer, device) if refusal is None else None
     save_steps = set(params.save_steps())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -437,20 +422,20 @@ def train_loop(
     checkpoint_seconds = checkpoint_after_first = 0.0
     for step in range(1, params.steps + 1):
         batch = next_batch(step)
-        hidden = None
+        with autocast_context(device, dtype):
+            hidden = encode_prompts(batch.prompts)
+        if captured is not None and hidden.requires_grad:  # seen at step 1, before anything stepped
+            refusal, captured = "the conditioning (a text encoder or token) trains", None
+            optimizer = build_optimizer(parameters, params, learning_rate)
+        inputs = {"latents": batch.latents, "hidden": hidden, "noise": batch.noise, "timesteps": batch.timesteps,
+                  "weights": batch.weights, "mask": batch.mask}
         if captured is not None:
-            with autocast_context(device, dtype):
-                hidden = encode_prompts(batch.prompts)
-            if hidden.requires_grad:  # seen at step 1, before anything stepped
-                refusal, captured = "the conditioning (a text encoder or token) trains", None
-                optimizer = build_optimizer(parameters, params, learning_rate)
-        if captured is not None:
-            noise, timesteps = draw_noise_and_timesteps(noise_scheduler, batch.latents, generator, batch.noise, batch.timesteps)
-            inputs = {"latents": batch.latents, "hidden": hidden, "noise": noise, "timesteps": timesteps,
-                      "weights": batch.weights, "mask": batch.mask}
+            inputs["noise"], inputs["timesteps"] = draw_noise_and_timesteps(
+                noise_scheduler, batch.latents, generator, batch.noise, batch.timesteps)
             loss, per_sample = captured({name: tensor for name, tensor in inputs.items() if tensor is not None})
         else:
-            loss, per_sample = plain_step(batch, hidden)
+            loss, per_sample = step_body(inputs)
+            optimizer.zero_grad(set_to_none=True)
         # Kept on the device: a .item() per step would synchronise the GPU every step.
         losses.append(loss if problems == 1 else per_sample.view(problems, -1).mean(dim=1))
         if on_step_end is not None:
