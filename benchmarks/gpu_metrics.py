@@ -105,10 +105,11 @@ def sdpa_preference(name: str):
         yield
 
 
-def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
-    """Where ``steps`` calls of ``step`` spend their time, under ``torch.profiler``: the device's
-    busy seconds (its kernels only: an operator row's device time restates its kernels') beside the
-    wall time, and the top rows (operators and kernels) by self device time (CPU time on a CPU)."""
+def profiled_kernels(step: Callable[[], object], steps: int, device: torch.device):
+    """``steps`` calls of ``step`` under ``torch.profiler``: (wall seconds, every row of its
+    ``key_averages()``, the rows that are device kernels, the name of the rows' self device-time
+    attribute — renamed across torch versions; CPU time on a CPU). Count kernels only: an
+    operator row's device time restates its kernels'."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -122,11 +123,19 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
     wall = time.perf_counter() - started
     events = prof.key_averages()
     attribute = "self_cpu_time_total"
-    if device.type == "cuda":  # renamed across torch versions
+    if device.type == "cuda":
         attribute = next((a for a in ("self_device_time_total", "self_cuda_time_total")
                           if events and hasattr(events[0], a)), "self_device_time_total")
-    rows = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)
     kernels = [e for e in events if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+    return wall, events, kernels, attribute
+
+
+def profile_steps(step: Callable[[], object], steps: int, device: torch.device, top: int = 25) -> dict:
+    """Where ``steps`` calls of ``step`` spend their time, under ``torch.profiler``: the device's
+    busy seconds (its kernels only: an operator row's device time restates its kernels') beside the
+    wall time, and the top rows (operators and kernels) by self device time (CPU time on a CPU)."""
+    wall, events, kernels, attribute = profiled_kernels(step, steps, device)
+    rows = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)
     busy_us = sum(getattr(e, attribute, 0.0) for e in (kernels if device.type == "cuda" else events))
     return {
         "steps": steps, "wall_s": wall, "device_busy_s": busy_us / 1e6,

@@ -33,8 +33,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, synchronize  # noqa: E402
-from benchmarks.gpu_metrics import save_partial  # noqa: E402
+from benchmarks.gpu_methods import environment  # noqa: E402
+from benchmarks.gpu_metrics import profiled_kernels, save_partial  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 
 KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's fused kernels come
@@ -78,17 +78,7 @@ def event_times(function, device: torch.device, repeats: int) -> list[float]:
 
 def kernel_breakdown(function, device: torch.device, calls: int, top: int = 15) -> dict:
     """Device time of ``calls`` calls of ``function`` by kernel kind, per call (CUDA only)."""
-    from torch.autograd import DeviceType
-    from torch.profiler import ProfilerActivity, profile
-
-    synchronize(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(calls):
-            function()
-        synchronize(device)
-    attribute = next((a for a in ("self_device_time_total", "self_cuda_time_total")
-                      if hasattr(prof.key_averages()[0], a)), "self_device_time_total")
-    kernels = [e for e in prof.key_averages() if getattr(e, "device_type", DeviceType.CPU) != DeviceType.CPU]
+    _, _, kernels, attribute = profiled_kernels(function, calls, device)
     by_kind: dict[str, float] = {}
     for event in kernels:
         kind = kind_of(event.key)
