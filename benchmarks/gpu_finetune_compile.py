@@ -10,7 +10,8 @@ steps: they only feed the prior term, the step time does not depend on them):
 - compiled: the same, ``MethodContext(compile_finetune=True)``; its first step holds the compile;
 - compiled again in the same process (the next subject of a worker): the compiled code is reused,
   so its first step shows what a later subject pays;
-- with ``--graphs``: compiled and captured (``training.cuda_graphs``: each step one replayed CUDA
+- with ``--graphs``: eager and captured (no compile) and compiled and captured
+  (``training.cuda_graphs``: each step one replayed CUDA
   graph, ``methods.training.CapturedStep``), its step time, what the state says was captured, and
   its losses against eager's;
 - agreement: the first losses of both arms and the final weights' L2 gap as a share of how far
@@ -60,7 +61,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", default="dreambooth,dreambooth_lora")
     parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--compile-cache", default=None, help="TORCHINDUCTOR_CACHE_DIR (default: an empty one)")
-    parser.add_argument("--graphs", action="store_true", help="also compiled + captured (training.cuda_graphs)")
+    parser.add_argument("--graphs", action="store_true", help="also eager + captured and compiled + captured (training.cuda_graphs)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps")
     parser.add_argument(
         "--out",
@@ -124,6 +125,16 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
     print(f"{name}: eager {args.steps} steps ...", flush=True)
     eager, eager_losses, eager_weights = train(name, context(False), args.steps, subject, root, "eager", device)
     print(f"  {eager}", flush=True)
+    eager_captured = None
+    if args.graphs:
+        print(f"{name}: eager and captured (training.cuda_graphs, no compile) ...", flush=True)
+        eager_captured, eager_captured_losses, _ = train(
+            name, context(False, graphs=True), args.steps, subject, root, "eager-captured", device)
+        eager_captured["max_relative_loss_difference_vs_eager"] = max(
+            abs(c - e) / abs(e) for e, c in zip(eager_losses, eager_captured_losses) if e)
+        eager_captured["speedup_per_step_vs_eager"] = (
+            round(eager["s_per_step"] / eager_captured["s_per_step"], 3) if eager_captured["s_per_step"] else None)
+        print(f"  {eager_captured}", flush=True)
     print(f"{name}: compiled {args.steps} steps (compiles in its first step) ...", flush=True)
     compiled, compiled_losses, compiled_weights = train(name, context(True), args.steps, subject, root, "compiled", device)
     compiled["compile_failed"] = bool(sampling._compile_failed)
@@ -157,6 +168,7 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
         "eager": eager,
         "compiled": compiled,
         "compiled_again": again,
+        **({"eager_captured": eager_captured} if eager_captured is not None else {}),
         **({"compiled_captured": captured} if captured is not None else {}),
         "speedup_per_step": round(eager["s_per_step"] / compiled["s_per_step"], 3) if compiled["s_per_step"] else None,
         "compile_seconds": round(compile_s, 1),

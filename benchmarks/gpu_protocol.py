@@ -71,6 +71,7 @@ def overrides(args) -> list[str]:
         "metrics.weights=random", "metrics.names=[clip_t,clip_i,dino,div]",
         f"generation.batch_size={args.batch_size}", f"generation.compile={args.compile}",
         f"training.compile={args.training_compile}",
+        *([f"training.cuda_graphs={args.training_graphs}"] if args.training_graphs else []),
     ]
 
 
@@ -486,6 +487,8 @@ def main(argv=None) -> int:
     parser.add_argument("--compile", default="auto", help="generation.compile")
     parser.add_argument("--training-compile", default="auto",
                         help="training.compile (true also compiles the DreamBooth fine-tune)")
+    parser.add_argument("--training-graphs", default=None, choices=("true", "false"),
+                        help="training.cuda_graphs (true: each fine-tune step one replayed CUDA graph)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="passed to the CLI run")
     parser.add_argument("--mps", action="store_true", help="passed to the CLI run (needs --workers-per-gpu 2 or more)")
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,

@@ -58,9 +58,11 @@ def test_gpu_finetune_compile_runs_on_cpu(tmp_path, one_torch_thread, monkeypatc
         assert not row["compiled"]["compile_failed"]
         assert row["agreement"]["max_relative_loss_difference"] < 1e-4
         assert row["agreement"]["weights_gap_share_of_move"] < 0.01
-        captured = row["compiled_captured"]  # on a CPU: the captured path's plumbing, no capture
-        assert captured["cuda_graphs"] == "not captured on a CPU (same plumbing)" and captured["uncaptured_steps"] == 0
-        assert captured["max_relative_loss_difference_vs_eager"] < 1e-4
+        for arm in ("eager_captured", "compiled_captured"):  # on a CPU: the captured path's plumbing, no capture
+            captured = row[arm]
+            assert captured["cuda_graphs"] == "not captured on a CPU (same plumbing)" and captured["uncaptured_steps"] == 0
+            assert captured["max_relative_loss_difference_vs_eager"] < 1e-4
+        assert row["eager_captured"]["max_relative_loss_difference_vs_eager"] == 0  # the same eager step
 
 
 def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
