@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -29,7 +28,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, peak_gib, reset_peak, timed  # noqa: E402
+from benchmarks.gpu_methods import (  # noqa: E402
+    environment,
+    method_parser,
+    parse_method_args,
+    peak_gib,
+    reset_peak,
+    timed,
+)
 from data.subjects import load_subjects  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import MethodContext, SamplerConfig  # noqa: E402
@@ -41,25 +47,13 @@ WEIGHTS = (0.05, 0.1, 0.2)  # around Pix2Pix-Zero's 0.1
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sd15-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's")
+    parser = method_parser(__doc__, "gpu_dreamblend")
     parser.add_argument("--steps", type=int, default=60, help="DreamBooth training steps (overfit = final)")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=2, help="prompts per generate call (one image each)")
     parser.add_argument("--class-images", type=int, default=2)
-    parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--skip-harness", action="store_true", help="only the method-level part")
-    parser.add_argument(
-        "--out",
-        default=str(Path(os.environ.get("OUT", ".")) / "gpu_dreamblend.json"),
-        help="JSON output (default: $OUT/gpu_dreamblend.json, else ./gpu_dreamblend.json)",
-    )
-    args = parser.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    args = parse_method_args(parser, argv)
     return args
 
 

@@ -40,7 +40,14 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, peak_gib, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_methods import (  # noqa: E402
+    environment,
+    method_parser,
+    parse_method_args,
+    peak_gib,
+    reset_peak,
+    synchronize,
+)
 from data.subjects import load_subjects  # noqa: E402
 from methods import sampling  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
@@ -52,27 +59,15 @@ METHODS = {"dreambooth": (DreamBooth, DreamBoothParams), "dreambooth_lora": (Dre
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sd15-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's")
+    parser = method_parser(__doc__, "gpu_finetune_compile")
     parser.add_argument("--steps", type=int, default=60, help="timed steps per training")
     parser.add_argument("--methods", default="dreambooth,dreambooth_lora")
-    parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--compile-cache", default=None, help="TORCHINDUCTOR_CACHE_DIR (default: an empty one)")
     parser.add_argument("--graphs", action="store_true", help="also eager + captured and compiled + captured (training.cuda_graphs)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps")
-    parser.add_argument(
-        "--out",
-        default=str(Path(os.environ.get("OUT", ".")) / "gpu_finetune_compile.json"),
-        help="JSON output (default: $OUT/gpu_finetune_compile.json, else ./gpu_finetune_compile.json)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_method_args(parser, argv)
     if args.tiny:
         args.backbone, args.resolution, args.steps = "tiny", 64, 4
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.methods = [m for m in args.methods.split(",") if m]
     unknown = sorted(set(args.methods) - set(METHODS))
     if unknown:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import tempfile
@@ -39,6 +38,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_methods import method_parser, parse_method_args  # noqa: E402
 from data.subjects import load_subjects  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import MethodContext, SamplerConfig  # noqa: E402
@@ -60,23 +60,14 @@ class CentredSubject(HifiTuner):
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sd15-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's (512 for sd15-random)")
+    parser = method_parser(__doc__, "gpu_hifi", subject="teapot")  # a rigid subject
     parser.add_argument("--steps", type=int, default=100, help="c_s training steps (paper 1000; the result is projected)")
     parser.add_argument("--stepwise-steps", type=int, default=50)
     parser.add_argument("--stepwise-iters", type=int, default=10)
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=16, help="images generated and optimised in one batch")
-    parser.add_argument("--subject", default="teapot", help="a rigid subject of the bundled mini set")
     parser.add_argument("--skip-null-text-inversion", action="store_true")
-    parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_hifi.json"))
-    args = parser.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    return args
+    return parse_method_args(parser, argv)
 
 
 def _stage(seconds: dict, peaks: dict, name: str, images: int | None = None) -> dict:

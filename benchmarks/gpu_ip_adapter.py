@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -31,7 +30,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, peak_gib, reset_peak, timed  # noqa: E402
+from benchmarks.gpu_methods import (  # noqa: E402
+    environment,
+    method_parser,
+    parse_method_args,
+    peak_gib,
+    reset_peak,
+    timed,
+)
 from data.subjects import load_subjects  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import MethodContext, SamplerConfig  # noqa: E402
@@ -42,26 +48,14 @@ PROMPTS = ("a dog in the jungle", "a dog on the beach", "a dog in a bucket", "a 
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sd15-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's")
+    parser = method_parser(__doc__, "gpu_ip_adapter")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--prompts", type=int, default=4, help="prompts per generate call (one image each)")
     parser.add_argument("--scales", default="0,0.5,1.0", help="comma-separated IP-Adapter scales")
-    parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 sampling steps, 2 prompts")
-    parser.add_argument(
-        "--out",
-        default=str(Path(os.environ.get("OUT", ".")) / "gpu_ip_adapter.json"),
-        help="JSON output (default: $OUT/gpu_ip_adapter.json, else ./gpu_ip_adapter.json)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_method_args(parser, argv)
     if args.tiny:
         args.backbone, args.resolution, args.sampling_steps, args.prompts = "tiny", 64, 4, 2
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.scales = [float(value) for value in args.scales.split(",")]
     return args
 

@@ -49,12 +49,35 @@ TARGETS = {
 PROMPTS = ("a sks dog in the jungle", "a sks dog on the beach")
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def method_parser(doc: str, name: str, *, subject: str | None = "dog") -> argparse.ArgumentParser:
+    """The arguments every method benchmark takes: ``--backbone``, ``--device``, ``--dtype``,
+    ``--resolution``, ``--subject`` (a subject of the bundled mini set; ``None``: no such argument)
+    and ``--out`` (``$OUT/<name>.json``); the script adds its own after them."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--backbone", default="sd15-random")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
     parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's")
+    if subject is not None:
+        parser.add_argument("--subject", default=subject, help="a subject of the bundled mini set")
+    parser.add_argument(
+        "--out",
+        default=str(Path(os.environ.get("OUT", ".")) / f"{name}.json"),
+        help=f"JSON output (default: $OUT/{name}.json, else ./{name}.json)",
+    )
+    return parser
+
+
+def parse_method_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parses ``method_parser``'s arguments; ``--dtype`` defaults to bfloat16 on CUDA, float32 elsewhere."""
+    args = parser.parse_args(argv)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    return args
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = method_parser(__doc__, "gpu_methods")
     parser.add_argument("--steps", type=int, default=100, help="training steps per method")
     parser.add_argument("--ti-batch", type=int, default=4, help="TI batch (paper: 2, target: 4)")
     parser.add_argument("--sampling-steps", type=int, default=50)
@@ -62,17 +85,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--images", type=int, default=4, help="images per prompt")
     parser.add_argument("--class-images", type=int, default=4, help="class-prior images for DreamBooth")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    parser.add_argument("--subject", default="dog", help="a subject of the bundled mini set")
     parser.add_argument("--skip", default="", help="comma list of: ti,dreambooth,reference,reference_train")
-    parser.add_argument(
-        "--out",
-        default=str(Path(os.environ.get("OUT", ".")) / "gpu_methods.json"),
-        help="JSON output (default: $OUT/gpu_methods.json, else ./gpu_methods.json)",
-    )
-    args = parser.parse_args(argv)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
-    return args
+    return parse_method_args(parser, argv)
 
 
 def peak_gib(device: torch.device) -> float | None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 import time
@@ -34,7 +33,13 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_methods import environment, reset_peak, synchronize  # noqa: E402
+from benchmarks.gpu_methods import (  # noqa: E402
+    environment,
+    method_parser,
+    parse_method_args,
+    reset_peak,
+    synchronize,
+)
 from benchmarks.gpu_metrics import SDPA_ORDERS, sdpa_preference  # noqa: E402
 from data.subjects import load_subjects  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
@@ -46,11 +51,7 @@ PAPER_STEPS = 5000
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sd15-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's")
+    parser = method_parser(__doc__, "gpu_ti_multi", subject=None)
     parser.add_argument("--steps", type=int, default=30, help="measured steps per training")
     parser.add_argument("--counts", default="4,8,16", help="subjects per pass")
     parser.add_argument("--compile", action="store_true",
@@ -58,16 +59,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sdpa", default="default", choices=sorted(SDPA_ORDERS),
                         help="attention backend order (gpu_metrics.SDPA_ORDERS): cudnn tries cuDNN's fused attention first")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, passes of 2 and 3")
-    parser.add_argument(
-        "--out",
-        default=str(Path(os.environ.get("OUT", ".")) / "gpu_ti_multi.json"),
-        help="JSON output (default: $OUT/gpu_ti_multi.json, else ./gpu_ti_multi.json)",
-    )
-    args = parser.parse_args(argv)
+    args = parse_method_args(parser, argv)
     if args.tiny:
         args.backbone, args.resolution, args.steps, args.counts = "tiny", 64, 4, "2,3"
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     args.counts = [int(c) for c in str(args.counts).split(",")]
     return args
 

@@ -23,6 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_methods import method_parser, parse_method_args  # noqa: E402
 from data.single_image import training_view  # noqa: E402
 from data.subjects import load_subjects  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
@@ -32,20 +33,14 @@ from methods.single_image import TwoStage, TwoStageParams  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backbone", default="sd15-random")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="default: bfloat16 on CUDA, float32 on CPU")
-    parser.add_argument("--resolution", type=int, default=None, help="default: the backbone's (512 for sd15-random)")
-    parser.add_argument("--subject", default="dog")
+    parser = method_parser(__doc__, "gpu_two_stage")
     parser.add_argument("--image", type=int, default=0, help="the one training photo's index")
     parser.add_argument("--stage1-steps", type=int, default=200)
     parser.add_argument("--stage2-steps", type=int, default=200)
     parser.add_argument("--class-images", type=int, default=8, help="per class (scene and instance); 0: no prior")
     parser.add_argument("--sampling-steps", type=int, default=50)
     parser.add_argument("--images", type=int, default=4, help="images generated from the final checkpoint")
-    parser.add_argument("--out", default=None, help="JSON file to write (default: stdout only)")
-    return parser.parse_args(argv)
+    return parse_method_args(parser, argv)
 
 
 def _mb(value: int | None) -> float | None:
@@ -54,7 +49,7 @@ def _mb(value: int | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    dtype = args.dtype
     spec = resolve_backbone(args.backbone)
     resolution = args.resolution or spec.resolution
     subject = training_view(load_subjects("mini", subjects=[args.subject])[0], args.image).subject
@@ -123,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     }
     text = json.dumps(result, indent=1)
     print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(text + "\n")
     return result
 
 
