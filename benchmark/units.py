@@ -195,7 +195,7 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
         compile_unet=compile_enabled(config, device),
         compile_training=compile_enabled(config, device, config.training.compile),
         compile_finetune=config.training.compile == "true",
-        graph_finetune=config.training.cuda_graphs,
+        graph_finetune=compile_enabled(config, device, config.training.cuda_graphs),
     )
 
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -89,12 +90,15 @@ def measure(args) -> dict:
     log_path = run_dir.parent / "run.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        # its own process group: at the timeout the whole run (workers included) gets Ctrl-C, so it
+        # stops as a user's interrupted run does (an --mps daemon stopped, the store closed), then
+        # whatever is left is killed
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
         try:
             returncode = process.wait(timeout=args.run_timeout)
         except subprocess.TimeoutExpired:  # keep what finished: the store has it
-            process.kill()
-            process.wait()
+            _stop_group(process)
             returncode = "timeout"
     wall = time.perf_counter() - started
     out: dict = {"command": " ".join(["subjectbench run dreambooth", *overrides(args)]),
@@ -136,6 +140,20 @@ def measure(args) -> dict:
     out["per_method"] = per_method
     out["stage_seconds"] = stage_seconds(store.log_path)
     return out
+
+
+def _stop_group(process: subprocess.Popen, grace: float = 60.0) -> None:
+    """Ctrl-C to ``process``'s group, ``grace`` seconds to stop, then SIGKILL to what is left."""
+    try:
+        os.killpg(process.pid, signal.SIGINT)
+        process.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
 
 
 def stage_seconds(log_path: Path) -> dict:

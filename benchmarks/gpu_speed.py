@@ -281,7 +281,7 @@ def train_child(args) -> int:
             unet=model, noise_scheduler=scheduler, parameters=list(unet.parameters()), params=params,
             learning_rate=params.learning_rate, next_batch=lambda step: TrainBatch(latents, [PROMPT, "dog"], weights),
             encode_prompts=lambda prompts: hidden, generator=torch.Generator().manual_seed(1),
-            device=device, dtype=backbone.dtype,
+            device=device, dtype=backbone.dtype, cuda_graphs=args.train_graphs,
         )
 
     warm_start = time.time()
@@ -298,7 +298,7 @@ def train_child(args) -> int:
     Path(args.out).write_text(json.dumps({
         "start": start, "end": end, "s_per_step": result.seconds_per_step,
         "peak_gib": (result.peak_memory_bytes or 0) / 2**30, "warmup_seconds": warm_seconds,
-        "losses_first5": result.losses[:5],
+        "losses_first5": result.losses[:5], "cuda_graphs": result.cuda_graphs,
     }))
     return 0
 
@@ -318,6 +318,8 @@ def concurrency(args, backbone, device, results):
                    "--resolution", str(args.resolution), "--device", args.device]
         if compiled:
             command += ["--compile", "--train-compile-mode", args.train_compile_mode, "--train-layout", args.train_layout]
+        if args.train_graphs:
+            command.append("--train-graphs")
         started = time.perf_counter()
         processes = [subprocess.Popen([*command, "--out", str(work / f"child{i}.json")]) for i in range(count)]
         codes = []
@@ -328,7 +330,7 @@ def concurrency(args, backbone, device, results):
                 process.kill()
                 codes.append("timeout")
         children = [json.loads(path.read_text()) for path in sorted(work.glob("child*.json"))]
-        row = {"processes": count, "compiled": compiled, "returncodes": codes,
+        row = {"processes": count, "compiled": compiled, "captured": args.train_graphs, "returncodes": codes,
                "wall_seconds_incl_start": time.perf_counter() - started}
         if len(children) == count:
             window = max(c["end"] for c in children) - min(c["start"] for c in children)
@@ -340,8 +342,9 @@ def concurrency(args, backbone, device, results):
                 "peak_gib_each": [c["peak_gib"] for c in children],
                 "warmup_seconds_each": [c.get("warmup_seconds") for c in children],
                 "losses_first5_each": [c.get("losses_first5") for c in children],
+                "cuda_graphs_each": [c.get("cuda_graphs") for c in children],
             })
-        out[f"{count}{'+compile' if compiled else ''}"] = row
+        out[f"{count}{'+compile' if compiled else ''}{'+graphs' if args.train_graphs else ''}"] = row
         print("concurrency", row, flush=True)
         Path(args.out).write_text(json.dumps(results, indent=1))
 
@@ -382,6 +385,8 @@ def main(argv=None) -> int:
     parser.add_argument("--concurrency", type=_ints, default=[], help="e.g. 1,2,4,8: DreamBooth trainings at once")
     parser.add_argument("--concurrency-arms", type=_arms, default=[False],
                         help="comma list of eager,compiled: how the --concurrency children train (default eager)")
+    parser.add_argument("--train-graphs", action="store_true",
+                        help="the concurrency children train with training.cuda_graphs (each step one replayed CUDA graph)")
     parser.add_argument("--child-timeout", type=int, default=400)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", default=None, help=argparse.SUPPRESS)

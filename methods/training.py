@@ -256,8 +256,9 @@ class CapturedStep:
     graph: ``GRAPH_WARMUP_STEPS`` ordinary steps on a side stream, then the step is captured once
     on static copies of its inputs and replayed, each later step copying its inputs into them.
 
-    The step's arithmetic is unchanged; what goes is the host's work per kernel (a compiled
-    DreamBooth step ran 36 ms replayed against 126 ms plain on an H200, ``benchmarks/gpu_db_graphs.py``).
+    The step's arithmetic is unchanged; what goes is the host's work per kernel (a DreamBooth step
+    on an H200, one process: 63 ms captured against 115 ms plain, 43 ms compiled and captured
+    against 92-102 ms compiled; ``benchmarks/gpu_finetune_compile.py --graphs``).
     Everything the body reads must be in ``inputs`` as tensors on the device (noise and timesteps
     are drawn before the step); a step whose inputs differ in names, shapes or dtypes from the
     captured one runs uncaptured. On a CPU nothing is captured: a "replay" runs ``body`` on the

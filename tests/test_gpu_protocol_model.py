@@ -275,3 +275,22 @@ def test_check_compiled_sets_the_cli_ratio_beside_the_projections(protocol, tmp_
     (tmp_path / "compiled.json").write_text(json.dumps(compiled))
     with pytest.raises(SystemExit, match="differs from the K-worker run's in \\['db_steps'\\]"):
         protocol.combine(one, many, None, concurrency_path=str(concurrency), compiled_path=str(tmp_path / "compiled.json"))
+
+
+def test_a_timed_out_run_gets_ctrl_c_before_it_is_killed(protocol, tmp_path):
+    """At --run-timeout the run's whole process group gets Ctrl-C first, so the CLI stops as an
+    interrupted run does (its --mps daemon stopped, its workers gone), and is killed only after."""
+    import subprocess
+    import sys
+    import time
+
+    child = ("import sys, time, pathlib\n"
+             "pathlib.Path(sys.argv[1], 'ready').touch()\n"
+             "try:\n    time.sleep(120)\n"
+             "except KeyboardInterrupt:\n    pathlib.Path(sys.argv[1], 'interrupted').touch()\n")
+    process = subprocess.Popen([sys.executable, "-c", child, str(tmp_path)], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    protocol._stop_group(process, grace=30)
+    assert (tmp_path / "interrupted").exists() and process.returncode == 0
