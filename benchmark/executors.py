@@ -62,8 +62,9 @@ class MpsDaemon:
     MPS lets the worker processes that share a GPU run their kernels at the same time; without
     it their kernels only time-share the GPU. Measured on one H200 (``benchmarks/results``, tenth
     session): four compiled channels-last DreamBooth trainings, one process each, 30.8 s per 1000
-    steps amortized under MPS; four without MPS took 49 s (default layout, sixth session; the
-    channels-last four without MPS were not timed). Measured on one GPU only: with several GPUs the
+    steps amortized under MPS, 28.8 s with their steps captured (eleventh session); four without
+    MPS took 49 s (default layout, sixth session; the channels-last four without MPS were not
+    timed). A 4-subject ``run --mps`` went through on an H200 (eleventh session). Measured on one GPU only: with several GPUs the
     one daemon serves them all, which is as NVIDIA documents it but not yet run here.
 
     The daemon gets a private pipe and log directory (so it never takes over another user's or

@@ -17,6 +17,9 @@ checked against eager. ``--train-layout harness`` trains every compiled variant 
 compiled concurrency child) the way the harness now does: the fp32 copy's weights in
 channels-last before ``torch.compile`` (``methods.sampling.maybe_compiled(...,
 channels_last=True)``); ``default`` keeps the layout these figures were first measured in.
+``--concurrency 1,2,4`` runs that many DreamBooth trainings at once, one process each (what
+``--workers-per-gpu`` runs; start an MPS daemon around the call to time them as MPS clients);
+``--train-graphs`` makes those children capture their steps (``training.cuda_graphs``).
 
 Writes one JSON document to ``--out``. CPU check:
 ``python benchmarks/gpu_speed.py --backbone tiny --device cpu --resolution 64 --quick --out /tmp/s.json``.
