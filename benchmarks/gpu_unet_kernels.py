@@ -6,7 +6,10 @@ sampling floor. This script, in one process:
 
 1. times one UNet forward (``--latents`` latents of 64x64 = 512 px, 77 text tokens, bf16, no
    grad) for each arm: ``eager`` (the reference), ``compiled`` (``torch.compile``, default layout:
-   the harness's sampling UNet) and ``compiled_channels_last``; median of CUDA-event timings;
+   the harness's sampling UNet), ``compiled_channels_last``, and on request
+   ``compiled_max_autotune[_channels_last]`` (``max-autotune-no-cudagraphs``: inductor times
+   Triton templates against cuBLAS/cuDNN for every matmul and convolution and keeps the fastest;
+   a long compile); median of CUDA-event timings, and each arm's output against eager's;
 2. profiles a few forwards of each arm and sums the kernels' device time by kind (attention,
    convolution, matmul, inductor's fused Triton kernels, other), with the top kernels by name;
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
@@ -48,6 +51,7 @@ KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
 )
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
+ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last")
 
 
 def kind_of(name: str) -> str:
@@ -172,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 latents, 2 repeats")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_unet_kernels.json"))
     args = parser.parse_args(argv)
+    arms = [a for a in args.arms.split(",") if a]
+    if unknown := sorted(set(arms) - set(ARMS)):
+        parser.error(f"--arms: unknown {unknown}; choose from {', '.join(ARMS)}")
     if args.tiny:
         args.backbone, args.resolution, args.latents, args.repeats = "tiny", 64, 2, 2
     device = torch.device(args.device)
@@ -190,7 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         "arms": {},
     }
     out = Path(args.out)
-    for arm in [a for a in args.arms.split(",") if a]:
+    with torch.no_grad():
+        reference = unet(latents, timestep, encoder_hidden_states=text).sample.float()
+    for arm in arms:
         entry = document["arms"].setdefault(arm, {})
         started = time.perf_counter()
         try:
@@ -200,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             model = unet
             if arm.startswith("compiled"):
                 torch._dynamo.reset()
-                model = torch.compile(unet, dynamic=False)
+                mode = "max-autotune-no-cudagraphs" if "max_autotune" in arm else "default"
+                model = torch.compile(unet, dynamic=False, mode=mode)
 
             def forward(model=model, x=x):
                 with torch.no_grad():
@@ -214,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
             entry.update({"first_call_s": round(first, 2), "ms_per_forward": round(median * 1e3, 3),
                           "ms_per_forward_spread": [round(min(times) * 1e3, 3), round(max(times) * 1e3, 3)],
                           "ms_per_latent_forward": round(median * 1e3 / args.latents, 4),
-                          "sampling_floor_s_per_image": round(median / args.latents * 100, 4)})
+                          "sampling_floor_s_per_image": round(median / args.latents * 100, 4),
+                          "max_abs_vs_eager": float((forward().float() - reference).abs().max())})
             if device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(forward, device, args.profile_calls)
         except Exception as error:  # noqa: BLE001 - keep the other arms

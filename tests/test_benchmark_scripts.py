@@ -204,7 +204,7 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", "--arms", "eager", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     eager = result["arms"]["eager"]
-    assert "error" not in eager and eager["ms_per_forward"] > 0
+    assert "error" not in eager and eager["ms_per_forward"] > 0 and eager["max_abs_vs_eager"] == 0
     assert eager["sampling_floor_s_per_image"] == pytest.approx(eager["ms_per_latent_forward"] / 10, rel=1e-3)
     shapes = result["attention_shapes"]
     assert shapes and all(row["calls_per_forward"] >= 1 for row in shapes)
@@ -212,6 +212,11 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     for row in shapes:
         timed = [row[name] for name in ("DEFAULT", "FLASH_ATTENTION") if "ms" in row.get(name, {})]
         assert timed and all(entry["max_abs_vs_fp32_math"] < 1e-4 for entry in timed)
+
+
+def test_gpu_unet_kernels_names_an_unknown_arm():
+    with pytest.raises(SystemExit):
+        _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", "--arms", "eager,compiled_fp4"])
 
 
 def test_gpu_unet_kernels_counts_fused_triton_kernels_apart():
