@@ -213,6 +213,10 @@ def compile_enabled(config: RunConfig, device: str, mode: str | None = None) -> 
 # process (H200: 135-165 s cold, ~14 s on a warm inductor cache) and each step then saves ~30 %
 # (cold break-even ~3 100 DreamBooth / ~4 400 LoRA steps; benchmarks/results, fifth and sixth
 # sessions). The 30-subject protocol (45 000 fine-tune steps) is far above it, one subject below.
+# With captured steps (training.cuda_graphs, on by default on a GPU) a compiled DreamBooth step
+# saves ~20 ms of 63 in one process (eleventh session: cold break-even ~5 800 steps, one run, LoRA
+# not timed), so runs of 4000-6000 steps per worker may pay a little more than they save; the
+# threshold stays until a second run says where it lies.
 FINETUNE_COMPILE_STEPS = 4000
 
 
