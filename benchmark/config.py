@@ -528,21 +528,17 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
             cuda_graphs=_compile_mode,
         ),
     )
-    if config.deterministic and config.training.compile == "true":
-        raise ConfigError(
-            f"{origin}: deterministic=true with training.compile=true: compiled kernels are outside the "
-            "bit-reproducibility guarantee; drop training.compile (auto turns it off) or set it to false"
-        )
-    if config.deterministic and config.training.cuda_graphs == "true":
-        raise ConfigError(
-            f"{origin}: deterministic=true with training.cuda_graphs=true: captured steps are outside the "
-            "measured bit-reproducibility guarantee; drop training.cuda_graphs (auto turns it off) or set it to false"
-        )
-    if config.deterministic and config.generation.compile == "true":
-        raise ConfigError(
-            f"{origin}: deterministic=true with generation.compile=true: compiled kernels are outside the "
-            "bit-reproducibility guarantee; drop generation.compile (auto turns it off) or set it to false"
-        )
+    refused = (  # (key, its value, what it changes): outside the bit-reproducibility guarantee
+        ("training.compile", config.training.compile, "compiled kernels are outside the"),
+        ("training.cuda_graphs", config.training.cuda_graphs, "captured steps are outside the measured"),
+        ("generation.compile", config.generation.compile, "compiled kernels are outside the"),
+    )
+    for key, value, what in refused:
+        if config.deterministic and value == "true":
+            raise ConfigError(
+                f"{origin}: deterministic=true with {key}=true: {what} "
+                f"bit-reproducibility guarantee; drop {key} (auto turns it off) or set it to false"
+            )
     return config
 
 

@@ -200,8 +200,9 @@ def method_context(config: RunConfig, device: str, dtype: str, cache_dir=None) -
 
 
 def compile_enabled(config: RunConfig, device: str, mode: str | None = None) -> bool:
-    """A compile setting resolved (``generation.compile`` unless ``mode`` is given, e.g.
-    ``training.compile``): auto is on for CUDA devices unless the run is deterministic."""
+    """An auto/true/false speed setting resolved (``generation.compile`` unless ``mode`` is given,
+    e.g. ``training.compile`` or ``training.cuda_graphs``): auto is on for CUDA devices unless the
+    run is deterministic."""
     mode = config.generation.compile if mode is None else mode
     if mode == "auto":
         return str(device).startswith("cuda") and not config.deterministic

@@ -79,6 +79,11 @@ def _l2(pairs) -> float:
     return float(sum(((a.float() - b.float()) ** 2).sum() for a, b in pairs) ** 0.5)
 
 
+def _max_relative_gap(reference: list[float], other: list[float]) -> float:
+    """The largest |other - reference| / |reference| over the steps (zero reference losses skipped)."""
+    return max(abs(o - r) / abs(r) for r, o in zip(reference, other) if r)
+
+
 def train(name: str, context: MethodContext, steps: int, subject, root: Path, label: str, device) -> tuple[dict, list, dict]:
     """One ``prepare``: the state's timing, losses, final weights (CPU) and peak memory."""
     method_class, params_class = METHODS[name]
@@ -125,8 +130,7 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
         print(f"{name}: eager and captured (training.cuda_graphs, no compile) ...", flush=True)
         eager_captured, eager_captured_losses, _ = train(
             name, context(False, graphs=True), args.steps, subject, root, "eager-captured", device)
-        eager_captured["max_relative_loss_difference_vs_eager"] = max(
-            abs(c - e) / abs(e) for e, c in zip(eager_losses, eager_captured_losses) if e)
+        eager_captured["max_relative_loss_difference_vs_eager"] = _max_relative_gap(eager_losses, eager_captured_losses)
         eager_captured["speedup_per_step_vs_eager"] = (
             round(eager["s_per_step"] / eager_captured["s_per_step"], 3) if eager_captured["s_per_step"] else None)
         print(f"  {eager_captured}", flush=True)
@@ -141,8 +145,7 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
     if args.graphs:
         print(f"{name}: compiled and captured (training.cuda_graphs) ...", flush=True)
         captured, captured_losses, _ = train(name, context(True, graphs=True), args.steps, subject, root, "captured", device)
-        captured["max_relative_loss_difference_vs_eager"] = max(
-            abs(c - e) / abs(e) for e, c in zip(eager_losses, captured_losses) if e)
+        captured["max_relative_loss_difference_vs_eager"] = _max_relative_gap(eager_losses, captured_losses)
         captured["speedup_per_step_vs_compiled"] = (
             round(again["s_per_step"] / captured["s_per_step"], 3) if captured["s_per_step"] else None)
         print(f"  {captured}", flush=True)
@@ -155,7 +158,6 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
         move = _l2((v, torch.zeros_like(v)) for k, v in eager_weights.items() if ".lora.up." in k)
         move_basis = "LoRA up weights (start at zero)"
     gap = _l2((compiled_weights[k], eager_weights[k]) for k in eager_weights)
-    losses = list(zip(eager_losses, compiled_losses))
     saved = eager["s_per_step"] - compiled["s_per_step"]
     compile_s = compiled["first_step_s"] - eager["first_step_s"]
     steps = SUITE_STEPS[name]
@@ -169,7 +171,7 @@ def measure(name: str, args, spec, device, subject, root: Path) -> dict:
         "compile_seconds": round(compile_s, 1),
         "break_even_steps": round(compile_s / saved) if saved > 0 else None,
         "agreement": {
-            "max_relative_loss_difference": max(abs(c - e) / abs(e) for e, c in losses if e),
+            "max_relative_loss_difference": _max_relative_gap(eager_losses, compiled_losses),
             "weights_gap_share_of_move": gap / move if move else None,
             "move_basis": move_basis,
         },

@@ -49,13 +49,12 @@ def _mb(value: int | None) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    dtype = args.dtype
     spec = resolve_backbone(args.backbone)
     resolution = args.resolution or spec.resolution
     subject = training_view(load_subjects("mini", subjects=[args.subject])[0], args.image).subject
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        context = MethodContext(backbone=spec, device=args.device, dtype=dtype, resolution=resolution, cache_dir=root / "cache")
+        context = MethodContext(backbone=spec, device=args.device, dtype=args.dtype, resolution=resolution, cache_dir=root / "cache")
         params = TwoStageParams(
             stage1_steps=args.stage1_steps, steps=args.stage2_steps, class_images=args.class_images,
             prior_loss_weight=1.0 if args.class_images else 0.0,
@@ -105,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         "benchmark": "gpu_two_stage",
         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu",
         "versions": {"python": platform.python_version(), "torch": torch.__version__},
-        "settings": {**vars(args), "dtype": dtype, "resolution": resolution},
+        "settings": {**vars(args), "resolution": resolution},
         "backbone_load_seconds": round(load_seconds, 2),
         "class_images_seconds": round(class_seconds, 2),
         "prepare_seconds": round(prepare_seconds, 2),
