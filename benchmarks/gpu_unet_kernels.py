@@ -9,8 +9,7 @@ sampling floor. This script, in one process:
    the harness's sampling UNet), ``compiled_channels_last``, and on request
    ``compiled_max_autotune[_channels_last]`` (``max-autotune-no-cudagraphs``: inductor times
    Triton templates against cuBLAS/cuDNN for every matmul and convolution and keeps the fastest;
-   a long compile) and ``compiled[_max_autotune]_tuned`` (under ``TUNED_INDUCTOR``'s settings);
-   median of CUDA-event timings, and each arm's output against eager's;
+   a long compile); median of CUDA-event timings, and each arm's output against eager's;
 2. profiles a few forwards of each arm and sums the kernels' device time by kind (attention,
    convolution, matmul, inductor's fused Triton kernels, other), with the top kernels by name;
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
@@ -33,7 +32,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch._inductor.config
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -53,13 +51,7 @@ KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
 )
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_tuned", "compiled_max_autotune",
-        "compiled_max_autotune_channels_last", "compiled_max_autotune_tuned")
-# ``*_tuned`` arms compile under inductor settings that PyTorch's own diffusion speed-up recipe
-# (the "diffusion-fast" posts for SDXL) turns on: 1x1 convolutions as matmuls, coordinate-descent
-# tuning of each Triton kernel's launch configuration, and no epilogue fusion into templates.
-TUNED_INDUCTOR = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True,
-                  "coordinate_descent_check_all_directions": True, "epilogue_fusion": False}
+ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last")
 
 
 def kind_of(name: str) -> str:
@@ -210,9 +202,7 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         entry = document["arms"].setdefault(arm, {})
         started = time.perf_counter()
-        patch = torch._inductor.config.patch(TUNED_INDUCTOR if arm.endswith("_tuned") else {})
         try:
-            patch.__enter__()
             channels_last = arm.endswith("channels_last")
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             x = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
@@ -241,7 +231,6 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - keep the other arms
             entry["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
         finally:
-            patch.__exit__(None, None, None)
             unet.to(memory_format=torch.contiguous_format)
         entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
         print(arm, {k: v for k, v in entry.items() if k != "kernels"}, entry.get("kernels", {}).get("ms_by_kind"), flush=True)
