@@ -215,9 +215,10 @@ def compile_enabled(config: RunConfig, device: str, mode: str | None = None) -> 
 # (cold break-even ~3 100 DreamBooth / ~4 400 LoRA steps; benchmarks/results, fifth and sixth
 # sessions). The 30-subject protocol (45 000 fine-tune steps) is far above it, one subject below.
 # With captured steps (training.cuda_graphs, on by default on a GPU) a compiled DreamBooth step
-# saves ~20 ms of 63 in one process (eleventh session: cold break-even ~5 800 steps, one run, LoRA
-# not timed), so runs of 4000-6000 steps per worker may pay a little more than they save; the
-# threshold stays until a second run says where it lies.
+# saves ~20 ms of 63 in one process and a LoRA step ~21 ms of 51 (eleventh and twelfth sessions:
+# cold break-even ~5 800 DreamBooth / ~7 300 LoRA steps, one run each), so in one process runs of
+# 4000-7000 steps per worker may pay a little more than they save. The threshold stays until a
+# timed run of the suite says where it lies.
 FINETUNE_COMPILE_STEPS = 4000
 
 
