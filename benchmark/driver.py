@@ -190,7 +190,7 @@ def run_benchmark(
             executor, gpus=gpus, workers=workers, address=address, workers_per_gpu=workers_per_gpu, mps=mps
         )
         context, finetune_note = resolve_finetune_compile(
-            config, context, groups, runner_pool.processes,
+            config, context, groups, runner_pool.devices,
             trained=lambda group: not force and store.state_done(
                 group.prepare.trainer, group.prepare.subject.id, group.prepare.key),
         )

@@ -216,7 +216,7 @@ def _describe_exit(exitcode: int | None) -> str:
 
 class InProcessExecutor:
     name = "inprocess"
-    processes = 1  # worker processes that each pay their own compiles
+    devices = 1  # devices the work shares (training.compile=auto counts fine-tune steps per device)
 
     def run(self, groups: Sequence[WorkGroup], job: JobSpec, progress: Progress) -> list[GroupResult]:
         results: dict[int, GroupResult] = {}
@@ -266,7 +266,7 @@ class LocalProcessExecutor:
                  max_retries: int = MAX_RETRIES, mps: bool = False):
         self.gpu_ids = [g for g in gpu_ids for _ in range(workers_per_gpu)] if gpu_ids is not None else None
         self.workers = len(self.gpu_ids) if self.gpu_ids is not None else workers
-        self.processes = self.workers
+        self.devices = len(set(self.gpu_ids)) if self.gpu_ids is not None else self.workers
         self.max_retries = max_retries
         self.mps = MpsDaemon() if mps else None
 
@@ -403,7 +403,7 @@ class RayExecutor:
     directory must be on a file system every node sees."""
 
     name = "ray"
-    processes = None  # Ray places tasks on its own workers: how many compile is not known here
+    devices = None  # Ray places tasks on its own workers: on how many GPUs is not known here
 
     def __init__(self, address: str | None = None, num_cpus: int | None = None, max_retries: int = MAX_RETRIES,
                  workers_per_gpu: int = 1):

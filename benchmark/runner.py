@@ -199,7 +199,7 @@ def _state_info(group: WorkGroup, job: JobSpec, seconds: float, **extra) -> dict
         "data_sha": prepare.subject.data_sha,
         "seed": prepare.seed,
         "compile_training": job.context.compile_training,
-        # fine-tunes through torch.compile (training.compile=true, or auto over enough steps per worker)
+        # fine-tunes through torch.compile (training.compile=true, or auto over enough steps per GPU)
         "compile_finetune": job.context.compile_finetune and prepare.cell.trainer_class.compiles_finetune,
         "cuda_graphs": job.context.graph_finetune and prepare.cell.trainer_class.compiles_finetune,
         **extra,

@@ -209,28 +209,30 @@ def compile_enabled(config: RunConfig, device: str, mode: str | None = None) -> 
     return mode == "true"
 
 
-# ``training.compile=auto`` compiles the fine-tunes (DreamBooth, DreamBooth-LoRA) only when one
-# worker process will train at least this many of their steps: the compile is paid once per
-# process (H200: 135-165 s cold, ~14 s on a warm inductor cache) and each step then saves ~30 %
-# (cold break-even ~3 100 DreamBooth / ~4 400 LoRA steps; benchmarks/results, fifth and sixth
-# sessions). The 30-subject protocol (45 000 fine-tune steps) is far above it, one subject below.
-# With captured steps (training.cuda_graphs, on by default on a GPU) a compiled DreamBooth step
-# saves ~20 ms of 63 in one process and a LoRA step ~21 ms of 51 (eleventh and twelfth sessions:
-# cold break-even ~5 800 DreamBooth / ~7 300 LoRA steps, one run each), so in one process runs of
-# 4000-7000 steps per worker may pay a little more than they save. The threshold stays until a
-# timed run of the suite says where it lies.
-FINETUNE_COMPILE_STEPS = 4000
+# ``training.compile=auto`` compiles the fine-tunes (DreamBooth, DreamBooth-LoRA) only when the run
+# gives each GPU at least this many of their steps. With captured steps (training.cuda_graphs, on
+# by default on a GPU) a step is bound by the GPU's kernels, so what a compile saves is GPU time,
+# shared by every worker on that GPU, while the compile (~2-2.5 min cold, ~14 s on a warm inductor
+# cache) is paid by all of them at once, at the start. H200 break-evens, benchmarks/results: one
+# process ~5 800 DreamBooth / ~7 300 LoRA steps (20 ms of a 63 ms / 51 ms step saved; eleventh and
+# twelfth sessions); four workers under MPS ~6 700 DreamBooth steps on the GPU (43.7 -> 27.8 s per
+# 1000-step training, amortized, for 106 s more warm-up; twelfth session). Before capture, one
+# process broke even at ~3 100 / ~4 400 steps (fifth and sixth sessions) and the rule counted
+# steps per worker, which with four workers asked for 16 000 steps on the GPU. The 30-subject
+# protocol (45 000 fine-tune steps) is far above the threshold, one subject (1500) below.
+FINETUNE_COMPILE_STEPS = 6000
 
 
 def resolve_finetune_compile(
-    config: RunConfig, context: MethodContext, groups, processes: int | None, trained=lambda group: False
+    config: RunConfig, context: MethodContext, groups, devices: int | None, trained=lambda group: False
 ) -> tuple[MethodContext, str]:
     """``context`` with ``compile_finetune`` decided, and one line saying why (for the run log).
 
     ``true``/``false`` are kept as given. ``auto`` (off on a CPU and under ``deterministic``)
     compiles when the untrained groups (``trained(group)`` False) of methods that compile their
-    fine-tune add up to ``FINETUNE_COMPILE_STEPS`` or more steps per worker process;
-    ``processes=None`` (an executor whose process count is not known, e.g. Ray) keeps them eager.
+    fine-tune add up to ``FINETUNE_COMPILE_STEPS`` or more steps per GPU (``devices``: the GPUs
+    the executor's workers share, however many workers each); ``devices=None`` (an executor that
+    does not know them, e.g. Ray) keeps them eager.
     """
     mode = config.training.compile
     if mode != "auto":
@@ -244,14 +246,14 @@ def resolve_finetune_compile(
             steps += int(cell.training_fingerprint.get("params", {}).get("steps") or 0)
     if not steps:
         return context, "fine-tunes: none to train"
-    if not processes:
-        return context, f"fine-tunes eager (training.compile=auto: {steps} steps, worker count unknown to this executor)"
-    per_process = steps / processes
-    if per_process < FINETUNE_COMPILE_STEPS:
-        return context, (f"fine-tunes eager (training.compile=auto: {per_process:.0f} steps per worker < "
+    if not devices:
+        return context, f"fine-tunes eager (training.compile=auto: {steps} steps, GPU count unknown to this executor)"
+    per_device = steps / devices
+    if per_device < FINETUNE_COMPILE_STEPS:
+        return context, (f"fine-tunes eager (training.compile=auto: {per_device:.0f} steps per GPU < "
                          f"{FINETUNE_COMPILE_STEPS}, where a compile pays back; training.compile=true forces it)")
     return dataclasses.replace(context, compile_finetune=True), (
-        f"fine-tunes compiled (training.compile=auto: {per_process:.0f} steps per worker >= {FINETUNE_COMPILE_STEPS})")
+        f"fine-tunes compiled (training.compile=auto: {per_device:.0f} steps per GPU >= {FINETUNE_COMPILE_STEPS})")
 
 
 def select_prompts(config: RunConfig, subject: Subject) -> tuple[Prompt, ...]:

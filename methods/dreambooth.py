@@ -27,7 +27,7 @@ disk and shared by every subject of the class). Defaults and where they come fro
 | L = ‖ε − ε_θ(z_t, c_inst)‖² + λ‖ε′ − ε_θ(z′_t, c_class)‖² | ``_train`` (per-sample weights 1/n, λ/n) → ``methods.training.train_loop`` | λ = ``prior_loss_weight`` = 1 | paper |
 | what trains | ``_trainable_modules`` | the whole UNet (fp32 master copy); text encoder off | paper (SD); text encoder: the script's default |
 | optimiser | ``train_loop`` | AdamW (0.9, 0.999, 1e-8, decay 1e-2), lr 5e-6 constant, clip 1.0 | lr: paper; the rest: the script |
-| compiled training | ``_train`` (``maybe_compiled``, the copy's weights in ``channels_last``) | ``training.compile=true``; ``auto`` when a worker trains ≥ 4000 fine-tune steps (``benchmark.units.resolve_finetune_compile``; the 30-subject protocol does) | ours, for speed: kernels and memory layout change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``; H200 bf16 losses within 1e-4 rel.; channels-last: 51 → 42 ms of kernels per full fine-tune step, H200) |
+| compiled training | ``_train`` (``maybe_compiled``, the copy's weights in ``channels_last``) | ``training.compile=true``; ``auto`` when a GPU trains ≥ 6000 fine-tune steps (``benchmark.units.resolve_finetune_compile``; the 30-subject protocol does) | ours, for speed: kernels and memory layout change, not the algorithm (losses within fp32 rounding on tiny, ``tests/test_sampling_compile.py``; H200 bf16 losses within 1e-4 rel.; channels-last: 51 → 42 ms of kernels per full fine-tune step, H200) |
 | captured training step | ``methods.training.CapturedStep`` via ``train_loop(cuda_graphs=...)`` | ``training.cuda_graphs=auto`` (on for CUDA devices unless deterministic; ``false`` turns it off); the conditioning and the noise/timestep draws are made before the step, AdamW keeps its step counters on the device | ours, for speed: no host work per kernel. H200, one process (``benchmarks/gpu_finetune_compile.py --graphs``): 63 ms per DreamBooth step captured vs 115 ms plain, 43 ms compiled and captured vs 92–102 ms compiled; losses within 4e-4 relative of the plain loop's (the GPU test ``test_captured_dreambooth_on_cuda_matches_the_plain_loop``, rtol 1e-3, passed there); DreamBooth-LoRA's steps were captured through the CLI on an H200 with no fallback, their losses not yet compared with the plain loop's there; CPU: the plumbing equals the plain loop exactly for both (``tests/test_training_graphs.py``) |
 | length, checkpoints | ``DreamBoothParams``; ``_save_checkpoint`` | 1000 steps; ``checkpoint_steps`` add ``step-N``; weights copied to the host at the step, files written by a background thread while training goes on | paper; checkpoints ours, for sweeps; background writes ours, for speed (files byte-identical to in-line writes, tested) |
 | sampling | ``generate`` → ``methods.sampling`` | the run's sampler with the checkpoint's UNet | the DreamBooth protocol |
@@ -173,7 +173,7 @@ class DreamBooth(Method):
     description = "DreamBooth (Ruiz et al. 2023): full UNet fine-tune with prior preservation"
 
     samples_compiled = True  # generate() passes context.compile_unet to build_pipeline
-    # context.compile_finetune (training.compile=true, or auto over many steps per worker) trains
+    # context.compile_finetune (training.compile=true, or auto over many steps per GPU) trains
     # the full fine-tune through torch.compile
     compiles_finetune = True
 

@@ -216,7 +216,7 @@ def test_combine_takes_compiled_rates_measured_with_k_trainings_at_once(protocol
         Path(path).write_text(json.dumps(data))
     with pytest.raises(SystemExit, match="already trained"):
         protocol.combine(one, many, None, concurrency_path=str(concurrency))
-    for path in (one, many):  # auto, but its DONE records say the fine-tunes compiled (enough steps per worker)
+    for path in (one, many):  # auto, but its DONE records say the fine-tunes compiled (enough steps per GPU)
         data = json.loads(Path(path).read_text())
         data["settings"]["training_compile"] = "auto"
         data["measured"]["per_method"]["dreambooth"]["trainings"][0]["compile_finetune"] = True

@@ -380,44 +380,62 @@ def test_training_compile_true_alone_compiles_the_full_fine_tune():
     assert DreamBooth.compiles_finetune and DreamBoothLoRA.compiles_finetune
 
 
-def test_auto_compiles_fine_tunes_when_a_worker_trains_enough_steps():
+def test_auto_compiles_fine_tunes_when_a_gpu_trains_enough_steps():
     """``training.compile=auto`` compiles DreamBooth/LoRA when the untrained fine-tune steps per
-    worker process reach FINETUNE_COMPILE_STEPS (where a cold compile pays back), on CUDA only,
-    never under ``deterministic``; TI steps do not count (it compiles under ``auto`` anyway)."""
+    GPU reach FINETUNE_COMPILE_STEPS (where a cold compile pays back), however many workers share
+    each GPU, on CUDA only, never under ``deterministic``; TI steps do not count (it compiles
+    under ``auto`` anyway)."""
     from benchmark.units import FINETUNE_COMPILE_STEPS, expand, resolve_finetune_compile
 
-    def decide(overrides, device="cuda", processes=1, trained=lambda group: False):
+    def decide(overrides, device="cuda", devices=1, trained=lambda group: False):
         config = load_config("default", [
             "methods=textual_inversion,dreambooth,dreambooth_lora", "methods.textual_inversion.steps=5000",
             "methods.dreambooth.steps=1000", "methods.dreambooth_lora.steps=500", *overrides,
         ])
         context = method_context(config, device, "bfloat16")
         plan = expand(config, context)
-        decided, note = resolve_finetune_compile(config, context, plan.groups, processes, trained)
+        decided, note = resolve_finetune_compile(config, context, plan.groups, devices, trained)
         return decided.compile_finetune, note
 
+    assert FINETUNE_COMPILE_STEPS == 6000  # the H200 break-evens in benchmark/units.py
     # the mini set's 3 subjects at the paper's steps: DreamBooth 3 x 1000 + LoRA 3 x 500 = 4500
-    # (TI's 15 000 do not count)
-    assert 3 * 1000 + 3 * 500 >= FINETUNE_COMPILE_STEPS
+    # (TI's 15 000 do not count): below the threshold on one GPU
     compiled, note = decide([])
-    assert compiled and "4500 steps per worker" in note
-    compiled, note = decide([], processes=2)  # 2250 per worker: the compile would not pay
-    assert not compiled and "2250 steps per worker" in note and "training.compile=true" in note
+    assert not compiled and "4500 steps per GPU" in note and "training.compile=true" in note
+    compiled, note = decide(["methods.dreambooth.steps=2000"])  # 6000 + 1500
+    assert compiled and "7500 steps per GPU" in note
+    compiled, note = decide(["methods.dreambooth.steps=2000"], devices=2)  # 3750 per GPU
+    assert not compiled and "3750 steps per GPU" in note
+    compiled, note = decide(["methods.dreambooth.steps=3000"], devices=2)  # (9000 + 1500) / 2
+    assert not compiled and "5250 steps per GPU" in note
+    compiled, note = decide(["methods.dreambooth.steps=4000"], devices=2)  # (12 000 + 1500) / 2
+    assert compiled and "6750 steps per GPU" in note
     assert not decide([], device="cpu")[0]
-    assert not decide(["deterministic=true"])[0]
-    assert not decide([], processes=None)[0]  # an executor that cannot say how many workers compile
-    assert decide(["training.compile=true"], device="cpu", processes=8)[0]
-    assert not decide(["training.compile=false"])[0]
+    assert not decide(["methods.dreambooth.steps=3000", "deterministic=true"])[0]
+    assert not decide(["methods.dreambooth.steps=3000"], devices=None)[0]  # an executor that cannot say
+    assert decide(["training.compile=true"], device="cpu", devices=8)[0]
+    assert not decide(["methods.dreambooth.steps=3000", "training.compile=false"])[0]
     # already trained DreamBooth states do not count: LoRA's 1500 steps alone stay eager
-    compiled, note = decide([], trained=lambda group: group.prepare.cell.method == "dreambooth")
-    assert not compiled and "1500 steps per worker" in note
-    compiled, note = decide(["methods.dreambooth.steps=3000"], processes=2)  # (9000 + 1500) / 2
-    assert compiled and "5250 steps per worker" in note
+    compiled, note = decide(["methods.dreambooth.steps=3000"], trained=lambda group: group.prepare.cell.method == "dreambooth")
+    assert not compiled and "1500 steps per GPU" in note
     # DreamBlend trains DreamBooth states (trains_as): its steps count as DreamBooth's
     config = load_config("default", ["methods=dreamblend", "methods.dreamblend.steps=2000"])
     context = method_context(config, "cuda", "bfloat16")
     decided, note = resolve_finetune_compile(config, context, expand(config, context).groups, 1)
-    assert decided.compile_finetune and "6000 steps per worker" in note
+    assert decided.compile_finetune and "6000 steps per GPU" in note
+
+
+def test_executors_say_how_many_gpus_their_workers_share():
+    """What ``resolve_finetune_compile`` divides by: GPUs, not worker processes."""
+    from benchmark.executors import InProcessExecutor, LocalProcessExecutor, RayExecutor
+
+    assert InProcessExecutor().devices == 1
+    four_on_one = LocalProcessExecutor(workers=1, gpu_ids=[0], workers_per_gpu=4)
+    assert (four_on_one.workers, four_on_one.devices) == (4, 1)
+    two_on_two = LocalProcessExecutor(workers=2, gpu_ids=[0, 1], workers_per_gpu=2)
+    assert (two_on_two.workers, two_on_two.devices) == (4, 2)
+    assert LocalProcessExecutor(workers=3).devices == 3  # CPU workers (auto never compiles there)
+    assert RayExecutor().devices is None
 
 
 def _l2(pairs) -> float:
