@@ -45,7 +45,8 @@ class RunSummary:
     scored: int = 0
     seconds: float = 0.0
     # wall seconds per stage: "plan" (config, expansion, checks), "execute" (trainings and
-    # images), "score"; logged as one "stage seconds:" line in run.log
+    # images), "score"; logged as one "stage seconds:" line in run.log, also by a run that stops
+    # early (Ctrl-C, an error): the stage it stopped in as far as it got, "(stopped in STAGE)"
     stage_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -209,21 +210,26 @@ def run_benchmark(
         progress = StageProgress(totals, quiet=quiet)
         stage_started = time.perf_counter()
         summary.stage_seconds["plan"] = stage_started - started
+        stopped_in = "execute"
         try:
             results = runner_pool.run(groups, job, progress)
             for result in results:
                 summary.done += result.done
                 summary.skipped += result.skipped
             summary.stage_seconds["execute"] = time.perf_counter() - stage_started
-            stage_started = time.perf_counter()
+            stage_started, stopped_in = time.perf_counter(), "score"
             if score and config.metrics.names:
                 summary.scored, _ = score_run(
                     store, plan_table, load_subject_table(store), config.metrics, device, progress, force=force
                 )
                 summary.stage_seconds["score"] = time.perf_counter() - stage_started
+            stopped_in = None
         finally:
             progress.close()
-        log.info("stage seconds: %s", json.dumps({k: round(v, 2) for k, v in summary.stage_seconds.items()}))
+            if stopped_in:  # interrupted (Ctrl-C) or failed: the stage it stopped in, as far as it got
+                summary.stage_seconds[stopped_in] = time.perf_counter() - stage_started
+            log.info("stage seconds: %s%s", json.dumps({k: round(v, 2) for k, v in summary.stage_seconds.items()}),
+                     f" (stopped in {stopped_in})" if stopped_in else "")
         keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}
         summary.failed = failures_in_scope(store, keys)
     summary.seconds = time.perf_counter() - started

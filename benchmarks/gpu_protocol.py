@@ -25,6 +25,14 @@ measured compiled/eager ratios (``training.compile``), each named in the output;
 ``--check-compiled K_COMPILED.json`` (the K-worker run made again with ``--training-compile true``)
 checks those ratios against the CLI (``cli_check``).
 
+``--protocol-lengths`` runs the suite's own lengths (TI 5000, DreamBooth 1000 and LoRA 500 steps,
+200 class images, 25 prompts x 4 images), which on ``--subjects`` of 4 takes longer than one call
+of a lent GPU (10 minutes): ``--work DIR --run-timeout S`` stops a call's run in time and keeps
+its store, and the next call on the same machine with ``--continue`` resumes it (the store skips
+what finished). Each call is one leg in ``DIR/legs.json``; ``wall_seconds`` and the stage clock are
+the legs' sums, so they overstate one uninterrupted run by each restart's start-up and by any
+training or scoring pass a call's end cut (it starts again in the next call).
+
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
 """
@@ -76,8 +84,27 @@ def overrides(args) -> list[str]:
     ]
 
 
+def earlier_legs(work: Path, command: list[str], resume: bool) -> list[dict]:
+    """The legs earlier calls ran in ``work`` (``legs.json``), checked against this call's wish:
+    ``--continue`` needs them and the same command; without it, ``work`` must not hold a run."""
+    path = work / "legs.json"
+    legs = json.loads(path.read_text()) if path.exists() else []
+    if resume and not legs:
+        raise SystemExit(f"--continue: no earlier call's run in {work} (no legs.json): on a lent GPU the "
+                         "machine may have been replaced since; start again without --continue")
+    if not resume and (legs or (work / "run").exists()):
+        raise SystemExit(f"--work {work} holds a run from an earlier call: pass --continue to resume it, "
+                         "or choose an empty --work")
+    if legs and legs[0]["command"] != command:
+        changed = sorted(set(command) ^ set(legs[0]["command"]))
+        raise SystemExit(f"--continue: this call's run differs from the one in {work} ({changed}); "
+                         "continue with the same settings, or start in an empty --work")
+    return legs
+
+
 def measure(args) -> dict:
-    run_dir = Path(args.work or tempfile.mkdtemp(prefix="gpu-protocol-")) / "run"
+    work = Path(args.work or tempfile.mkdtemp(prefix="gpu-protocol-"))
+    run_dir = work / "run"
     env = {**os.environ, "SUBJECTBENCH_CACHE": str(run_dir.parent / "cache")}
     command = [sys.executable, "-m", "benchmark", "run", "dreambooth", *overrides(args), "--out", str(run_dir),
                "--quiet", *(["--gpus", "1", "--workers-per-gpu", str(args.workers_per_gpu)] if args.device == "cuda" else []),
@@ -86,10 +113,13 @@ def measure(args) -> dict:
         command.append(f"device={args.device}")
     if args.dataset_dir:
         command += ["--dataset-dir", args.dataset_dir]
+    legs = earlier_legs(work, command, args.resume)
     started = time.perf_counter()
     log_path = run_dir.parent / "run.log"
     run_dir.parent.mkdir(parents=True, exist_ok=True)
-    with log_path.open("w") as log:
+    with log_path.open("a") as log:
+        log.write(f"=== gpu_protocol leg {len(legs) + 1} ===\n")
+        log.flush()
         # its own process group: at the timeout the whole run (workers included) gets Ctrl-C, so it
         # stops as a user's interrupted run does (an --mps daemon stopped, the store closed), then
         # whatever is left is killed
@@ -101,8 +131,12 @@ def measure(args) -> dict:
             _stop_group(process)
             returncode = "timeout"
     wall = time.perf_counter() - started
+    legs.append({"command": command, "returncode": returncode, "wall_seconds": wall})
+    (work / "legs.json").write_text(json.dumps(legs, indent=1))
     out: dict = {"command": " ".join(["subjectbench run dreambooth", *overrides(args)]),
-                 "returncode": returncode, "wall_seconds": wall, "log_tail": log_path.read_text()[-3000:]}
+                 "returncode": returncode, "wall_seconds": sum(leg["wall_seconds"] for leg in legs),
+                 "legs": [{k: leg[k] for k in ("returncode", "wall_seconds")} for leg in legs],
+                 "log_tail": log_path.read_text()[-3000:]}
     if not (run_dir / "plan.parquet").exists():
         out["per_method"] = {}
         return out
@@ -157,9 +191,16 @@ def _stop_group(process: subprocess.Popen, grace: float = 60.0) -> None:
 
 
 def stage_seconds(log_path: Path) -> dict:
-    """The driver's "stage seconds:" line (plan / execute / score) from the run's log."""
+    """The driver's "stage seconds:" lines (plan / execute / score) from the run's log, summed: one
+    per call of a run continued over calls (``--continue``; a call stopped by its timeout logs how
+    far it got, ``(stopped in execute)``)."""
     lines = [line for line in log_path.read_text().splitlines() if "stage seconds: " in line] if log_path.exists() else []
-    return json.loads(lines[-1].split("stage seconds: ", 1)[1]) if lines else {}
+    total: dict = {}
+    for line in lines:
+        stages, _ = json.JSONDecoder().raw_decode(line.split("stage seconds: ", 1)[1])
+        for stage, seconds in stages.items():
+            total[stage] = round(total.get(stage, 0.0) + seconds, 2)
+    return total
 
 
 def _median(values):
@@ -525,7 +566,11 @@ def main(argv=None) -> int:
                         help="with --combine: the K-worker run again with --training-compile true; checks the "
                              "compiled fine-tune ratios the projection used against it (cli_check)")
     parser.add_argument("--dataset-dir", default=None)
-    parser.add_argument("--work", default=None)
+    parser.add_argument("--work", default=None, help="the run's folder (default: a new temporary one)")
+    parser.add_argument("--continue", dest="resume", action="store_true",
+                        help="resume the run an earlier call left in --work (same settings); its legs' walls add up")
+    parser.add_argument("--protocol-lengths", action="store_true",
+                        help="the suite's lengths: TI 5000, DreamBooth 1000, LoRA 500 steps, 200 class images, 25 prompts")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds; the partial store is still read")
     parser.add_argument("--out", default=None)
@@ -534,6 +579,11 @@ def main(argv=None) -> int:
         return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json,
                        finetune_path=args.finetune_json, concurrency_path=args.concurrency_json, ti_pass=args.ti_pass,
                        compiled_path=args.check_compiled)
+    if args.resume and not args.work:
+        parser.error("--continue needs the --work folder of the run to resume")
+    if args.protocol_lengths:
+        args.ti_steps, args.db_steps, args.lora_steps = PROTOCOL["ti_steps"], PROTOCOL["db_steps"], PROTOCOL["lora_steps"]
+        args.class_images, args.prompts = PROTOCOL["class_images"], PROTOCOL["images_per_method_subject"] // 4
     if args.tiny:
         args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
         args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2

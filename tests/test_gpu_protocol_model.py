@@ -294,3 +294,43 @@ def test_a_timed_out_run_gets_ctrl_c_before_it_is_killed(protocol, tmp_path):
         time.sleep(0.05)
     protocol._stop_group(process, grace=30)
     assert (tmp_path / "interrupted").exists() and process.returncode == 0
+
+
+def test_a_run_continued_over_calls_checks_its_folder_and_settings(protocol, tmp_path):
+    """``--continue`` resumes the run an earlier call left in ``--work`` (lent GPUs allow 10
+    minutes a call): it needs that call's legs and the same command; a call without it refuses a
+    folder that holds a run instead of mixing two runs' stores."""
+    command = ["python", "-m", "benchmark", "run", "dreambooth", "subjects=dog"]
+    assert protocol.earlier_legs(tmp_path, command, resume=False) == []
+    with pytest.raises(SystemExit, match="no earlier call's run.*start again without --continue"):
+        protocol.earlier_legs(tmp_path, command, resume=True)
+    legs = [{"command": command, "returncode": "timeout", "wall_seconds": 560.0}]
+    (tmp_path / "legs.json").write_text(json.dumps(legs))
+    assert protocol.earlier_legs(tmp_path, command, resume=True) == legs
+    with pytest.raises(SystemExit, match="holds a run from an earlier call: pass --continue"):
+        protocol.earlier_legs(tmp_path, command, resume=False)
+    with pytest.raises(SystemExit, match=r"differs from the one in .*subjects=cat"):
+        protocol.earlier_legs(tmp_path, [*command[:-1], "subjects=cat"], resume=True)
+    with pytest.raises(SystemExit):
+        protocol.main(["--continue", "--tiny"])  # --continue without --work: argparse names it
+
+
+@pytest.mark.slow  # two tiny CLI runs on the CPU (~2-3 min on two cores)
+def test_a_run_cut_by_its_timeout_is_finished_by_the_next_call(protocol, tmp_path, dreambooth_dir):
+    """The first call's run is stopped by ``--run-timeout`` and keeps its store; the second call
+    with ``--continue`` finishes it without redoing what finished: two legs, their walls summed."""
+    work, out = tmp_path / "work", tmp_path / "p.json"
+    base = ["--tiny", "--dataset-dir", str(dreambooth_dir), "--work", str(work), "--out", str(out)]
+    assert protocol.main([*base, "--run-timeout", "25"]) == 1
+    first = json.loads(out.read_text())["measured"]
+    assert first["legs"][0]["returncode"] == "timeout"
+    assert protocol.main([*base, "--continue"]) == 0
+    second = json.loads(out.read_text())
+    legs = second["measured"]["legs"]
+    assert [leg["returncode"] for leg in legs] == ["timeout", 0]
+    assert second["measured"]["wall_seconds"] == pytest.approx(sum(leg["wall_seconds"] for leg in legs))
+    assert "rates" in second and "projection_full_protocol" in second
+    assert (work / "run.log").read_text().count("=== gpu_protocol leg") == 2
+    # the stopped call logged how far its stages got; the stage clock adds both calls' lines
+    assert "(stopped in " in (work / "run" / "run.log").read_text()
+    assert sum(second["measured"]["stage_seconds"].values()) >= 15  # the first call ran ~25 s, most in stages
