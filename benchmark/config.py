@@ -109,7 +109,8 @@ class TrainingConfig:
     # DreamBooth and DreamBooth-LoRA compile under "true", and under "auto" when the run gives
     # each GPU >= 6000 of their steps (the compile, ~2-2.5 min cold, is paid by every worker at
     # once; with captured steps it pays back after ~5800-7300 steps on an H200, one process or
-    # four; benchmark/units.py::resolve_finetune_compile logs the decision). Passes are balanced (30 at 8: 8, 8, 7, 7).
+    # four; benchmark/units.py::resolve_finetune_compile logs the decision).
+    # TI passes are balanced (30 at 8: 8, 8, 7, 7).
     compile: str = "auto"
     # DreamBooth and DreamBooth-LoRA steps captured once as a CUDA graph and replayed
     # (methods.training.CapturedStep): no host work per kernel. "auto" = on for CUDA devices when

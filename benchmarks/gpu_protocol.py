@@ -31,7 +31,10 @@ of a lent GPU (10 minutes): ``--work DIR --run-timeout S`` stops a call's run in
 its store, and the next call on the same machine with ``--continue`` resumes it (the store skips
 what finished). Each call is one leg in ``DIR/legs.json``; ``wall_seconds`` and the stage clock are
 the legs' sums, so they overstate one uninterrupted run by each restart's start-up and by any
-training or scoring pass a call's end cut (it starts again in the next call).
+training or scoring pass a call's end cut (it starts again in the next call). The trainer does
+not resume inside a training, so every single training must fit in one call: at the suite's
+lengths the TI pass of 4 subjects (5000 steps, ~0.08 s per step alone on an H200, slower beside
+three other workers) may not.
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
