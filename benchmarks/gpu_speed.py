@@ -19,7 +19,10 @@ channels-last before ``torch.compile`` (``methods.sampling.maybe_compiled(...,
 channels_last=True)``); ``default`` keeps the layout these figures were first measured in.
 ``--concurrency 1,2,4`` runs that many DreamBooth trainings at once, one process each (what
 ``--workers-per-gpu`` runs; start an MPS daemon around the call to time them as MPS clients);
-``--train-graphs`` makes those children capture their steps (``training.cuda_graphs``).
+``--train-graphs`` makes those children capture their steps (``training.cuda_graphs``), and
+``--train-method dreambooth_lora`` makes them train DreamBooth-LoRA's adapters instead (rank 4 on
+the UNet's attention, built by ``DreamBoothLoRA`` itself; rows under
+``training_concurrency_dreambooth_lora``).
 
 Writes one JSON document to ``--out``. CPU check:
 ``python benchmarks/gpu_speed.py --backbone tiny --device cpu --resolution 64 --quick --out /tmp/s.json``.
@@ -260,8 +263,19 @@ def compiled_for_training(unet: torch.nn.Module, args) -> torch.nn.Module:
     return torch.compile(unet, mode=args.train_compile_mode)
 
 
+def _lora_unet(backbone, generator: torch.Generator):
+    """DreamBooth-LoRA's trainable UNet, as the method builds it (a copy with fp32 rank-4 adapters)."""
+    from methods.base import MethodContext
+    from methods.dreambooth import DreamBoothLoRA, DreamBoothLoRAParams
+
+    method = DreamBoothLoRA(DreamBoothLoRAParams(), MethodContext(backbone=backbone.spec))
+    unet, _, parameters = method._trainable_modules(backbone, generator)
+    return unet, parameters
+
+
 def train_child(args) -> int:
-    """One DreamBooth training in this process, timed after a start barrier shared with its peers."""
+    """One DreamBooth (or DreamBooth-LoRA) training in this process, timed after a start barrier
+    shared with its peers."""
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -272,16 +286,21 @@ def train_child(args) -> int:
     latents = torch.randn(2, 4, size, size, generator=torch.Generator().manual_seed(0)).to(device)
     with torch.no_grad():
         hidden = diffusion.encode_text(backbone.text_encoder, backbone.tokenizer, [PROMPT, "a photo of dog"], device)
-    unet = fp32_trainable_copy(backbone, "unet")
+    if args.train_method == "dreambooth_lora":
+        unet, parameters = _lora_unet(backbone, torch.Generator().manual_seed(2))
+        learning_rate = 1e-4
+    else:
+        unet = fp32_trainable_copy(backbone, "unet")
+        parameters, learning_rate = list(unet.parameters()), 5e-6
     # --compile: this child trains through torch.compile (the warm-up below pays the compile, before
     # the barrier, so the timed window holds compiled steps only; compile seconds are reported)
     model = compiled_for_training(unet, args) if args.compile else unet
     weights = torch.tensor([1.0, 1.0])
 
     def run(steps):
-        params = TrainingParams(steps=steps, learning_rate=5e-6, adam_weight_decay=1e-2)
+        params = TrainingParams(steps=steps, learning_rate=learning_rate, adam_weight_decay=1e-2)
         return train_loop(
-            unet=model, noise_scheduler=scheduler, parameters=list(unet.parameters()), params=params,
+            unet=model, noise_scheduler=scheduler, parameters=parameters, params=params,
             learning_rate=params.learning_rate, next_batch=lambda step: TrainBatch(latents, [PROMPT, "dog"], weights),
             encode_prompts=lambda prompts: hidden, generator=torch.Generator().manual_seed(1),
             device=device, dtype=backbone.dtype, cuda_graphs=args.train_graphs,
@@ -312,13 +331,13 @@ def concurrency(args, backbone, device, results):
     Aggregate throughput = N × steps / (last end − first start) over the barrier-aligned timed
     windows; the amortized seconds per 1000 steps per subject is 1000 / that.
     """
-    out = results.setdefault("training_concurrency", {})
+    out = results.setdefault("training_concurrency" + ("" if args.train_method == "dreambooth" else f"_{args.train_method}"), {})
     arms = [(count, compiled) for compiled in args.concurrency_arms for count in args.concurrency]
     for count, compiled in arms:
         work = Path(tempfile.mkdtemp(prefix=f"conc{count}-"))
         command = [sys.executable, __file__, "--child-train", "--barrier", str(work), "--barrier-count", str(count),
                    "--train-steps", str(args.train_steps), "--backbone", args.backbone,
-                   "--resolution", str(args.resolution), "--device", args.device]
+                   "--resolution", str(args.resolution), "--device", args.device, "--train-method", args.train_method]
         if compiled:
             command += ["--compile", "--train-compile-mode", args.train_compile_mode, "--train-layout", args.train_layout]
         if args.train_graphs:
@@ -390,6 +409,8 @@ def main(argv=None) -> int:
                         help="comma list of eager,compiled: how the --concurrency children train (default eager)")
     parser.add_argument("--train-graphs", action="store_true",
                         help="the concurrency children train with training.cuda_graphs (each step one replayed CUDA graph)")
+    parser.add_argument("--train-method", choices=("dreambooth", "dreambooth_lora"), default="dreambooth",
+                        help="what the --concurrency children train (default: DreamBooth's full UNet)")
     parser.add_argument("--child-timeout", type=int, default=400)
     parser.add_argument("--child-train", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--barrier", default=None, help=argparse.SUPPRESS)

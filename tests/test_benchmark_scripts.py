@@ -225,3 +225,20 @@ def test_gpu_unet_kernels_counts_fused_triton_kernels_apart():
     assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "matmul"
+
+
+@pytest.mark.slow  # child processes each build the tiny backbone (~30 s on two cores)
+@pytest.mark.parametrize("method", ["dreambooth", "dreambooth_lora"])
+def test_gpu_speed_concurrency_children_train_either_fine_tune(tmp_path, method):
+    """``--concurrency 2`` runs two training processes at once; ``--train-method dreambooth_lora``
+    makes them train LoRA's adapters (as the method builds them), its rows kept apart."""
+    out = tmp_path / "speed.json"
+    assert _script("gpu_speed").main([
+        "--backbone", "tiny", "--device", "cpu", "--resolution", "64", "--skip", "sampling,training",
+        "--concurrency", "2", "--train-steps", "3", "--train-method", method, "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["training_concurrency" if method == "dreambooth" else "training_concurrency_dreambooth_lora"]
+    row = rows["2"]
+    assert row["returncodes"] == [0, 0] and row["aggregate_steps_per_s"] > 0
+    first, second = row["losses_first5_each"]
+    assert first == second  # the same seeds in both processes
