@@ -34,7 +34,9 @@ the legs' sums, so they overstate one uninterrupted run by each restart's start-
 training or scoring pass a call's end cut (it starts again in the next call). The trainer does
 not resume inside a training, so every single training must fit in one call: at the suite's
 lengths the TI pass of 4 subjects (5000 steps, ~0.08 s per step alone on an H200, slower beside
-three other workers) may not.
+three other workers) may not. So a continued call may change the executor flags
+(``--workers-per-gpu``, ``--mps``; each leg records its own): a first call with one worker trains
+the plan's first group, TI's pass, alone, and the next calls run four workers.
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
@@ -87,9 +89,25 @@ def overrides(args) -> list[str]:
     ]
 
 
+def _workload(command: list[str]) -> list[str]:
+    """``command`` without its executor flags (``--workers-per-gpu K``, ``--mps``): what the run's
+    store is keyed by, which a continued call must not change."""
+    kept, skip = [], False
+    for part in command:
+        if skip:
+            skip = False
+        elif part == "--workers-per-gpu":
+            skip = True
+        elif part != "--mps":
+            kept.append(part)
+    return kept
+
+
 def earlier_legs(work: Path, command: list[str], resume: bool) -> list[dict]:
     """The legs earlier calls ran in ``work`` (``legs.json``), checked against this call's wish:
-    ``--continue`` needs them and the same command; without it, ``work`` must not hold a run."""
+    ``--continue`` needs them and the same workload (the executor flags may change: a first call
+    with one worker can train a long TI pass alone, the next ones run four); without it, ``work``
+    must not hold a run."""
     path = work / "legs.json"
     legs = json.loads(path.read_text()) if path.exists() else []
     if resume and not legs:
@@ -98,8 +116,8 @@ def earlier_legs(work: Path, command: list[str], resume: bool) -> list[dict]:
     if not resume and (legs or (work / "run").exists()):
         raise SystemExit(f"--work {work} holds a run from an earlier call: pass --continue to resume it, "
                          "or choose an empty --work")
-    if legs and legs[0]["command"] != command:
-        changed = sorted(set(command) ^ set(legs[0]["command"]))
+    if legs and _workload(legs[0]["command"]) != _workload(command):
+        changed = sorted(set(_workload(command)) ^ set(_workload(legs[0]["command"])))
         raise SystemExit(f"--continue: this call's run differs from the one in {work} ({changed}); "
                          "continue with the same settings, or start in an empty --work")
     return legs
@@ -134,11 +152,13 @@ def measure(args) -> dict:
             _stop_group(process)
             returncode = "timeout"
     wall = time.perf_counter() - started
-    legs.append({"command": command, "returncode": returncode, "wall_seconds": wall})
+    legs.append({"command": command, "returncode": returncode, "wall_seconds": wall,
+                 "workers_per_gpu": args.workers_per_gpu, "mps": args.mps})
     (work / "legs.json").write_text(json.dumps(legs, indent=1))
     out: dict = {"command": " ".join(["subjectbench run dreambooth", *overrides(args)]),
                  "returncode": returncode, "wall_seconds": sum(leg["wall_seconds"] for leg in legs),
-                 "legs": [{k: leg[k] for k in ("returncode", "wall_seconds")} for leg in legs],
+                 "legs": [{k: leg.get(k) for k in ("returncode", "wall_seconds", "workers_per_gpu", "mps")}
+                          for leg in legs],
                  "log_tail": log_path.read_text()[-3000:]}
     if not (run_dir / "plan.parquet").exists():
         out["per_method"] = {}

@@ -311,6 +311,12 @@ def test_a_run_continued_over_calls_checks_its_folder_and_settings(protocol, tmp
         protocol.earlier_legs(tmp_path, command, resume=False)
     with pytest.raises(SystemExit, match=r"differs from the one in .*subjects=cat"):
         protocol.earlier_legs(tmp_path, [*command[:-1], "subjects=cat"], resume=True)
+    # the executor flags may change between calls (the store does not depend on them)
+    four = [*command, "--gpus", "1", "--workers-per-gpu", "4", "--mps"]
+    (tmp_path / "legs.json").write_text(json.dumps([{**legs[0], "command": [*command, "--gpus", "1", "--workers-per-gpu", "1"]}]))
+    assert len(protocol.earlier_legs(tmp_path, four, resume=True)) == 1
+    with pytest.raises(SystemExit, match="differs"):
+        protocol.earlier_legs(tmp_path, [*four[:-4], "--gpus", "2", "--workers-per-gpu", "4"], resume=True)
     with pytest.raises(SystemExit):
         protocol.main(["--continue", "--tiny"])  # --continue without --work: argparse names it
 
