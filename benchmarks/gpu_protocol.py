@@ -33,7 +33,7 @@ what finished). Each call is one leg in ``DIR/legs.json``; ``wall_seconds`` and 
 the legs' sums, so they overstate one uninterrupted run by each restart's start-up and by any
 training or scoring pass a call's end cut (it starts again in the next call). The trainer does
 not resume inside a training, so every single training must fit in one call: at the suite's
-lengths the TI pass of 4 subjects (5000 steps, ~0.08 s per step alone on an H200, slower beside
+lengths the TI pass of 4 subjects (5000 steps, ~0.065 s per step alone on an H200, slower beside
 three other workers) may not. So a continued call may change the executor flags
 (``--workers-per-gpu``, ``--mps``; each leg records its own): a first call with one worker trains
 the plan's first group, TI's pass, alone, and the next calls run four workers.
