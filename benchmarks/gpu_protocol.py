@@ -591,7 +591,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dataset-dir", default=None)
     parser.add_argument("--work", default=None, help="the run's folder (default: a new temporary one)")
     parser.add_argument("--continue", dest="resume", action="store_true",
-                        help="resume the run an earlier call left in --work (same settings); its legs' walls add up")
+                        help="resume the run an earlier call left in --work (same workload; --workers-per-gpu and --mps may "
+                             "change); its legs' walls add up")
     parser.add_argument("--protocol-lengths", action="store_true",
                         help="the suite's lengths: TI 5000, DreamBooth 1000, LoRA 500 steps, 200 class images, 25 prompts")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")

@@ -298,8 +298,8 @@ def test_a_timed_out_run_gets_ctrl_c_before_it_is_killed(protocol, tmp_path):
 
 def test_a_run_continued_over_calls_checks_its_folder_and_settings(protocol, tmp_path):
     """``--continue`` resumes the run an earlier call left in ``--work`` (lent GPUs allow 10
-    minutes a call): it needs that call's legs and the same command; a call without it refuses a
-    folder that holds a run instead of mixing two runs' stores."""
+    minutes a call): it needs that call's legs and the same workload (its executor flags may
+    change); a call without it refuses a folder that holds a run instead of mixing two runs' stores."""
     command = ["python", "-m", "benchmark", "run", "dreambooth", "subjects=dog"]
     assert protocol.earlier_legs(tmp_path, command, resume=False) == []
     with pytest.raises(SystemExit, match="no earlier call's run.*start again without --continue"):
