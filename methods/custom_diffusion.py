@@ -272,6 +272,7 @@ class CustomDiffusion(Method):
                 device=device,
                 dtype=backbone.dtype,
                 on_checkpoint=on_checkpoint,
+                checkpoint_state={"files": files},  # kept by resume points
             )
         state = {
             "method": self.name,

@@ -341,6 +341,7 @@ class DreamBooth(Method):
                 dtype=backbone.dtype,
                 on_checkpoint=on_checkpoint,
                 cuda_graphs=self.context.graph_finetune,  # training.cuda_graphs
+                checkpoint_state={"files": files, "collapse": self._collapse},  # kept by resume points
             )
             waited = writes.close()  # every file on disk before the state says it exists
         result.add_checkpoint_wait(waited)

@@ -174,12 +174,12 @@ class TwoStage(DreamBooth):
         stage_one = [scene, *([scene_prior] if scene_prior else [])]
         with self._background_writes() as writes:  # checkpoint files written while training goes on
             first = self._run_stage(backbone, unet, text_encoder, parameters, stage_one, p.stage1_params(), generator,
-                                    lambda step: save(STAGE1) if step == p.stage1_steps else None)
+                                    lambda step: save(STAGE1) if step == p.stage1_steps else None, {"files": files})
             stage_two = [instance, *([instance_prior] if instance_prior else [])]
             if p.scene_loss_weight > 0:
                 stage_two.append(dataclasses.replace(scene, weight=p.scene_loss_weight))
             second = self._run_stage(backbone, unet, text_encoder, parameters, stage_two, p, generator,
-                                     lambda step: save(checkpoint_name(step, p.steps)))
+                                     lambda step: save(checkpoint_name(step, p.steps)), {"files": files})
             waited = writes.close()
         second.add_checkpoint_wait(waited)
         if backbone.device.type == "cuda":
@@ -200,7 +200,7 @@ class TwoStage(DreamBooth):
         (workdir / "state.json").write_text(json.dumps(state, indent=1))
 
     def _run_stage(self, backbone, unet, text_encoder, parameters, components: list[Component], params,
-                   generator: torch.Generator, on_checkpoint) -> TrainResult:
+                   generator: torch.Generator, on_checkpoint, checkpoint_state: dict) -> TrainResult:
         """One stage through the shared ``train_loop``: each step draws ``batch_size`` samples of
         every component; sample weights are weight/batch (DreamBooth's 1/n and λ/n)."""
         device = backbone.device
@@ -228,6 +228,7 @@ class TwoStage(DreamBooth):
                 unet=unet, noise_scheduler=make_noise_scheduler(backbone), parameters=parameters, params=params,
                 learning_rate=params.learning_rate, next_batch=next_batch, encode_prompts=encode,
                 generator=generator, device=device, dtype=backbone.dtype, on_checkpoint=on_checkpoint,
+                checkpoint_state=checkpoint_state,
             )
 
     # ------------------------------------------------------------------ generation

@@ -477,6 +477,8 @@ class TextualInversion(Method):
                     dtype=backbone.dtype,
                     on_checkpoint=on_checkpoint,
                     problems=count,
+                    # each subject's checkpoint files, kept by resume points
+                    checkpoint_state={str(i): t.files for i, t in enumerate(trainings)},
                 )
         finally:
             embedding.set_vectors(None)

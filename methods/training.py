@@ -10,9 +10,13 @@ checkpoint steps, loss history and timing. See ``methods.diffusion`` for the con
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import functools
+import json
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +126,9 @@ class BackgroundWrites:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="checkpoint") if threads > 0 else None
         self.limit = max(limit, 1)
         self.pending: list = []  # futures, oldest first
+        points = _RESUME.get()
+        if points is not None:  # a resume point is saved only once the checkpoints before it are on disk
+            points.writers.append(self)
 
     def submit(self, path: Path | str, write: Callable[[], None]) -> None:
         if self.pool is None:
@@ -130,6 +137,11 @@ class BackgroundWrites:
         while len(self.pending) >= self.limit:
             self.pending.pop(0).result()  # re-raises that write's own exception
         self.pending.append(self.pool.submit(_write, path, write))
+
+    def wait(self) -> None:
+        """Wait for every write submitted so far (re-raising a failed one); more may follow."""
+        while self.pending:
+            self.pending.pop(0).result()
 
     def close(self) -> float:
         started = time.perf_counter()
@@ -191,6 +203,10 @@ class TrainResult:
     # because their inputs' shapes differed from the captured step's
     cuda_graphs: str | None = None
     uncaptured_steps: int = 0
+    # the step an interrupted training resumed after (0: it ran from the start) and the seconds this
+    # run spent saving resume points (training.resume_every); `seconds` counts every run's time
+    resumed_from_step: int = 0
+    resume_point_seconds: float = 0.0
 
     def add_checkpoint_wait(self, seconds: float) -> None:
         """Time spent after the loop waiting for checkpoint files (``BackgroundWrites.close``):
@@ -203,6 +219,10 @@ class TrainResult:
         out.pop("losses")
         if self.cuda_graphs is None:
             del out["cuda_graphs"], out["uncaptured_steps"]
+        if not self.resumed_from_step:
+            del out["resumed_from_step"]
+        if not self.resume_point_seconds:
+            del out["resume_point_seconds"]
         n = min(5, len(self.losses))
         out["loss_first"] = sum(self.losses[:n]) / max(n, 1)
         out["loss_last"] = sum(self.losses[-n:]) / max(n, 1)
@@ -331,6 +351,162 @@ class CapturedStep:
         self.graph, self.static, self.outputs = None, None, None
 
 
+# ---------------------------------------------------------------------------- resume points
+# A training interrupted (Ctrl-C, a killed or preempted worker, a time limit) restarts from its
+# last resume point instead of step 0. The harness opens ``resume_points(directory, ...)`` around
+# a method's ``prepare``; every ``train_loop`` inside it (numbered in call order: a method that
+# trains in stages has several) saves, every ``every_seconds``, what the rest of the training
+# depends on: the trainable tensors, the optimizer's state, the loss scaler's, the losses so far,
+# the loop generator's state and the method's checkpoint bookkeeping (``checkpoint_state``). On
+# a rerun the loop restores them and replays the draws of the steps already taken, in their
+# order (the method's ``next_batch``, then the noise and timesteps; nothing trains: this only
+# brings the method's own generators and iterators, e.g. an image order that reshuffles when it
+# runs out, to where they were), so the resumed training takes exactly the steps the
+# uninterrupted one would have: bit-identical on a CPU (tests/test_training_resume.py), within
+# the GPU's run-to-run spread on a GPU. Files are safetensors and JSON (no pickle).
+RESUME_FORMAT = 1
+
+
+@dataclass
+class ResumePoints:
+    """Where and how often the ``train_loop`` calls of one ``prepare`` save resume points.
+
+    ``every_seconds`` (``training.resume_every``) or ``every_steps`` (tests) sets the cadence;
+    ``after_save(step)`` runs after each point is on disk. ``loops`` counts the loops started, so
+    each finds its own point; ``writers`` are the ``BackgroundWrites`` opened meanwhile, waited
+    for before a point is saved (the checkpoints it counts as written must be on disk)."""
+
+    directory: Path
+    every_seconds: float = 0.0
+    every_steps: int = 0
+    after_save: Callable[[int], None] | None = None
+    loops: int = 0
+    writers: list = field(default_factory=list)
+
+
+_RESUME: contextvars.ContextVar[ResumePoints | None] = contextvars.ContextVar("subjectbench_resume", default=None)
+
+
+@contextlib.contextmanager
+def resume_points(
+    directory: Path | str, every_seconds: float = 0.0, every_steps: int = 0,
+    after_save: Callable[[int], None] | None = None,
+):
+    """Let every ``train_loop`` inside the block save and restore resume points under ``directory``."""
+    points = ResumePoints(Path(directory), float(every_seconds), int(every_steps), after_save)
+    token = _RESUME.set(points)
+    try:
+        yield points
+    finally:
+        _RESUME.reset(token)
+
+
+def _restore_in_place(target: dict, saved: dict) -> None:
+    """``target``'s entries set to ``saved``'s; a dict or list entry is refilled in place, so a
+    method's references to it (e.g. one subject's ``files``) see the restored content."""
+    for key, value in saved.items():
+        current = target.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            current.clear()
+            current.update(value)
+        elif isinstance(current, list) and isinstance(value, list):
+            current[:] = value
+        else:
+            target[key] = value
+
+
+class _LoopResume:
+    """One ``train_loop``'s resume point: ``loop-<i>.json`` names its tensors file (written
+    first, under a new name), so a process killed while saving leaves the previous point whole."""
+
+    def __init__(self, points: ResumePoints, identity: dict, last_step: int):
+        self.points, self.identity = points, identity
+        self.index = points.loops
+        points.loops += 1
+        self.meta_path = points.directory / f"loop-{self.index}.json"
+        self.last_step = last_step  # no point at or after this step (a checkpoint hook without state)
+        self.last_save = time.perf_counter()
+        self.seconds = 0.0
+
+    def load(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        from safetensors.torch import load_file
+
+        if not self.meta_path.is_file():
+            return None
+        try:
+            meta = json.loads(self.meta_path.read_text(encoding="utf-8"))
+            tensors = load_file(self.points.directory / meta["tensors"])
+        except (OSError, ValueError, KeyError) as error:
+            log.warning("resume point %s is unreadable (%s); this training starts over", self.meta_path, error)
+            return None
+        if meta.get("format") != RESUME_FORMAT or meta.get("identity") != self.identity:
+            log.warning("resume point %s is for another training; this training starts over", self.meta_path)
+            return None
+        return meta, tensors
+
+    def due(self, step: int) -> bool:
+        if step >= self.last_step:
+            return False
+        if self.points.every_steps:
+            return step % self.points.every_steps == 0
+        return self.points.every_seconds > 0 and time.perf_counter() - self.last_save >= self.points.every_seconds
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        from safetensors.torch import save_file
+
+        started = time.perf_counter()
+        for writer in self.points.writers:
+            writer.wait()
+        directory = self.points.directory
+        directory.mkdir(parents=True, exist_ok=True)
+        name = f"loop-{self.index}.step-{step}.safetensors"
+        temporary = directory / f".tmp-{name}.{os.getpid()}"
+        save_file(tensors, str(temporary))
+        os.replace(temporary, directory / name)
+        meta = {"format": RESUME_FORMAT, "identity": self.identity, "step": step, "tensors": name, **meta}
+        temporary = directory / f".tmp-loop-{self.index}.json.{os.getpid()}"
+        temporary.write_text(json.dumps(meta), encoding="utf-8")
+        os.replace(temporary, self.meta_path)
+        for old in directory.glob(f"loop-{self.index}.step-*.safetensors"):
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        self.last_save = time.perf_counter()
+        self.seconds += self.last_save - started
+        log.info("resume point saved at step %d (%s, %.1f s)", step, self.meta_path.name, self.last_save - started)
+        if self.points.after_save is not None:
+            self.points.after_save(step)
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's per-tensor state as named host tensors, plus its non-tensor entries."""
+    tensors, other = {}, {}
+    for index, entry in optimizer.state_dict()["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+            else:
+                other.setdefault(str(index), {})[name] = value
+    return tensors, other
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], other: dict) -> None:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for index, entry in other.items():
+        state.setdefault(int(index), {}).update(entry)
+    current = optimizer.state_dict()  # this optimizer's own hyperparameters (the identity matched)
+    current["state"] = state
+    optimizer.load_state_dict(current)  # moves each tensor to its parameter's device as torch does
+
+
+def _stacked(losses: list[torch.Tensor]) -> torch.Tensor:
+    """The losses so far as one fp32 host tensor (restored ones are fp32, new ones the loss's dtype)."""
+    return torch.stack([loss.float() for loss in losses]).cpu()
+
+
 def _signature(tensors: dict[str, torch.Tensor]) -> dict:
     return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
@@ -352,6 +528,7 @@ def train_loop(
     on_checkpoint: Callable[[int], None] | None = None,
     problems: int = 1,
     cuda_graphs: bool = False,
+    checkpoint_state: dict | None = None,
 ) -> TrainResult:
     """Run ``params.steps`` optimisation steps; call ``on_checkpoint(step)`` at each save step.
 
@@ -370,6 +547,12 @@ def train_loop(
     timesteps are drawn before it from the same generator in the same order, and AdamW keeps its
     step counters on the device. Where it cannot (``graph_refusal``) the plain loop runs and
     ``TrainResult.cuda_graphs`` says why.
+
+    Inside ``resume_points`` the loop saves resume points and, on a rerun, resumes from the last
+    (see "resume points" above). ``checkpoint_state`` is the JSON-able bookkeeping that
+    ``on_checkpoint`` fills (e.g. the files each checkpoint wrote), saved with each point and
+    restored in place; a loop with an ``on_checkpoint`` hook but no ``checkpoint_state`` saves
+    points only before its first intermediate checkpoint.
     """
     parameters = list(parameters)
     if not parameters:
@@ -419,15 +602,47 @@ def train_loop(
         torch.cuda.reset_peak_memory_stats(device)
     losses: list[torch.Tensor] = []
     started = time.perf_counter()
+    resume, first_step, earlier_seconds, earlier_checkpoint_seconds, pending_optimizer = None, 1, 0.0, 0.0, None
+    if (points := _RESUME.get()) is not None:
+        intermediate = [s for s in params.save_steps() if s < params.steps]
+        last_step = intermediate[0] if on_checkpoint is not None and checkpoint_state is None and intermediate else params.steps
+        identity = {
+            "steps": params.steps, "problems": problems, "learning_rate": learning_rate, "optimizer": params.optimizer,
+            "max_grad_norm": params.max_grad_norm, "dtype": str(dtype),
+            "parameters": [[list(t.shape), str(t.dtype)] for t in parameters],
+        }
+        resume = _LoopResume(points, identity, last_step)
+        loaded = resume.load()
+        if loaded is not None:
+            meta, saved = loaded
+            first_step = meta["step"] + 1
+            with torch.no_grad():
+                for index, tensor in enumerate(parameters):
+                    tensor.copy_(saved[f"parameter.{index}"])
+            pending_optimizer = (saved, meta["optimizer"])
+            if scaler is not None and meta.get("scaler"):
+                scaler.load_state_dict(meta["scaler"])
+            losses = list(saved["losses"].to(device).unbind(0))
+            if checkpoint_state is not None and meta.get("checkpoint_state"):
+                _restore_in_place(checkpoint_state, meta["checkpoint_state"])
+            earlier_seconds, earlier_checkpoint_seconds = meta["seconds"], meta["checkpoint_seconds"]
+            for step in range(1, first_step):  # every draw of the steps taken, in their order; nothing trains
+                batch = next_batch(step)
+                draw_noise_and_timesteps(noise_scheduler, batch.latents, generator, batch.noise, batch.timesteps)
+            generator.set_state(saved["generator"])  # the same state, unless something else drew from it
+            log.info("training resumed at step %d of %d (%s)", first_step, params.steps, resume.meta_path)
     after_first = started
     checkpoint_seconds = checkpoint_after_first = 0.0
-    for step in range(1, params.steps + 1):
+    for step in range(first_step, params.steps + 1):
         batch = next_batch(step)
         with autocast_context(device, dtype):
             hidden = encode_prompts(batch.prompts)
-        if captured is not None and hidden.requires_grad:  # seen at step 1, before anything stepped
+        if captured is not None and hidden.requires_grad:  # seen at the first step, before anything stepped
             refusal, captured = "the conditioning (a text encoder or token) trains", None
             optimizer = build_optimizer(parameters, params, learning_rate)
+        if pending_optimizer is not None:  # into the optimizer this loop steps with
+            _load_optimizer_state(optimizer, *pending_optimizer)
+            pending_optimizer = None
         inputs = {"latents": batch.latents, "hidden": hidden, "noise": batch.noise, "timesteps": batch.timesteps,
                   "weights": batch.weights, "mask": batch.mask}
         if captured is not None:
@@ -448,18 +663,37 @@ def train_loop(
             _synchronize(device)
             saved = time.perf_counter() - saving
             checkpoint_seconds += saved
-            if step > 1:
+            if step > first_step:
                 checkpoint_after_first += saved
-        if step == 1:
+        if resume is not None and resume.due(step):
+            _synchronize(device)
+            optimizer_tensors, optimizer_other = _optimizer_tensors(optimizer)
+            tensors = {f"parameter.{i}": t.detach().to("cpu", copy=True).contiguous() for i, t in enumerate(parameters)}
+            tensors.update(optimizer_tensors)
+            tensors["losses"] = _stacked(losses)
+            tensors["generator"] = generator.get_state()
+            before = resume.seconds
+            resume.save(step, tensors, {
+                "optimizer": optimizer_other,
+                "scaler": scaler.state_dict() if scaler is not None else None,
+                "checkpoint_state": checkpoint_state,
+                "seconds": earlier_seconds + time.perf_counter() - started,
+                "checkpoint_seconds": earlier_checkpoint_seconds + checkpoint_seconds,
+            })
+            if step > first_step:
+                checkpoint_after_first += resume.seconds - before
+        if step == first_step:
             _synchronize(device)
             after_first = time.perf_counter()
     _synchronize(device)
     finished = time.perf_counter()
     result = TrainResult(
-        losses=torch.stack(losses).float().cpu().tolist(),
-        seconds=finished - started,
-        seconds_per_step=(finished - after_first - checkpoint_after_first) / max(params.steps - 1, 1),
-        checkpoint_seconds=checkpoint_seconds,
+        losses=_stacked(losses).tolist(),
+        seconds=earlier_seconds + finished - started,
+        seconds_per_step=(finished - after_first - checkpoint_after_first) / max(params.steps - first_step, 1),
+        checkpoint_seconds=earlier_checkpoint_seconds + checkpoint_seconds,
+        resumed_from_step=first_step - 1,
+        resume_point_seconds=resume.seconds if resume is not None else 0.0,
     )
     if device.type == "cuda":
         result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))

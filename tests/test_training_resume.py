@@ -1,0 +1,284 @@
+"""Resume points: a training interrupted mid-way and rerun takes exactly the steps it would have
+taken uninterrupted. Each method that trains is run three ways on the tiny backbone (CPU, fp32):
+uninterrupted; interrupted right after a resume point (the interruption a killed or preempted
+process is, raised from inside the loop); and rerun from that point by a fresh method object.
+The rerun's files must equal the uninterrupted run's bit for bit (weights, embeddings, every
+intermediate checkpoint, losses, the checkpoint bookkeeping), and its state must say where it
+resumed. Then the harness: a CLI run killed with SIGKILL after a point is on disk resumes and
+publishes the uninterrupted run's vectors."""
+
+from __future__ import annotations
+
+import copy
+import json
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from data.subjects import load_subjects
+from methods.backbones import resolve_backbone
+from methods.base import MethodContext
+from methods.custom_diffusion import CustomDiffusion, CustomDiffusionParams
+from methods.dreambooth import DreamBooth, DreamBoothLoRA, DreamBoothLoRAParams, DreamBoothParams
+from methods.hifi_tuner import HifiTuner, HifiTunerParams
+from methods.textual_inversion import TextualInversion, TextualInversionParams
+from methods.training import resume_points
+from tests.helpers import REPO_ROOT, cli_command, cli_env, leftovers, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+PRIOR = {"class_images": 2, "class_image_steps": 3}
+# (method, params, context overrides, the save after which the run is interrupted)
+CASES = {
+    # batch 2 of 4 images: the image order reshuffles at steps 3, 5, 7 (the replay must draw in order)
+    "textual_inversion": (
+        TextualInversion, TextualInversionParams(steps=8, batch_size=2, checkpoint_steps=(3,), max_grad_norm=0.05), {}, 2,
+    ),
+    "dreambooth_captured": (
+        DreamBooth, DreamBoothParams(steps=8, learning_rate=1e-3, checkpoint_steps=(3,), **PRIOR),
+        {"graph_finetune": True}, 2,
+    ),
+    "dreambooth_lora": (
+        DreamBoothLoRA, DreamBoothLoRAParams(steps=8, learning_rate=1e-2, checkpoint_steps=(3,), **PRIOR), {}, 2,
+    ),
+    "custom_diffusion": (
+        CustomDiffusion, CustomDiffusionParams(steps=8, learning_rate=5e-3, checkpoint_steps=(3,), **PRIOR), {}, 2,
+    ),
+    # five loops (the main stage, then one per step-wise timestep, 2 steps each; a point after
+    # every step): interrupted in the third, after the first two saved points too
+    "hifi_tuner": (
+        HifiTuner, HifiTunerParams(steps=4, stepwise_iters=2, stepwise_steps=4, reference_dino="random",
+                                   segmenter="grabcut", reference_guidance=False), {}, 5,
+    ),
+}
+
+
+class Interrupted(KeyboardInterrupt):
+    """What Ctrl-C or a dying process is to the loop: raised after the chosen resume point."""
+
+
+@pytest.fixture(scope="module")
+def subjects():
+    return load_subjects("mini")
+
+
+def _context(tmp_path: Path, **overrides) -> MethodContext:
+    return MethodContext(backbone=resolve_backbone("tiny"), resolution=64, cache_dir=tmp_path / "cache", **overrides)
+
+
+def _stop_after(save: int):
+    saves = []
+
+    def after_save(step: int) -> None:
+        saves.append(step)
+        if len(saves) == save:
+            raise Interrupted(f"interrupted after the resume point of step {step}")
+
+    return after_save
+
+
+def _train(method, subjects, workdirs, many: bool) -> None:
+    if many:
+        method.prepare_many(subjects, workdirs, [5, 6])
+    else:
+        method.prepare(subjects[0], workdirs[0], 5)
+
+
+def _files(workdir: Path) -> dict[str, Path]:
+    return {str(p.relative_to(workdir)): p for p in sorted(workdir.rglob("*")) if p.is_file()}
+
+
+def _assert_same_training(reference: Path, resumed: Path) -> dict:
+    """Every file equal (JSON without its timing figures); the resumed state's training summary."""
+    ours, theirs = _files(reference), _files(resumed)
+    assert sorted(ours) == sorted(theirs)
+    summary = {}
+    for name, path in ours.items():
+        other = theirs[name]
+        if name.endswith(".safetensors"):
+            a, b = load_file(path), load_file(other)
+            assert sorted(a) == sorted(b), name
+            for key in a:
+                assert torch.equal(a[key], b[key]), f"{name}: {key} differs after resuming"
+        elif name.endswith(".json"):
+            a, b = json.loads(path.read_text()), json.loads(other.read_text())
+            for data in (a, b):
+                # timing figures, and whether the shared class-prior cache was filled by this run
+                for key in [k for k in data if k in ("training", "stage_seconds", "class_images_generated")]:
+                    data.pop(key)
+            summary = json.loads(other.read_text()).get("training", summary)
+            assert a == b, name
+        else:
+            assert path.read_bytes() == other.read_bytes(), name
+    return summary
+
+
+@pytest.mark.parametrize("case", sorted(CASES) + ["textual_inversion_pass"])
+def test_an_interrupted_training_resumes_to_the_uninterrupted_result(case, subjects, tmp_path):
+    many = case.endswith("_pass")
+    cls, params, overrides, stop = CASES[case.removesuffix("_pass")]
+    context = _context(tmp_path, **overrides)
+    chosen = subjects[:2] if many else subjects[:1]
+    reference = [tmp_path / f"reference-{s.id}" for s in chosen]
+    resumed = [tmp_path / f"resumed-{s.id}" for s in chosen]
+    for folder in reference + resumed:
+        folder.mkdir()
+    _train(cls(params, context), chosen, reference, many)
+
+    points = tmp_path / "points"
+    every = 1 if case == "hifi_tuner" else 2
+    with pytest.raises(Interrupted), resume_points(points, every_steps=every, after_save=_stop_after(stop)):
+        _train(cls(params, context), chosen, resumed, many)
+    loops = sorted(points.glob("loop-*.json"))
+    assert loops, "no resume point was saved"
+    interrupted_at = json.loads(loops[-1].read_text())["step"]
+    saved_steps = []
+    with resume_points(points, every_steps=every, after_save=saved_steps.append):
+        _train(cls(params, context), chosen, resumed, many)  # a fresh object, as a new process has
+    for ref, res in zip(reference, resumed):
+        summary = _assert_same_training(ref, res)
+    if case != "hifi_tuner":  # one loop: it resumed after the point's step and saved only later ones
+        assert interrupted_at == 4
+        assert summary.get("resumed_from_step") == interrupted_at
+        assert saved_steps == [6]
+    else:  # interrupted in the third loop; the two before it resumed from their own points
+        assert [p.name for p in loops] == ["loop-0.json", "loop-1.json", "loop-2.json"]
+        assert saved_steps == [1, 1]  # the last two loops' first steps; the first three had saved theirs
+
+
+def test_a_point_for_another_training_is_ignored(subjects, tmp_path, caplog):
+    """A point whose loop differs (here: more steps) is not restored; the training starts over
+    and equals an uninterrupted one."""
+    context = _context(tmp_path)
+    points = tmp_path / "points"
+    short = TextualInversionParams(steps=6)
+    folder = tmp_path / "a"
+    folder.mkdir()
+    with pytest.raises(Interrupted), resume_points(points, every_steps=2, after_save=_stop_after(1)):
+        TextualInversion(short, context).prepare(subjects[0], folder, 5)
+    longer = TextualInversionParams(steps=8)
+    resumed, reference = tmp_path / "b", tmp_path / "c"
+    resumed.mkdir()
+    reference.mkdir()
+    with resume_points(points, every_steps=0):
+        TextualInversion(longer, context).prepare(subjects[0], resumed, 5)
+    TextualInversion(longer, context).prepare(subjects[0], reference, 5)
+    assert "is for another training" in caplog.text
+    summary = _assert_same_training(reference, resumed)
+    assert "resumed_from_step" not in summary
+
+
+def test_a_checkpoint_hook_without_bookkeeping_saves_points_only_before_its_first_checkpoint(tmp_path):
+    """train_loop's own rule, on a real tiny UNet: with on_checkpoint but no checkpoint_state, no
+    point is saved at or after the first intermediate checkpoint (its bookkeeping would be lost)."""
+    from methods.backbones import load_backbone
+    from methods.diffusion import make_noise_scheduler
+    from methods.training import TrainBatch, TrainingParams, train_loop
+
+    backbone = load_backbone(resolve_backbone("tiny"), "cpu", torch.float32)
+    unet = copy.deepcopy(backbone.unet)  # the cached backbone stays untouched
+    parameters = list(unet.parameters())[-2:]
+    for tensor in parameters:
+        tensor.requires_grad_(True)
+    latents = torch.zeros(1, unet.config.in_channels, 8, 8)
+    hidden = torch.zeros(1, 4, unet.config.cross_attention_dim)
+    saved = []
+    with resume_points(tmp_path / "points", every_steps=1, after_save=saved.append):
+        train_loop(
+            unet=unet, noise_scheduler=make_noise_scheduler(backbone), parameters=parameters,
+            params=TrainingParams(steps=6, checkpoint_steps=(4,)), learning_rate=1e-4,
+            next_batch=lambda step: TrainBatch(latents, ["x"]), encode_prompts=lambda prompts: hidden,
+            generator=torch.Generator().manual_seed(0), device=torch.device("cpu"), dtype=torch.float32,
+            on_checkpoint=lambda step: None,
+        )
+    assert saved == [1, 2, 3]
+
+
+def _vectors(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted((run_dir / "states").rglob("learned_embeds.safetensors")):
+        for key, value in load_file(path).items():
+            out[f"{path.parent.parent.name}/{key}"] = value
+    return out
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_its_training_through_the_cli(tmp_path):
+    """SIGKILL (a preempted machine) after a resume point is on disk; the rerun resumes the pass
+    from it (the log says so), publishes the same vectors as an uninterrupted run, and leaves no
+    resume folder behind."""
+    args = ["run", "default", "methods=textual_inversion", "metrics.names=[]", "subjects=dog,teapot",
+            "protocol.prompts=[0]", "protocol.images_per_prompt=1", "protocol.prior_images=0",
+            "protocol.sampler.steps=4", "methods.textual_inversion.steps=150", "training.resume_every=0.05", "--quiet"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(cli_command(*args, "--out", str(killed)), cwd=REPO_ROOT, env=cli_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    try:
+        while not list((killed / "resume").glob("*/points/loop-0.json")):
+            assert process.poll() is None, "the run ended before its first resume point"
+            assert time.monotonic() < deadline, "no resume point within 300 s"
+            time.sleep(0.05)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    point = json.loads(next((killed / "resume").glob("*/points/loop-0.json")).read_text())
+    assert point["step"] < 150
+    assert not list((killed / "states").rglob("DONE"))
+    rerun = run_cli(*args, "--out", str(killed))
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    log = (killed / "run.log").read_text()
+    assert "training resumed at step" in log
+    assert not (killed / "resume").exists() or not any((killed / "resume").iterdir())
+    assert leftovers(killed) == []
+    reference = tmp_path / "reference"
+    whole = run_cli(*args, "--out", str(reference))
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    ours, theirs = _vectors(reference), _vectors(killed)
+    assert sorted(ours) == sorted(theirs) and len(ours) == 2
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ["dreambooth_lora_captured", "textual_inversion_pass_compiled"])
+def test_a_resumed_gpu_training_continues_where_it_stopped(case, subjects, tmp_path):
+    """On a GPU (bf16; LoRA's steps captured as CUDA graphs, AdamW's step counters on the device;
+    TI's pass through the compiled UNet): the resumed run restores into those optimizers and
+    continues; its losses match the uninterrupted run's within bf16 run-to-run spread (a GPU run
+    is not bit-reproducible without --deterministic), and its state says it resumed."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU")
+    many = case.startswith("textual")
+    context = _context(tmp_path, device="cuda", dtype="bfloat16", graph_finetune=not many, compile_training=many)
+    if many:
+        cls, params = TextualInversion, TextualInversionParams(steps=12, batch_size=2)
+    else:
+        cls, params = DreamBoothLoRA, DreamBoothLoRAParams(steps=12, learning_rate=1e-2, checkpoint_steps=(5,), **PRIOR)
+    chosen = subjects[:2] if many else subjects[:1]
+    reference = [tmp_path / f"reference-{s.id}" for s in chosen]
+    resumed = [tmp_path / f"resumed-{s.id}" for s in chosen]
+    for folder in reference + resumed:
+        folder.mkdir()
+    _train(cls(params, context), chosen, reference, many)
+    points = tmp_path / "points"
+    with pytest.raises(Interrupted), resume_points(points, every_steps=3, after_save=_stop_after(2)):
+        _train(cls(params, context), chosen, resumed, many)
+    with resume_points(points, every_steps=3):
+        _train(cls(params, context), chosen, resumed, many)
+    for ref, res in zip(reference, resumed):
+        a, b = json.loads((ref / "state.json").read_text()), json.loads((res / "state.json").read_text())
+        assert b["training"]["resumed_from_step"] == 6
+        assert sorted(a["checkpoints"]) == sorted(b["checkpoints"])
+        if not many:
+            assert b["training"]["cuda_graphs"] == "captured"
+        assert len(a["losses"]) == len(b["losses"]) == 12
+        assert torch.allclose(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=2e-2, atol=1e-3), (
+            a["losses"], b["losses"])
