@@ -203,6 +203,7 @@ def run_benchmark(
             force=force,
             retry_failed=retry_failed,
             subjects_per_batch=config.training.subjects_per_batch,
+            resume_every=config.training.resume_every,
         )
         totals = {"prepare": len(groups), "generate": summary.planned}
         if score and config.metrics.names:

@@ -16,6 +16,7 @@ recorded as that image's failure (a full or read-only disk still stops the run).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -28,10 +29,12 @@ from dataclasses import dataclass, field
 import torch
 
 from benchmark import environment
+from benchmark.hashing import stable_hash
 from benchmark.store import Store, disk_error
 from benchmark.units import ImageUnit, WorkGroup, unit_spec
 from methods.base import MethodContext
 from methods.sampling import set_compile_cache
+from methods.training import resume_points
 
 log = logging.getLogger("subjectbench")
 Progress = Callable[[str, int], None]
@@ -48,6 +51,7 @@ class JobSpec:
     retry_failed: bool = False
     write_threads: int = 4  # 0 writes each image in line (the reference path of the benchmark)
     subjects_per_batch: int = 1  # trainings per pass where the method can (config training.*)
+    resume_every: float = 0.0  # seconds between a training's resume points (training.resume_every); 0: none
 
 
 @dataclass
@@ -224,6 +228,35 @@ def execute_pass(groups: list[WorkGroup], job: JobSpec, progress: Progress | Non
     return [execute_group(g, job, progress, prepared_here=g.prepare.key in prepared) for g in groups]
 
 
+class _Training:
+    """The working folders of one training (one subject's, or a pass's) until its states are
+    published. With ``job.resume_every`` they live in the run's resume space (``Store.resume_space``)
+    and ``resume_points()`` makes the method's training loops save resume points there, so an
+    interrupted run resumes them (``methods.training``); otherwise they are fresh temporary folders
+    (what a killed process leaves is cleaned up at the next start)."""
+
+    def __init__(self, store: Store, job: JobSpec, name: str, prepares: list) -> None:
+        self.store, self.job, self.keys = store, job, [p.key for p in prepares]
+        self.space = store.resume_space(name, self.keys) if job.resume_every > 0 else None
+        if self.space is None:
+            self.workdirs = [store.new_state_workdir(p.trainer, p.subject.id, p.key) for p in prepares]
+        else:
+            self.workdirs = [store.resume_workdir(self.space, p.subject.id) for p in prepares]
+
+    def resume_points(self):
+        if self.space is None:
+            return contextlib.nullcontext()
+        return resume_points(self.space / "points", every_seconds=self.job.resume_every)
+
+    def discard(self) -> None:
+        for path in [self.space] if self.space is not None else self.workdirs:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def published(self) -> None:
+        if self.space is not None:
+            self.store.discard_resume(self.keys)
+
+
 def _prepare_together(groups: list[WorkGroup], job: JobSpec) -> set[str]:
     """Train the groups that need a state in one ``prepare_many``; the keys it published."""
     store = Store(job.run_dir)
@@ -241,18 +274,21 @@ def _train_pass(todo: list[WorkGroup], job: JobSpec, store: Store) -> set[str]:
     subjects = [g.prepare.subject for g in todo]
     names = ", ".join(s.id for s in subjects)
     log.info("prepare %s on %d subjects in one pass (%s)", todo[0].prepare.cell.cell_id, len(todo), names)
-    workdirs, out_of_memory = [], ""
+    training, out_of_memory = None, ""
     try:
         environment.reset_peak_memory(job.context.device)
-        workdirs = [store.new_state_workdir(g.prepare.trainer, g.prepare.subject.id, g.prepare.key) for g in todo]
+        training = _Training(store, job, "pass-" + stable_hash(sorted(g.prepare.key for g in todo), 16),
+                             [g.prepare for g in todo])
+        workdirs = training.workdirs
         started = time.perf_counter()
-        method.prepare_many(subjects, workdirs, [g.prepare.seed for g in todo])
+        with training.resume_points():
+            method.prepare_many(subjects, workdirs, [g.prepare.seed for g in todo])
         seconds = time.perf_counter() - started
     except Exception as error:  # noqa: BLE001 - smaller passes, or each subject alone
         if (fatal := disk_error(error)) is not None:
             raise fatal from None
-        for workdir in workdirs:
-            shutil.rmtree(workdir, ignore_errors=True)
+        if training is not None:
+            training.discard()  # trained again as smaller passes or alone, each with its own folders
         message = f"{type(error).__name__}: {error}".splitlines()[0]
         if not _is_oom(error):
             log.warning("training %d subjects in one pass failed (%s); training each alone", len(todo), message)
@@ -269,11 +305,12 @@ def _train_pass(todo: list[WorkGroup], job: JobSpec, store: Store) -> set[str]:
             len(todo), out_of_memory, half, len(todo) - half, half,
         )
         return _train_pass(todo[:half], job, store) | _train_pass(todo[half:], job, store)
-    for group, workdir in zip(todo, workdirs):
+    for group, workdir in zip(todo, training.workdirs):
         prepare = group.prepare
         info = _state_info(group, job, seconds / len(todo), subjects_in_pass=len(todo), pass_seconds=seconds)
         store.publish_state(workdir, prepare.trainer, prepare.subject.id, prepare.key, info)
         store.clear_failure(prepare.key)
+    training.published()
     return {g.prepare.key for g in todo}
 
 
@@ -318,11 +355,13 @@ def execute_group(
         if not state_ready:
             log.info("prepare %s on %s (key %s)", cell.cell_id, subject.id, prepare.key)
             environment.reset_peak_memory(job.context.device)
-            workdir = store.new_state_workdir(trainer, subject.id, prepare.key)
+            training = _Training(store, job, prepare.key, [prepare])
             started = time.perf_counter()
-            method.prepare(subject, workdir, prepare.seed)
+            with training.resume_points():
+                method.prepare(subject, training.workdirs[0], prepare.seed)
             info = _state_info(group, job, time.perf_counter() - started)
-            store.publish_state(workdir, trainer, subject.id, prepare.key, info)
+            store.publish_state(training.workdirs[0], trainer, subject.id, prepare.key, info)
+            training.published()
             store.clear_failure(prepare.key)
             result.prepared = True
         state_dir = store.state_dir(trainer, subject.id, prepare.key)

@@ -8,6 +8,8 @@ Layout under RUN_DIR (DESIGN.md "Run unit and store"):
   images/<label>/<subject>/<key>.json       its manifest row; written last, so it marks done
   scores/<metric>/<fingerprint>/part-*.parquet  + fingerprint.json
   failures/<key>.json                        a failed unit with its traceback
+  resume/<name>/points/, work/<subject>/      an unfinished training's resume points and working
+                                             folders (training.resume_every), gone once published
   run.log                                    the log of every invocation
 Every file is written to a temporary name in the same folder and renamed into place, so a
 process killed at any moment leaves either the old state or the new one, never half a file.
@@ -105,7 +107,7 @@ class Store:
     def clean_temporaries(self) -> int:
         """Remove what killed processes left half-written (temp files and temp state folders)."""
         removed = 0
-        for sub in ("states", "images", "scores", "failures", "."):
+        for sub in ("states", "images", "scores", "failures", "resume", "."):
             base = self.root / sub
             if not base.exists():
                 continue
@@ -167,8 +169,44 @@ class Store:
             trash = final.with_name(f"{TMP_PREFIX}old-{key}.{uuid.uuid4().hex[:8]}")
             os.replace(final, trash)
             shutil.rmtree(trash, ignore_errors=True)
+        final.parent.mkdir(parents=True, exist_ok=True)  # a resume space's workdir lives elsewhere
         os.replace(workdir, final)
         return final
+
+    # ------------------------------------------------------------------ resume points
+    def resume_space(self, name: str, keys: list[str]) -> Path:
+        """The folder a resumable training (one subject's, or a pass's) works in: its resume points
+        (``points/``, ``methods.training.resume_points``) and its states' working folders
+        (``resume_workdir``), kept across runs until the states are published. Without a saved
+        point it is emptied first: checkpoint files of a training killed before its first point
+        must not reach a state. ``keys``: the prepare keys it trains (``discard_resume``)."""
+        space = self.root / "resume" / _safe(name)
+        if not any((space / "points").glob("loop-*.json")):
+            shutil.rmtree(space, ignore_errors=True)
+        space.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(space / "keys.json", sorted(keys))
+        return space
+
+    @staticmethod
+    def resume_workdir(space: Path, subject_id: str) -> Path:
+        work = space / "work" / _safe(subject_id)
+        work.mkdir(parents=True, exist_ok=True)
+        return work
+
+    def discard_resume(self, keys: Iterable[str]) -> None:
+        """Remove every resume space that trains any of ``keys`` (their states are published:
+        an older pass or a lone training of the same subject is of no further use)."""
+        base = self.root / "resume"
+        if not base.is_dir():
+            return
+        keys = set(keys)
+        for space in list(base.iterdir()):
+            try:
+                listed = set(json.loads((space / "keys.json").read_text(encoding="utf-8")))
+            except (OSError, ValueError):
+                continue
+            if listed & keys:
+                shutil.rmtree(space, ignore_errors=True)
 
     def state_info(self, label: str, subject_id: str, key: str) -> dict | None:
         path = self.state_dir(label, subject_id, key) / DONE

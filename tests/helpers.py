@@ -14,6 +14,8 @@ VOLATILE = {
     "seconds", "time", "peak_rss_mb", "peak_cuda_mb", "device", "git", "packages",
     # wall-clock fields of the training summaries methods keep in state.json
     "seconds_per_step", "checkpoint_seconds", "peak_memory_bytes",
+    # how the training was run: resumed after an interruption, time spent saving resume points
+    "resumed_from_step", "resume_point_seconds",
 }
 
 

@@ -213,7 +213,8 @@ def test_sigkill_at_any_moment_then_rerun_gives_identical_results(tmp_path, kill
         cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     if kill_when == "in_prepare":
-        condition = lambda: any(p.name.startswith(".tmp-") for p in (victim / "states").glob("*/*/*"))  # noqa: E731
+        # a training's working folder (in the run's resume space: training.resume_every is on)
+        condition = lambda: any((victim / "resume").glob("*/work/*"))  # noqa: E731
     else:
         count = int(kill_when.split("_")[1])
         condition = lambda: len(list((victim / "images").glob("*/*/*.json"))) >= count  # noqa: E731

@@ -271,7 +271,7 @@ def test_sigkill_mid_pass_then_rerun_gives_identical_results(tmp_path):
     )
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and process.poll() is None:
-        if len(list((victim / "states").glob("*/*/.tmp-*"))) == 3:  # the pass's three workdirs
+        if len(list((victim / "resume").glob("*/work/*"))) == 3:  # the pass's three workdirs
             break
         time.sleep(0.01)
     time.sleep(1.0)  # well inside the 60-step pass (a few CPU seconds at least)
