@@ -30,13 +30,13 @@ checks those ratios against the CLI (``cli_check``).
 of a lent GPU (10 minutes): ``--work DIR --run-timeout S`` stops a call's run in time and keeps
 its store, and the next call on the same machine with ``--continue`` resumes it (the store skips
 what finished). Each call is one leg in ``DIR/legs.json``; ``wall_seconds`` and the stage clock are
-the legs' sums, so they overstate one uninterrupted run by each restart's start-up and by any
-training or scoring pass a call's end cut (it starts again in the next call). The trainer does
-not resume inside a training, so every single training must fit in one call: at the suite's
-lengths the TI pass of 4 subjects (5000 steps, ~0.065 s per step alone on an H200, slower beside
-three other workers) may not. So a continued call may change the executor flags
-(``--workers-per-gpu``, ``--mps``; each leg records its own): a first call with one worker trains
-the plan's first group, TI's pass, alone, and the next calls run four workers.
+the legs' sums, so they overstate one uninterrupted run by each restart's start-up, by the
+training steps after each training's last resume point and by any scoring pass a call's end cut
+(it starts again in the next call). A training cut by a call's end resumes from its last resume
+point (``--resume-every S``, ``training.resume_every``; 240 keeps a 1000-step DreamBooth, ~2 min
+beside three others, from writing its ~10 GB points while the TI pass of 4, which did not finish
+in one 540-s call with one worker, saves a few KB every 4 minutes). A continued call may change
+the executor flags (``--workers-per-gpu``, ``--mps``; each leg records its own), not the workload.
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
@@ -86,6 +86,7 @@ def overrides(args) -> list[str]:
         f"generation.batch_size={args.batch_size}", f"generation.compile={args.compile}",
         f"training.compile={args.training_compile}",
         *([f"training.cuda_graphs={args.training_graphs}"] if args.training_graphs else []),
+        *([f"training.resume_every={args.resume_every:g}"] if args.resume_every is not None else []),
     ]
 
 
@@ -160,6 +161,9 @@ def measure(args) -> dict:
                  "legs": [{k: leg.get(k) for k in ("returncode", "wall_seconds", "workers_per_gpu", "mps")}
                           for leg in legs],
                  "log_tail": log_path.read_text()[-3000:]}
+    store_log = run_dir / "run.log"  # the harness's own log: what trained, resumed, generated
+    if store_log.is_file():
+        out["store_log_tail"] = store_log.read_text(errors="replace").splitlines()[-60:]
     if not (run_dir / "plan.parquet").exists():
         out["per_method"] = {}
         return out
@@ -571,6 +575,8 @@ def main(argv=None) -> int:
                         help="training.compile (true also compiles the DreamBooth fine-tune)")
     parser.add_argument("--training-graphs", default=None, choices=("true", "false"),
                         help="training.cuda_graphs (true: each fine-tune step one replayed CUDA graph)")
+    parser.add_argument("--resume-every", type=float, default=None,
+                        help="training.resume_every (seconds between a training's resume points; default: the config's)")
     parser.add_argument("--workers-per-gpu", type=int, default=1, help="passed to the CLI run")
     parser.add_argument("--mps", action="store_true", help="passed to the CLI run (needs --workers-per-gpu 2 or more)")
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
