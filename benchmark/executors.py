@@ -31,6 +31,7 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 from benchmark.errors import ConfigError
+from benchmark.progress import worker_logging
 from benchmark.runner import GroupResult, JobSpec, execute_pass
 from benchmark.store import Store, StoreWriteError
 from benchmark.units import WorkGroup, training_passes
@@ -232,6 +233,7 @@ def _worker_main(worker_id: int, env: dict, groups, passes, job: JobSpec, conn, 
     from benchmark.environment import configure_cpu_threads
 
     configure_cpu_threads(processes)  # this worker's share of the cores, not all of them
+    worker_logging(Store(job.run_dir).log_path, f"Worker-{worker_id}")
     while True:
         index = conn.recv()
         if index is None:
@@ -394,6 +396,7 @@ class LocalProcessExecutor:
 
 
 def _ray_execute(groups: list[WorkGroup], job: JobSpec) -> list[GroupResult]:
+    worker_logging(Store(job.run_dir).log_path, f"Ray-{os.getpid()}")  # a shared run folder; else a local file
     return execute_pass(groups, job)
 
 

@@ -56,6 +56,30 @@ class StageProgress:
             bar.close()
 
 
+def worker_logging(log_path: Path, name: str) -> None:
+    """A worker process's records (what it prepared, resumed, failed) appended to the run's log
+    under ``name``: the driver's handlers do not cross into a spawned process, whose INFO records
+    were otherwise dropped. Warnings also go to stderr, as the driver's do."""
+    import multiprocessing
+
+    multiprocessing.current_process().name = name
+    logger = logging.getLogger("subjectbench")
+    if any(isinstance(h, logging.FileHandler) for h in logger.handlers):
+        return  # this process already logs (the in-process executor, or a second call)
+    logger.setLevel(logging.INFO)
+    try:
+        file_handler = logging.FileHandler(log_path, encoding="utf-8")  # append: one line per write
+    except OSError:  # a run folder this process cannot reach: its warnings still reach stderr
+        return
+    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(processName)s %(message)s"))
+    logger.addHandler(file_handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.WARNING)
+    console.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
+    logger.addHandler(console)
+    logger.propagate = False
+
+
 def setup_logging(log_path: Path, quiet: bool) -> logging.Logger:
     logger = logging.getLogger("subjectbench")
     logger.setLevel(logging.INFO)

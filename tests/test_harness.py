@@ -235,6 +235,9 @@ def test_local_process_executor_matches_inprocess(tmp_path):
     run_benchmark(config(), tmp_path / "a", quiet=True)
     run_benchmark(config(), tmp_path / "b", quiet=True, executor="local", workers=2)
     assert snapshot(tmp_path / "a") == snapshot(tmp_path / "b")
+    # the workers' own records (what each prepared) reach the run's log, under their names
+    workers = [line for line in (tmp_path / "b" / "run.log").read_text().splitlines() if " Worker-" in line]
+    assert any(" INFO Worker-" in line and " prepare " in line for line in workers), workers[:5]
 
 
 def test_ray_executor_matches_inprocess(tmp_path):
