@@ -237,16 +237,27 @@ class _Training:
 
     def __init__(self, store: Store, job: JobSpec, name: str, prepares: list) -> None:
         self.store, self.job, self.keys = store, job, [p.key for p in prepares]
+        self.points = None  # the ResumePoints of the block, once entered
         self.space = store.resume_space(name, self.keys) if job.resume_every > 0 else None
         if self.space is None:
             self.workdirs = [store.new_state_workdir(p.trainer, p.subject.id, p.key) for p in prepares]
         else:
             self.workdirs = [store.resume_workdir(self.space, p.subject.id) for p in prepares]
 
+    @contextlib.contextmanager
     def resume_points(self):
         if self.space is None:
-            return contextlib.nullcontext()
-        return resume_points(self.space / "points", every_seconds=self.job.resume_every)
+            yield
+            return
+        with resume_points(self.space / "points", every_seconds=self.job.resume_every) as points:
+            self.points = points
+            yield
+
+    def info(self) -> dict:
+        """For DONE: the loops that resumed after an interruption, with the training seconds spent
+        before it (DONE's ``seconds`` is this run's share alone)."""
+        restored = self.points.restored if self.points is not None else []
+        return {"resumed": restored} if restored else {}
 
     def discard(self) -> None:
         for path in [self.space] if self.space is not None else self.workdirs:
@@ -307,7 +318,8 @@ def _train_pass(todo: list[WorkGroup], job: JobSpec, store: Store) -> set[str]:
         return _train_pass(todo[:half], job, store) | _train_pass(todo[half:], job, store)
     for group, workdir in zip(todo, training.workdirs):
         prepare = group.prepare
-        info = _state_info(group, job, seconds / len(todo), subjects_in_pass=len(todo), pass_seconds=seconds)
+        info = _state_info(group, job, seconds / len(todo), subjects_in_pass=len(todo), pass_seconds=seconds,
+                           **training.info())
         store.publish_state(workdir, prepare.trainer, prepare.subject.id, prepare.key, info)
         store.clear_failure(prepare.key)
     training.published()
@@ -359,7 +371,7 @@ def execute_group(
             started = time.perf_counter()
             with training.resume_points():
                 method.prepare(subject, training.workdirs[0], prepare.seed)
-            info = _state_info(group, job, time.perf_counter() - started)
+            info = _state_info(group, job, time.perf_counter() - started, **training.info())
             store.publish_state(training.workdirs[0], trainer, subject.id, prepare.key, info)
             training.published()
             store.clear_failure(prepare.key)

@@ -374,7 +374,8 @@ class ResumePoints:
     ``every_seconds`` (``training.resume_every``) or ``every_steps`` (tests) sets the cadence;
     ``after_save(step)`` runs after each point is on disk. ``loops`` counts the loops started, so
     each finds its own point; ``writers`` are the ``BackgroundWrites`` opened meanwhile, waited
-    for before a point is saved (the checkpoints it counts as written must be on disk)."""
+    for before a point is saved (the checkpoints it counts as written must be on disk);
+    ``restored`` lists the loops that resumed (the harness records it in the state's DONE)."""
 
     directory: Path
     every_seconds: float = 0.0
@@ -382,6 +383,8 @@ class ResumePoints:
     after_save: Callable[[int], None] | None = None
     loops: int = 0
     writers: list = field(default_factory=list)
+    # the loops that resumed: {"loop", "step" resumed after, "seconds" of training before it}
+    restored: list[dict] = field(default_factory=list)
 
 
 _RESUME: contextvars.ContextVar[ResumePoints | None] = contextvars.ContextVar("subjectbench_resume", default=None)
@@ -631,6 +634,7 @@ def train_loop(
                 draw_noise_and_timesteps(noise_scheduler, batch.latents, generator, batch.noise, batch.timesteps)
             generator.set_state(saved["generator"])  # the same state, unless something else drew from it
             log.info("training resumed at step %d of %d (%s)", first_step, params.steps, resume.meta_path)
+            points.restored.append({"loop": resume.index, "step": meta["step"], "seconds": earlier_seconds})
     after_first = started
     checkpoint_seconds = checkpoint_after_first = 0.0
     for step in range(first_step, params.steps + 1):

@@ -236,6 +236,8 @@ def test_a_killed_run_resumes_its_training_through_the_cli(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     log = (killed / "run.log").read_text()
     assert "training resumed at step" in log
+    dones = [json.loads(p.read_text()) for p in (killed / "states").rglob("DONE")]
+    assert len(dones) == 2 and all(d["resumed"][0]["step"] >= point["step"] for d in dones), dones
     assert not (killed / "resume").exists() or not any((killed / "resume").iterdir())
     assert leftovers(killed) == []
     reference = tmp_path / "reference"
