@@ -120,6 +120,37 @@ def _assert_same_training(reference: Path, resumed: Path) -> dict:
     return summary
 
 
+def _three_ways(build, chosen, many: bool, tmp_path: Path, every: int, stop: int):
+    """Train ``chosen`` uninterrupted (``reference``), then interrupted after the ``stop``-th
+    resume point (one every ``every`` steps) and rerun by a fresh method (``resumed``); the loops'
+    point files as the interruption left them, and the steps the rerun saved points at."""
+    reference = [tmp_path / f"reference-{s.id}" for s in chosen]
+    resumed = [tmp_path / f"resumed-{s.id}" for s in chosen]
+    for folder in reference + resumed:
+        folder.mkdir()
+    _train(build(), chosen, reference, many)
+    points = tmp_path / "points"
+    with pytest.raises(Interrupted), resume_points(points, every_steps=every, after_save=_stop_after(stop)):
+        _train(build(), chosen, resumed, many)
+    loops = sorted(points.glob("loop-*.json"))
+    assert loops, "no resume point was saved"
+    loops = [(p, p.read_text()) for p in loops]
+    saved_steps = []
+    with resume_points(points, every_steps=every, after_save=saved_steps.append):
+        _train(build(), chosen, resumed, many)  # a fresh object, as a new process has
+    return reference, resumed, [_Frozen(p, text) for p, text in loops], saved_steps
+
+
+class _Frozen:
+    """A point file's name and its text as the interruption left it (the rerun rewrites it)."""
+
+    def __init__(self, path: Path, text: str) -> None:
+        self.name, self._text = path.name, text
+
+    def read_text(self) -> str:
+        return self._text
+
+
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory):
     """A tuning encoder pre-trained for a few steps on the mini subjects' photos."""
@@ -150,23 +181,10 @@ def test_an_interrupted_training_resumes_to_the_uninterrupted_result(case, subje
         cls, params, overrides, stop = TuningEncoder, TuningEncoderParams(encoder=str(encoder), tuning_steps=8), {}, 2
     else:
         cls, params, overrides, stop = CASES[case.removesuffix("_pass")]
-    context = _context(tmp_path, **overrides)
-    reference = [tmp_path / f"reference-{s.id}" for s in chosen]
-    resumed = [tmp_path / f"resumed-{s.id}" for s in chosen]
-    for folder in reference + resumed:
-        folder.mkdir()
-    _train(cls(params, context), chosen, reference, many)
-
-    points = tmp_path / "points"
     every = 1 if case == "hifi_tuner" else 2
-    with pytest.raises(Interrupted), resume_points(points, every_steps=every, after_save=_stop_after(stop)):
-        _train(cls(params, context), chosen, resumed, many)
-    loops = sorted(points.glob("loop-*.json"))
-    assert loops, "no resume point was saved"
+    reference, resumed, loops, saved_steps = _three_ways(
+        lambda: cls(params, _context(tmp_path, **overrides)), chosen, many, tmp_path, every, stop)
     interrupted_at = json.loads(loops[-1].read_text())["step"]
-    saved_steps = []
-    with resume_points(points, every_steps=every, after_save=saved_steps.append):
-        _train(cls(params, context), chosen, resumed, many)  # a fresh object, as a new process has
     for ref, res in zip(reference, resumed):
         summary = _assert_same_training(ref, res)
     if case == "two_stage":  # stage I resumed after its step 4 (of 6), stage II after its 4 (of 8)
@@ -294,16 +312,7 @@ def test_a_resumed_gpu_training_continues_where_it_stopped(case, subjects, tmp_p
     else:
         cls, params = DreamBoothLoRA, DreamBoothLoRAParams(steps=12, learning_rate=1e-2, checkpoint_steps=(5,), **PRIOR)
     chosen = subjects[:2] if many else subjects[:1]
-    reference = [tmp_path / f"reference-{s.id}" for s in chosen]
-    resumed = [tmp_path / f"resumed-{s.id}" for s in chosen]
-    for folder in reference + resumed:
-        folder.mkdir()
-    _train(cls(params, context), chosen, reference, many)
-    points = tmp_path / "points"
-    with pytest.raises(Interrupted), resume_points(points, every_steps=3, after_save=_stop_after(2)):
-        _train(cls(params, context), chosen, resumed, many)
-    with resume_points(points, every_steps=3):
-        _train(cls(params, context), chosen, resumed, many)
+    reference, resumed, _, _ = _three_ways(lambda: cls(params, context), chosen, many, tmp_path, 3, 2)
     for ref, res in zip(reference, resumed):
         a, b = json.loads((ref / "state.json").read_text()), json.loads((res / "state.json").read_text())
         assert b["training"]["resumed_from_step"] == 6
