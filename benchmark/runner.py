@@ -238,7 +238,8 @@ class _Training:
     def __init__(self, store: Store, job: JobSpec, name: str, prepares: list) -> None:
         self.store, self.job, self.keys = store, job, [p.key for p in prepares]
         self.points = None  # the ResumePoints of the block, once entered
-        self.space = store.resume_space(name, self.keys) if job.resume_every > 0 else None
+        # --force redoes a training from step 0 even where an interrupted run left a point
+        self.space = store.resume_space(name, self.keys, fresh=job.force) if job.resume_every > 0 else None
         if self.space is None:
             self.workdirs = [store.new_state_workdir(p.trainer, p.subject.id, p.key) for p in prepares]
         else:

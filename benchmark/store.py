@@ -174,14 +174,15 @@ class Store:
         return final
 
     # ------------------------------------------------------------------ resume points
-    def resume_space(self, name: str, keys: list[str]) -> Path:
+    def resume_space(self, name: str, keys: list[str], fresh: bool = False) -> Path:
         """The folder a resumable training (one subject's, or a pass's) works in: its resume points
         (``points/``, ``methods.training.resume_points``) and its states' working folders
         (``resume_workdir``), kept across runs until the states are published. Without a saved
         point it is emptied first: checkpoint files of a training killed before its first point
-        must not reach a state. ``keys``: the prepare keys it trains (``discard_resume``)."""
+        must not reach a state; ``fresh`` (``--force``) empties it always. ``keys``: the prepare
+        keys it trains (``discard_resume``)."""
         space = self.root / "resume" / _safe(name)
-        if not any((space / "points").glob("loop-*.json")):
+        if fresh or not any((space / "points").glob("loop-*.json")):
             shutil.rmtree(space, ignore_errors=True)
         space.mkdir(parents=True, exist_ok=True)
         atomic_write_json(space / "keys.json", sorted(keys))

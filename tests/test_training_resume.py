@@ -322,3 +322,27 @@ def test_a_resumed_gpu_training_continues_where_it_stopped(case, subjects, tmp_p
         assert len(a["losses"]) == len(b["losses"]) == 12
         assert torch.allclose(torch.tensor(b["losses"]), torch.tensor(a["losses"]), rtol=2e-2, atol=1e-3), (
             a["losses"], b["losses"])
+
+
+def test_resume_spaces_keep_a_point_unless_forced_and_go_once_published(tmp_path):
+    from benchmark.store import Store
+
+    store = Store(tmp_path / "run")
+    space = store.resume_space("k1", ["k1"])
+    work = store.resume_workdir(space, "dog")
+    (work / "learned_embeds-step-3.safetensors").write_bytes(b"x")
+    assert store.resume_space("k1", ["k1"]) == space and not work.exists()  # no point: emptied
+    work = store.resume_workdir(space, "dog")
+    (work / "file").write_bytes(b"x")
+    (space / "points").mkdir()
+    (space / "points" / "loop-0.json").write_text("{}")
+    store.resume_space("k1", ["k1"])
+    assert (work / "file").exists()  # a point: kept for the rerun
+    store.resume_space("k1", ["k1"], fresh=True)
+    assert not (work / "file").exists()  # --force: from step 0
+    other = store.resume_space("pass-ab", ["k1", "k2"])
+    unrelated = store.resume_space("k3", ["k3"])
+    store.discard_resume(["k2"])
+    assert space.exists() and not other.exists() and unrelated.exists()
+    store.discard_resume(["k1"])
+    assert not space.exists() and unrelated.exists()
