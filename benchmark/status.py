@@ -58,6 +58,25 @@ def status_frame(store: Store, plan: pd.DataFrame | None = None) -> tuple[pd.Dat
     return pd.DataFrame(rows), {key: f for key, f in failures.items() if key not in finished}
 
 
+def _resume_points(store: Store) -> list[str]:
+    """One line per training with a saved resume point: its subjects and each loop's step."""
+    import json
+
+    lines = []
+    for points in sorted((store.root / "resume").glob("*/points")):
+        loops = []
+        for path in sorted(points.glob("loop-*.json"), key=lambda p: int(p.stem.split("-")[1])):
+            try:
+                meta = json.loads(path.read_text(encoding="utf-8"))
+                loops.append(f"{path.stem} at step {meta['step']}/{meta['identity']['steps']}")
+            except (OSError, ValueError, KeyError):
+                loops.append(f"{path.stem} unreadable (the training starts over)")
+        subjects = sorted(p.name for p in (points.parent / "work").glob("*"))
+        if loops:
+            lines.append(f"{points.parent.name} ({', '.join(subjects) or '?'}): {'; '.join(loops)}")
+    return lines
+
+
 def run_status(run_dir) -> tuple[str, int]:
     store = Store(run_dir)
     plan = load_plan(store)
@@ -70,6 +89,10 @@ def run_status(run_dir) -> tuple[str, int]:
             f"trainings: {trainings} for {cells} method cells × {plan['subject'].nunique()} subjects"
             + (" (cells that differ only in generation settings share one training)" if trainings < cells * plan["subject"].nunique() else "")
         )
+    resumable = _resume_points(store)
+    if resumable:
+        lines.append(f"interrupted trainings that the next run resumes ({len(resumable)}; training.resume_every):")
+        lines += [f"  {line}" for line in resumable]
     if failures:
         lines.append(f"failures ({len(failures)}; tracebacks in {store.root / 'failures'}):")
         for failure in failures.values():

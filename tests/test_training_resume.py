@@ -278,6 +278,9 @@ def test_a_killed_run_resumes_its_training_through_the_cli(tmp_path):
             process.kill()
     point = json.loads(next((killed / "resume").glob("*/points/loop-0.json")).read_text())
     assert point["step"] < 150
+    status = run_cli("status", str(killed))
+    assert "interrupted trainings that the next run resumes (1" in status.stdout, status.stdout
+    assert f"(dog, teapot): loop-0 at step {point['step']}/150" in status.stdout, status.stdout
     assert not list((killed / "states").rglob("DONE"))
     rerun = run_cli(*args, "--out", str(killed))
     assert rerun.returncode == 0, rerun.stderr[-3000:]
@@ -335,9 +338,13 @@ def test_resume_spaces_keep_a_point_unless_forced_and_go_once_published(tmp_path
     work = store.resume_workdir(space, "dog")
     (work / "file").write_bytes(b"x")
     (space / "points").mkdir()
-    (space / "points" / "loop-0.json").write_text("{}")
+    (space / "points" / "loop-0.json").write_text(json.dumps({"step": 40, "identity": {"steps": 100}}))
+    (space / "points" / "loop-1.json").write_text("{")
     store.resume_space("k1", ["k1"])
     assert (work / "file").exists()  # a point: kept for the rerun
+    from benchmark.status import _resume_points
+
+    assert _resume_points(store) == ["k1 (dog): loop-0 at step 40/100; loop-1 unreadable (the training starts over)"]
     store.resume_space("k1", ["k1"], fresh=True)
     assert not (work / "file").exists()  # --force: from step 0
     other = store.resume_space("pass-ab", ["k1", "k2"])
