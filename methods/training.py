@@ -371,7 +371,8 @@ RESUME_FORMAT = 1
 class ResumePoints:
     """Where and how often the ``train_loop`` calls of one ``prepare`` save resume points.
 
-    ``every_seconds`` (``training.resume_every``) or ``every_steps`` (tests) sets the cadence;
+    ``every_seconds`` (``training.resume_every``, counted from the end of each loop's first step)
+    or ``every_steps`` (tests) sets the cadence;
     ``after_save(step)`` runs after each point is on disk. ``loops`` counts the loops started, so
     each finds its own point; ``writers`` are the ``BackgroundWrites`` opened meanwhile, waited
     for before a point is saved (the checkpoints it counts as written must be on disk);
@@ -689,6 +690,8 @@ def train_loop(
         if step == first_step:
             _synchronize(device)
             after_first = time.perf_counter()
+            if resume is not None:  # the cadence starts after the first step: its compile or capture
+                resume.last_save = after_first  # is paid again by any rerun, so no point guards it
     _synchronize(device)
     finished = time.perf_counter()
     result = TrainResult(
