@@ -5,7 +5,9 @@ latents, prompts, per-sample loss weights, optional masks), *how prompts become 
 (``encode_prompts``: a frozen cached encoder, a text encoder being trained, a learned token) and
 *which extra loss terms* apply (``extra_loss``). The loop owns everything else: the denoising
 objective, mixed precision, the optimizer, gradient clipping, hooks after every step and at
-checkpoint steps, loss history and timing. See ``methods.diffusion`` for the conventions.
+checkpoint steps, loss history and timing, captured steps (``CapturedStep``) and resume points
+(``resume_points``: an interrupted training continues where it stopped). See
+``methods.diffusion`` for the conventions.
 """
 
 from __future__ import annotations
