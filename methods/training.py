@@ -489,7 +489,7 @@ def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torc
     for index, entry in optimizer.state_dict()["state"].items():
         for name, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
             else:
                 other.setdefault(str(index), {})[name] = value
     return tensors, other
@@ -675,7 +675,9 @@ def train_loop(
         if resume is not None and resume.due(step):
             _synchronize(device)
             optimizer_tensors, optimizer_other = _optimizer_tensors(optimizer)
-            tensors = {f"parameter.{i}": t.detach().to("cpu", copy=True).contiguous() for i, t in enumerate(parameters)}
+            # device tensors are copied to the host; host ones are saved as they are (no second
+            # copy of a full UNet's 10 GB): the save is done before the next step changes them
+            tensors = {f"parameter.{i}": t.detach().cpu().contiguous() for i, t in enumerate(parameters)}
             tensors.update(optimizer_tensors)
             tensors["losses"] = _stacked(losses)
             tensors["generator"] = generator.get_state()
