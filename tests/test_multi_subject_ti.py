@@ -224,9 +224,10 @@ def test_a_failing_pass_falls_back_to_each_subject_alone(tmp_path, monkeypatch):
     assert states.keys() == {"dog", "duck_toy"}
     assert all("subjects_in_pass" not in json.loads((p / "DONE").read_text()) for p in states.values())
     assert summary.done == 2
-    # the pass left nothing behind; teapot's own failed attempt leaves its workdir, as any failed
-    # prepare does, for the next run to clean
-    assert [Path(p).parent.name for p in leftovers(tmp_path / "run")] == ["teapot"]
+    # the pass left nothing behind; teapot's own failed attempt leaves its working folder in its
+    # resume space (kept for --retry-failed, emptied there as it holds no resume point)
+    assert leftovers(tmp_path / "run") == []
+    assert [p.name for p in (tmp_path / "run" / "resume").glob("*/work/*")] == ["teapot"]
 
 
 def test_a_pass_out_of_gpu_memory_is_split_not_dropped_to_alone(tmp_path, monkeypatch):
