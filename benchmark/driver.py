@@ -217,6 +217,8 @@ def run_benchmark(
             for result in results:
                 summary.done += result.done
                 summary.skipped += result.skipped
+            with contextlib.suppress(OSError):  # every training published: no resume space is left
+                (store.root / "resume").rmdir()
             summary.stage_seconds["execute"] = time.perf_counter() - stage_started
             stage_started, stopped_in = time.perf_counter(), "score"
             if score and config.metrics.names:

@@ -238,6 +238,7 @@ def test_local_process_executor_matches_inprocess(tmp_path):
     # the workers' own records (what each prepared) reach the run's log, under their names
     workers = [line for line in (tmp_path / "b" / "run.log").read_text().splitlines() if " Worker-" in line]
     assert any(" INFO Worker-" in line and " prepare " in line for line in workers), workers[:5]
+    assert not (tmp_path / "b" / "resume").exists()  # every training published: no resume space left
 
 
 def test_ray_executor_matches_inprocess(tmp_path):
