@@ -243,7 +243,7 @@ class _Training:
         if self.space is None:
             self.workdirs = [store.new_state_workdir(p.trainer, p.subject.id, p.key) for p in prepares]
         else:
-            self.workdirs = [store.resume_workdir(self.space, p.subject.id) for p in prepares]
+            self.workdirs = [store.resume_workdir(self.space, p.subject.id, p.key) for p in prepares]
 
     @contextlib.contextmanager
     def resume_points(self):

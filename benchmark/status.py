@@ -71,7 +71,7 @@ def _resume_points(store: Store) -> list[str]:
                 loops.append(f"{path.stem} at step {meta['step']}/{meta['identity']['steps']}")
             except (OSError, ValueError, KeyError):
                 loops.append(f"{path.stem} unreadable (the training starts over)")
-        subjects = sorted(p.name for p in (points.parent / "work").glob("*"))
+        subjects = sorted(p.name.rsplit("-", 1)[0] for p in (points.parent / "work").glob("*"))  # <subject>-<key>
         if loops:
             lines.append(f"{points.parent.name} ({', '.join(subjects) or '?'}): {'; '.join(loops)}")
     return lines

@@ -189,8 +189,10 @@ class Store:
         return space
 
     @staticmethod
-    def resume_workdir(space: Path, subject_id: str) -> Path:
-        work = space / "work" / _safe(subject_id)
+    def resume_workdir(space: Path, subject_id: str, key: str) -> Path:
+        """One training's working folder in ``space``: named by subject and prepare key, since a
+        pass may train two single-image views of one subject (same id, different keys)."""
+        work = space / "work" / f"{_safe(subject_id)}-{key}"
         work.mkdir(parents=True, exist_ok=True)
         return work
 

@@ -250,7 +250,7 @@ def _vectors(run_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for path in sorted((run_dir / "states").rglob("learned_embeds.safetensors")):
         for key, value in load_file(path).items():
-            out[f"{path.parent.parent.name}/{key}"] = value
+            out[f"{path.parent.parent.name}/{path.parent.name}/{key}"] = value  # subject/prepare key/tensor
     return out
 
 
@@ -332,10 +332,10 @@ def test_resume_spaces_keep_a_point_unless_forced_and_go_once_published(tmp_path
 
     store = Store(tmp_path / "run")
     space = store.resume_space("k1", ["k1"])
-    work = store.resume_workdir(space, "dog")
+    work = store.resume_workdir(space, "dog", "k1")
     (work / "learned_embeds-step-3.safetensors").write_bytes(b"x")
     assert store.resume_space("k1", ["k1"]) == space and not work.exists()  # no point: emptied
-    work = store.resume_workdir(space, "dog")
+    work = store.resume_workdir(space, "dog", "k1")
     (work / "file").write_bytes(b"x")
     (space / "points").mkdir()
     (space / "points" / "loop-0.json").write_text(json.dumps({"step": 40, "identity": {"steps": 100}}))
@@ -354,3 +354,49 @@ def test_resume_spaces_keep_a_point_unless_forced_and_go_once_published(tmp_path
     store.discard_resume(["k1"])
     assert not space.exists() and unrelated.exists()
 
+
+
+def test_a_pass_of_two_single_image_views_of_one_subject_resumes(tmp_path):
+    """Two single-image views of one subject share its id but not their keys: trained in one
+    pass, each keeps its own working folder, and a pass interrupted after a resume point and
+    rerun publishes both states equal to an uninterrupted run's."""
+    from benchmark.config import load_config
+    from benchmark.driver import run_benchmark
+    from methods import training
+
+    overrides = ["methods=textual_inversion", "methods.textual_inversion.steps=6", "metrics.names=[]",
+                 "subjects=dog", "protocol.single_image=[0,1]", "protocol.prompts=[0]",
+                 "protocol.images_per_prompt=1", "protocol.prior_images=0", "protocol.sampler.steps=4",
+                 "training.subjects_per_batch=2"]
+    reference = run_benchmark(load_config("default", overrides), tmp_path / "reference", quiet=True)
+    assert reference.done == 2
+
+    saves = []
+    original = training._LoopResume.due
+
+    def due_every_two(self, step):  # points at steps 2 and 4, interrupted after the first
+        return step < self.last_step and step % 2 == 0
+
+    def interrupt(self, step, tensors, meta, save=training._LoopResume.save):
+        save(self, step, tensors, meta)
+        saves.append(step)
+        if len(saves) == 1:
+            raise Interrupted("after the point of step 2")
+
+    run = tmp_path / "run"
+    try:
+        training._LoopResume.due = due_every_two
+        training._LoopResume.save, saved = interrupt, training._LoopResume.save
+        with pytest.raises(KeyboardInterrupt):
+            run_benchmark(load_config("default", overrides), run, quiet=True)
+        training._LoopResume.save = saved
+        works = sorted(p.name for p in (run / "resume").glob("*/work/*"))
+        assert len(works) == 2 and {w.rsplit("-", 1)[0] for w in works} == {"dog"}
+        resumed = run_benchmark(load_config("default", overrides), run, quiet=True)
+    finally:
+        training._LoopResume.due, training._LoopResume.save = original, saved
+    assert resumed.done == 2 and "training resumed at step 3" in (run / "run.log").read_text()
+    ours, theirs = _vectors(tmp_path / "reference"), _vectors(run)
+    assert len(ours) == 2 and sorted(ours) == sorted(theirs)
+    for key in ours:
+        assert torch.equal(ours[key], theirs[key]), key
