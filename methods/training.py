@@ -27,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from data.common import TMP_PREFIX, atomic_write_json
 from methods.base import ParamsError, param
 from methods.diffusion import autocast_context, diffusion_loss, draw_noise_and_timesteps
 
@@ -148,8 +149,7 @@ class BackgroundWrites:
     def close(self) -> float:
         started = time.perf_counter()
         try:
-            while self.pending:
-                self.pending.pop(0).result()
+            self.wait()
         finally:
             self.shutdown()
         return time.perf_counter() - started
@@ -466,13 +466,11 @@ class _LoopResume:
         directory = self.points.directory
         directory.mkdir(parents=True, exist_ok=True)
         name = f"loop-{self.index}.step-{step}.safetensors"
-        temporary = directory / f".tmp-{name}.{os.getpid()}"
+        temporary = directory / f"{TMP_PREFIX}{name}.{os.getpid()}"  # streamed: a point may be ~10 GB
         save_file(tensors, str(temporary))
         os.replace(temporary, directory / name)
         meta = {"format": RESUME_FORMAT, "identity": self.identity, "step": step, "tensors": name, **meta}
-        temporary = directory / f".tmp-loop-{self.index}.json.{os.getpid()}"
-        temporary.write_text(json.dumps(meta), encoding="utf-8")
-        os.replace(temporary, self.meta_path)
+        atomic_write_json(self.meta_path, meta)  # the pointer, last: the point now counts
         for old in directory.glob(f"loop-{self.index}.step-*.safetensors"):
             if old.name != name:
                 old.unlink(missing_ok=True)
