@@ -200,6 +200,9 @@ def measure(args) -> dict:
         }
     out["per_method"] = per_method
     out["stage_seconds"] = stage_seconds(store.log_path)
+    # the run's private cache (SUBJECTBENCH_CACHE above) started empty: every class image in it was
+    # made by this run, also by a training a call's end cut before it published its records
+    out["class_images_made"] = len(list((work / "cache" / "class_prior").glob("*/*.png")))
     return out
 
 
@@ -257,7 +260,10 @@ def rates(measured: dict, subjects: int, steps: dict) -> dict:
                 continue
             prepare = t["prepare_seconds"] * (len(row["trainings"]) if per_pass else 1)
             class_s = t.get("class_images_generated", 0) * gen_rate.get("dreambooth", gen_rate[method])
-            overheads.append(prepare - steps[method] * per_step - class_s)
+            # a training resumed mid-way (a run continued over calls) ran only the steps after its
+            # point in the call whose DONE holds prepare_seconds
+            run_steps = steps[method] - t["training"].get("resumed_from_step", 0)
+            overheads.append(prepare - run_steps * per_step - class_s)
         median_image = row["s_per_image_median"]
         out[method] = {
             "s_per_step": _median([t["training"].get("seconds_per_step") for t in trainings]),
@@ -292,6 +298,8 @@ def analyse(measured: dict, settings: dict) -> dict:
              "dreambooth_lora": settings["lora_steps"]}
     rate = rates(measured, subjects, steps)
     made = sum(t.get("class_images_generated", 0) for row in measured["per_method"].values() for t in row["trainings"])
+    # over calls (--continue) the trainings that made them may have published in none: the run's own cache counts
+    made = max(made, measured.get("class_images_made", 0))
     run_counts = {"subjects": subjects, "steps": steps, "ti_passes": 1, "images": settings["prompts"] * 4,
                   "class_images": made}
     stages = measured.get("stage_seconds", {})
@@ -337,6 +345,154 @@ def analyse(measured: dict, settings: dict) -> dict:
     )
     return {"rates": rate, "model_check": check,
             "projection_full_protocol": projection, "notes": notes}
+
+
+def list_schedule(groups: list[dict], workers: int, ti_serial: bool = False) -> dict:
+    """Wall seconds of an execute stage by list scheduling, the way the executors hand out work:
+    groups in plan order, each to the worker that is free first. A group is ``{"method",
+    "seconds", "first_compile_s"}``: ``first_compile_s`` is paid by a worker's first group of that
+    method (a process compiles a method's sampling UNet once; later working copies reuse the code,
+    ``methods.sampling``). ``ti_serial``: the first group's ``train_s`` (the TI pass's training) has
+    the GPU to itself, every other worker idle until it ends (the upper bound when a GPU-filling
+    pass gains nothing from the workers beside it)."""
+    free = [0.0] * workers
+    compiled: list[set] = [set() for _ in range(workers)]
+    if ti_serial and groups and groups[0].get("train_s"):
+        free = [groups[0]["train_s"]] * workers
+        groups = [{**groups[0], "seconds": groups[0]["seconds"] - groups[0]["train_s"]}, *groups[1:]]
+    for group in groups:
+        i = min(range(workers), key=free.__getitem__)
+        free[i] += group["seconds"]
+        if group["method"] not in compiled[i]:
+            compiled[i].add(group["method"])
+            free[i] += group.get("first_compile_s", 0.0)
+    return {"execute_s": max(free), "workers_busy_until_s": [round(f, 1) for f in free]}
+
+
+def schedule_groups(rate: dict, *, subjects: int, classes: int, workers: int, steps: dict, images: int,
+                    class_images: int, ti_train_s: float, compile_groups: dict) -> list[dict]:
+    """The plan's groups for a workload (``benchmark.units`` order: the TI pass with its subjects'
+    images, then DreamBooth per subject, then LoRA per subject), each with its duration at the
+    rates of ``rate``: overhead + steps x s_per_step + images x s_per_image; the first
+    DreamBooth group of each of ``classes`` classes also makes its class images (LoRA finds them
+    cached: same key). A method's sampling compile (the rate's ``compile_extra_s``, spread over
+    the ``compile_groups[method]`` groups that paid it in the measured run) goes to each worker's
+    first group of the method."""
+    def first_compile(method):
+        return rate[method]["compile_extra_s"] / max(1, compile_groups.get(method, 1))
+    ti = rate["textual_inversion"]
+    groups = [{"method": "textual_inversion", "train_s": ti_train_s,
+               "seconds": ti_train_s + subjects * images * ti["s_per_image"],
+               "first_compile_s": first_compile("textual_inversion")}]
+    for method in ("dreambooth", "dreambooth_lora"):
+        r = rate[method]
+        for k in range(subjects):
+            seconds = r["overhead_s"] + steps[method] * r["s_per_step"] + images * r["s_per_image"]
+            if method == "dreambooth" and k < classes:
+                seconds += class_images * r["s_per_image"]
+            groups.append({"method": method, "seconds": seconds, "first_compile_s": first_compile(method)})
+    return groups
+
+
+def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str | None,
+             ti_step_factor: float | None = None) -> int:
+    """Item 5 from a timed multi-subject run at the suite's lengths with K workers (``--protocol-lengths
+    --workers-per-gpu K``, one or more legs): its per-process rates, measured with K at once, drive
+    a list schedule (``list_schedule``) of (a) the run's own workload, beside what it measured, and
+    (b) the 30-subject suite with TI as one pass of ``ti_path``'s largest size (``gpu_ti_multi.py``,
+    measured alone), twice: the pass beside the other workers at its alone step time (lower
+    bound) and the pass's training alone on the GPU, the others waiting (upper bound); with
+    ``ti_step_factor`` F also (c) the pass beside the others at F times its lone step time (F: the
+    pass's step time measured beside three fine-tune workers over its lone one). Plan, process
+    start-up and scoring (``scoring_path``, else the run's score stage scaled) are added once."""
+    timed = json.loads(Path(timed_path).read_text())
+    settings, measured = timed["settings"], timed["measured"]
+    if measured.get("returncode") != 0:
+        raise SystemExit(f"--schedule {timed_path}: the run did not finish (returncode {measured.get('returncode')}); "
+                         "continue it first (--continue)")
+    lengths = {"ti_steps": PROTOCOL["ti_steps"], "db_steps": PROTOCOL["db_steps"], "lora_steps": PROTOCOL["lora_steps"],
+               "class_images": PROTOCOL["class_images"]}
+    differ = [k for k, v in lengths.items() if settings[k] != v]
+    if differ or settings["prompts"] * 4 != PROTOCOL["images_per_method_subject"]:
+        raise SystemExit(f"--schedule {timed_path}: not run at the suite's lengths ({differ or 'prompts'} differ): "
+                         "run it with --protocol-lengths")
+    subjects = settings["subjects"].split(",")
+    steps = {"textual_inversion": settings["ti_steps"], "dreambooth": settings["db_steps"],
+             "dreambooth_lora": settings["lora_steps"]}
+    rate = rates(measured, len(subjects), steps)
+    workers = settings["workers_per_gpu"]
+    images = settings["prompts"] * 4
+    # each fine-tune's subjects were sampled by as many workers as there were subjects (at most K)
+    compile_groups = {"textual_inversion": 1, "dreambooth": min(workers, len(subjects)),
+                      "dreambooth_lora": min(workers, len(subjects))}
+    ti_row = measured["per_method"]["textual_inversion"]["trainings"][0]["training"]
+    # the pass's training as it ran: its seconds add every leg's time up to its resume point
+    run_ti_train = ti_row["seconds"] + rate["textual_inversion"]["overhead_s"]
+    made = measured.get("class_images_made") or 0
+    classes_run = made // PROTOCOL["class_images"] if made else len(subjects)
+    own = list_schedule(schedule_groups(rate, subjects=len(subjects), classes=classes_run, workers=workers,
+                                        steps=steps, images=images, class_images=PROTOCOL["class_images"],
+                                        ti_train_s=run_ti_train, compile_groups=compile_groups), workers)
+    stages = measured["stage_seconds"]
+    legs = measured["legs"]
+    outside = measured["wall_seconds"] - sum(stages.values())  # process start and exit, every leg
+    fixed_s = stages.get("plan", 0.0) / len(legs) + outside / len(legs)
+    check = {"simulated_execute_s": own["execute_s"], "workers_busy_until_s": own["workers_busy_until_s"],
+             "simulated_wall_s": own["execute_s"] + fixed_s + stages.get("score", 0.0),
+             "measured_execute_s": stages["execute"], "measured_wall_s": measured["wall_seconds"],
+             "legs": len(legs),
+             "note": "measured over every leg: each restart's start-up and the work a call's end cut after a "
+                     "training's last resume point (or before its first) are in it, not in the simulation"}
+    ti = json.loads(Path(ti_path).read_text())
+    passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
+    size = PROTOCOL["ti_subjects_per_pass"]
+    if size not in passes or PROTOCOL["subjects"] > size:
+        raise SystemExit(f"--ti-json {ti_path}: --schedule projects one TI pass of {PROTOCOL['subjects']} subjects; "
+                         f"it holds passes of {sorted(passes)}")
+    measured_pass = passes[size]
+    first_step = max(0.0, measured_pass["wall_seconds"] - ti["settings"]["measured_steps"] * measured_pass["s_per_step"])
+    suite_ti_train = (PROTOCOL["ti_steps"] * measured_pass["s_per_step"] + first_step
+                      + rate["textual_inversion"]["overhead_s"])
+    suite_steps = {"textual_inversion": PROTOCOL["ti_steps"], "dreambooth": PROTOCOL["db_steps"],
+                   "dreambooth_lora": PROTOCOL["lora_steps"]}
+
+    def suite_groups(ti_train_s):
+        return schedule_groups(rate, subjects=PROTOCOL["subjects"], classes=PROTOCOL["classes"], workers=workers,
+                               steps=suite_steps, images=PROTOCOL["images_per_method_subject"],
+                               class_images=PROTOCOL["class_images"], ti_train_s=ti_train_s,
+                               compile_groups=compile_groups)
+    groups = suite_groups(suite_ti_train)
+    if scoring_path:
+        scoring = json.loads(Path(scoring_path).read_text())
+        score_s = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
+    else:
+        scored = sum(row["images"] for row in measured["per_method"].values())
+        score_s = stages.get("score", 0.0) * PROTOCOL["metric_images"] / max(1, scored)
+    projection = {}
+    arms = [("ti_pass_overlapped", groups, False), ("ti_pass_alone_on_the_gpu", groups, True)]
+    if ti_step_factor:
+        slowed = suite_ti_train + PROTOCOL["ti_steps"] * measured_pass["s_per_step"] * (ti_step_factor - 1.0)
+        arms.append((f"ti_pass_overlapped_at_{ti_step_factor:g}x_its_step", suite_groups(slowed), False))
+    for name, arm_groups, serial in arms:
+        sim = list_schedule(arm_groups, workers, ti_serial=serial)
+        wall = sim["execute_s"] + fixed_s + score_s
+        projection[name] = {**sim, "wall_s": wall, "gpu_hours": wall / 3600}
+    result = {
+        "benchmark": "gpu_protocol_schedule", "timed_run": timed_path, "ti_json": ti_path, "scoring_json": scoring_path,
+        "device": timed.get("device"), "workers_per_gpu": workers, "rates": rate,
+        "suite_ti_pass": {"subjects": size, "s_per_step_alone": measured_pass["s_per_step"],
+                          "first_step_surplus_s": first_step, "training_s": suite_ti_train},
+        "fixed_s": {"plan_and_process_per_run": fixed_s, "score": score_s},
+        "check_on_the_timed_run": check, "projection_full_protocol": projection,
+        "notes": ("Per-process rates measured with K workers at once, also for a schedule's tail where fewer "
+                  "run (conservative there). Each worker pays a method's sampling compile once; the first "
+                  "DreamBooth group of each class makes its class images. The two projections bound how far "
+                  "the TI pass of 30 (measured alone) overlaps the fine-tune workers: not measured."),
+    }
+    text = json.dumps(result, indent=1, default=str)
+    print(text)
+    Path(out or Path(os.environ.get("OUT", ".")) / "gpu_protocol_schedule.json").write_text(text)
+    return 0
 
 
 def compiled_finetunes(run: dict) -> bool:
@@ -582,6 +738,11 @@ def main(argv=None) -> int:
     parser.add_argument("--combine", nargs=2, metavar=("ONE_WORKER_JSON", "K_WORKERS_JSON"), default=None,
                         help="no run: the one-worker projection with the execute stage divided by the gain that the "
                         "same workload measured with --workers-per-gpu K")
+    parser.add_argument("--schedule", default=None, metavar="TIMED_JSON",
+                        help="no run: item 5 by list scheduling from a finished --protocol-lengths run with K workers "
+                             "(its rates), with --ti-json (the suite's TI pass) and optionally --scoring-json")
+    parser.add_argument("--ti-step-factor", type=float, default=None,
+                        help="with --schedule: the TI pass's step time beside three fine-tune workers over its lone one")
     parser.add_argument("--ti-json", default=None,
                         help="with --combine: a gpu_ti_multi.py result holding the protocol's largest pass (30 at the suite's pass size; 15 at --ti-pass 16)")
     parser.add_argument("--ti-pass", type=int, default=None,
@@ -605,6 +766,10 @@ def main(argv=None) -> int:
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds; the partial store is still read")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    if args.schedule:
+        if not args.ti_json:
+            parser.error("--schedule needs --ti-json (a gpu_ti_multi.py result with the suite's TI pass)")
+        return schedule(args.schedule, args.ti_json, args.scoring_json, args.out, args.ti_step_factor)
     if args.combine:
         return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json,
                        finetune_path=args.finetune_json, concurrency_path=args.concurrency_json, ti_pass=args.ti_pass,

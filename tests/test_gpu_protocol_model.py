@@ -54,6 +54,119 @@ def test_rates_separate_overhead_class_images_and_compiles(protocol):
     assert parts["class_images_s"] == pytest.approx(8 * 0.25)
 
 
+def test_rates_count_only_the_steps_a_resumed_training_ran_in_its_last_call(protocol):
+    """A training resumed mid-way (a run continued over calls): its DONE seconds are the last
+    call's, which ran only the steps after the resume point; its training seconds add every call's."""
+    resumed = {"subject": "s", "training": {"seconds": 70.0, "seconds_per_step": 0.1, "resumed_from_step": 60},
+               "prepare_seconds": 9.0, "class_images_generated": 0}
+    measured = {"per_method": {"dreambooth": {"s_per_image_median": 0.25, "seconds": [0.25],
+                                              "trainings": [resumed]}}}
+    rate = protocol.rates(measured, 1, {"dreambooth": 100})["dreambooth"]
+    assert rate["overhead_s"] == pytest.approx(9.0 - 40 * 0.1)  # not 9 − 100 × 0.1 < 0
+
+
+def test_list_schedule_hands_each_group_to_the_first_free_worker(protocol):
+    groups = [{"method": "ti", "seconds": 10.0, "train_s": 6.0, "first_compile_s": 1.0},
+              {"method": "db", "seconds": 4.0, "first_compile_s": 2.0},
+              {"method": "db", "seconds": 4.0, "first_compile_s": 2.0},
+              {"method": "db", "seconds": 4.0, "first_compile_s": 2.0}]
+    # two workers: w0 TI 10 + 1; w1 db 4 + 2 = 6, then db 4 (compiled already) = 10, then the
+    # last db on w1 (free at 10 < 11): 14
+    two = protocol.list_schedule(groups, 2)
+    assert two["workers_busy_until_s"] == [11.0, 14.0] and two["execute_s"] == pytest.approx(14.0)
+    # the TI training alone on the GPU: both workers start at 6; w0 runs TI's images 4 + 1 = 11,
+    # w1 6 + 6 = 12, w1 again (12 < 11? no: w0 at 11) -> w0 11 + 4 + 2 = 17, then w1 12 + 4 = 16
+    serial = protocol.list_schedule(groups, 2, ti_serial=True)
+    assert serial["workers_busy_until_s"] == [17.0, 16.0] and serial["execute_s"] == pytest.approx(17.0)
+
+
+def _timed_json(path, ti_seconds=700.0):
+    """A finished --protocol-lengths run with 2 workers on 2 subjects of 2 classes (hand-made)."""
+    settings = {"workers_per_gpu": 2, "subjects": "a,b", "ti_steps": 5000, "db_steps": 1000, "lora_steps": 500,
+                "class_images": 200, "prompts": 25}
+    ti_training = {"seconds": ti_seconds, "seconds_per_step": 0.1, "resumed_from_step": 2000}
+
+    def fine(per_step, prepare):
+        return {"subject": "s", "training": {"seconds": 1.0, "seconds_per_step": per_step},
+                "prepare_seconds": prepare, "class_images_generated": 0}
+    measured = {
+        "returncode": 0, "wall_seconds": 1000.0, "legs": [{}, {}],
+        "stage_seconds": {"plan": 4.0, "execute": 900.0, "score": 6.0},
+        "class_images_made": 400,
+        "per_method": {
+            # the pass of 2: DONE holds each subject's share of the last call (2 × 160 − 3000 × 0.1 = 20 s)
+            "textual_inversion": {"images": 200, "s_per_image_median": 0.3, "seconds": [0.3] * 199 + [10.3],
+                                  "trainings": [{"subject": "a", "training": ti_training, "prepare_seconds": 160.0},
+                                                {"subject": "b", "training": ti_training, "prepare_seconds": 160.0}]},
+            "dreambooth": {"images": 200, "s_per_image_median": 0.5, "seconds": [0.5] * 198 + [20.5, 20.5],
+                           "trainings": [fine(0.1, 130.0), fine(0.1, 130.0)]},
+            "dreambooth_lora": {"images": 200, "s_per_image_median": 0.4, "seconds": [0.4] * 200,
+                                "trainings": [fine(0.2, 110.0), fine(0.2, 110.0)]},
+        },
+    }
+    path.write_text(json.dumps({"settings": settings, "measured": measured, "device": "test"}))
+    return str(path)
+
+
+def test_schedule_projects_the_suite_from_a_timed_run(protocol, tmp_path):
+    timed = _timed_json(tmp_path / "timed.json")
+    ti = tmp_path / "ti.json"
+    ti.write_text(json.dumps({"settings": {"measured_steps": 10},
+                              "passes": [{"subjects": 30, "s_per_step": 0.3, "wall_seconds": 93.0}]}))
+    out = tmp_path / "schedule.json"
+    assert protocol.schedule(timed, str(ti), None, str(out)) == 0
+    result = json.loads(out.read_text())
+    rate = result["rates"]
+    assert rate["textual_inversion"]["overhead_s"] == pytest.approx(20.0)
+    assert rate["dreambooth"]["overhead_s"] == pytest.approx(30.0)
+    assert rate["dreambooth_lora"]["overhead_s"] == pytest.approx(10.0)
+    # the run itself, uninterrupted: w0 = TI (700 + 20 training, 200 images × 0.3, compile 10) = 790;
+    # w1 = db a (30 + 100 + 50 + 200 class images × 0.5 = 280, compile 40 / 2 = 20) = 300,
+    # db b -> w1 (300 < 790): 300 + 280 = 580, lora a -> w1: 580 + 10 + 100 + 40 = 730 (its compile 0),
+    # lora b -> w1 (730 < 790): 730 + 150 = 880
+    check = result["check_on_the_timed_run"]
+    assert check["workers_busy_until_s"] == [790.0, 880.0]
+    fixed = 4.0 / 2 + (1000.0 - 910.0) / 2  # plan and process start-up, per leg
+    assert check["simulated_wall_s"] == pytest.approx(880.0 + fixed + 6.0)
+    assert check["measured_execute_s"] == 900.0 and check["legs"] == 2
+    # the suite: TI pass of 30 = 5000 × 0.3 + (93 − 10 × 0.3) + 20 = 1610 training + 3000 × 0.3 images
+    assert result["suite_ti_pass"]["training_s"] == pytest.approx(1610.0)
+    score = 6.0 * 9000 / 600
+    for name, serial in (("ti_pass_overlapped", False), ("ti_pass_alone_on_the_gpu", True)):
+        groups = protocol.schedule_groups(
+            rate, subjects=30, classes=15, workers=2, images=100, class_images=200, ti_train_s=1610.0,
+            steps={"textual_inversion": 5000, "dreambooth": 1000, "dreambooth_lora": 500},
+            compile_groups={"textual_inversion": 1, "dreambooth": 2, "dreambooth_lora": 2})
+        assert len(groups) == 61 and sum(g["seconds"] for g in groups) == pytest.approx(
+            1610 + 900 + 30 * 180 + 15 * 100 + 30 * 150)
+        expected = protocol.list_schedule(groups, 2, ti_serial=serial)["execute_s"]
+        assert result["projection_full_protocol"][name]["wall_s"] == pytest.approx(expected + fixed + score)
+    assert (result["projection_full_protocol"]["ti_pass_alone_on_the_gpu"]["wall_s"]
+            > result["projection_full_protocol"]["ti_pass_overlapped"]["wall_s"])
+    # a measured slow-down of the pass beside the fine-tunes: its 5000 steps at 1.5 × 0.3 s
+    assert protocol.schedule(timed, str(ti), None, str(out), ti_step_factor=1.5) == 0
+    slowed = json.loads(out.read_text())["projection_full_protocol"]["ti_pass_overlapped_at_1.5x_its_step"]
+    groups = protocol.schedule_groups(
+        rate, subjects=30, classes=15, workers=2, images=100, class_images=200, ti_train_s=1610.0 + 5000 * 0.15,
+        steps={"textual_inversion": 5000, "dreambooth": 1000, "dreambooth_lora": 500},
+        compile_groups={"textual_inversion": 1, "dreambooth": 2, "dreambooth_lora": 2})
+    assert slowed["wall_s"] == pytest.approx(protocol.list_schedule(groups, 2)["execute_s"] + fixed + score)
+
+
+def test_schedule_refuses_an_unfinished_or_short_run(protocol, tmp_path):
+    timed = Path(_timed_json(tmp_path / "timed.json"))
+    data = json.loads(timed.read_text())
+    data["measured"]["returncode"] = "timeout"
+    timed.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="did not finish"):
+        protocol.schedule(str(timed), "unused", None, None)
+    data["measured"]["returncode"] = 0
+    data["settings"]["db_steps"] = 100
+    timed.write_text(json.dumps(data))
+    with pytest.raises(SystemExit, match="suite's lengths"):
+        protocol.schedule(str(timed), "unused", None, None)
+
+
 def _run_json(path, workers, execute):
     settings = {"workers_per_gpu": workers, "backbone": "sd15-random", "resolution": 512, "subjects": "a,b", "ti_steps": 100, "db_steps": 50, "lora_steps": 50,
                 "class_images": 4, "prompts": 1, "sampling_steps": 1, "batch_size": 4}
@@ -339,4 +452,6 @@ def test_a_run_cut_by_its_timeout_is_finished_by_the_next_call(protocol, tmp_pat
     assert (work / "run.log").read_text().count("=== gpu_protocol leg") == 2
     # the stopped call logged how far its stages got; the stage clock adds both calls' lines
     assert "(stopped in " in (work / "run" / "run.log").read_text()
+    # every class image the run made, whichever call made it: 2 classes × 2 (LoRA shares DreamBooth's)
+    assert second["measured"]["class_images_made"] == 4
     assert sum(second["measured"]["stage_seconds"].values()) >= 15  # the first call ran ~25 s, most in stages
