@@ -72,7 +72,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.protocol import Prompt, derive_seed
 from data.subjects import Subject, cache_root
@@ -105,6 +105,7 @@ from methods.training import (
     TrainingParams,
     TrainResult,
     checkpoint_name,
+    save_tensors,
     train_loop,
 )
 
@@ -393,7 +394,7 @@ class DreamBooth(Method):
         for module, key in ((unet, "unet"), (text_encoder, "text_encoder")):
             if module is not None:
                 path = str(workdir / out[key])
-                writes.submit(path, functools.partial(save_file, _state_dict(module, dtype), path))
+                writes.submit(path, functools.partial(save_tensors, _state_dict(module, dtype), path))
         return out
 
     @contextlib.contextmanager

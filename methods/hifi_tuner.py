@@ -55,7 +55,7 @@ from typing import Literal
 import numpy as np
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.protocol import Prompt
 from data.subjects import Subject
@@ -72,7 +72,7 @@ from methods.reference_guidance import (
 )
 from methods.sampling import build_pipeline, generate_images, initial_latents, seeded_generators
 from methods.textual_inversion import TextualInversion, TextualInversionParams
-from methods.training import checkpoint_name, train_loop
+from methods.training import checkpoint_name, save_tensors, train_loop
 
 log = logging.getLogger("subjectbench")
 DISPLAY_NAME = "HiFi Tuner (reconstructed)"
@@ -358,15 +358,15 @@ class HifiTuner(TextualInversion):
         with self.timed("embedding_training"):
             result = train_loop(params=p, learning_rate=p.effective_learning_rate, next_batch=next_batch,
                                 **objective(c_s))
-        save_file({"c_s": c_s.detach().cpu().contiguous(), "phi_s": phi_s.cpu().contiguous()},
-                  str(workdir / "subject_embedding.safetensors"))
+        save_tensors({"c_s": c_s.detach().cpu().contiguous(), "phi_s": phi_s.cpu().contiguous()},
+                     workdir / "subject_embedding.safetensors")
         stepwise = None
         if p.trains_stepwise:
             with self.timed("stepwise"):
                 stepwise = self._stepwise(backbone, c_s.detach(), next_batch, objective)
             steps, timesteps, losses = stepwise
-            save_file({"c_s_steps": steps.cpu().contiguous(), "timesteps": timesteps},
-                      str(workdir / "stepwise_embeddings.safetensors"))
+            save_tensors({"c_s_steps": steps.cpu().contiguous(), "timesteps": timesteps},
+                         workdir / "stepwise_embeddings.safetensors")
         state = {
             "method": self.name, "version": self.version, "display_name": DISPLAY_NAME, "subject": subject.id,
             "seed": seed, "placeholder_token": self.placeholder(subject), "class_noun": subject.class_noun,

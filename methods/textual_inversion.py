@@ -74,7 +74,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.protocol import Prompt
 from data.subjects import Subject
@@ -89,7 +89,14 @@ from methods.diffusion import (
     working_copy,
 )
 from methods.sampling import build_pipeline, compile_failure, generate_images, maybe_compiled
-from methods.training import TrainBatch, TrainingParams, TrainResult, checkpoint_name, train_loop
+from methods.training import (
+    TrainBatch,
+    TrainingParams,
+    TrainResult,
+    checkpoint_name,
+    save_tensors,
+    train_loop,
+)
 
 # The 27 templates of the official code's ``imagenet_templates_small`` head (the whole list of
 # diffusers' example); "{}" is the placeholder.
@@ -567,4 +574,4 @@ class TextualInversion(Method):
 
 def save_embeddings(path: Path, token: str, vectors: torch.Tensor) -> None:
     """The diffusers textual-inversion file: {token: (num_vectors, dim)} in fp32 safetensors."""
-    save_file({token: vectors.detach().float().cpu().contiguous()}, str(path), metadata={"format": "pt"})
+    save_tensors({token: vectors.detach().float().cpu().contiguous()}, path, metadata={"format": "pt"})

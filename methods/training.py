@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Literal
 
 import torch
 
-from data.common import TMP_PREFIX, atomic_write_json
+from data.common import TMP_PREFIX, atomic_write_json, disk_error
 from methods.base import ParamsError, param
 from methods.diffusion import autocast_context, diffusion_loss, draw_noise_and_timesteps
 
@@ -158,6 +159,32 @@ class BackgroundWrites:
         if self.pool is not None:
             self.pool.shutdown(wait=True)
         self.pending.clear()
+
+
+_OS_ERROR = re.compile(r"\(os error (\d+)\)")
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path | str, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with a full or read-only disk raised as the project's
+    ``DiskWriteError`` naming the file and the fix (the run stops with one ``error:`` line and
+    keeps what finished). safetensors reports the operating system's error as its own
+    ``SafetensorError`` ("... I/O error: No space left on device (os error 28)"), which names
+    neither the file nor the fix, and the harness took it for the training's own failure. The
+    partial file is removed."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as error:
+        match = _OS_ERROR.search(str(error))
+        code = int(match.group(1)) if match else None
+        fatal = disk_error(OSError(code, os.strerror(code), str(path)), path) if code is not None else None
+        if fatal is None:
+            raise
+        with contextlib.suppress(OSError):
+            Path(path).unlink(missing_ok=True)
+        raise fatal from None
 
 
 def _write(path: Path | str, write: Callable[[], None]) -> None:
@@ -458,8 +485,6 @@ class _LoopResume:
         return self.points.every_seconds > 0 and time.perf_counter() - self.last_save >= self.points.every_seconds
 
     def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        from safetensors.torch import save_file
-
         started = time.perf_counter()
         for writer in self.points.writers:
             writer.wait()
@@ -467,7 +492,7 @@ class _LoopResume:
         directory.mkdir(parents=True, exist_ok=True)
         name = f"loop-{self.index}.step-{step}.safetensors"
         temporary = directory / f"{TMP_PREFIX}{name}.{os.getpid()}"  # streamed: a point may be ~10 GB
-        save_file(tensors, str(temporary))
+        save_tensors(tensors, temporary)  # a full disk: DiskWriteError, the partial file removed
         os.replace(temporary, directory / name)
         meta = {"format": RESUME_FORMAT, "identity": self.identity, "step": step, "tensors": name, **meta}
         atomic_write_json(self.meta_path, meta)  # the pointer, last: the point now counts

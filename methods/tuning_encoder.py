@@ -41,7 +41,7 @@ from typing import Literal
 
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from data.images import load_image, to_tensor
 from data.protocol import Prompt, derive_seed
@@ -58,7 +58,7 @@ from methods.diffusion import (
 )
 from methods.sampling import build_pipeline, generate_images
 from methods.textual_inversion import IMAGENET_TEMPLATES_SMALL, PlaceholderEmbedding
-from methods.training import TrainBatch, TrainingParams, train_loop
+from methods.training import TrainBatch, TrainingParams, save_tensors, train_loop
 from methods.tuning_encoder_net import (
     MAX_SLOTS,
     SLOT_PREFIX,
@@ -249,7 +249,7 @@ class TuningEncoder(Method):
             down, up = offsets[layer][target]
             tensors[f"down.{index}"] = down.detach().float().cpu().contiguous()
             tensors[f"up.{index}"] = up.detach().float().cpu().contiguous()
-        save_file(tensors, str(workdir / "state.safetensors"), metadata={"format": "pt"})
+        save_tensors(tensors, workdir / "state.safetensors", metadata={"format": "pt"})
         state = {
             "method": self.name,
             "version": self.version,

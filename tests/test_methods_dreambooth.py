@@ -326,13 +326,13 @@ def test_a_checkpoint_is_the_weights_at_its_step_even_when_written_later(context
     module = torch.nn.Linear(3, 2)
     before = {k: v.clone() for k, v in module.state_dict().items()}
     release = threading.Event()
-    real_save = dreambooth.save_file
+    real_save = dreambooth.save_tensors
 
     def held_save(tensors, path):
         release.wait(timeout=30)
         real_save(tensors, path)
 
-    monkeypatch.setattr(dreambooth, "save_file", held_save)
+    monkeypatch.setattr(dreambooth, "save_tensors", held_save)
     with method._background_writes() as writes:
         files = method._save_checkpoint(tmp_path, "step-1", module, None, torch.float32)
         with torch.no_grad():
@@ -353,14 +353,14 @@ def test_a_failed_background_write_fails_the_training_and_names_the_file(context
 
     from methods import dreambooth
 
-    real_save = dreambooth.save_file
+    real_save = dreambooth.save_tensors
 
     def full_disk(tensors, path):
         if "step-1" in path:
             raise OSError(errno.ENOSPC, "No space left on device", path)
         real_save(tensors, path)
 
-    monkeypatch.setattr(dreambooth, "save_file", full_disk)
+    monkeypatch.setattr(dreambooth, "save_tensors", full_disk)
     method = DreamBooth(DreamBoothParams(steps=3, learning_rate=1e-3, checkpoint_steps=(1,), **PRIOR), context)
     with pytest.raises(OSError, match="No space left") as raised:
         method.prepare(dog, tmp_path, seed=0)
