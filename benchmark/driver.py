@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import logging
 import time
@@ -69,6 +70,15 @@ class RunSummary:
         if self.failed:
             out.append(f"  tracebacks: {self.run_dir}/failures/; rerun with --retry-failed to redo them")
         return out
+
+
+def _record_invocation(store: Store, record: dict) -> None:
+    """The invocation's line in ``invocations.jsonl``; a disk that refuses it loses only that line
+    (logged), never the error the run may be stopping with."""
+    try:
+        store.record_invocation(record)
+    except OSError as error:
+        log.warning("could not record this invocation's run time in %s (%s)", store.invocations_path, error)
 
 
 def resolved_config(config: RunConfig) -> dict:
@@ -154,6 +164,7 @@ def run_benchmark(
     shard_spec: tuple[int, int] | None = None,
 ) -> RunSummary:
     started = time.perf_counter()
+    started_utc = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     store = Store(run_dir)
     summary = RunSummary(run_dir=store.root)
     with run_lock(store):
@@ -233,6 +244,15 @@ def run_benchmark(
                 summary.stage_seconds[stopped_in] = time.perf_counter() - stage_started
             log.info("stage seconds: %s%s", json.dumps({k: round(v, 2) for k, v in summary.stage_seconds.items()}),
                      f" (stopped in {stopped_in})" if stopped_in else "")
+            _record_invocation(store, {
+                "started": started_utc, "seconds": round(time.perf_counter() - started, 2),
+                "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()}, "stopped_in": stopped_in,
+                "device": str(device), "device_name": environment.device_name(str(device)), "executor": executor,
+                # the GPUs this invocation's workers shared (None: the executor does not know, e.g. Ray)
+                "gpus": runner_pool.devices if str(device).startswith("cuda") else 0,
+                "workers_per_gpu": workers_per_gpu, "mps": mps, "shard": list(shard_spec) if shard_spec else None,
+                "images_generated": summary.done,
+            })
         keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}
         summary.failed = failures_in_scope(store, keys)
     summary.seconds = time.perf_counter() - started

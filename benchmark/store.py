@@ -11,6 +11,8 @@ Layout under RUN_DIR (DESIGN.md "Run unit and store"):
   resume/<name>/points/, work/<subject>/      an unfinished training's resume points and working
                                              folders (training.resume_every), gone once published
   run.log                                    the log of every invocation
+  invocations.jsonl                          one line per invocation: wall seconds per stage, executor,
+                                             GPUs and workers per GPU (the report's run time, GPU-hours)
 Every file is written to a temporary name in the same folder and renamed into place, so a
 process killed at any moment leaves either the old state or the new one, never half a file.
 """
@@ -121,6 +123,34 @@ class Store:
         return removed
 
     # ------------------------------------------------------------------ config and plan
+    @property
+    def invocations_path(self) -> Path:
+        return self.root / "invocations.jsonl"
+
+    def record_invocation(self, record: dict) -> None:
+        """Add one invocation's record (``benchmark.driver``: wall seconds per stage, executor,
+        device, GPUs, workers per GPU) to ``invocations.jsonl``, rewritten atomically."""
+        with file_lock(self.root / ".invocations.lock"):
+            path = self.invocations_path
+            earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
+            atomic_write_text(path, earlier + json.dumps(record, sort_keys=True, default=str) + "\n")
+
+    def invocations(self) -> list[dict]:
+        """Every invocation's record, oldest first (none for a run made before they were kept)."""
+        path = self.invocations_path
+        if not path.is_file():
+            return []
+        records = []
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise StoreError(f"{path} line {number} is not JSON ({error}); delete that line (it only "
+                                 "feeds the report's run time) and rerun") from None
+        return records
+
     def save_config(self, resolved: dict) -> None:
         from benchmark.hashing import stable_hash
 

@@ -38,6 +38,12 @@ beside three others, from writing its ~10 GB points while the TI pass of 4, whic
 in one 540-s call with one worker, saves a few KB every 4 minutes). A continued call may change
 the executor flags (``--workers-per-gpu``, ``--mps``; each leg records its own), not the workload.
 
+``--schedule TIMED.json --ti-json TI30.json [--scoring-json S.json] [--ti-step-factor F]`` (no run):
+item 5 from a finished ``--protocol-lengths`` run with K workers, by list scheduling the plan's
+groups at that run's per-process rates (``schedule``): the run's own workload beside what it
+measured, and the 30-subject suite with TI as one pass measured alone, bounded by that pass beside
+the other workers at its lone speed and by the others waiting for it.
+
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
 """

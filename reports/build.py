@@ -46,7 +46,7 @@ from reports.selection import (
 )
 from reports.single_image import single_image_html, single_image_markdown, single_image_table
 from reports.stats import DEFAULT_CONFIDENCE, DEFAULT_RESAMPLES, DEFAULT_SEED
-from reports.tables import cost_table, summary_tables
+from reports.tables import cost_table, run_time_table, summary_tables
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -114,7 +114,8 @@ def build_report(
         cost_columns = ["prepare_device", "prepare_seconds_per_subject", "prepare_peak_mb", "state_mb_per_subject",
                         "seconds_per_image", "generate_peak_mb"]
         tables["summary"] = tables["summary"].merge(cost[["cell_id", *cost_columns]], on="cell_id", how="left")
-    for table_name, table in {**tables, "cost": cost}.items():
+    run_time = run_time_table(run)
+    for table_name, table in {**tables, "cost": cost, "run_time": run_time}.items():
         _write_csv(out / "tables" / f"{table_name}.csv", table)
     explanation = (
         f"Means over images with {confidence:.0%} confidence intervals from a hierarchical bootstrap "
@@ -122,8 +123,8 @@ def build_report(
         f"{FEW_NOTE} 'images' counts the images each metric averaged (PRES: the class-prior images)."
     )
     files_extra = write_single_image(run, out, resamples, seed, confidence)
-    atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation))
-    atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation))
+    atomic_write_text(out / "tables.html", tables_html(run, tables, cost, explanation, run_time))
+    atomic_write_text(out / "tables.md", tables_markdown(run, tables, cost, explanation, run_time))
     atomic_write_text(out / "conventions.html", page("Conventions", conventions_html(run, tables), run_name=name))
     atomic_write_text(out / "conventions.md", conventions_markdown(run, tables))
 

@@ -16,6 +16,8 @@
                      the method fingerprints behind the images
   protocol.json      the protocol and metric signatures that decide comparability (reports.comparability)
   cost.csv           the cost table (reports.tables.cost_table)
+  invocations.json   each `subjectbench run` of it: wall seconds per stage, executor, GPUs, workers per
+                     GPU (the report's run time and GPU-hours; absent from bundles made before)
   failures.json      recorded failures (unit key -> error), tracebacks left out
   thumbnails/        with --thumbnails: <key>.jpg, at most 128 px
   bundle.json        last: sha256 of every other file and one content hash over them
@@ -198,7 +200,7 @@ sha256 of every file and one content hash over them; a bundle whose files change
 
 results.parquet (one row per image × metric), images.parquet (per-image manifest), plan.parquet,
 states.parquet, config.yaml, subjects.json, fingerprints.json, protocol.json, cost.csv,
-failures.json{', thumbnails/' if thumbnails else ''}.
+invocations.json, failures.json{', thumbnails/' if thumbnails else ''}.
 """
     return str(DatasetCard.from_template(data, template_str="---\n{{ card_data }}\n---\n" + body))
 
@@ -236,6 +238,7 @@ def export_bundle(run_dir: str | Path, out: str | Path, thumbnails: bool = False
                                                           "methods": {c: [json.loads(f) for f in v] for c, v in methods.items()}})
         atomic_write_json(staging / "protocol.json", signature)
         atomic_write_text(staging / "cost.csv", cost_table(run).to_csv(index=False))
+        atomic_write_json(staging / "invocations.json", run.invocations)
         atomic_write_json(staging / "failures.json", {k: {f: v for f, v in info.items() if f != "traceback"}
                                                       for k, info in run.failures.items()})
         atomic_write_text(staging / "README.md", _card(run, name, signature, thumbnails))
@@ -297,6 +300,8 @@ def read_bundle(path: str | Path) -> RunData:
         fingerprints=json.loads((root / "fingerprints.json").read_text(encoding="utf-8"))["metrics"],
         failures=json.loads((root / "failures.json").read_text(encoding="utf-8")),
         states=pd.read_parquet(root / "states.parquet"),
+        invocations=(json.loads((root / "invocations.json").read_text(encoding="utf-8"))
+                     if (root / "invocations.json").is_file() else []),
     )
 
 

@@ -39,7 +39,12 @@ TABLE_NOTES = {
     "learned state on disk (one state holds all checkpoints of a sweep); generation seconds per image = batch time / batch size. Peak memory: CUDA where measured, "
     "else the process's peak RSS (which includes everything the process loaded before). One-time pre-training (an "
     "encoder pre-trained once for all subjects, e.g. the tuning encoder) is read from the checkpoint's record and is "
-    "not part of the per-subject seconds.",
+    "not part of the per-subject seconds. 'device hours' add each cell's preparation and generation seconds over the "
+    "processes that ran them: with several workers sharing a GPU they exceed the GPU's own time (see Run time).",
+    "run_time": "Each `subjectbench run` on this folder (a rerun that resumes is one more): wall seconds per stage, "
+    "the executor, the GPUs its workers shared and how many workers per GPU. GPU-hours = wall seconds × GPUs: what the "
+    "run took of the hardware. The total adds every invocation, so work an interrupted invocation did and a rerun "
+    "redid counts twice; none is given when an invocation's GPU count is unknown (Ray) or it ran on a CPU.",
 }
 TABLE_TITLES = {
     "summary": "Summary per method entry",
@@ -48,6 +53,7 @@ TABLE_TITLES = {
     "per_subject": "Per subject",
     "clip_t_scales": "CLIP-T in published scales",
     "cost": "Cost",
+    "run_time": "Run time",
 }
 
 
@@ -101,6 +107,29 @@ def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
     return headers, rows
 
 
+def run_time_rows(run_time: pd.DataFrame) -> tuple[list[str], list[list[Cell]]] | tuple[None, None]:
+    if run_time is None or run_time.empty:
+        return None, None
+    headers = ["invocation", "started (UTC)", "device", "executor", "GPUs × workers", "plan s", "execute s", "score s",
+               "wall s", "images made", "GPU-hours"]
+    rows = []
+    for _, row in run_time.iterrows():
+        total = row["invocation"] == "total"
+        gpus = row["gpus"]
+        layout = "" if total else (f"{int(gpus)} × {int(row['workers_per_gpu'] or 1)}{' MPS' if row['mps'] else ''}"
+                                   if isinstance(gpus, (int, float)) and not pd.isna(gpus) and gpus > 0
+                                   else ("cpu" if gpus == 0 else "unknown"))
+        stopped = "" if total or pd.isna(row["stopped_in"]) or not row["stopped_in"] else f" (stopped in {row['stopped_in']})"
+        rows.append([
+            text(row["invocation"]), text("" if total else str(row["started"] or "")),
+            text("" if total else str(row["device_name"] or "")), text("" if total else str(row["executor"] or "")),
+            text(layout), number(row["plan_seconds"], 1), number(row["execute_seconds"], 1),
+            number(row["score_seconds"], 1), Cell(f"{fmt(row['wall_seconds'], 1)}{stopped}"),
+            number(row["images_generated"], 0), number(row["gpu_hours"], 4),
+        ])
+    return headers, rows
+
+
 TABLE_KEYS = {
     "summary": ["entry"],
     "by_kind": ["entry", "kind"],
@@ -110,7 +139,11 @@ TABLE_KEYS = {
 }
 
 
-def _sections(tables: dict[str, pd.DataFrame], cost: pd.DataFrame):
+def _empty(name: str) -> str:
+    return ("none recorded (the run predates invocations.jsonl)" if name == "run_time" else "no scored images")
+
+
+def _sections(tables: dict[str, pd.DataFrame], cost: pd.DataFrame, run_time: pd.DataFrame | None = None):
     for name in ("summary", "by_kind", "by_category", "per_subject", "clip_t_scales"):
         table = tables.get(name, pd.DataFrame())
         if table.empty:
@@ -118,23 +151,26 @@ def _sections(tables: dict[str, pd.DataFrame], cost: pd.DataFrame):
             continue
         yield name, *metric_rows(table, TABLE_KEYS[name], intervals=name != "per_subject")
     yield "cost", *cost_rows(cost)
+    yield "run_time", *run_time_rows(run_time)
 
 
-def tables_html(run: RunData, tables: dict[str, pd.DataFrame], cost: pd.DataFrame, explanation: str) -> str:
+def tables_html(run: RunData, tables: dict[str, pd.DataFrame], cost: pd.DataFrame, explanation: str,
+                run_time: pd.DataFrame | None = None) -> str:
     body = ["<h1>Tables</h1>", smoke_banner(run.smoke_reasons()), f"<p class='note'>{html.escape(explanation)}</p>"]
     body.append("<p class='note'>" + " · ".join(f"<a href='#{n}'>{TABLE_TITLES[n]}</a>" for n in TABLE_TITLES) + "</p>")
-    for name, headers, rows in _sections(tables, cost):
+    for name, headers, rows in _sections(tables, cost, run_time):
         body.append(f"<h2 id='{name}'>{TABLE_TITLES[name]}</h2><p class='note'>{html.escape(TABLE_NOTES[name])} "
                     f"CSV: <a href='tables/{name}.csv'>tables/{name}.csv</a></p>")
-        body.append(html_table(headers, rows) if headers else "<p class='empty'>— no scored images</p>")
+        body.append(html_table(headers, rows) if headers else f"<p class='empty'>— {html.escape(_empty(name))}</p>")
     return page("Tables", "".join(body), run_name=run.config.get("name", ""))
 
 
-def tables_markdown(run: RunData, tables: dict[str, pd.DataFrame], cost: pd.DataFrame, explanation: str) -> str:
+def tables_markdown(run: RunData, tables: dict[str, pd.DataFrame], cost: pd.DataFrame, explanation: str,
+                    run_time: pd.DataFrame | None = None) -> str:
     parts = ["# Tables\n", smoke_markdown(run.smoke_reasons()), explanation + "\n"]
-    for name, headers, rows in _sections(tables, cost):
+    for name, headers, rows in _sections(tables, cost, run_time):
         parts.append(f"\n## {TABLE_TITLES[name]}\n\n{TABLE_NOTES[name]}\n")
-        parts.append(markdown_table(headers, rows) if headers else "— no scored images\n")
+        parts.append(markdown_table(headers, rows) if headers else f"— {_empty(name)}\n")
     return "\n".join(parts)
 
 

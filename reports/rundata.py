@@ -60,6 +60,7 @@ class RunData:
     fingerprints: dict[str, dict]  # metric -> {'hash', 'fingerprint'}
     failures: dict[str, dict]
     states: pd.DataFrame = field(default_factory=pd.DataFrame)  # one row per prepared state
+    invocations: list[dict] = field(default_factory=list)  # each `subjectbench run` on it (invocations.jsonl)
 
     @property
     def root(self) -> Path:
@@ -130,4 +131,5 @@ def read_run(run_dir: str | Path) -> RunData:
         fingerprints=current_fingerprints(store),
         failures=store.failures(),
         states=_states(store, plan),
+        invocations=store.invocations(),
     )

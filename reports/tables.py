@@ -174,6 +174,41 @@ def _pretraining(states: pd.DataFrame) -> dict:
     return out
 
 
+RUN_TIME_COLUMNS = ["invocation", "started", "device_name", "executor", "gpus", "workers_per_gpu", "mps",
+                    "plan_seconds", "execute_seconds", "score_seconds", "wall_seconds", "stopped_in",
+                    "images_generated", "gpu_hours"]
+
+
+def run_time_table(run: RunData) -> pd.DataFrame:
+    """Each invocation of the run (``invocations.jsonl``): wall seconds per stage, where and how it
+    ran, and its GPU-hours = wall seconds × the GPUs its workers shared (however many workers per
+    GPU); then a ``total`` row. What a run cost the hardware, where the cost table's
+    ``device_hours`` (per cell, summed over processes) overstate it when workers share a GPU.
+    An invocation whose GPU count is unknown (a Ray cluster) or that ran on a CPU has no GPU-hours."""
+    rows = []
+    for number, record in enumerate(run.invocations, 1):
+        stages = record.get("stage_seconds") or {}
+        gpus = record.get("gpus")
+        wall = record.get("seconds")
+        rows.append({
+            "invocation": str(number), "started": record.get("started"), "device_name": record.get("device_name"),
+            "executor": record.get("executor"), "gpus": gpus, "workers_per_gpu": record.get("workers_per_gpu"),
+            "mps": record.get("mps"), "plan_seconds": stages.get("plan"), "execute_seconds": stages.get("execute"),
+            "score_seconds": stages.get("score"), "wall_seconds": wall, "stopped_in": record.get("stopped_in"),
+            "images_generated": record.get("images_generated"),
+            "gpu_hours": wall * gpus / 3600 if gpus and wall is not None else np.nan,
+        })
+    if not rows:
+        return pd.DataFrame(columns=RUN_TIME_COLUMNS)
+    table = pd.DataFrame(rows, columns=RUN_TIME_COLUMNS)
+    numeric = ["plan_seconds", "execute_seconds", "score_seconds", "wall_seconds", "images_generated"]
+    total = {"invocation": "total", **{c: pd.to_numeric(table[c], errors="coerce").sum(min_count=1) for c in numeric}}
+    gpu_rows = pd.to_numeric(table["gpu_hours"], errors="coerce")
+    # a total only when every invocation's GPU-hours are known (a CPU or Ray invocation among them: none)
+    total["gpu_hours"] = gpu_rows.sum() if gpu_rows.notna().all() else np.nan
+    return pd.concat([table, pd.DataFrame([total], columns=RUN_TIME_COLUMNS)], ignore_index=True)
+
+
 def cost_table(run: RunData) -> pd.DataFrame:
     """Per method cell: preparation time and memory, state size, generation time and memory, and the
     one-time pre-training of a pre-trained component (the tuning encoder), kept apart from the

@@ -143,6 +143,33 @@ def test_cost_table_reads_states_and_records(run_dir):
     assert (cost["prepare_peak_kind"] == "RSS").all()
 
 
+def test_run_time_lists_each_invocation_and_its_gpu_hours(run_dir):
+    table = pd.read_csv(run_dir / "report" / "tables" / "run_time.csv")
+    assert list(table["invocation"].astype(str)) == ["1", "total"]  # the fixture's one run, then the total
+    assert table.loc[0, "executor"] == "inprocess" and table.loc[0, "gpus"] == 0
+    assert table.loc[0, "wall_seconds"] >= table.loc[0, "execute_seconds"] > 0
+    assert table["gpu_hours"].isna().all()  # a CPU run has no GPU-hours
+    assert "Run time" in read(run_dir / "report" / "tables.md")
+
+
+def test_run_time_gpu_hours_are_wall_times_gpus_and_unknown_under_ray():
+    from types import SimpleNamespace
+
+    from reports.tables import run_time_table
+
+    def invocation(seconds, gpus, workers=4, stopped=None):
+        return {"seconds": seconds, "gpus": gpus, "workers_per_gpu": workers, "mps": True, "executor": "local",
+                "stage_seconds": {"plan": 5.0, "execute": seconds - 15.0, "score": 10.0}, "stopped_in": stopped,
+                "images_generated": 10}
+    # a run cut by a call's end, then resumed: four workers on one GPU, then two GPUs
+    table = run_time_table(SimpleNamespace(invocations=[invocation(600.0, 1, stopped="execute"), invocation(360.0, 2)]))
+    assert list(table["gpu_hours"]) == pytest.approx([600 / 3600, 720 / 3600, 1320 / 3600])
+    assert table.loc[2, "wall_seconds"] == 960.0 and table.loc[2, "images_generated"] == 20
+    ray = run_time_table(SimpleNamespace(invocations=[invocation(600.0, 1), invocation(100.0, None)]))
+    assert np.isnan(ray.loc[2, "gpu_hours"])  # one invocation's GPUs unknown: no total
+    assert run_time_table(SimpleNamespace(invocations=[])).empty
+
+
 def test_leaderboard_ranks_warns_and_cites(run_dir):
     page = read(run_dir / "report" / "leaderboard.html")
     markdown = read(run_dir / "report" / "leaderboard.md")

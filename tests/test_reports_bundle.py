@@ -41,8 +41,11 @@ def test_export_writes_a_self_describing_hashed_bundle(runs, tmp_path, capsys):
     manifest = verify_bundle(bundle)
     assert manifest["content_hash"] == runs["digest"] and len(runs["digest"]) == 64
     expected = {"README.md", "results.parquet", "images.parquet", "plan.parquet", "states.parquet", "config.yaml",
-                "subjects.json", "fingerprints.json", "protocol.json", "cost.csv", "failures.json"}
+                "subjects.json", "fingerprints.json", "protocol.json", "cost.csv", "invocations.json", "failures.json"}
     assert expected <= set(manifest["files"])
+    # the run time travels: the bundle reads back the run's invocation (one, on the CPU)
+    invocations = read_bundle(bundle).invocations
+    assert invocations == read_run(runs["baseline"]).invocations and len(invocations) == 1
     assert not (bundle / "images").exists()  # results travel without the PNGs
     images = pd.read_parquet(bundle / "images.parquet")
     assert len(images) == 24 and images["image_sha256"].str.len().eq(64).all()
