@@ -19,6 +19,7 @@ from pathlib import Path
 from benchmark import environment
 from benchmark.config import RunConfig
 from benchmark.executors import make_executor
+from benchmark.hashing import stable_hash
 from benchmark.progress import StageProgress, setup_logging
 from benchmark.results import load_subject_table, save_plan
 from benchmark.runner import JobSpec
@@ -246,6 +247,7 @@ def run_benchmark(
                      f" (stopped in {stopped_in})" if stopped_in else "")
             _record_invocation(store, {
                 "started": started_utc, "seconds": round(time.perf_counter() - started, 2),
+                "config": stable_hash(resolved, 8),  # its file in configs/<time>-<hash>.yaml
                 "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()}, "stopped_in": stopped_in,
                 "device": str(device), "device_name": environment.device_name(str(device)), "executor": executor,
                 # the GPUs this invocation's workers shared (None: the executor does not know, e.g. Ray)

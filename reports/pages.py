@@ -44,7 +44,9 @@ TABLE_NOTES = {
     "run_time": "Each `subjectbench run` on this folder (a rerun that resumes is one more): wall seconds per stage, "
     "the executor, the GPUs its workers shared and how many workers per GPU. GPU-hours = wall seconds × GPUs: what the "
     "run took of the hardware. The total adds every invocation, so work an interrupted invocation did and a rerun "
-    "redid counts twice; none is given when an invocation's GPU count is unknown (Ray) or it ran on a CPU.",
+    "redid counts twice; none is given when an invocation's GPU count is unknown (Ray) or it ran on a CPU. An "
+    "invocation killed outright (SIGKILL, a machine taken away) leaves no line; Ctrl-C and errors do. 'config' is the "
+    "hash of its resolved config (configs/<time>-<hash>.yaml).",
 }
 TABLE_TITLES = {
     "summary": "Summary per method entry",
@@ -110,7 +112,7 @@ def cost_rows(cost: pd.DataFrame) -> tuple[list[str], list[list[Cell]]]:
 def run_time_rows(run_time: pd.DataFrame) -> tuple[list[str], list[list[Cell]]] | tuple[None, None]:
     if run_time is None or run_time.empty:
         return None, None
-    headers = ["invocation", "started (UTC)", "device", "executor", "GPUs × workers", "plan s", "execute s", "score s",
+    headers = ["invocation", "started (UTC)", "config", "device", "executor", "GPUs × workers", "plan s", "execute s", "score s",
                "wall s", "images made", "GPU-hours"]
     rows = []
     for _, row in run_time.iterrows():
@@ -122,6 +124,7 @@ def run_time_rows(run_time: pd.DataFrame) -> tuple[list[str], list[list[Cell]]] 
         stopped = "" if total or pd.isna(row["stopped_in"]) or not row["stopped_in"] else f" (stopped in {row['stopped_in']})"
         rows.append([
             text(row["invocation"]), text("" if total else str(row["started"] or "")),
+            text("" if total or pd.isna(row["config"]) else str(row["config"])),
             text("" if total else str(row["device_name"] or "")), text("" if total else str(row["executor"] or "")),
             text(layout), number(row["plan_seconds"], 1), number(row["execute_seconds"], 1),
             number(row["score_seconds"], 1), Cell(f"{fmt(row['wall_seconds'], 1)}{stopped}"),

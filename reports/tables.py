@@ -174,7 +174,7 @@ def _pretraining(states: pd.DataFrame) -> dict:
     return out
 
 
-RUN_TIME_COLUMNS = ["invocation", "started", "device_name", "executor", "gpus", "workers_per_gpu", "mps",
+RUN_TIME_COLUMNS = ["invocation", "started", "config", "device_name", "executor", "gpus", "workers_per_gpu", "mps",
                     "plan_seconds", "execute_seconds", "score_seconds", "wall_seconds", "stopped_in",
                     "images_generated", "gpu_hours"]
 
@@ -191,7 +191,8 @@ def run_time_table(run: RunData) -> pd.DataFrame:
         gpus = record.get("gpus")
         wall = record.get("seconds")
         rows.append({
-            "invocation": str(number), "started": record.get("started"), "device_name": record.get("device_name"),
+            "invocation": str(number), "started": record.get("started"), "config": record.get("config"),
+            "device_name": record.get("device_name"),
             "executor": record.get("executor"), "gpus": gpus, "workers_per_gpu": record.get("workers_per_gpu"),
             "mps": record.get("mps"), "plan_seconds": stages.get("plan"), "execute_seconds": stages.get("execute"),
             "score_seconds": stages.get("score"), "wall_seconds": wall, "stopped_in": record.get("stopped_in"),

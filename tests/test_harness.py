@@ -134,6 +134,7 @@ def test_rerun_skips_finished_work_and_force_redoes(tmp_path):
     # each invocation's line in invocations.jsonl: its stage clock, how and where it ran
     lines = [json.loads(line) for line in (tmp_path / "invocations.jsonl").read_text().splitlines()]
     assert [line["images_generated"] for line in lines] == [24, 0, 24]
+    assert all(list((tmp_path / "configs").glob(f"*-{line['config']}.yaml")) for line in lines)
     assert lines[0]["stage_seconds"] == {k: round(v, 2) for k, v in first.stage_seconds.items()}
     assert all(line["executor"] == "inprocess" and line["gpus"] == 0 and line["device"] == "cpu"
                and line["stopped_in"] is None and line["seconds"] >= sum(line["stage_seconds"].values()) - 0.05
