@@ -361,6 +361,8 @@ def concurrency(args, backbone, device, results):
                 "steps_each": args.train_steps, "timed_window_s": window, "aggregate_steps_per_s": aggregate,
                 "amortized_s_per_1000_steps_per_subject": 1000 / aggregate,
                 "s_per_step_each": [c["s_per_step"] for c in children],
+                # epoch seconds of each child's timed steps: set beside another process's (overlap)
+                "clock_windows_each": [[c["start"], c["end"]] for c in children],
                 "peak_gib_each": [c["peak_gib"] for c in children],
                 "warmup_seconds_each": [c.get("warmup_seconds") for c in children],
                 "losses_first5_each": [c.get("losses_first5") for c in children],

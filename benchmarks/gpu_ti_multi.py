@@ -84,7 +84,7 @@ def train(method: TextualInversion, subjects, seeds, device: torch.device) -> tu
         workdir.mkdir()
     reset_peak(device)
     synchronize(device)
-    started = time.perf_counter()
+    started, clock_start = time.perf_counter(), time.time()
     if len(subjects) == 1:
         method.prepare(subjects[0], workdirs[0], seeds[0])
     else:
@@ -92,6 +92,9 @@ def train(method: TextualInversion, subjects, seeds, device: torch.device) -> tu
     synchronize(device)
     seconds = time.perf_counter() - started
     summary = json.loads((workdirs[0] / "state.json").read_text())["training"]
+    # epoch seconds of the whole pass (its first step's compile included): to set beside another
+    # process's timed window when both ran at once (MPS)
+    summary["clock_window"] = [round(clock_start, 3), round(time.time(), 3)]
     return workdirs, seconds, summary
 
 
@@ -111,6 +114,7 @@ def row(count: int, seconds: float, summary: dict, steps: int) -> dict:
         "s_per_subject_step": round(per_step / count, 5),
         "projected_5000_steps_s_per_subject": round(per_step * PAPER_STEPS / count, 1),
         "peak_memory_gib": round(peak / 2**30, 3) if peak else None,
+        "clock_window": summary.get("clock_window"),
     }
 
 
