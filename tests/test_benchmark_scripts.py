@@ -240,5 +240,7 @@ def test_gpu_speed_concurrency_children_train_either_fine_tune(tmp_path, method)
     rows = result["training_concurrency" if method == "dreambooth" else "training_concurrency_dreambooth_lora"]
     row = rows["2"]
     assert row["returncodes"] == [0, 0] and row["aggregate_steps_per_s"] > 0
+    windows = row["clock_windows_each"]  # each child's timed steps on the wall clock, for overlap checks
+    assert len(windows) == 2 and all(start < end for start, end in windows)
     first, second = row["losses_first5_each"]
     assert first == second  # the same seeds in both processes
