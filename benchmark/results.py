@@ -64,6 +64,26 @@ def load_plan(store: Store) -> pd.DataFrame:
     return pd.read_parquet(path)
 
 
+def invocation_gpu_hours(record: dict) -> float | None:
+    """An invocation's GPU-hours (``invocations.jsonl``): its wall seconds × the GPUs its workers
+    shared, however many workers each held; None on a CPU or when the GPU count is unknown (Ray)."""
+    gpus, wall = record.get("gpus"), record.get("seconds")
+    return wall * gpus / 3600 if gpus and wall is not None else None
+
+
+def run_time_line(store: Store) -> str | None:
+    """One line on the run's wall time over every invocation, for ``status``; None before any."""
+    records = store.invocations()
+    if not records:
+        return None
+    wall = sum(r.get("seconds") or 0.0 for r in records)
+    hours = [invocation_gpu_hours(r) for r in records]
+    cut = sum(1 for r in records if r.get("stopped_in"))
+    gpu = f", {sum(hours):.3f} GPU-hours" if all(h is not None for h in hours) else ""
+    return (f"run time: {len(records)} invocation{'s' if len(records) != 1 else ''}, {wall:.0f} s wall{gpu}"
+            + (f" ({cut} stopped early)" if cut else ""))
+
+
 def load_subject_table(store: Store) -> list[dict]:
     return json.loads((store.root / SUBJECTS_FILE).read_text())
 

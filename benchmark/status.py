@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from benchmark.results import current_fingerprints, load_plan, read_score_parts
+from benchmark.results import current_fingerprints, load_plan, read_score_parts, run_time_line
 from benchmark.store import Store
 
 
@@ -89,6 +89,9 @@ def run_status(run_dir) -> tuple[str, int]:
             f"trainings: {trainings} for {cells} method cells × {plan['subject'].nunique()} subjects"
             + (" (cells that differ only in generation settings share one training)" if trainings < cells * plan["subject"].nunique() else "")
         )
+    run_time = run_time_line(store)
+    if run_time:
+        lines.append(run_time)
     resumable = _resume_points(store)
     if resumable:
         lines.append(f"interrupted trainings that the next run resumes ({len(resumable)}; training.resume_every):")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from benchmark.results import invocation_gpu_hours
 from reports.rundata import RunData
 from reports.schema import ENTRY_COLUMNS, clip_t_scales, ordered_metrics
 from reports.stats import (
@@ -190,6 +191,7 @@ def run_time_table(run: RunData) -> pd.DataFrame:
         stages = record.get("stage_seconds") or {}
         gpus = record.get("gpus")
         wall = record.get("seconds")
+        hours = invocation_gpu_hours(record)
         rows.append({
             "invocation": str(number), "started": record.get("started"), "config": record.get("config"),
             "device_name": record.get("device_name"),
@@ -197,7 +199,7 @@ def run_time_table(run: RunData) -> pd.DataFrame:
             "mps": record.get("mps"), "plan_seconds": stages.get("plan"), "execute_seconds": stages.get("execute"),
             "score_seconds": stages.get("score"), "wall_seconds": wall, "stopped_in": record.get("stopped_in"),
             "images_generated": record.get("images_generated"),
-            "gpu_hours": wall * gpus / 3600 if gpus and wall is not None else np.nan,
+            "gpu_hours": np.nan if hours is None else hours,
         })
     if not rows:
         return pd.DataFrame(columns=RUN_TIME_COLUMNS)

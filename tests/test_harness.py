@@ -183,6 +183,7 @@ def test_status_and_log(tmp_path):
     assert result.returncode == 1
     assert "2/3" in result.stdout and "16/24" in result.stdout
     assert "simulated failure preparing dog" in result.stdout
+    assert "run time: 1 invocation, " in result.stdout and "GPU-hours" not in result.stdout  # a CPU run
     log = (tmp_path / "run.log").read_text()
     assert "prepare dummy on teapot" in log and "prepare failed for dummy/dog" in log
 

@@ -170,6 +170,20 @@ def test_run_time_gpu_hours_are_wall_times_gpus_and_unknown_under_ray():
     assert run_time_table(SimpleNamespace(invocations=[])).empty
 
 
+def test_status_line_adds_every_invocation(tmp_path):
+    from benchmark.results import run_time_line
+    from benchmark.store import Store
+
+    store = Store(tmp_path)
+    assert run_time_line(store) is None  # a run made before invocations were kept
+    store.record_invocation({"seconds": 600.0, "gpus": 1, "stopped_in": "execute"})
+    store.record_invocation({"seconds": 360.0, "gpus": 2, "stopped_in": None})
+    assert run_time_line(store) == "run time: 2 invocations, 960 s wall, 0.367 GPU-hours (1 stopped early)"
+    (tmp_path / "invocations.jsonl").write_text((tmp_path / "invocations.jsonl").read_text() + "{half a line\n")
+    with pytest.raises(Exception, match=r"invocations.jsonl line 3 is not JSON.*delete that line"):
+        store.invocations()
+
+
 def test_leaderboard_ranks_warns_and_cites(run_dir):
     page = read(run_dir / "report" / "leaderboard.html")
     markdown = read(run_dir / "report" / "leaderboard.md")
