@@ -243,12 +243,12 @@ def run_benchmark(
             progress.close()
             if stopped_in:  # interrupted (Ctrl-C) or failed: the stage it stopped in, as far as it got
                 summary.stage_seconds[stopped_in] = time.perf_counter() - stage_started
-            log.info("stage seconds: %s%s", json.dumps({k: round(v, 2) for k, v in summary.stage_seconds.items()}),
-                     f" (stopped in {stopped_in})" if stopped_in else "")
+            stages = {k: round(v, 2) for k, v in summary.stage_seconds.items()}
+            log.info("stage seconds: %s%s", json.dumps(stages), f" (stopped in {stopped_in})" if stopped_in else "")
             _record_invocation(store, {
                 "started": started_utc, "seconds": round(time.perf_counter() - started, 2),
                 "config": stable_hash(resolved, 8),  # its file in configs/<time>-<hash>.yaml
-                "stage_seconds": {k: round(v, 2) for k, v in summary.stage_seconds.items()}, "stopped_in": stopped_in,
+                "stage_seconds": stages, "stopped_in": stopped_in,
                 "device": str(device), "device_name": environment.device_name(str(device)), "executor": executor,
                 # the GPUs this invocation's workers shared (None: the executor does not know, e.g. Ray)
                 "gpus": runner_pool.devices if str(device).startswith("cuda") else 0,

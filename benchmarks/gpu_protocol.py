@@ -5,7 +5,7 @@ One `subjectbench run dreambooth` (a subprocess, as a user runs it; ``--gpus 1``
 (``--ti-steps`` / ``--db-steps`` / ``--lora-steps``, ``--class-images`` per class, ``--prompts`` × 4
 images per subject and method), scored with CLIP-T, CLIP-I, DINO and DIV (random-init weights:
 speed only). Timed end to end, with the driver's stage clock (plan / execute / score from
-``run.log``). From the run's own records (state.json training summaries, DONE seconds, the
+``invocations.jsonl``). From the run's own records (state.json training summaries, DONE seconds, the
 per-image ``seconds`` of the image records) it derives per-unit rates (``rates``: seconds per
 training step — TI: per step of the pass — the overhead around a training's steps, seconds per
 image, and compiles counted once) and
@@ -205,7 +205,7 @@ def measure(args) -> dict:
             "trainings": trainings,
         }
     out["per_method"] = per_method
-    out["stage_seconds"] = stage_seconds(store.log_path)
+    out["stage_seconds"] = stage_seconds(store)
     # the run's private cache (SUBJECTBENCH_CACHE above) started empty: every class image in it was
     # made by this run, also by a training a call's end cut before it published its records
     out["class_images_made"] = len(list((work / "cache" / "class_prior").glob("*/*.png")))
@@ -226,15 +226,13 @@ def _stop_group(process: subprocess.Popen, grace: float = 60.0) -> None:
     process.wait()
 
 
-def stage_seconds(log_path: Path) -> dict:
-    """The driver's "stage seconds:" lines (plan / execute / score) from the run's log, summed: one
-    per call of a run continued over calls (``--continue``; a call stopped by its timeout logs how
-    far it got, ``(stopped in execute)``)."""
-    lines = [line for line in log_path.read_text().splitlines() if "stage seconds: " in line] if log_path.exists() else []
+def stage_seconds(store: Store) -> dict:
+    """The driver's stage clock (plan / execute / score) of every invocation (``invocations.jsonl``),
+    summed: one per call of a run continued over calls (``--continue``; a call stopped by its
+    timeout records how far it got, ``stopped_in``)."""
     total: dict = {}
-    for line in lines:
-        stages, _ = json.JSONDecoder().raw_decode(line.split("stage seconds: ", 1)[1])
-        for stage, seconds in stages.items():
+    for record in store.invocations():
+        for stage, seconds in (record.get("stage_seconds") or {}).items():
             total[stage] = round(total.get(stage, 0.0) + seconds, 2)
     return total
 
@@ -353,6 +351,24 @@ def analyse(measured: dict, settings: dict) -> dict:
             "projection_full_protocol": projection, "notes": notes}
 
 
+def ti_pass_measured(ti_path: str, size: int, wanted: str) -> tuple[dict, dict, float]:
+    """A ``gpu_ti_multi.py`` result, its pass of ``size`` subjects and that pass's first-step surplus
+    over its measured steps (the compile, when compile_training; paid once per batch shape).
+    ``wanted`` says, in the error, why that size."""
+    ti = json.loads(Path(ti_path).read_text())
+    passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
+    if size not in passes:
+        raise SystemExit(f"--ti-json {ti_path}: no pass of {size} subjects in it ({wanted}); it has {sorted(passes)}")
+    measured = passes[size]
+    return ti, measured, max(0.0, measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"])
+
+
+def scoring_seconds(scoring_path: str) -> float:
+    """The suite's scoring seconds from a ``gpu_scoring.py`` result (``score_run`` per image)."""
+    scoring = json.loads(Path(scoring_path).read_text())
+    return scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
+
+
 def list_schedule(groups: list[dict], workers: int, ti_serial: bool = False) -> dict:
     """Wall seconds of an execute stage by list scheduling, the way the executors hand out work:
     groups in plan order, each to the worker that is free first. A group is ``{"method",
@@ -449,14 +465,11 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
              "legs": len(legs),
              "note": "measured over every leg: each restart's start-up and the work a call's end cut after a "
                      "training's last resume point (or before its first) are in it, not in the simulation"}
-    ti = json.loads(Path(ti_path).read_text())
-    passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
     size = PROTOCOL["ti_subjects_per_pass"]
-    if size not in passes or PROTOCOL["subjects"] > size:
-        raise SystemExit(f"--ti-json {ti_path}: --schedule projects one TI pass of {PROTOCOL['subjects']} subjects; "
-                         f"it holds passes of {sorted(passes)}")
-    measured_pass = passes[size]
-    first_step = max(0.0, measured_pass["wall_seconds"] - ti["settings"]["measured_steps"] * measured_pass["s_per_step"])
+    if PROTOCOL["subjects"] > size:
+        raise SystemExit(f"--schedule projects one TI pass of all {PROTOCOL['subjects']} subjects; the suite's "
+                         f"training.subjects_per_batch is {size}")
+    _, measured_pass, first_step = ti_pass_measured(ti_path, size, "--schedule projects one TI pass of the suite")
     suite_ti_train = (PROTOCOL["ti_steps"] * measured_pass["s_per_step"] + first_step
                       + rate["textual_inversion"]["overhead_s"])
     suite_steps = {"textual_inversion": PROTOCOL["ti_steps"], "dreambooth": PROTOCOL["db_steps"],
@@ -469,8 +482,7 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
                                compile_groups=compile_groups)
     groups = suite_groups(suite_ti_train)
     if scoring_path:
-        scoring = json.loads(Path(scoring_path).read_text())
-        score_s = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
+        score_s = scoring_seconds(scoring_path)
     else:
         scored = sum(row["images"] for row in measured["per_method"].values())
         score_s = stages.get("score", 0.0) * PROTOCOL["metric_images"] / max(1, scored)
@@ -549,18 +561,12 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
     projection = analyse(one["measured"], one["settings"])["projection_full_protocol"]
     refinements = {}
     if ti_path:
-        ti = json.loads(Path(ti_path).read_text())
         limit = ti_pass or PROTOCOL["ti_subjects_per_pass"]
         # the suite's passes (benchmark.units.balanced_chunks): 30 at 30 are one, at 16 two of 15, at 8 8, 8, 7, 7
         sizes = [len(chunk) for chunk in balanced_chunks(list(range(PROTOCOL["subjects"])), limit)]
-        passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
-        if max(sizes) not in passes:
-            raise SystemExit(f"--ti-json {ti_path}: no pass of {max(sizes)} subjects in it (the protocol's passes at "
-                             f"training.subjects_per_batch={limit} are {sizes}); it has {sorted(passes)}")
-        measured = passes[max(sizes)]
-        # the first step's surplus (the compile, when compile_training) once per distinct pass size:
-        # a compiled pass compiles once per batch shape
-        first_step = max(0.0, measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"])
+        # the first step's surplus counted once per distinct pass size: a compiled pass compiles once per shape
+        ti, measured, first_step = ti_pass_measured(
+            ti_path, max(sizes), f"the protocol's passes at training.subjects_per_batch={limit} are {sizes}")
         before = projection["textual_inversion_training_s"]
         # every pass at the largest pass's step time: smaller passes are a little faster (conservative)
         projection["textual_inversion_training_s"] = (
@@ -571,9 +577,8 @@ def combine(one_path: str, many_path: str, out: str | None, ti_path: str | None 
             "s_per_subject_step": measured["s_per_subject_step"], "first_step_surplus_s": first_step,
             "before_s": before, "after_s": projection["textual_inversion_training_s"]}
     if scoring_path:
-        scoring = json.loads(Path(scoring_path).read_text())
         before = projection["score_s"]
-        projection["score_s"] = scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
+        projection["score_s"] = scoring_seconds(scoring_path)
         refinements["score_s"] = {"from": scoring_path, "before_s": before, "after_s": projection["score_s"]}
     if (finetune_path or concurrency_path) and compiled_finetunes(one):
         raise SystemExit(f"--finetune-json/--concurrency-json scale eager fine-tunes, but {one_path} already trained "
