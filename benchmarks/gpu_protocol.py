@@ -369,25 +369,86 @@ def scoring_seconds(scoring_path: str) -> float:
     return scoring["score_run"]["seconds"] / scoring["n_images"] * PROTOCOL["metric_images"]
 
 
-def list_schedule(groups: list[dict], workers: int, ti_serial: bool = False) -> dict:
+def _stretched(start: float, seconds: float, until: float, factor: float) -> float:
+    """Wall seconds of ``seconds`` of work started at ``start`` that runs ``factor`` times slower
+    until ``until`` (the TI pass's training beside it) and at its own rate after."""
+    if factor == 1.0 or start >= until:
+        return seconds
+    if start + seconds * factor <= until:
+        return seconds * factor
+    return (until - start) + seconds - (until - start) / factor
+
+
+def _ti_steps_window(ti: dict, size: int, path: str) -> tuple[list[float], dict]:
+    """Epoch seconds of a ``gpu_ti_multi.py`` pass's measured steps (its ``clock_window`` less the
+    first step, which compiles) and the pass's row."""
+    rows = [p for p in ti.get("passes", []) if p.get("subjects") == size and "error" not in p]
+    if not rows or not rows[0].get("clock_window"):
+        raise SystemExit(f"--overlap {path}: no pass of {size} subjects with a clock_window in it "
+                         "(run gpu_ti_multi.py --counts {size} from this repository's version)")
+    row = rows[0]
+    first = row["wall_seconds"] - ti["settings"]["measured_steps"] * row["s_per_step"]
+    return [row["clock_window"][0] + max(0.0, first), row["clock_window"][1]], row
+
+
+def _db_windows(speed: dict, path: str) -> tuple[list[list[float]], list[float]]:
+    """Epoch windows and s/step of each training of a ``gpu_speed.py --concurrency N`` arm."""
+    arms = [a for a in speed.get("training_concurrency", {}).values() if a.get("clock_windows_each")]
+    if len(arms) != 1:
+        raise SystemExit(f"--overlap {path}: wants one gpu_speed.py concurrency arm with clock_windows_each, "
+                         f"found {len(arms)} (run it with one --concurrency N and one --concurrency-arms)")
+    return arms[0]["clock_windows_each"], arms[0]["s_per_step_each"]
+
+
+def overlap_factors(paths: list[str], size: int, ti_lone_s_per_step: float, finetune_s_per_step: float) -> dict:
+    """How the suite's TI pass and the fine-tune workers slow each other on one GPU (MPS), from two
+    calls that each ran both at once: (1) ``gpu_ti_multi.py`` pass + ``gpu_speed.py`` trainings
+    whose timed windows hold the pass's measured steps: the pass's step time beside them over its
+    lone one (F); (2) the same pair the other way round, the trainings' timed windows inside the
+    pass's steps: their step time beside it over the rate the schedule gives the fine-tunes (G).
+    Refuses a pair whose windows do not nest (a factor that mixes time beside and alone)."""
+    ti_a, db_a, db_b, ti_b = (json.loads(Path(p).read_text()) for p in paths)
+    ti_window_a, row_a = _ti_steps_window(ti_a, size, paths[0])
+    windows_a, _ = _db_windows(db_a, paths[1])
+    windows_b, steps_b = _db_windows(db_b, paths[2])
+    ti_window_b, _ = _ti_steps_window(ti_b, size, paths[3])
+    if not all(w[0] <= ti_window_a[0] + 1 and ti_window_a[1] <= w[1] + 1 for w in windows_a):
+        raise SystemExit(f"--overlap {paths[0]} {paths[1]}: the pass's measured steps {ti_window_a} do not lie inside "
+                         f"every training's timed window {windows_a}; its step time is not one beside them")
+    if not all(ti_window_b[0] <= w[0] + 1 and w[1] <= ti_window_b[1] + 1 for w in windows_b):
+        raise SystemExit(f"--overlap {paths[2]} {paths[3]}: the trainings' timed windows {windows_b} do not lie inside "
+                         f"the pass's measured steps {ti_window_b}; their step time is not one beside it")
+    beside = _median(steps_b)
+    return {"ti_s_per_step_beside": row_a["s_per_step"], "ti_s_per_step_alone": ti_lone_s_per_step,
+            "ti_step_factor": row_a["s_per_step"] / ti_lone_s_per_step,
+            "finetune_s_per_step_beside_ti": beside, "finetune_s_per_step_schedule": finetune_s_per_step,
+            "finetune_step_factor": beside / finetune_s_per_step,
+            "trainings_beside": len(windows_a), "files": list(paths)}
+
+
+def list_schedule(groups: list[dict], workers: int, ti_serial: bool = False, beside_factor: float = 1.0) -> dict:
     """Wall seconds of an execute stage by list scheduling, the way the executors hand out work:
     groups in plan order, each to the worker that is free first. A group is ``{"method",
     "seconds", "first_compile_s"}``: ``first_compile_s`` is paid by a worker's first group of that
     method (a process compiles a method's sampling UNet once; later working copies reuse the code,
     ``methods.sampling``). ``ti_serial``: the first group's ``train_s`` (the TI pass's training) has
     the GPU to itself, every other worker idle until it ends (the upper bound when a GPU-filling
-    pass gains nothing from the workers beside it)."""
+    pass gains nothing from the workers beside it). ``beside_factor`` G: the other workers' groups
+    run G times slower while the first group's ``train_s`` lasts (the fine-tunes' step time
+    measured beside the TI pass over the rate ``seconds`` was built from)."""
     free = [0.0] * workers
     compiled: list[set] = [set() for _ in range(workers)]
-    if ti_serial and groups and groups[0].get("train_s"):
-        free = [groups[0]["train_s"]] * workers
-        groups = [{**groups[0], "seconds": groups[0]["seconds"] - groups[0]["train_s"]}, *groups[1:]]
-    for group in groups:
+    until = groups[0].get("train_s") or 0.0 if groups else 0.0
+    if ti_serial and until:
+        free = [until] * workers
+        groups = [{**groups[0], "seconds": groups[0]["seconds"] - until}, *groups[1:]]
+    for n, group in enumerate(groups):
         i = min(range(workers), key=free.__getitem__)
-        free[i] += group["seconds"]
+        seconds = group["seconds"]
         if group["method"] not in compiled[i]:
             compiled[i].add(group["method"])
-            free[i] += group.get("first_compile_s", 0.0)
+            seconds += group.get("first_compile_s", 0.0)
+        free[i] += seconds if n == 0 or ti_serial else _stretched(free[i], seconds, until, beside_factor)
     return {"execute_s": max(free), "workers_busy_until_s": [round(f, 1) for f in free]}
 
 
@@ -416,8 +477,25 @@ def schedule_groups(rate: dict, *, subjects: int, classes: int, workers: int, st
     return groups
 
 
+def lora_compiled_scaling(path: str, measured: dict) -> dict:
+    """The compiled/eager step-time ratio of DreamBooth-LoRA with captured steps, and its cold
+    compile, from a ``gpu_finetune_compile.py --methods dreambooth_lora --graphs`` result; refused
+    when the timed run's LoRA trainings were compiled already."""
+    if any(t.get("compile_finetune") for t in measured["per_method"].get("dreambooth_lora", {}).get("trainings", [])):
+        raise SystemExit(f"--lora-compiled-json {path}: the timed run trained LoRA compiled already; nothing to scale")
+    arms = json.loads(Path(path).read_text()).get("results", {}).get("dreambooth_lora", {})
+    missing = [a for a in ("eager_captured", "compiled_captured", "compiled") if not (arms.get(a) or {}).get("s_per_step")]
+    if missing:
+        raise SystemExit(f"--lora-compiled-json {path}: no {', '.join(missing)} arm of dreambooth_lora in it "
+                         "(run gpu_finetune_compile.py --methods dreambooth_lora --graphs)")
+    return {"ratio": arms["compiled_captured"]["s_per_step"] / arms["eager_captured"]["s_per_step"],
+            "compile_s": arms["compiled"]["first_step_s"], "from": path,
+            "note": "captured steps both, one process alone; the cold compile is the compiled arm's first step"}
+
+
 def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str | None,
-             ti_step_factor: float | None = None) -> int:
+             ti_step_factor: float | None = None, overlap: list[str] | None = None,
+             lora_compiled_path: str | None = None) -> int:
     """Item 5 from a timed multi-subject run at the suite's lengths with K workers (``--protocol-lengths
     --workers-per-gpu K``, one or more legs): its per-process rates, measured with K at once, drive
     a list schedule (``list_schedule``) of (a) the run's own workload, beside what it measured, and
@@ -425,8 +503,14 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
     measured alone), twice: the pass beside the other workers at its alone step time (lower
     bound) and the pass's training alone on the GPU, the others waiting (upper bound); with
     ``ti_step_factor`` F also (c) the pass beside the others at F times its lone step time (F: the
-    pass's step time measured beside three fine-tune workers over its lone one). Plan, process
-    start-up and scoring (``scoring_path``, else the run's score stage scaled) are added once."""
+    pass's step time measured beside three fine-tune workers over its lone one); with ``overlap``
+    (four files, ``overlap_factors``) also (d) the pass and the other workers both slowed as
+    measured when they share the GPU. ``lora_compiled_path`` (``gpu_finetune_compile.py --graphs``),
+    when the timed run trained LoRA eager (``training.compile=auto`` below its threshold, as a
+    resumed leg with few steps left can be) but the suite compiles it (45 000 fine-tune steps on
+    the GPU): the suite's LoRA step time scaled by that file's compiled/eager ratio (captured
+    steps both), and each worker's first LoRA group pays its cold compile. Plan, process start-up and scoring (``scoring_path``, else
+    the run's score stage scaled) are added once."""
     timed = json.loads(Path(timed_path).read_text())
     settings, measured = timed["settings"], timed["measured"]
     if measured.get("returncode") != 0:
@@ -475,8 +559,17 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
     suite_steps = {"textual_inversion": PROTOCOL["ti_steps"], "dreambooth": PROTOCOL["db_steps"],
                    "dreambooth_lora": PROTOCOL["lora_steps"]}
 
+    suite_rate, lora_compile = dict(rate), None
+    if lora_compiled_path:
+        lora_compile = lora_compiled_scaling(lora_compiled_path, measured)
+        r = rate["dreambooth_lora"]
+        suite_rate["dreambooth_lora"] = {
+            **r, "s_per_step": r["s_per_step"] * lora_compile["ratio"],
+            # spread by schedule_groups over the workers' first LoRA groups: each pays it once
+            "compile_extra_s": r["compile_extra_s"] + lora_compile["compile_s"] * compile_groups["dreambooth_lora"]}
+
     def suite_groups(ti_train_s):
-        return schedule_groups(rate, subjects=PROTOCOL["subjects"], classes=PROTOCOL["classes"], workers=workers,
+        return schedule_groups(suite_rate, subjects=PROTOCOL["subjects"], classes=PROTOCOL["classes"], workers=workers,
                                steps=suite_steps, images=PROTOCOL["images_per_method_subject"],
                                class_images=PROTOCOL["class_images"], ti_train_s=ti_train_s,
                                compile_groups=compile_groups)
@@ -491,8 +584,15 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
     if ti_step_factor:
         slowed = suite_ti_train + PROTOCOL["ti_steps"] * measured_pass["s_per_step"] * (ti_step_factor - 1.0)
         arms.append((f"ti_pass_overlapped_at_{ti_step_factor:g}x_its_step", suite_groups(slowed), False))
-    for name, arm_groups, serial in arms:
-        sim = list_schedule(arm_groups, workers, ti_serial=serial)
+    arms = [(name, arm_groups, serial, 1.0) for name, arm_groups, serial in arms]
+    factors = None
+    if overlap:
+        factors = overlap_factors(overlap, size, measured_pass["s_per_step"], rate["dreambooth"]["s_per_step"])
+        slowed = suite_ti_train + PROTOCOL["ti_steps"] * measured_pass["s_per_step"] * (factors["ti_step_factor"] - 1.0)
+        arms.append(("ti_pass_and_finetunes_as_measured_beside_each_other", suite_groups(slowed), False,
+                     factors["finetune_step_factor"]))
+    for name, arm_groups, serial, beside in arms:
+        sim = list_schedule(arm_groups, workers, ti_serial=serial, beside_factor=beside)
         wall = sim["execute_s"] + fixed_s + score_s
         projection[name] = {**sim, "wall_s": wall, "gpu_hours": wall / 3600}
     result = {
@@ -501,11 +601,14 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
         "suite_ti_pass": {"subjects": size, "s_per_step_alone": measured_pass["s_per_step"],
                           "first_step_surplus_s": first_step, "training_s": suite_ti_train},
         "fixed_s": {"plan_and_process_per_run": fixed_s, "score": score_s},
-        "check_on_the_timed_run": check, "projection_full_protocol": projection,
+        "check_on_the_timed_run": check, "overlap": factors, "lora_compiled": lora_compile, "projection_full_protocol": projection,
         "notes": ("Per-process rates measured with K workers at once, also for a schedule's tail where fewer "
                   "run (conservative there). Each worker pays a method's sampling compile once; the first "
-                  "DreamBooth group of each class makes its class images. The two projections bound how far "
-                  "the TI pass of 30 (measured alone) overlaps the fine-tune workers: not measured."),
+                  "DreamBooth group of each class makes its class images. The first two projections bound how "
+                  "far the TI pass of 30 (measured alone) overlaps the fine-tune workers; 'overlap' (when given) "
+                  "measures it: the pass's step time beside three fine-tune trainings and theirs beside it, "
+                  "applied to every group a worker runs while the pass trains (images and LoRA included: "
+                  "assumed to slow as the DreamBooth steps measured)."),
     }
     text = json.dumps(result, indent=1, default=str)
     print(text)
@@ -754,6 +857,14 @@ def main(argv=None) -> int:
                              "(its rates), with --ti-json (the suite's TI pass) and optionally --scoring-json")
     parser.add_argument("--ti-step-factor", type=float, default=None,
                         help="with --schedule: the TI pass's step time beside three fine-tune workers over its lone one")
+    parser.add_argument("--overlap", nargs=4, default=None,
+                        metavar=("TI_BESIDE_JSON", "DB_AROUND_JSON", "DB_INSIDE_JSON", "TI_AROUND_JSON"),
+                        help="with --schedule: two calls that ran the TI pass (gpu_ti_multi.py) and three fine-tune "
+                             "trainings (gpu_speed.py --concurrency 3) at once: one whose trainings' windows hold the "
+                             "pass's steps, one whose pass holds the trainings' windows")
+    parser.add_argument("--lora-compiled-json", default=None,
+                        help="with --schedule: a gpu_finetune_compile.py --methods dreambooth_lora --graphs result; the "
+                             "suite's LoRA compiled when the timed run's was eager")
     parser.add_argument("--ti-json", default=None,
                         help="with --combine: a gpu_ti_multi.py result holding the protocol's largest pass (30 at the suite's pass size; 15 at --ti-pass 16)")
     parser.add_argument("--ti-pass", type=int, default=None,
@@ -773,14 +884,19 @@ def main(argv=None) -> int:
                              "change); its legs' walls add up")
     parser.add_argument("--protocol-lengths", action="store_true",
                         help="the suite's lengths: TI 5000, DreamBooth 1000, LoRA 500 steps, 200 class images, 25 prompts")
-    parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check)")
+    parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, few steps (CPU check; flags given beside it win)")
     parser.add_argument("--run-timeout", type=float, default=None, help="seconds; the partial store is still read")
     parser.add_argument("--out", default=None)
+    if "--tiny" in (sys.argv[1:] if argv is None else argv):
+        # CPU-check settings, as defaults: a flag given beside --tiny still counts
+        parser.set_defaults(backbone="tiny", resolution=64, device="cpu", ti_steps=4, db_steps=4, lora_steps=4,
+                            class_images=2, prompts=1, sampling_steps=4, subjects="backpack,dog")
     args = parser.parse_args(argv)
     if args.schedule:
         if not args.ti_json:
             parser.error("--schedule needs --ti-json (a gpu_ti_multi.py result with the suite's TI pass)")
-        return schedule(args.schedule, args.ti_json, args.scoring_json, args.out, args.ti_step_factor)
+        return schedule(args.schedule, args.ti_json, args.scoring_json, args.out, args.ti_step_factor, args.overlap,
+                        args.lora_compiled_json)
     if args.combine:
         return combine(*args.combine, out=args.out, ti_path=args.ti_json, scoring_path=args.scoring_json,
                        finetune_path=args.finetune_json, concurrency_path=args.concurrency_json, ti_pass=args.ti_pass,
@@ -790,10 +906,6 @@ def main(argv=None) -> int:
     if args.protocol_lengths:
         args.ti_steps, args.db_steps, args.lora_steps = PROTOCOL["ti_steps"], PROTOCOL["db_steps"], PROTOCOL["lora_steps"]
         args.class_images, args.prompts = PROTOCOL["class_images"], PROTOCOL["images_per_method_subject"] // 4
-    if args.tiny:
-        args.backbone, args.resolution, args.device = "tiny", 64, "cpu"
-        args.ti_steps, args.db_steps, args.lora_steps, args.class_images = 4, 4, 4, 2
-        args.prompts, args.sampling_steps, args.subjects = 1, 4, "backpack,dog"
     measured = measure(args)
     result = {
         "benchmark": "gpu_protocol",

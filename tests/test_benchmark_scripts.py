@@ -244,3 +244,19 @@ def test_gpu_speed_concurrency_children_train_either_fine_tune(tmp_path, method)
     assert len(windows) == 2 and all(start < end for start, end in windows)
     first, second = row["losses_first5_each"]
     assert first == second  # the same seeds in both processes
+
+
+def test_gpu_ti_multi_runs_on_cpu_with_and_without_its_reference(tmp_path, one_torch_thread):
+    """Passes of 2 and 3 (``--tiny``'s) beside their single-subject reference (subject 0 checked against it), and with
+    ``--skip-reference`` (for timing a pass beside other processes) the pass alone, its clock
+    window recorded, no reference claimed."""
+    script = _script("gpu_ti_multi")
+    full = script.main(["--tiny", "--device", "cpu", "--out", str(tmp_path / "full.json")])
+    assert full["reference_single_subject"]["s_per_step"] > 0
+    assert full["passes"][0]["subject0_vs_alone_max_abs"] is not None
+    bare = script.main(["--tiny", "--device", "cpu", "--skip-reference", "--out", str(tmp_path / "bare.json")])
+    assert bare["reference_single_subject"] is None
+    assert [row["subjects"] for row in bare["passes"]] == [2, 3]
+    for row in bare["passes"]:
+        assert "subject0_vs_alone_max_abs" not in row and row["clock_window"][1] > row["clock_window"][0]
+    assert json.loads((tmp_path / "bare.json").read_text())["reference_single_subject"] is None

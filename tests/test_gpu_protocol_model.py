@@ -80,6 +80,60 @@ def test_list_schedule_hands_each_group_to_the_first_free_worker(protocol):
     assert serial["workers_busy_until_s"] == [17.0, 16.0] and serial["execute_s"] == pytest.approx(17.0)
 
 
+def test_list_schedule_slows_the_other_workers_while_the_ti_pass_trains(protocol):
+    """``beside_factor`` G: a group that runs while the first group trains progresses G times slower
+    until that training ends, at its own rate after (hand-computed)."""
+    groups = [{"method": "ti", "seconds": 12.0, "train_s": 10.0},
+              {"method": "db", "seconds": 4.0}, {"method": "db", "seconds": 4.0}, {"method": "db", "seconds": 4.0}]
+    # w1: db1 from 0 at 1/2 speed: 4 × 2 = 8 (ends before 10); db2 from 8: 2 s of wall beside the pass
+    # do 1 s of work, the other 3 s after it: ends 13; w0: TI 12; db3 -> w0 (12 < 13): 16
+    slowed = protocol.list_schedule(groups, 2, beside_factor=2.0)
+    assert slowed["workers_busy_until_s"] == [16.0, 13.0]
+    assert protocol.list_schedule(groups, 2)["workers_busy_until_s"] == [12.0, 12.0]  # G = 1: unchanged
+    assert protocol._stretched(3.0, 5.0, 10.0, 4.0) == pytest.approx(7.0 + 5.0 - 7.0 / 4.0)
+    assert protocol._stretched(11.0, 5.0, 10.0, 4.0) == 5.0
+
+
+def _overlap_files(tmp_path, ti_steps_from=110.0, db_windows=((100.0, 300.0),) * 3):
+    """Two hand-made calls: a TI pass of 30 (10 measured steps, first step 10 s) with three
+    trainings around it, and three trainings (0.3 s per step) inside a pass (500 steps at 0.4 s
+    from 110 s)."""
+    def ti(window, s_per_step, steps=10):
+        wall = window[1] - window[0]
+        return {"settings": {"measured_steps": steps},
+                "passes": [{"subjects": 30, "s_per_step": s_per_step, "wall_seconds": wall, "clock_window": list(window)}]}
+
+    def db(windows, s_per_step):
+        return {"training_concurrency": {"3+compile+graphs": {
+            "clock_windows_each": [list(w) for w in windows], "s_per_step_each": [s_per_step] * len(windows)}}}
+    files = {"ti_a": ti((ti_steps_from - 10.0, ti_steps_from + 4.0), 0.4), "db_a": db(db_windows, 0.2),
+             "db_b": db(((150.0, 250.0),) * 3, 0.3), "ti_b": ti((100.0, 310.0), 0.4, steps=500)}
+    paths = []
+    for name, data in files.items():
+        (tmp_path / f"{name}.json").write_text(json.dumps(data))
+        paths.append(str(tmp_path / f"{name}.json"))
+    return paths
+
+
+def test_overlap_factors_come_from_nested_windows_only(protocol, tmp_path):
+    paths = _overlap_files(tmp_path)
+    factors = protocol.overlap_factors(paths, 30, ti_lone_s_per_step=0.32, finetune_s_per_step=0.12)
+    assert factors["ti_step_factor"] == pytest.approx(0.4 / 0.32)
+    assert factors["finetune_step_factor"] == pytest.approx(0.3 / 0.12)
+    # the pass's measured steps (110-114) reach past a training's window (100-112): refused
+    paths = _overlap_files(tmp_path, db_windows=((100.0, 300.0), (100.0, 112.0), (100.0, 300.0)))
+    with pytest.raises(SystemExit, match="do not lie inside"):
+        protocol.overlap_factors(paths, 30, ti_lone_s_per_step=0.32, finetune_s_per_step=0.12)
+    # the other way round: a training's window (150-250) starts before the pass's steps (200-310)
+    paths = _overlap_files(tmp_path)
+    ti_b = json.loads(Path(paths[3]).read_text())
+    ti_b["passes"][0]["clock_window"] = [190.0, 310.0]
+    ti_b["settings"]["measured_steps"] = 275  # 110 s of steps: the first step ends at 200
+    Path(paths[3]).write_text(json.dumps(ti_b))
+    with pytest.raises(SystemExit, match="trainings' timed windows .* do not lie inside"):
+        protocol.overlap_factors(paths, 30, ti_lone_s_per_step=0.32, finetune_s_per_step=0.12)
+
+
 def _timed_json(path, ti_seconds=700.0):
     """A finished --protocol-lengths run with 2 workers on 2 subjects of 2 classes (hand-made)."""
     settings = {"workers_per_gpu": 2, "subjects": "a,b", "ti_steps": 5000, "db_steps": 1000, "lora_steps": 500,
@@ -151,6 +205,39 @@ def test_schedule_projects_the_suite_from_a_timed_run(protocol, tmp_path):
         steps={"textual_inversion": 5000, "dreambooth": 1000, "dreambooth_lora": 500},
         compile_groups={"textual_inversion": 1, "dreambooth": 2, "dreambooth_lora": 2})
     assert slowed["wall_s"] == pytest.approx(protocol.list_schedule(groups, 2)["execute_s"] + fixed + score)
+    # measured both ways (--overlap): the pass at 0.4 / 0.3 of its lone step, the other workers at
+    # 0.3 / 0.1 (the run's DreamBooth rate) of theirs while it trains
+    overlap = _overlap_files(tmp_path)
+    assert protocol.schedule(timed, str(ti), None, str(out), overlap=overlap) == 0
+    result = json.loads(out.read_text())
+    both = result["projection_full_protocol"]["ti_pass_and_finetunes_as_measured_beside_each_other"]
+    groups = protocol.schedule_groups(
+        rate, subjects=30, classes=15, workers=2, images=100, class_images=200,
+        ti_train_s=1610.0 + 5000 * 0.3 * (0.4 / 0.3 - 1.0),
+        steps={"textual_inversion": 5000, "dreambooth": 1000, "dreambooth_lora": 500},
+        compile_groups={"textual_inversion": 1, "dreambooth": 2, "dreambooth_lora": 2})
+    expected = protocol.list_schedule(groups, 2, beside_factor=3.0)["execute_s"]
+    assert both["wall_s"] == pytest.approx(expected + fixed + score)
+    assert result["overlap"]["finetune_step_factor"] == pytest.approx(3.0)
+    # the suite's LoRA compiled where the run's was eager: its step × compiled/eager (captured), and
+    # each of the 2 workers' first LoRA group pays the cold compile (50 s)
+    lora = tmp_path / "lora.json"
+    lora.write_text(json.dumps({"results": {"dreambooth_lora": {
+        "eager_captured": {"s_per_step": 0.05}, "compiled_captured": {"s_per_step": 0.03},
+        "compiled": {"s_per_step": 0.1, "first_step_s": 50.0}}}}))
+    assert protocol.schedule(timed, str(ti), None, str(out), lora_compiled_path=str(lora)) == 0
+    result = json.loads(out.read_text())
+    assert result["lora_compiled"]["ratio"] == pytest.approx(0.6)
+    suite_rate = dict(rate)
+    suite_rate["dreambooth_lora"] = {**rate["dreambooth_lora"], "s_per_step": 0.2 * 0.6,
+                                     "compile_extra_s": rate["dreambooth_lora"]["compile_extra_s"] + 2 * 50.0}
+    groups = protocol.schedule_groups(
+        suite_rate, subjects=30, classes=15, workers=2, images=100, class_images=200, ti_train_s=1610.0,
+        steps={"textual_inversion": 5000, "dreambooth": 1000, "dreambooth_lora": 500},
+        compile_groups={"textual_inversion": 1, "dreambooth": 2, "dreambooth_lora": 2})
+    assert result["projection_full_protocol"]["ti_pass_overlapped"]["wall_s"] == pytest.approx(
+        protocol.list_schedule(groups, 2)["execute_s"] + fixed + score)
+    assert result["check_on_the_timed_run"]["workers_busy_until_s"] == [790.0, 880.0]  # the run itself: as run
 
 
 def test_schedule_refuses_an_unfinished_or_short_run(protocol, tmp_path):
@@ -437,9 +524,12 @@ def test_a_run_continued_over_calls_checks_its_folder_and_settings(protocol, tmp
 @pytest.mark.slow  # two tiny CLI runs on the CPU (~2-3 min on two cores)
 def test_a_run_cut_by_its_timeout_is_finished_by_the_next_call(protocol, tmp_path, dreambooth_dir):
     """The first call's run is stopped by ``--run-timeout`` and keeps its store; the second call
-    with ``--continue`` finishes it without redoing what finished: two legs, their walls summed."""
+    with ``--continue`` finishes it without redoing what finished: two legs, their walls summed.
+    The TI pass is long enough (400 steps, ~40 s here) that the cut lands inside it on any
+    machine, and the second call resumes it from its last point."""
     work, out = tmp_path / "work", tmp_path / "p.json"
-    base = ["--tiny", "--dataset-dir", str(dreambooth_dir), "--work", str(work), "--out", str(out)]
+    base = ["--tiny", "--ti-steps", "400", "--resume-every", "5", "--dataset-dir", str(dreambooth_dir),
+            "--work", str(work), "--out", str(out)]
     assert protocol.main([*base, "--run-timeout", "25"]) == 1
     first = json.loads(out.read_text())["measured"]
     assert first["legs"][0]["returncode"] == "timeout"
@@ -449,6 +539,9 @@ def test_a_run_cut_by_its_timeout_is_finished_by_the_next_call(protocol, tmp_pat
     assert [leg["returncode"] for leg in legs] == ["timeout", 0]
     assert second["measured"]["wall_seconds"] == pytest.approx(sum(leg["wall_seconds"] for leg in legs))
     assert "rates" in second and "projection_full_protocol" in second
+    assert second["settings"]["ti_steps"] == 400 and second["settings"]["backbone"] == "tiny"
+    (ti_row, *_) = second["measured"]["per_method"]["textual_inversion"]["trainings"]
+    assert 0 < ti_row["training"]["resumed_from_step"] < 400
     assert (work / "run.log").read_text().count("=== gpu_protocol leg") == 2
     # the stopped call logged how far its stages got; the stage clock adds both calls' lines
     assert "(stopped in " in (work / "run" / "run.log").read_text()
