@@ -8,7 +8,10 @@ Each area owns its sub-commands: ``data/cli.py`` (data download|verify|masks),
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 
 from benchmark import __version__
 from data.common import UserError  # noqa: F401 - also importable from here, as before
@@ -53,6 +56,34 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a batch scheduler's preemption or time limit, ``docker
+    stop``): the run stops as on Ctrl-C — workers stopped, the stage clock and the invocation's
+    run time recorded, finished work kept for the rerun — instead of dying where it stands with
+    its worker processes left training on the GPU."""
+
+
+@contextlib.contextmanager
+def _sigterm_stops_like_ctrl_c():
+    """SIGTERM raises ``Terminated`` in the main thread once; a second one, while the run is
+    stopping, is ignored (SIGKILL still ends it at once)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    fired = []
+
+    def handler(signum, frame):
+        if not fired:
+            fired.append(signum)
+            raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     # key=value overrides may come after options (`run --quiet methods=dummy`); argparse stops
@@ -64,7 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         else:
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
-        return int(args.handler(args) or 0)
+        with _sigterm_stops_like_ctrl_c():
+            return int(args.handler(args) or 0)
+    except Terminated:
+        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130

@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -238,6 +239,61 @@ def test_sigkill_at_any_moment_then_rerun_gives_identical_results(tmp_path, kill
     assert snapshot(victim) == snapshot(reference)
     records = list((victim / "images").glob("*/*/*.json"))
     assert len(records) == 24 and len({json.loads(p.read_text())["key"] for p in records}) == 24
+
+
+def _children(pid: int) -> list[int]:
+    """Live child processes of ``pid`` (Linux ``/proc``)."""
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from Linux /proc")
+def test_sigterm_stops_the_run_like_ctrl_c(tmp_path):
+    """``kill``, ``timeout`` and batch schedulers send SIGTERM: the run stops its worker
+    processes, logs and records where it stopped, says how to resume (exit 143, no traceback),
+    and the rerun finishes it."""
+    args = [*BASE, "methods.dummy.sleep_s=0.3", "methods.dummy.prepare_sleep_s=1", "generation.batch_size=4", "--quiet"]
+    out = tmp_path / "run"
+    process = subprocess.Popen(
+        cli_command("run", "default", *args, "--executor", "local", "--workers", "2", "--out", str(out)),
+        cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    reached = _wait_for(lambda: any((out / "images").glob("*/*/*.json")), process, timeout=120)
+    workers = _children(process.pid)
+    process.send_signal(signal.SIGTERM)
+    _, stderr = process.communicate(timeout=60)
+    assert reached, "the run finished before its first image"
+    assert process.returncode == 143, stderr
+    assert "terminated (SIGTERM); rerun the same command to resume" in stderr and "Traceback" not in stderr
+    assert workers, "no worker processes were found to check"
+    deadline = time.monotonic() + 10
+    while any(_alive(pid) for pid in workers) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(_alive(pid) for pid in workers), "worker processes outlived the run"
+    (record,) = Store(out).invocations()
+    assert record["stopped_in"] == "execute" and record["executor"] == "local"
+    assert "(stopped in execute)" in (out / "run.log").read_text()
+    assert len(list((out / "images").glob("*/*/*.json"))) < 24
+
+    run_cli("run", "default", *args, "--out", str(out), check=True)
+    assert leftovers(out) == []
+    assert len(list((out / "images").glob("*/*/*.json"))) == 24
+    assert [r["stopped_in"] for r in Store(out).invocations()] == ["execute", None]
 
 
 def test_local_process_executor_matches_inprocess(tmp_path):
