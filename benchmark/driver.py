@@ -173,6 +173,10 @@ def run_benchmark(
         removed = store.clean_temporaries()
         if removed:
             log.info("removed %d half-written files left by an interrupted run", removed)
+        killed = store.settle_killed_invocations()
+        if killed:
+            log.info("recorded the run time of %d earlier invocation(s) killed outright (from their last "
+                     "heartbeat: %s)", killed, store.live_path)
         environment.apply_determinism(config.deterministic)
         device = environment.resolve_device(config.device)
         dtype = environment.resolve_dtype(config.dtype, device)
@@ -224,6 +228,22 @@ def run_benchmark(
         stage_started = time.perf_counter()
         summary.stage_seconds["plan"] = stage_started - started
         stopped_in = "execute"
+        invocation = {
+            "started": started_utc,
+            "config": stable_hash(resolved, 8),  # its file in configs/<time>-<hash>.yaml
+            "device": str(device), "device_name": environment.device_name(str(device)), "executor": executor,
+            # the GPUs this invocation's workers shared (None: the executor does not know, e.g. Ray)
+            "gpus": runner_pool.devices if str(device).startswith("cuda") else 0,
+            "workers_per_gpu": workers_per_gpu, "mps": mps, "shard": list(shard_spec) if shard_spec else None,
+        }
+
+        def clock() -> dict:  # the stage clock so far, for the heartbeat of a process that may be killed
+            now = time.perf_counter()
+            stages = {**summary.stage_seconds, **({stopped_in: now - stage_started} if stopped_in else {})}
+            return {"seconds": round(now - started, 2), "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
+                    "stopped_in": stopped_in, "images_generated": None}
+        live = store.live_invocation(invocation, clock)
+        live.__enter__()
         try:
             results = runner_pool.run(groups, job, progress)
             for result in results:
@@ -246,15 +266,10 @@ def run_benchmark(
             stages = {k: round(v, 2) for k, v in summary.stage_seconds.items()}
             log.info("stage seconds: %s%s", json.dumps(stages), f" (stopped in {stopped_in})" if stopped_in else "")
             _record_invocation(store, {
-                "started": started_utc, "seconds": round(time.perf_counter() - started, 2),
-                "config": stable_hash(resolved, 8),  # its file in configs/<time>-<hash>.yaml
-                "stage_seconds": stages, "stopped_in": stopped_in,
-                "device": str(device), "device_name": environment.device_name(str(device)), "executor": executor,
-                # the GPUs this invocation's workers shared (None: the executor does not know, e.g. Ray)
-                "gpus": runner_pool.devices if str(device).startswith("cuda") else 0,
-                "workers_per_gpu": workers_per_gpu, "mps": mps, "shard": list(shard_spec) if shard_spec else None,
-                "images_generated": summary.done,
+                **invocation, "seconds": round(time.perf_counter() - started, 2),
+                "stage_seconds": stages, "stopped_in": stopped_in, "images_generated": summary.done,
             })
+            live.__exit__(None, None, None)  # its line is written: the heartbeat goes
         keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}
         summary.failed = failures_in_scope(store, keys)
     summary.seconds = time.perf_counter() - started

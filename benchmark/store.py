@@ -13,16 +13,21 @@ Layout under RUN_DIR (DESIGN.md "Run unit and store"):
   run.log                                    the log of every invocation
   invocations.jsonl                          one line per invocation: wall seconds per stage, executor,
                                              GPUs and workers per GPU (the report's run time, GPU-hours)
+  invocations.live/<host>-<pid>.json          a running invocation's heartbeat; one left by a killed
+                                             process becomes its line (``stopped_in``: "STAGE (killed)")
 Every file is written to a temporary name in the same folder and renamed into place, so a
 process killed at any moment leaves either the old state or the new one, never half a file.
 """
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
 import shutil
+import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable
@@ -47,6 +52,9 @@ from data.common import (  # noqa: F401 - re-exports
 )
 
 DONE = "DONE"
+LIVE_EVERY_S = 30.0  # seconds between a running invocation's heartbeats (invocations.live/)
+LIVE_STALE_S = 300.0  # a heartbeat older than this is a dead process's, on whatever host it ran
+
 
 
 class StoreError(UserError, RuntimeError):
@@ -61,6 +69,54 @@ def _safe(name: str) -> str:
     cleaned = re.sub(r"[^A-Za-z0-9._=+,\-\[\]]", "_", name).lstrip(".")
     return cleaned or "_"
 
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs on this host (a zombie counts as gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+class LiveInvocation:
+    """A running invocation's heartbeat file (``Store.live_invocation``)."""
+
+    def __init__(self, path: Path, record: dict, clock, every: float) -> None:
+        self.path, self.record, self.clock, self.every = path, record, clock, every
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="invocation-heartbeat", daemon=True)
+
+    def write(self) -> None:
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            atomic_write_json(self.path, {**self.record, **self.clock(), "host": _safe(socket.gethostname()),
+                                          "pid": os.getpid(), "heartbeat": time.time()})
+        except OSError:
+            pass  # a full disk: the heartbeat is lost, the run's own writes say so
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.every):
+            self.write()
+
+    def __enter__(self) -> LiveInvocation:
+        self.write()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.path.unlink(missing_ok=True)
+        try:
+            self.path.parent.rmdir()
+        except OSError:
+            pass  # not empty: another host's invocation of a sharded run
 
 class Store:
     """Reads and writes one run directory."""
@@ -109,7 +165,7 @@ class Store:
     def clean_temporaries(self) -> int:
         """Remove what killed processes left half-written (temp files and temp state folders)."""
         removed = 0
-        for sub in ("states", "images", "scores", "failures", "resume", "."):
+        for sub in ("states", "images", "scores", "failures", "resume", "invocations.live", "."):
             base = self.root / sub
             if not base.exists():
                 continue
@@ -135,8 +191,68 @@ class Store:
             earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
             atomic_write_text(path, earlier + json.dumps(record, sort_keys=True, default=str) + "\n")
 
+    @property
+    def live_path(self) -> Path:
+        return self.root / "invocations.live"
+
+    def live_invocation(self, record: dict, clock, every: float = LIVE_EVERY_S) -> LiveInvocation:
+        """The running invocation's heartbeat (a context manager): ``record`` plus ``clock()``'s
+        seconds, stage seconds and current stage, rewritten every ``every`` seconds until the
+        invocation records its line. A process killed outright (SIGKILL, the OOM killer, a lost
+        machine) leaves it behind; ``invocations()`` and the next run count it."""
+        return LiveInvocation(self.live_path / f"{_safe(socket.gethostname())}-{os.getpid()}.json", record, clock, every)
+
+    def killed_invocations(self) -> list[tuple[Path, dict]]:
+        """Heartbeats left by processes that died without recording their line, as lines: their
+        last heartbeat's seconds (the process ran up to ``LIVE_EVERY_S`` longer), ``stopped_in``
+        "STAGE (killed)". Dead: on this host its process is gone; anywhere, its heartbeat is older
+        than ``LIVE_STALE_S``."""
+        if not self.live_path.is_dir():
+            return []
+        here, now, found = _safe(socket.gethostname()), time.time(), []
+        for path in sorted(self.live_path.glob("*.json")):
+            try:
+                beat = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                continue  # being replaced this instant, or unreadable: not evidence of a death
+            host, pid = beat.pop("host", None), beat.pop("pid", None)
+            last = beat.pop("heartbeat", now)
+            dead = now - last > LIVE_STALE_S or (host == here and isinstance(pid, int) and not _pid_alive(pid))
+            if dead:
+                beat["last_heartbeat"] = datetime.datetime.fromtimestamp(last, datetime.UTC).isoformat(timespec="seconds")
+                beat["stopped_in"] = f"{beat.get('stopped_in') or 'plan'} (killed)"
+                beat["killed"] = True
+                found.append((path, beat))
+        return found
+
+    def settle_killed_invocations(self) -> int:
+        """Move killed invocations' heartbeats into ``invocations.jsonl`` (the driver, at start)."""
+        with file_lock(self.root / ".invocations.lock"):
+            killed = self.killed_invocations()
+            if killed:
+                path = self.invocations_path
+                earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
+                lines = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for _, r in killed)
+                atomic_write_text(path, earlier + lines)
+                for live, _ in killed:
+                    live.unlink(missing_ok=True)
+            if self.live_path.is_dir():
+                try:
+                    self.live_path.rmdir()
+                except OSError:
+                    pass  # another host's invocation is still running
+        return len(killed)
+
     def invocations(self) -> list[dict]:
-        """Every invocation's record, oldest first (none for a run made before they were kept)."""
+        """Every invocation's record, oldest first (none for a run made before they were kept),
+        with those of killed invocations not yet moved into ``invocations.jsonl``."""
+        records = self._recorded_invocations()
+        killed = [r for _, r in self.killed_invocations()]
+        if killed:
+            records = sorted([*records, *killed], key=lambda r: str(r.get("started") or ""))
+        return records
+
+    def _recorded_invocations(self) -> list[dict]:
         path = self.invocations_path
         if not path.is_file():
             return []

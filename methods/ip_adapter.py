@@ -73,6 +73,7 @@ from methods.backbones import Backbone, folder_content_sha256, load_backbone
 from methods.base import Method, ParamsError, SamplerConfig, State, param
 from methods.diffusion import working_copy
 from methods.sampling import build_pipeline, generate_images, quiet_loading
+from methods.training import save_tensors  # a full disk: DiskWriteError naming the file
 
 ADAPTER_HUB = {
     "repo_id": "h94/IP-Adapter",
@@ -207,7 +208,6 @@ def write_random_adapter(unet: torch.nn.Module, folder: Path, encoder: dict, see
     CLIP vision encoder with projection saved by ``save_pretrained``. ``to_k_ip``/``to_v_ip`` copy
     the UNet's attn2 ``to_k``/``to_v`` (the official training script's initialization); the image
     projection and the encoder are random. Deterministic in (``unet`` weights, ``encoder``, ``seed``)."""
-    from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
     cross_dim = unet.config.cross_attention_dim
@@ -231,7 +231,7 @@ def write_random_adapter(unet: torch.nn.Module, folder: Path, encoder: dict, see
             key_id += 2
     models = folder / SUBFOLDER
     models.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous().clone() for k, v in tensors.items()}, str(models / WEIGHT_NAME))
+    save_tensors({k: v.contiguous().clone() for k, v in tensors.items()}, models / WEIGHT_NAME)
     image_encoder.save_pretrained(str(models / IMAGE_ENCODER_FOLDER), safe_serialization=True)
     return folder
 

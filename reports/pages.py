@@ -45,7 +45,8 @@ TABLE_NOTES = {
     "the executor, the GPUs its workers shared and how many workers per GPU. GPU-hours = wall seconds × GPUs: what the "
     "run took of the hardware. The total adds every invocation, so work an interrupted invocation did and a rerun "
     "redid counts twice; none is given when an invocation's GPU count is unknown (Ray) or it ran on a CPU. An "
-    "invocation killed outright (SIGKILL, a machine taken away) leaves no line; Ctrl-C and errors do. 'config' is the "
+    "invocation killed outright (SIGKILL, the OOM killer, a machine taken away) is counted to its last heartbeat "
+    "(every 30 s; 'stopped_in' says '(killed)'): it ran up to 30 s longer. 'config' is the "
     "hash of its resolved config (configs/<time>-<hash>.yaml).",
 }
 TABLE_TITLES = {

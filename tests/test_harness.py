@@ -15,7 +15,15 @@ from benchmark.config import load_config
 from benchmark.driver import run_benchmark
 from benchmark.store import Store, StoreError
 from benchmark.units import expand, method_context
-from tests.helpers import REPO_ROOT, cli_command, cli_env, leftovers, run_cli, snapshot
+from tests.helpers import (
+    REPO_ROOT,
+    cli_command,
+    cli_env,
+    descendant_processes,
+    leftovers,
+    run_cli,
+    snapshot,
+)
 
 BASE = ["methods=dummy", "metrics.names=[]"]
 
@@ -234,24 +242,19 @@ def test_sigkill_at_any_moment_then_rerun_gives_identical_results(tmp_path, kill
     assert reached, f"run finished before reaching {kill_when}"
     assert len(list((victim / "images").glob("*/*/*.json"))) < 24
 
+    # the killed invocation's time is counted from its heartbeat (status and report read it)
+    (killed,) = Store(victim).invocations()
+    assert killed["killed"] is True and killed["stopped_in"].endswith("(killed)") and killed["seconds"] > 0
+
     run_cli("run", "default", *args, "--out", str(victim), check=True)
     assert leftovers(victim) == []
     assert snapshot(victim) == snapshot(reference)
+    # the rerun moved it into invocations.jsonl, before its own line
+    lines = [json.loads(line) for line in (victim / "invocations.jsonl").read_text().splitlines()]
+    assert [line.get("killed", False) for line in lines] == [True, False]
+    assert not (victim / "invocations.live").exists()
     records = list((victim / "images").glob("*/*/*.json"))
     assert len(records) == 24 and len({json.loads(p.read_text())["key"] for p in records}) == 24
-
-
-def _children(pid: int) -> list[int]:
-    """Live child processes of ``pid`` (Linux ``/proc``)."""
-    kids = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            kids.append(int(stat.parent.name))
-    return kids
 
 
 def _alive(pid: int) -> bool:
@@ -260,6 +263,60 @@ def _alive(pid: int) -> bool:
     except OSError:
         return False
     return state != "Z"
+
+
+def test_heartbeats_count_a_killed_invocation_and_not_a_running_one(tmp_path):
+    """``invocations.live``: a heartbeat whose process is gone on this host, or that has not
+    beaten for ``LIVE_STALE_S`` on any host, is a killed invocation's line; a fresh one from
+    another host, or this process's own, is a running invocation's and counts nowhere yet."""
+    import socket
+
+    from benchmark import store as store_module
+
+    store = Store(tmp_path / "run")
+    here = store_module._safe(socket.gethostname())
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    now = time.time()
+    beats = {
+        "mine": {"host": here, "pid": os.getpid(), "heartbeat": now, "started": "2026-01-01T00:00:03+00:00"},
+        "gone": {"host": here, "pid": gone.pid, "heartbeat": now, "started": "2026-01-01T00:00:01+00:00"},
+        "away": {"host": "elsewhere", "pid": 1, "heartbeat": now, "started": "2026-01-01T00:00:04+00:00"},
+        "stale": {"host": "elsewhere", "pid": 1, "heartbeat": now - store_module.LIVE_STALE_S - 1,
+                  "started": "2026-01-01T00:00:02+00:00"},
+    }
+    store.live_path.mkdir(parents=True)
+    for name, beat in beats.items():
+        (store.live_path / f"{name}.json").write_text(json.dumps(
+            {**beat, "seconds": 7.5, "stage_seconds": {"plan": 1.0, "execute": 6.5}, "stopped_in": "execute"}))
+    store.record_invocation({"started": "2026-01-01T00:00:00+00:00", "seconds": 3.0, "stopped_in": None})
+    records = store.invocations()
+    assert [r["started"][-10:-6] for r in records] == ["0:00", "0:01", "0:02"]  # oldest first
+    assert [r.get("stopped_in") for r in records] == [None, "execute (killed)", "execute (killed)"]
+    assert all("pid" not in r and "host" not in r for r in records)
+    assert store.settle_killed_invocations() == 2
+    assert sorted(p.stem for p in store.live_path.glob("*.json")) == ["away", "mine"]
+    assert len(store._recorded_invocations()) == 3 and len(store.invocations()) == 3
+
+
+def test_the_heartbeat_rewrites_the_stage_clock_until_the_invocation_ends(tmp_path):
+    store = Store(tmp_path)
+    ticks = iter(range(1, 1000))
+    with store.live_invocation({"started": "x"}, lambda: {"seconds": float(next(ticks))}, every=0.02) as live:
+        first = json.loads(live.path.read_text())["seconds"]
+        deadline = time.monotonic() + 10
+        while json.loads(live.path.read_text())["seconds"] < first + 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert json.loads(live.path.read_text())["seconds"] >= first + 3
+        assert store.invocations() == []  # this process is alive: a running invocation, no line yet
+    assert not live.path.exists() and not store.live_path.exists()
+
+
+def test_a_finished_invocation_leaves_no_heartbeat(tmp_path):
+    run_benchmark(config(), tmp_path, quiet=True)
+    assert not (tmp_path / "invocations.live").exists()
+    (record,) = Store(tmp_path).invocations()
+    assert record["stopped_in"] is None and "killed" not in record
 
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads child processes from Linux /proc")
@@ -274,7 +331,7 @@ def test_sigterm_stops_the_run_like_ctrl_c(tmp_path):
         cwd=REPO_ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     reached = _wait_for(lambda: any((out / "images").glob("*/*/*.json")), process, timeout=120)
-    workers = _children(process.pid)
+    workers = list(descendant_processes(process.pid))
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=60)
     assert reached, "the run finished before its first image"
