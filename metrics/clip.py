@@ -94,11 +94,16 @@ class ClipT(_ClipMetric):
         """Normalized embeddings of ``texts`` and their untruncated token lengths."""
         backbone = self.backbone
         cache = text_store(backbone)
-        _, lengths = tokenize(backbone.tokenizer, texts)
-        missing = sorted({text for text in texts if text not in cache})
+        # each distinct text tokenized once (BPE in Python: a subject batch repeats each prompt
+        # once per image), its ids reused for the texts not yet encoded
+        unique = sorted(set(texts))
+        unique_ids, unique_lengths = tokenize(backbone.tokenizer, unique)
+        row_of = {text: row for row, text in enumerate(unique)}
+        lengths = [unique_lengths[row_of[text]] for text in texts]
+        missing = [text for text in unique if text not in cache]
         for start in range(0, len(missing), self.settings.batch_size):
             chunk = missing[start : start + self.settings.batch_size]
-            chunk_ids, _ = tokenize(backbone.tokenizer, chunk)
+            chunk_ids = unique_ids[[row_of[text] for text in chunk]]
             with torch.inference_mode(), backbone.autocast():
                 features = backbone.model.encode_text(chunk_ids.to(backbone.device))
             for text, row in zip(chunk, F.normalize(features.float(), dim=-1).cpu()):

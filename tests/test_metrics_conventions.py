@@ -303,3 +303,27 @@ def test_one_scoring_pass_decodes_each_image_once_and_the_page_renders(tmp_path,
     assert "conventions.html" in (index.parent / "leaderboard.html").read_text(encoding="utf-8")  # in the nav
     markdown = (index.parent / "conventions.md").read_text(encoding="utf-8")
     assert "| entry |" in markdown and "DINO S/16 squash" in markdown
+
+
+def test_clip_t_tokenizes_each_distinct_text_once_and_matches_open_clip(monkeypatch):
+    """A subject batch repeats each prompt once per image: CLIP-T tokenizes each distinct text
+    once (BPE runs in Python), and its embeddings and untruncated lengths per text are open_clip's."""
+    import open_clip
+
+    from metrics.embeddings import clear_embedding_caches
+
+    clear_embedding_caches()
+    metric = build_metric("clip_t", RANDOM)
+    tokenizer = metric.backbone.tokenizer
+    long = "a dog " + "with a very long red scarf " * 14  # over 77 tokens: truncated
+    texts = ["a dog on the beach", long, "a dog in the snow", "a dog on the beach", long, "a dog on the beach"]
+    calls = []
+    encode = tokenizer.encode
+    monkeypatch.setattr(tokenizer, "encode", lambda text: calls.append(text) or encode(text))
+    rows, lengths = metric.text_embeddings(texts)
+    assert sorted(calls) == sorted(set(texts))
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    with torch.no_grad():
+        expected = F.normalize(metric.backbone.model.encode_text(reference(texts)), dim=-1)
+    np.testing.assert_allclose(rows.numpy(), expected.numpy(), atol=1e-5)
+    assert lengths == [len(encode(text)) + 2 for text in texts] and lengths[1] > 77
