@@ -428,6 +428,20 @@ def run(args: argparse.Namespace, save=None) -> dict:
                     "metric's score calls, writing score parts and the embedding cache",
         "repeats": runs,
     }
+    for threads in getattr(args, "decode_threads", []):
+        # the same score_run with another decode pool size (the host decodes every PNG: on a
+        # machine with more cores than scoring.DECODE_THREADS uses, more threads may hide it)
+        if threads == scoring.DECODE_THREADS:
+            continue
+        _progress(f"score_run × {args.repeats} with {threads} decode threads ...")
+        default_threads, scoring.DECODE_THREADS = scoring.DECODE_THREADS, threads
+        try:
+            more = [timed_score_run(store, plan, subjects, config, device) for _ in range(args.repeats)]
+        finally:
+            scoring.DECODE_THREADS = default_threads
+        result.setdefault("score_run_by_decode_threads", {})[str(threads)] = {
+            "seconds": round(statistics.median(r["seconds"] for r in more), 3), "repeats": more}
+        save(result)
     result["target"] = {
         "seconds": TARGET_SECONDS,
         "n_images": TARGET_IMAGES,
@@ -468,12 +482,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="one more score_run, of the warm-up directory (<= 100 images), under torch.profiler: "
                              "device busy seconds, top operators")
     parser.add_argument("--decode-sample", type=int, default=300, help="images timed for one-thread decode")
+    parser.add_argument("--decode-threads", default="",
+                        help="comma-separated decode pool sizes to time score_run with besides the default "
+                             "(scoring.DECODE_THREADS), e.g. 12,16: score_run_by_decode_threads")
     parser.add_argument("--work", default=None, help="run directory parent to (re)use; default a temporary one")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="JSON path (default: $OUT/gpu_scoring.json, else ./gpu_scoring.json)")
     args = parser.parse_args(argv)
     args.metrics = resolve_metrics(args.metrics)
+    try:
+        args.decode_threads = [int(t) for t in str(args.decode_threads).split(",") if t.strip()]
+    except ValueError:
+        parser.error(f"--decode-threads {args.decode_threads!r}: give whole numbers, e.g. 12,16")
+    if any(t < 1 for t in args.decode_threads):
+        parser.error(f"--decode-threads {args.decode_threads}: each must be 1 or more")
     if args.repeats is None:
         args.repeats = 3 if args.device.startswith("cuda") else 1
     write_result(run(args, save=lambda result: save_partial(result, args.out, "gpu_scoring.json")), args.out,
