@@ -56,7 +56,6 @@ LIVE_EVERY_S = 30.0  # seconds between a running invocation's heartbeats (invoca
 LIVE_STALE_S = 300.0  # a heartbeat older than this is a dead process's, on whatever host it ran
 
 
-
 class StoreError(UserError, RuntimeError):
     """A run directory that cannot be used, naming the path and the fix."""
 
@@ -117,6 +116,7 @@ class LiveInvocation:
             self.path.parent.rmdir()
         except OSError:
             pass  # not empty: another host's invocation of a sharded run
+
 
 class Store:
     """Reads and writes one run directory."""
@@ -202,11 +202,12 @@ class Store:
         machine) leaves it behind; ``invocations()`` and the next run count it."""
         return LiveInvocation(self.live_path / f"{_safe(socket.gethostname())}-{os.getpid()}.json", record, clock, every)
 
-    def killed_invocations(self) -> list[tuple[Path, dict]]:
+    def killed_invocations(self, holding_run_lock: bool = False) -> list[tuple[Path, dict]]:
         """Heartbeats left by processes that died without recording their line, as lines: their
         last heartbeat's seconds (the process ran up to ``LIVE_EVERY_S`` longer), ``stopped_in``
-        "STAGE (killed)". Dead: on this host its process is gone; anywhere, its heartbeat is older
-        than ``LIVE_STALE_S``."""
+        "STAGE (killed)". Dead: on this host its process is gone (every one of this host's, for
+        the holder of the run's lock: no other run of this folder can be running); anywhere, its
+        heartbeat is older than ``LIVE_STALE_S``."""
         if not self.live_path.is_dir():
             return []
         here, now, found = _safe(socket.gethostname()), time.time(), []
@@ -217,7 +218,8 @@ class Store:
                 continue  # being replaced this instant, or unreadable: not evidence of a death
             host, pid = beat.pop("host", None), beat.pop("pid", None)
             last = beat.pop("heartbeat", now)
-            dead = now - last > LIVE_STALE_S or (host == here and isinstance(pid, int) and not _pid_alive(pid))
+            dead = now - last > LIVE_STALE_S or (
+                host == here and (holding_run_lock or not isinstance(pid, int) or not _pid_alive(pid)))
             if dead:
                 beat["last_heartbeat"] = datetime.datetime.fromtimestamp(last, datetime.UTC).isoformat(timespec="seconds")
                 beat["stopped_in"] = f"{beat.get('stopped_in') or 'plan'} (killed)"
@@ -226,9 +228,10 @@ class Store:
         return found
 
     def settle_killed_invocations(self) -> int:
-        """Move killed invocations' heartbeats into ``invocations.jsonl`` (the driver, at start)."""
+        """Move killed invocations' heartbeats into ``invocations.jsonl`` (the driver, at start,
+        holding the run's lock)."""
         with file_lock(self.root / ".invocations.lock"):
-            killed = self.killed_invocations()
+            killed = self.killed_invocations(holding_run_lock=True)
             if killed:
                 path = self.invocations_path
                 earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
