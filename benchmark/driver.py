@@ -82,6 +82,13 @@ def _record_invocation(store: Store, record: dict) -> None:
         log.warning("could not record this invocation's run time in %s (%s)", store.invocations_path, error)
 
 
+def _images_written_since(store: Store, epoch: float) -> int | None:
+    try:
+        return store.images_written_since(epoch)
+    except OSError:
+        return None
+
+
 def resolved_config(config: RunConfig) -> dict:
     """The config with every method parameter present (defaults filled in), as saved with runs."""
     document = config.to_dict()
@@ -164,7 +171,7 @@ def run_benchmark(
     score: bool = True,
     shard_spec: tuple[int, int] | None = None,
 ) -> RunSummary:
-    started = time.perf_counter()
+    started, started_epoch = time.perf_counter(), time.time()
     started_utc = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
     store = Store(run_dir)
     summary = RunSummary(run_dir=store.root)
@@ -265,9 +272,11 @@ def run_benchmark(
                 summary.stage_seconds[stopped_in] = time.perf_counter() - stage_started
             stages = {k: round(v, 2) for k, v in summary.stage_seconds.items()}
             log.info("stage seconds: %s%s", json.dumps(stages), f" (stopped in {stopped_in})" if stopped_in else "")
+            # stopped early, the executor's tally never came back: count the images on disk instead
+            made = summary.done if stopped_in is None else _images_written_since(store, started_epoch)
             _record_invocation(store, {
                 **invocation, "seconds": round(time.perf_counter() - started, 2),
-                "stage_seconds": stages, "stopped_in": stopped_in, "images_generated": summary.done,
+                "stage_seconds": stages, "stopped_in": stopped_in, "images_generated": made,
             })
             live.__exit__(None, None, None)  # its line is written: the heartbeat goes
         keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}

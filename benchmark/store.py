@@ -378,6 +378,19 @@ class Store:
         atomic_write_json(self.record_path(label, subject_id, key), record)
         self.clear_failure(key)
 
+    def images_written_since(self, epoch: float) -> int:
+        """Images whose record was written at or after ``epoch`` (seconds): what an invocation that
+        stopped before its executor reported made (a ``--force`` rerun overwrites, so no count of
+        files before and after would do)."""
+        base = self.root / "images"
+        count = 0
+        for path in base.glob("*/*/*.json") if base.exists() else ():
+            try:
+                count += not path.name.startswith(TMP_PREFIX) and path.stat().st_mtime >= epoch
+            except OSError:
+                continue
+        return count
+
     def iter_records(self) -> Iterable[dict]:
         base = self.root / "images"
         if not base.exists():
