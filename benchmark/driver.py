@@ -249,36 +249,35 @@ def run_benchmark(
             stages = {**summary.stage_seconds, **({stopped_in: now - stage_started} if stopped_in else {})}
             return {"seconds": round(now - started, 2), "stage_seconds": {k: round(v, 2) for k, v in stages.items()},
                     "stopped_in": stopped_in, "images_generated": None}
-        live = store.live_invocation(invocation, clock)
-        live.__enter__()
-        try:
-            results = runner_pool.run(groups, job, progress)
-            for result in results:
-                summary.done += result.done
-                summary.skipped += result.skipped
-            with contextlib.suppress(OSError):  # every training published: no resume space is left
-                (store.root / "resume").rmdir()
-            summary.stage_seconds["execute"] = time.perf_counter() - stage_started
-            stage_started, stopped_in = time.perf_counter(), "score"
-            if score and config.metrics.names:
-                summary.scored, _ = score_run(
-                    store, plan_table, load_subject_table(store), config.metrics, device, progress, force=force
-                )
-                summary.stage_seconds["score"] = time.perf_counter() - stage_started
-            stopped_in = None
-        finally:
-            progress.close()
-            if stopped_in:  # interrupted (Ctrl-C) or failed: the stage it stopped in, as far as it got
-                summary.stage_seconds[stopped_in] = time.perf_counter() - stage_started
-            stages = {k: round(v, 2) for k, v in summary.stage_seconds.items()}
-            log.info("stage seconds: %s%s", json.dumps(stages), f" (stopped in {stopped_in})" if stopped_in else "")
-            # stopped early, the executor's tally never came back: count the images on disk instead
-            made = summary.done if stopped_in is None else _images_written_since(store, started_epoch)
-            _record_invocation(store, {
-                **invocation, "seconds": round(time.perf_counter() - started, 2),
-                "stage_seconds": stages, "stopped_in": stopped_in, "images_generated": made,
-            })
-            live.__exit__(None, None, None)  # its line is written: the heartbeat goes
+        # the heartbeat stops, and its file goes, once the invocation's line is written
+        with store.live_invocation(invocation, clock):
+            try:
+                results = runner_pool.run(groups, job, progress)
+                for result in results:
+                    summary.done += result.done
+                    summary.skipped += result.skipped
+                with contextlib.suppress(OSError):  # every training published: no resume space is left
+                    (store.root / "resume").rmdir()
+                summary.stage_seconds["execute"] = time.perf_counter() - stage_started
+                stage_started, stopped_in = time.perf_counter(), "score"
+                if score and config.metrics.names:
+                    summary.scored, _ = score_run(
+                        store, plan_table, load_subject_table(store), config.metrics, device, progress, force=force
+                    )
+                    summary.stage_seconds["score"] = time.perf_counter() - stage_started
+                stopped_in = None
+            finally:
+                progress.close()
+                if stopped_in:  # interrupted (Ctrl-C) or failed: the stage it stopped in, as far as it got
+                    summary.stage_seconds[stopped_in] = time.perf_counter() - stage_started
+                stages = {k: round(v, 2) for k, v in summary.stage_seconds.items()}
+                log.info("stage seconds: %s%s", json.dumps(stages), f" (stopped in {stopped_in})" if stopped_in else "")
+                # stopped early, the executor's tally never came back: count the images on disk instead
+                made = summary.done if stopped_in is None else _images_written_since(store, started_epoch)
+                _record_invocation(store, {
+                    **invocation, "seconds": round(time.perf_counter() - started, 2),
+                    "stage_seconds": stages, "stopped_in": stopped_in, "images_generated": made,
+                })
         keys = {g.prepare.key for g in groups} | {u.key for g in groups for u in g.images}
         summary.failed = failures_in_scope(store, keys)
     summary.seconds = time.perf_counter() - started

@@ -187,9 +187,14 @@ class Store:
         """Add one invocation's record (``benchmark.driver``: wall seconds per stage, executor,
         device, GPUs, workers per GPU) to ``invocations.jsonl``, rewritten atomically."""
         with file_lock(self.root / ".invocations.lock"):
-            path = self.invocations_path
-            earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
-            atomic_write_text(path, earlier + json.dumps(record, sort_keys=True, default=str) + "\n")
+            self._append_invocations([record])
+
+    def _append_invocations(self, records: list[dict]) -> None:
+        """``records`` as lines at the end of ``invocations.jsonl``, rewritten atomically (the
+        caller holds ``.invocations.lock``)."""
+        path = self.invocations_path
+        earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
+        atomic_write_text(path, earlier + "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
 
     @property
     def live_path(self) -> Path:
@@ -233,10 +238,7 @@ class Store:
         with file_lock(self.root / ".invocations.lock"):
             killed = self.killed_invocations(holding_run_lock=True)
             if killed:
-                path = self.invocations_path
-                earlier = path.read_text(encoding="utf-8") if path.is_file() else ""
-                lines = "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for _, r in killed)
-                atomic_write_text(path, earlier + lines)
+                self._append_invocations([record for _, record in killed])
                 for live, _ in killed:
                     live.unlink(missing_ok=True)
             if self.live_path.is_dir():

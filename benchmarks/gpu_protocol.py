@@ -38,11 +38,13 @@ beside three others, from writing its ~10 GB points while the TI pass of 4, whic
 in one 540-s call with one worker, saves a few KB every 4 minutes). A continued call may change
 the executor flags (``--workers-per-gpu``, ``--mps``; each leg records its own), not the workload.
 
-``--schedule TIMED.json --ti-json TI30.json [--scoring-json S.json] [--ti-step-factor F]`` (no run):
-item 5 from a finished ``--protocol-lengths`` run with K workers, by list scheduling the plan's
-groups at that run's per-process rates (``schedule``): the run's own workload beside what it
-measured, and the 30-subject suite with TI as one pass measured alone, bounded by that pass beside
-the other workers at its lone speed and by the others waiting for it.
+``--schedule TIMED.json --ti-json TI30.json [--scoring-json S.json] [--ti-step-factor F]
+[--overlap TI_A DB_A DB_B TI_B] [--lora-compiled-json L.json]`` (no run): item 5 from a finished
+``--protocol-lengths`` run with K workers, by list scheduling the plan's groups at that run's
+per-process rates (``schedule``): the run's own workload beside what it measured, and the
+30-subject suite with TI as one pass measured alone, bounded by that pass beside the other
+workers at its lone speed and by the others waiting for it; with ``--overlap``, the pass and the
+other workers slowed as measured beside each other (``overlap_factors``).
 
 Data: ``--dataset-dir`` (a local DreamBooth copy); weights: ``sd15-random``. Writes JSON to ``--out``.
 CPU check: ``python benchmarks/gpu_protocol.py --tiny --dataset-dir DIR --out /tmp/p.json``.
@@ -351,14 +353,14 @@ def analyse(measured: dict, settings: dict) -> dict:
             "projection_full_protocol": projection, "notes": notes}
 
 
-def ti_pass_measured(ti_path: str, size: int, wanted: str) -> tuple[dict, dict, float]:
+def ti_pass_measured(ti_path: str, size: int, wanted: str, option: str = "--ti-json") -> tuple[dict, dict, float]:
     """A ``gpu_ti_multi.py`` result, its pass of ``size`` subjects and that pass's first-step surplus
     over its measured steps (the compile, when compile_training; paid once per batch shape).
-    ``wanted`` says, in the error, why that size."""
+    ``wanted`` says, in the error, why that size; ``option`` which flag gave the file."""
     ti = json.loads(Path(ti_path).read_text())
     passes = {p["subjects"]: p for p in ti["passes"] if "error" not in p}
     if size not in passes:
-        raise SystemExit(f"--ti-json {ti_path}: no pass of {size} subjects in it ({wanted}); it has {sorted(passes)}")
+        raise SystemExit(f"{option} {ti_path}: no pass of {size} subjects in it ({wanted}); it has {sorted(passes)}")
     measured = passes[size]
     return ti, measured, max(0.0, measured["wall_seconds"] - ti["settings"]["measured_steps"] * measured["s_per_step"])
 
@@ -379,20 +381,19 @@ def _stretched(start: float, seconds: float, until: float, factor: float) -> flo
     return (until - start) + seconds - (until - start) / factor
 
 
-def _ti_steps_window(ti: dict, size: int, path: str) -> tuple[list[float], dict]:
+def _ti_steps_window(path: str, size: int) -> tuple[list[float], dict]:
     """Epoch seconds of a ``gpu_ti_multi.py`` pass's measured steps (its ``clock_window`` less the
     first step, which compiles) and the pass's row."""
-    rows = [p for p in ti.get("passes", []) if p.get("subjects") == size and "error" not in p]
-    if not rows or not rows[0].get("clock_window"):
-        raise SystemExit(f"--overlap {path}: no pass of {size} subjects with a clock_window in it "
-                         "(run gpu_ti_multi.py --counts {size} from this repository's version)")
-    row = rows[0]
-    first = row["wall_seconds"] - ti["settings"]["measured_steps"] * row["s_per_step"]
-    return [row["clock_window"][0] + max(0.0, first), row["clock_window"][1]], row
+    _, row, first = ti_pass_measured(path, size, "the suite's pass, run beside the trainings", option="--overlap")
+    if not row.get("clock_window"):
+        raise SystemExit(f"--overlap {path}: its pass of {size} subjects has no clock_window "
+                         f"(run gpu_ti_multi.py --counts {size} from this repository's version)")
+    return [row["clock_window"][0] + first, row["clock_window"][1]], row
 
 
-def _db_windows(speed: dict, path: str) -> tuple[list[list[float]], list[float]]:
+def _db_windows(path: str) -> tuple[list[list[float]], list[float]]:
     """Epoch windows and s/step of each training of a ``gpu_speed.py --concurrency N`` arm."""
+    speed = json.loads(Path(path).read_text())
     arms = [a for a in speed.get("training_concurrency", {}).values() if a.get("clock_windows_each")]
     if len(arms) != 1:
         raise SystemExit(f"--overlap {path}: wants one gpu_speed.py concurrency arm with clock_windows_each, "
@@ -407,11 +408,10 @@ def overlap_factors(paths: list[str], size: int, ti_lone_s_per_step: float, fine
     lone one (F); (2) the same pair the other way round, the trainings' timed windows inside the
     pass's steps: their step time beside it over the rate the schedule gives the fine-tunes (G).
     Refuses a pair whose windows do not nest (a factor that mixes time beside and alone)."""
-    ti_a, db_a, db_b, ti_b = (json.loads(Path(p).read_text()) for p in paths)
-    ti_window_a, row_a = _ti_steps_window(ti_a, size, paths[0])
-    windows_a, _ = _db_windows(db_a, paths[1])
-    windows_b, steps_b = _db_windows(db_b, paths[2])
-    ti_window_b, _ = _ti_steps_window(ti_b, size, paths[3])
+    ti_window_a, row_a = _ti_steps_window(paths[0], size)
+    windows_a, _ = _db_windows(paths[1])
+    windows_b, steps_b = _db_windows(paths[2])
+    ti_window_b, _ = _ti_steps_window(paths[3], size)
     if not all(w[0] <= ti_window_a[0] + 1 and ti_window_a[1] <= w[1] + 1 for w in windows_a):
         raise SystemExit(f"--overlap {paths[0]} {paths[1]}: the pass's measured steps {ti_window_a} do not lie inside "
                          f"every training's timed window {windows_a}; its step time is not one beside them")
@@ -579,18 +579,19 @@ def schedule(timed_path: str, ti_path: str, scoring_path: str | None, out: str |
     else:
         scored = sum(row["images"] for row in measured["per_method"].values())
         score_s = stages.get("score", 0.0) * PROTOCOL["metric_images"] / max(1, scored)
+    def ti_pass_slowed(factor):  # the suite's groups with the pass's steps ``factor`` times its lone step time
+        return suite_groups(suite_ti_train + PROTOCOL["ti_steps"] * measured_pass["s_per_step"] * (factor - 1.0))
+
     projection = {}
-    arms = [("ti_pass_overlapped", groups, False), ("ti_pass_alone_on_the_gpu", groups, True)]
+    # (name, groups, the pass alone on the GPU, the other workers' slow-down while it trains)
+    arms = [("ti_pass_overlapped", groups, False, 1.0), ("ti_pass_alone_on_the_gpu", groups, True, 1.0)]
     if ti_step_factor:
-        slowed = suite_ti_train + PROTOCOL["ti_steps"] * measured_pass["s_per_step"] * (ti_step_factor - 1.0)
-        arms.append((f"ti_pass_overlapped_at_{ti_step_factor:g}x_its_step", suite_groups(slowed), False))
-    arms = [(name, arm_groups, serial, 1.0) for name, arm_groups, serial in arms]
+        arms.append((f"ti_pass_overlapped_at_{ti_step_factor:g}x_its_step", ti_pass_slowed(ti_step_factor), False, 1.0))
     factors = None
     if overlap:
         factors = overlap_factors(overlap, size, measured_pass["s_per_step"], rate["dreambooth"]["s_per_step"])
-        slowed = suite_ti_train + PROTOCOL["ti_steps"] * measured_pass["s_per_step"] * (factors["ti_step_factor"] - 1.0)
-        arms.append(("ti_pass_and_finetunes_as_measured_beside_each_other", suite_groups(slowed), False,
-                     factors["finetune_step_factor"]))
+        arms.append(("ti_pass_and_finetunes_as_measured_beside_each_other",
+                     ti_pass_slowed(factors["ti_step_factor"]), False, factors["finetune_step_factor"]))
     for name, arm_groups, serial, beside in arms:
         sim = list_schedule(arm_groups, workers, ti_serial=serial, beside_factor=beside)
         wall = sim["execute_s"] + fixed_s + score_s
