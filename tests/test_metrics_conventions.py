@@ -272,13 +272,13 @@ def test_one_scoring_pass_decodes_each_image_once_and_the_page_renders(tmp_path,
     from reports.build import build_report
 
     opened: list[str] = []
-    real_open = benchmark.scoring.Image.open
+    real_decode = benchmark.scoring._decode
 
-    def counting_open(path, *args, **kwargs):
-        opened.append(str(path))
-        return real_open(path, *args, **kwargs)
+    def counting_decode(store, label, subject, key):
+        opened.append(str(store.image_path(label, subject, key)))
+        return real_decode(store, label, subject, key)
 
-    monkeypatch.setattr(benchmark.scoring.Image, "open", counting_open)
+    monkeypatch.setattr(benchmark.scoring, "_decode", counting_decode)
     names = ["clip_t", "clip_i", "dino", "dino_s16_squash", "clip_t_identifier", "clip_t_clipscore", "clip_i_b32"]
     config = load_config("default", [
         "methods=dummy", "subjects=dog,teapot", "protocol.prompts=[0]", "protocol.images_per_prompt=2",

@@ -92,3 +92,31 @@ def test_each_photo_is_decoded_once_per_scoring_pass(tmp_path, monkeypatch):
         merged = once.merge(per_role, on="image_key", suffixes=("", "_per_role"))
         assert len(merged) == len(once) > 0
         assert np.array_equal(merged["value"].to_numpy(), merged["value_per_role"].to_numpy(), equal_nan=True), name
+
+
+@pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"])
+def test_decode_equals_pil_convert_rgb_for_every_png_kind(tmp_path, mode):
+    """The fast decode (libpng via torchvision) gives PIL's ``convert("RGB")`` pixels, bit for bit,
+    for each kind of PNG a user's store could hold; what it cannot take goes through PIL."""
+    store, _ = _store_with_images(tmp_path, count=1, size=37)
+    path = store.image_path("m", "dog", "k0")
+    generator = np.random.default_rng(1)
+    if mode == "I;16":
+        image = Image.fromarray(generator.integers(0, 65536, (37, 29), dtype=np.uint16))
+    elif mode == "P":
+        image = Image.fromarray(generator.integers(0, 256, (37, 29, 3), dtype=np.uint8)).quantize(17)
+    else:
+        image = Image.fromarray(generator.integers(0, 256, (37, 29, 4), dtype=np.uint8), "RGBA").convert(mode)
+    image.save(path)
+    with Image.open(path) as handle:
+        expected = torch.from_numpy(np.array(handle.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    got = _decode(store, "m", "dog", "k0")
+    assert got.dtype == torch.uint8 and got.shape == (3, 37, 29)
+    assert torch.equal(got, expected), mode
+
+
+def test_decode_of_a_missing_png_names_the_file(tmp_path):
+    store, _ = _store_with_images(tmp_path, count=1)
+    store.image_path("m", "dog", "k0").unlink()
+    with pytest.raises(FileNotFoundError, match="k0"):
+        _decode(store, "m", "dog", "k0")
