@@ -10,13 +10,25 @@ a locally cached copy is used, and when there is none the load fails at once wit
 ``weights="random"`` builds the same architectures with random init under a fixed seed, on the
 CPU, so that every process on every machine with the same torch gets the same tensors; the
 ``weights_sha256`` in the fingerprint proves it (and changes if torch's init ever does).
-CLIP-T and CLIP-I share one CLIP instance: the cache key is (kind, arch, weights, device);
-precisions (bf16 autocast or fp32) share the model too, as they change only the forward.
+CLIP-T and CLIP-I share one CLIP instance: the cache key is (kind, arch, weights, device).
+
+bf16 runs the fp32 model under autocast. Autocast casts a Linear's or a convolution's fp32
+weight and bias to bf16 at every call (it caches casts only of weights that require grad, and
+these are frozen): a cast kernel per weight per forward, on a scoring pass whose GPU waits on the
+host's launches (~15 % busy on an H200). So the bf16 backbone holds those weights cast once, in a
+copy of the model that shares every other tensor with the fp32 one: the very tensors autocast
+would have made, so every value is bit-identical to autocast over the fp32 model (tested per
+backbone). Casts per forward (CPU profile, `benchmarks/cpu/test_metrics_bench.py`): CLIP
+ViT-B/32's image side 113 -> 40, DINO ViT-S/16 148 -> 50, LPIPS (alex) 53 -> 28. Only the image
+side of CLIP is cast: open_clip's text tower takes its activations' dtype from a Linear's weight,
+so casting it would change its precision. ``weights_sha256`` hashes the fp32 weights whatever
+the precision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
@@ -84,18 +96,23 @@ class LoadedBackbone:
     encode_image: Callable[[torch.Tensor], torch.Tensor] | None = None
     tokenizer: object | None = None
     extra: dict = field(default_factory=dict)
+    # the submodule whose Linear/convolution weights the bf16 backbone holds in bf16 ("" = all)
+    precast_part: str = ""
+    # the fp32 model this one was copied from (bf16 backbones): what the weights hash reads
+    fp32_model: torch.nn.Module | None = None
 
     def weights_sha256(self) -> str:
-        """sha256 over the state dict (names, dtypes, shapes, bytes): identifies the weights exactly."""
+        """sha256 over the fp32 state dict (names, dtypes, shapes, bytes): identifies the weights exactly."""
+        model = self.model if self.fp32_model is None else self.fp32_model
         with _LOCK:
-            if self.model not in _SHA256:
+            if model not in _SHA256:
                 digest = hashlib.sha256()
-                for name, tensor in self.model.state_dict().items():
+                for name, tensor in model.state_dict().items():
                     array = tensor.detach().to("cpu").contiguous().numpy()
                     digest.update(f"{name}|{array.dtype}|{tuple(array.shape)}\n".encode())
                     digest.update(memoryview(array).cast("B"))
-                _SHA256[self.model] = digest.hexdigest()
-            return _SHA256[self.model]
+                _SHA256[model] = digest.hexdigest()
+            return _SHA256[model]
 
     def fingerprint(self) -> dict:
         return {
@@ -187,14 +204,47 @@ def hub_source(repo_id: str, path: str) -> str:
 
 
 def _get(key: tuple, precision: str, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
-    """The backbone for ``key`` + ``precision``; precisions share one model (autocast only)."""
+    """The backbone for ``key`` + ``precision``: the fp32 model loaded once, and for bf16 a copy
+    holding its autocast weights cast once (``_with_bf16_weights``)."""
     with _LOCK:
         if (*key, precision) not in _CACHE:
-            same_model = next((b for k, b in _CACHE.items() if k[:-1] == key), None)
+            if (*key, "loaded") not in _CACHE:
+                _CACHE[(*key, "loaded")] = load()
+            loaded = _CACHE[(*key, "loaded")]
             _CACHE[(*key, precision)] = (
-                dataclasses.replace(same_model, precision=precision) if same_model else load()
+                _with_bf16_weights(loaded) if precision == "bf16" else dataclasses.replace(loaded, precision=precision)
             )
         return _CACHE[(*key, precision)]
+
+
+# What autocast runs in bf16 with a weight it would cast per call (F.linear, conv1d/conv2d).
+# nn.MultiheadAttention's packed in-projection is left fp32: with it in bf16, torch takes
+# another path and the values differ.
+_AUTOCAST_WEIGHT_MODULES = (torch.nn.Linear, torch.nn.Conv1d, torch.nn.Conv2d)
+
+
+def _with_bf16_weights(loaded: LoadedBackbone) -> LoadedBackbone:
+    """``loaded`` for bf16 autocast, its ``precast_part``'s Linear and convolution weights and
+    biases cast once, in a copy of the model that shares every other tensor with the fp32 one."""
+    model = loaded.model
+    part = model.get_submodule(loaded.precast_part)
+    own = {id(t) for t in [*part.parameters(), *part.buffers()]}
+    # deepcopy's memo maps a tensor to itself: the copy shares everything outside the part
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()] if id(t) not in own}
+    clone = copy.deepcopy(model, memo)
+    for module in clone.get_submodule(loaded.precast_part).modules():
+        if isinstance(module, _AUTOCAST_WEIGHT_MODULES):
+            for parameter in (module.weight, module.bias):
+                if parameter is not None:
+                    parameter.data = parameter.data.to(torch.bfloat16)
+    encode = loaded.encode_image
+    if encode is model:
+        encode = clone
+    elif encode is not None:
+        if getattr(encode, "__self__", None) is not model:
+            raise TypeError(f"{loaded.kind} {loaded.arch}: encode_image must be the model or one of its methods")
+        encode = getattr(clone, encode.__name__)
+    return dataclasses.replace(loaded, model=clone, encode_image=encode, precision="bf16", fp32_model=model)
 
 
 # ----------------------------------------------------------------------------- CLIP
@@ -242,6 +292,7 @@ def _load_clip(arch: str, weights: str, device: torch.device, precision: str) ->
         encode_image=model.encode_image,
         tokenizer=tokenizer,
         extra={"library": "open_clip", "activation": "quick_gelu"},
+        precast_part="visual",
     )
 
 

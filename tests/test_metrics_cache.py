@@ -48,7 +48,8 @@ def test_clip_t_and_clip_i_share_one_clip_model():
     clip_t, clip_i = build_metric("clip_t", RANDOM), build_metric("clip_i", RANDOM)
     assert clip_t.backbone is clip_i.backbone is get_clip(RANDOM)
     bf16 = get_clip(MetricSettings(weights="random", precision="bf16"))
-    assert bf16.model is clip_t.backbone.model and bf16.precision == "bf16"
+    assert bf16.precision == "bf16" and bf16.fp32_model is clip_t.backbone.model  # its cast copy
+    assert bf16 is get_clip(MetricSettings(weights="random", precision="bf16"))
     assert build_metric("dino", RANDOM).backbone is build_metric("pres", RANDOM).backbone
 
 

@@ -93,3 +93,51 @@ def test_div_packing(benchmark, path):
     values = benchmark.pedantic(packed if path == "packed" else per_group, rounds=3, warmup_rounds=1)
     torch.testing.assert_close(values, per_group(), rtol=1e-5, atol=1e-6)
     record_rate(benchmark, 100)
+
+
+@pytest.mark.parametrize("kind", ["clip", "dino", "lpips"])
+def test_bf16_cast_weights(benchmark, kind):
+    """A bf16 backbone's forward with its Linear/conv weights cast once (what the harness runs)
+    beside the reference, bf16 autocast over the fp32 model (which casts each weight per call):
+    casts per forward (each one a kernel launch on a GPU, where scoring is host-bound) and CPU
+    seconds per forward; the outputs must be equal."""
+    from torch.profiler import profile
+
+    from metrics.backbones import get_clip, get_lpips, get_vit
+
+    get = {"clip": get_clip, "dino": lambda s: get_vit(s, "s16"), "lpips": get_lpips}[kind]
+    fp32 = get(MetricSettings(weights="random", batch_size=16, precision="fp32"))
+    bf16 = get(MetricSettings(weights="random", batch_size=16, precision="bf16"))
+    generator = torch.Generator().manual_seed(0)
+    if kind == "lpips":
+        a, b = (torch.rand(COUNT, 3, SIZE, SIZE, generator=generator) * 2 - 1 for _ in range(2))
+
+        def forward(backbone):
+            return backbone.model(a, b)
+    else:
+        pixels = fp32.pipeline(torch.rand(COUNT, 3, SIZE, SIZE, generator=generator))
+
+        def forward(backbone):
+            return backbone.model.encode_image(pixels) if kind == "clip" else backbone.model(pixels)
+
+    def run(backbone):
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return forward(backbone)
+
+    def casts(backbone) -> int:
+        with profile() as prof:
+            run(backbone)
+        return sum(e.count for e in prof.key_averages() if e.key in ("aten::_to_copy",))
+
+    import time
+
+    run(fp32)
+    started = time.perf_counter()
+    reference = run(fp32)
+    reference_s = time.perf_counter() - started
+    ours = benchmark.pedantic(lambda: run(bf16), rounds=3, warmup_rounds=1)
+    assert torch.equal(ours, reference)
+    benchmark.extra_info.update(casts_per_forward_reference=casts(fp32), casts_per_forward_ours=casts(bf16),
+                                reference_s_per_forward=round(reference_s, 4))
+    print(f"\n{kind}: casts per forward {benchmark.extra_info['casts_per_forward_reference']} -> "
+          f"{benchmark.extra_info['casts_per_forward_ours']}; reference {reference_s:.4f} s per forward")
