@@ -32,9 +32,9 @@ from data.single_image import ALL_IMAGES
 log = logging.getLogger("subjectbench")
 
 
-# PNG decoding (zlib releases the GIL) of the next subject batch while this one scores; decoding
-# is the host's share of scoring (H200 run: ~11 ms per 512-px PNG on one core), so more cores
-# decode in more threads. Not more than 8: on 16-core H200 hosts 12 threads were 7 % faster on
+# PNG decoding (libpng, mostly without the GIL: ``_decode``) of the next subject batch while this
+# one scores; decoding is the host's share of scoring (H200 hosts: 7-13 ms per 512-px PNG on one
+# core with PIL), so more cores decode in more threads. Not more than 8: on 16-core H200 hosts 12 threads were 7 % faster on
 # one host and 13 % slower on another whose CPU was slower (benchmarks/results, sixteenth
 # session): the threads compete with the scoring thread, which launches every metric's kernels.
 DECODE_THREADS = max(4, min(8, os.cpu_count() or 1))
