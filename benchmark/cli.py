@@ -64,13 +64,14 @@ class Terminated(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def _sigterm_stops_like_ctrl_c():
+def _sigterm_stops_like_ctrl_c(fired: list):
     """SIGTERM raises ``Terminated`` in the main thread once; a second one, while the run is
-    stopping, is ignored (SIGKILL still ends it at once)."""
+    stopping, is ignored (SIGKILL still ends it at once). ``fired`` gets the signal number: a
+    library may turn the exception into a plain KeyboardInterrupt on its way up (Ray's ``wait``
+    does), and the caller still knows it was SIGTERM."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    fired = []
 
     def handler(signum, frame):
         if not fired:
@@ -94,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
             args.overrides = [*args.overrides, *extras]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    sigterm: list = []
     try:
-        with _sigterm_stops_like_ctrl_c():
+        with _sigterm_stops_like_ctrl_c(sigterm):
             return int(args.handler(args) or 0)
-    except Terminated:
-        print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        if isinstance(interrupt, Terminated) or sigterm:
+            print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
+            return 143
         print("interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     except UserError as error:  # every package's user-facing errors: the message is the whole story

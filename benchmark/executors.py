@@ -17,6 +17,7 @@ time-sharing it, and stops it when the workers are done.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import multiprocessing as mp
 import os
@@ -24,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -400,6 +402,23 @@ def _ray_execute(groups: list[WorkGroup], job: JobSpec) -> list[GroupResult]:
     return execute_pass(groups, job)
 
 
+@contextlib.contextmanager
+def _signal_handlers_kept():
+    """Put back the SIGTERM and SIGINT handlers the block replaced. ``ray.init`` installs its
+    own SIGTERM handler in the driver, which logs and aborts the process (exit -6): the run then
+    neither stops its tasks nor records its run time, as the CLI's handler makes it do."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    kept = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for number, handler in kept.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
 class RayExecutor:
     """One Ray task per training pass (a (method cell, subject), or subjects trained together); ``1 / workers_per_gpu`` GPU per task where GPUs
     exist. A task whose worker dies is retried (``max_retries``), then recorded as failed. The run
@@ -431,10 +450,11 @@ class RayExecutor:
         started_here = not ray.is_initialized()
         if started_here:
             kwargs = {"address": self.address} if self.address else {"num_cpus": self.num_cpus}
-            ray.init(
-                **kwargs, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
-                ignore_reinit_error=True,
-            )
+            with _signal_handlers_kept():
+                ray.init(
+                    **kwargs, runtime_env=runtime_env, include_dashboard=False, log_to_driver=False,
+                    ignore_reinit_error=True,
+                )
         try:
             gpus = ray.cluster_resources().get("GPU", 0)
             use_gpu = gpus > 0 and job.context.device.startswith("cuda")
