@@ -106,8 +106,10 @@ SIBLING_GROUP = ["prepare_key", "cell_id", "checkpoint", "template", "role"]
 
 def sibling_groups(frame: pd.DataFrame) -> pd.Series:
     """Per image: its sibling group (DIV) — same training, same cell (cells that share a training
-    differ in how they generate), checkpoint, prompt and role."""
-    return frame[SIBLING_GROUP].astype(str).agg("|".join, axis=1)
+    differ in how they generate), checkpoint, prompt and role: the columns' strings joined by "|".
+    Column-wise (a row-wise join built a Series per row: ~20 ms per subject batch and metric)."""
+    columns = [frame[name].astype(str) for name in SIBLING_GROUP]
+    return columns[0].str.cat(columns[1:], sep="|", na_rep="nan")
 
 
 def context_keys(frame: pd.DataFrame, with_siblings: bool) -> pd.Series:

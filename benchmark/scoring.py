@@ -217,6 +217,7 @@ def score_run(
     references: dict[str, list] = {}
     current: dict[str, dict] = {}
     passes: list[_MetricPass] = []
+    keyed_by_groups: dict[bool, pd.DataFrame] = {}  # the plan with its context keys, made once per kind
     for name in metrics_config.names:
         metric = build_metric(name, settings)
         fingerprint = metric.fingerprint()
@@ -230,7 +231,9 @@ def score_run(
             "needs_complete_groups": needs_groups,
             "context_version": CONTEXT_KEY_VERSION,
         }
-        keyed = done.assign(context_key=context_keys(done, needs_groups))
+        if needs_groups not in keyed_by_groups:
+            keyed_by_groups[needs_groups] = done.assign(context_key=context_keys(done, needs_groups))
+        keyed = keyed_by_groups[needs_groups]
         rows = keyed[keyed["role"] == metric.role]
         if not force:
             have = read_score_parts(folder)

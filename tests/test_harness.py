@@ -517,6 +517,27 @@ def test_div_siblings_stay_within_a_cell_when_cells_share_a_training(tmp_path):
     assert all(alone[k] == pytest.approx(shared[k], abs=1e-6) for k in alone)
 
 
+def test_sibling_groups_equal_the_row_wise_join(tmp_path, monkeypatch):
+    """The column-wise sibling-group ids are the row-wise "|".join of the group columns' strings
+    (the reference), on a real plan with grid cells, checkpoints and prior images; an empty
+    frame gives an empty Series."""
+    import pandas as pd
+
+    from benchmark.results import SIBLING_GROUP, sibling_groups
+    from tests.report_fakes import use_fakes
+
+    use_fakes(monkeypatch)  # sweep_dummy: the dummy with three checkpoints
+    cfg = load_config("default", ["methods=dummy,sweep_dummy", "methods.dummy.noise=[0.3,0.9]",
+                                  "protocol.prior_images=2", "metrics.names=[]"])
+    run_benchmark(cfg, tmp_path / "run", quiet=True)
+    plan = pd.read_parquet(tmp_path / "run" / "plan.parquet")
+    assert plan["checkpoint"].nunique() > 1 and plan["cell_id"].nunique() > 1 and plan["role"].nunique() > 1
+    expected = [("|".join(str(row[c]) for c in SIBLING_GROUP)) for _, row in plan.iterrows()]
+    got = sibling_groups(plan)
+    assert list(got) == expected and got.index.equals(plan.index)
+    assert len(sibling_groups(plan.iloc[:0])) == 0
+
+
 def test_two_identical_entries_are_refused_by_name():
     from benchmark.config import ConfigError
 
