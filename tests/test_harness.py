@@ -490,6 +490,30 @@ def test_div_siblings_stay_within_a_cell_when_cells_share_a_training(tmp_path):
     assert all(alone[k] == pytest.approx(shared[k], abs=1e-6) for k in alone)
 
 
+def test_done_mask_equals_image_done_per_row(tmp_path):
+    """``done_mask`` (one folder listing per label and subject) says what ``image_done`` (two
+    stats per image) says: done only with both the PNG and its record; a half-written image, a
+    folder where a file should be, a subject or label never written are not done."""
+    import pandas as pd
+    from PIL import Image
+
+    store = Store(tmp_path / "run")
+    for key in ("both", "png-only", "json-only"):
+        store.write_image("m", "dog", key, Image.new("RGB", (4, 4)), {"key": key})
+    store.record_path("m", "dog", "png-only").unlink()
+    store.image_path("m", "dog", "json-only").unlink()
+    store.image_path("m", "dog", "folder").mkdir()  # a directory named like the PNG
+    store.record_path("m", "dog", "folder").write_text("{}")
+    store.write_image("m", "cat/x", "other", Image.new("RGB", (4, 4)), {"key": "other"})  # a name made safe
+    rows = [("m", "dog", k) for k in ("both", "png-only", "json-only", "folder", "never")]
+    rows += [("m", "cat/x", "other"), ("m", "teapot", "both"), ("n", "dog", "both")]
+    frame = pd.DataFrame(rows, columns=["label", "subject", "key"])
+    expected = [store.image_done(*row) for row in rows]
+    assert expected == [True, False, False, False, False, True, False, False]
+    assert store.done_mask(frame) == expected
+    assert store.done_mask(frame.iloc[:0]) == []
+
+
 def test_sibling_groups_equal_the_row_wise_join(tmp_path, monkeypatch):
     """The column-wise sibling-group ids are the row-wise "|".join of the group columns' strings
     (the reference), on a real plan with grid cells, checkpoints and prior images; an empty
