@@ -120,9 +120,11 @@ def context_keys(frame: pd.DataFrame, with_siblings: bool) -> pd.Series:
     a sibling joins the group, and nothing else is.
     """
     if with_siblings:
-        siblings = frame.groupby(SIBLING_GROUP)["key"].transform(
-            lambda keys: stable_hash(sorted(keys))
-        )
+        # one hash per sibling group, looked up per row (a groupby transform ran Python per group
+        # through pandas' slow path)
+        groups = sibling_groups(frame)
+        hashes = {group: stable_hash(sorted(keys)) for group, keys in frame["key"].groupby(groups, sort=False)}
+        siblings = groups.map(hashes)
     else:
         siblings = pd.Series("", index=frame.index)
     # The reference set: the subject's images (its data_sha), or the held-out ones of the

@@ -514,13 +514,15 @@ def test_done_mask_equals_image_done_per_row(tmp_path):
     assert store.done_mask(frame.iloc[:0]) == []
 
 
-def test_sibling_groups_equal_the_row_wise_join(tmp_path, monkeypatch):
-    """The column-wise sibling-group ids are the row-wise "|".join of the group columns' strings
-    (the reference), on a real plan with grid cells, checkpoints and prior images; an empty
-    frame gives an empty Series."""
+def test_sibling_groups_and_context_keys_equal_their_reference_computations(tmp_path, monkeypatch):
+    """On a real plan with grid cells, checkpoints and prior images: the column-wise sibling-group
+    ids are the row-wise "|".join of the group columns' strings, and the context keys (stored with
+    every score: a change would recompute them all) are the per-group hash of a groupby over the
+    group columns, as they were computed before. An empty frame gives an empty Series."""
     import pandas as pd
 
-    from benchmark.results import SIBLING_GROUP, sibling_groups
+    from benchmark.hashing import stable_hash
+    from benchmark.results import SIBLING_GROUP, context_keys, sibling_groups
     from tests.report_fakes import use_fakes
 
     use_fakes(monkeypatch)  # sweep_dummy: the dummy with three checkpoints
@@ -533,6 +535,11 @@ def test_sibling_groups_equal_the_row_wise_join(tmp_path, monkeypatch):
     got = sibling_groups(plan)
     assert list(got) == expected and got.index.equals(plan.index)
     assert len(sibling_groups(plan.iloc[:0])) == 0
+
+    siblings = plan.groupby(SIBLING_GROUP)["key"].transform(lambda keys: stable_hash(sorted(keys)))
+    reference = [stable_hash([d, t, s]) for d, t, s in zip(plan["reference_sha"], plan["eval_text"], siblings)]
+    assert list(context_keys(plan, True)) == reference
+    assert len(set(context_keys(plan, True))) > len(set(context_keys(plan, False)))  # siblings matter
 
 
 def test_two_identical_entries_are_refused_by_name():
