@@ -99,8 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _sigterm_stops_like_ctrl_c(sigterm):
             return int(args.handler(args) or 0)
-    except KeyboardInterrupt as interrupt:
-        if isinstance(interrupt, Terminated) or sigterm:
+    except KeyboardInterrupt:
+        if sigterm:  # whatever the exception became on its way up
             print("terminated (SIGTERM); rerun the same command to resume", file=sys.stderr)
             return 143
         print("interrupted; rerun the same command to resume", file=sys.stderr)

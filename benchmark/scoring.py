@@ -34,9 +34,10 @@ log = logging.getLogger("subjectbench")
 
 # PNG decoding (libpng, mostly without the GIL: ``_decode``) of the next subject batch while this
 # one scores; decoding is the host's share of scoring (H200 hosts: 7-13 ms per 512-px PNG on one
-# core with PIL), so more cores decode in more threads. Not more than 8: on 16-core H200 hosts 12 threads were 7 % faster on
-# one host and 13 % slower on another whose CPU was slower (benchmarks/results, sixteenth
-# session): the threads compete with the scoring thread, which launches every metric's kernels.
+# core with PIL), so more cores decode in more threads. Not more than 8: on 16-core H200 hosts
+# 12 threads were 7 % faster on one host and 13 % slower on another whose CPU was slower
+# (benchmarks/results, sixteenth session): the threads compete with the scoring thread, which
+# launches every metric's kernels.
 DECODE_THREADS = max(4, min(8, os.cpu_count() or 1))
 
 
@@ -62,6 +63,14 @@ def _decode(store: Store, label: str, subject: str, key: str):
             return pixels
     except RuntimeError:
         pass
+    return _decode_with_pil(path)
+
+
+def _decode_with_pil(path):
+    """PIL's ``convert("RGB")`` of the image at ``path`` as a 3×H×W uint8 tensor (``_decode``'s
+    fallback, and the reference its benchmark compares with)."""
+    import torch
+
     with Image.open(path) as handle:
         return torch.from_numpy(np.array(handle.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
 

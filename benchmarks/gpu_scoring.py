@@ -213,6 +213,13 @@ def metric_call_seconds(store: Store, names: list[str]) -> dict[str, float]:
     return out
 
 
+def repeated_score_runs(store: Store, plan: pd.DataFrame, subjects: list[dict], config, device: torch.device,
+                        repeats: int) -> tuple[list[dict], float]:
+    """``timed_score_run`` ``repeats`` times: each run's record and the median seconds."""
+    runs = [timed_score_run(store, plan, subjects, config, device) for _ in range(repeats)]
+    return runs, statistics.median(r["seconds"] for r in runs)
+
+
 def timed_score_run(store: Store, plan: pd.DataFrame, subjects: list[dict], config, device: torch.device) -> dict:
     reset_scores(store)
     reset_peak(device)
@@ -417,8 +424,7 @@ def run(args: argparse.Namespace, save=None) -> dict:
     del batches, metrics
 
     _progress(f"floor {floor['seconds']} s; score_run × {args.repeats} ...")
-    runs = [timed_score_run(store, plan, subjects, config, device) for _ in range(args.repeats)]
-    seconds = statistics.median(r["seconds"] for r in runs)
+    runs, seconds = repeated_score_runs(store, plan, subjects, config, device, args.repeats)
     result["score_run"] = {
         "seconds": round(seconds, 3),
         "images_per_second": round(len(done) / seconds, 1),
@@ -436,11 +442,11 @@ def run(args: argparse.Namespace, save=None) -> dict:
         _progress(f"score_run × {args.repeats} with {threads} decode threads ...")
         default_threads, scoring.DECODE_THREADS = scoring.DECODE_THREADS, threads
         try:
-            more = [timed_score_run(store, plan, subjects, config, device) for _ in range(args.repeats)]
+            more, median = repeated_score_runs(store, plan, subjects, config, device, args.repeats)
         finally:
             scoring.DECODE_THREADS = default_threads
         result.setdefault("score_run_by_decode_threads", {})[str(threads)] = {
-            "seconds": round(statistics.median(r["seconds"] for r in more), 3), "repeats": more}
+            "seconds": round(median, 3), "repeats": more}
         save(result)
     result["target"] = {
         "seconds": TARGET_SECONDS,

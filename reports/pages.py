@@ -11,6 +11,7 @@ import html
 import numpy as np
 import pandas as pd
 
+from benchmark.store import LIVE_EVERY_S
 from reports.render import (
     Cell,
     estimate,
@@ -46,7 +47,7 @@ TABLE_NOTES = {
     "run took of the hardware. The total adds every invocation, so work an interrupted invocation did and a rerun "
     "redid counts twice; none is given when an invocation's GPU count is unknown (Ray) or it ran on a CPU. An "
     "invocation killed outright (SIGKILL, the OOM killer, a machine taken away) is counted to its last heartbeat "
-    "(every 30 s; 'stopped_in' says '(killed)'): it ran up to 30 s longer. 'config' is the "
+    f"(every {LIVE_EVERY_S:g} s; 'stopped_in' says '(killed)'): it ran up to {LIVE_EVERY_S:g} s longer. 'config' is the "
     "hash of its resolved config (configs/<time>-<hash>.yaml).",
 }
 TABLE_TITLES = {

@@ -18,11 +18,10 @@ from __future__ import annotations
 import threading
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 
-from benchmark.scoring import _decode
+from benchmark.scoring import _decode, _decode_with_pil
 from benchmark.store import Store
 from data.images import load_image
 from tests.helpers import REPO_ROOT
@@ -32,8 +31,7 @@ BUSY_SECONDS = 1.5
 
 
 def _pil_decode(store: Store, label: str, subject: str, key: str) -> torch.Tensor:
-    with Image.open(store.image_path(label, subject, key)) as handle:
-        return torch.from_numpy(np.array(handle.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1)
+    return _decode_with_pil(store.image_path(label, subject, key))
 
 
 def _store(tmp_path) -> tuple[Store, list[str]]:

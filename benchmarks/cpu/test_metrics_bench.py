@@ -7,6 +7,8 @@ case records images/s in ``extra_info``.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -127,9 +129,7 @@ def test_bf16_cast_weights(benchmark, kind):
     def casts(backbone) -> int:
         with profile() as prof:
             run(backbone)
-        return sum(e.count for e in prof.key_averages() if e.key in ("aten::_to_copy",))
-
-    import time
+        return sum(e.count for e in prof.key_averages() if e.key == "aten::_to_copy")
 
     run(fp32)
     started = time.perf_counter()
