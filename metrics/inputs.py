@@ -8,6 +8,7 @@ so they are refused with a message that says what was expected.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -37,7 +38,7 @@ def check_image_tensor(value: object, name: str, batched: bool = True) -> torch.
         )
     if value.shape[-1] < 1 or value.shape[-2] < 1:
         raise MetricInputError(f"{name}: image has zero size (shape {tuple(value.shape)})")
-    if value.numel() == 0:
+    if value.numel() == 0 or _checked_before(value):
         return value
     # One pass over the pixels (3000 images at 512 px are 9 GB of float32): NaN propagates
     # through min/max, and an infinity is the min or the max.
@@ -49,7 +50,39 @@ def check_image_tensor(value: object, name: str, batched: bool = True) -> torch.
         hint = " (images in [-1, 1] must be mapped with (x + 1) / 2)" if low < 0.0 else ""
         hint = hint or (" (images in [0, 255] must be divided by 255)" if high > 1.0 else "")
         raise MetricInputError(f"{name}: values must lie in [0, 1], got [{low:.4g}, {high:.4g}]{hint}")
+    _remember_checked(value)
     return value
+
+
+# Tensors whose values passed the check above, by id, with their version counter then: every
+# metric of a subject batch is handed the same image batch and reference photos, and the value
+# check (a pass over the pixels; on a GPU it also waits for every queued kernel) ran once per
+# metric. A tensor changed in place since (its version counter moved) or gone (the weak
+# reference died, or another tensor reuses its id) is checked again.
+_CHECKED: dict[int, tuple[weakref.ref, int]] = {}
+
+
+def _version(value: torch.Tensor) -> int | None:
+    try:
+        return value._version
+    except RuntimeError:  # inference tensors have no version counter: always checked
+        return None
+
+
+def _checked_before(value: torch.Tensor) -> bool:
+    entry = _CHECKED.get(id(value))
+    if entry is None or entry[0]() is not value:
+        return False
+    version = _version(value)
+    return version is not None and version == entry[1]
+
+
+def _remember_checked(value: torch.Tensor) -> None:
+    version = _version(value)
+    if version is None:
+        return
+    key = id(value)
+    _CHECKED[key] = (weakref.ref(value, lambda _, key=key: _CHECKED.pop(key, None)), version)
 
 
 def check_lengths(values: Sequence, name: str, expected: int, what: str = "images") -> None:

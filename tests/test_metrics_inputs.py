@@ -173,3 +173,29 @@ def test_metrics_leave_the_shared_images_untouched(name):
     # training images, subject images) of every metric in a scoring pass
     assert all(torch.equal(a, b) for a, b in zip(photos, photos_before)), f"{name} modified a reference photo in place"
     assert torch.equal(inputs.scene_images[0], scene_before), f"{name} modified a scene image in place"
+
+
+def test_a_checked_tensor_is_not_passed_over_again_until_it_changes(monkeypatch):
+    """Every metric of a subject batch is handed the same tensors: their values are checked once,
+    and again only after an in-place change (through the tensor or a view of it)."""
+    passes = []
+    real = torch.aminmax
+    monkeypatch.setattr(torch, "aminmax", lambda value: passes.append(1) or real(value))
+    images = torch.rand(2, 3, 8, 8)
+    for _ in range(3):
+        check_image_tensor(images, "images")
+    assert len(passes) == 1
+    images[0, 0, 0, 0] = 2.0
+    with pytest.raises(MetricInputError, match=r"values must lie in \[0, 1\]"):
+        check_image_tensor(images, "images")
+    images[0, 0, 0, 0] = 0.5
+    check_image_tensor(images, "images")
+    images[:1].mul_(-1.0)  # a view shares the version counter
+    with pytest.raises(MetricInputError, match=r"values must lie in \[0, 1\]"):
+        check_image_tensor(images, "images")
+    with torch.inference_mode():  # no version counter: checked every time
+        frozen = torch.rand(1, 3, 4, 4)
+    passes.clear()
+    check_image_tensor(frozen, "frozen")
+    check_image_tensor(frozen, "frozen")
+    assert len(passes) == 2
