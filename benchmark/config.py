@@ -83,6 +83,10 @@ class MetricsConfig:
     lpips_net: str = "alex"
     batch_size: int = 32
     vlm_judge_model: str = VLM_JUDGE_MODEL  # hub id@revision of the vlm_judge metrics' VLM
+    # the metric backbones' forwards replayed as CUDA graphs (metrics/replay.py): "auto" = on for
+    # CUDA devices, "true" = also the plumbing on a CPU, "false" = plain. The same kernels, so the
+    # same values: not part of any fingerprint. Off until a GPU run has measured it.
+    cuda_graphs: str = "false"
 
 
 @dataclass(frozen=True)
@@ -532,6 +536,7 @@ def validate(document: dict, origin: str = "config") -> RunConfig:
             MetricsConfig, document.get("metrics"), "metrics",
             names=_metric_names, weights=_choice(METRIC_WEIGHTS), batch_size=_positive,
             clip=_choice(CLIP_ARCHS), lpips_net=_choice(LPIPS_NETS), vlm_judge_model=_model_ref,
+            cuda_graphs=_compile_mode,
         ),
         generation=_build(
             GenerationConfig, document.get("generation"), "generation", batch_size=_positive, compile=_compile_mode

@@ -162,7 +162,13 @@ def _images(store: Store, rows: pd.DataFrame, decoded: dict | None = None, devic
     sizes = sorted({tuple(t.shape[-2:]) for t in tensors})
     if len(sizes) > 1:
         raise ValueError(f"images of one subject batch differ in size: {sizes}; a run has one resolution")
-    batch = torch.stack(tensors).to(device)
+    if torch.device(device).type == "cuda":
+        # stacked into pinned memory, the copy does not wait for the kernels queued before it
+        # (from pageable memory it does); the host allocator keeps the buffer until it is done
+        staged = torch.empty((len(tensors), *tensors[0].shape), dtype=torch.uint8, pin_memory=True)
+        batch = torch.stack(tensors, out=staged).to(device, non_blocking=True)
+    else:
+        batch = torch.stack(tensors).to(device)
     table = _unit_table(batch.device)
     images = torch.empty(batch.shape, dtype=torch.float32, device=batch.device)
     for start in range(0, len(batch), 16):  # 16 images at a time keeps the int64 indices small
@@ -220,6 +226,7 @@ def score_run(
         lpips_net=metrics_config.lpips_net,
         batch_size=metrics_config.batch_size,
         vlm_judge_model=metrics_config.vlm_judge_model,
+        cuda_graphs=metrics_config.cuda_graphs,
         device=device,
         cache_dir=store.root / "cache" / "metrics",
     )

@@ -137,6 +137,7 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
     wall, events, kernels, attribute = profiled_kernels(step, steps, device)
     rows = sorted(events, key=lambda e: getattr(e, attribute, 0.0), reverse=True)
     busy_us = sum(getattr(e, attribute, 0.0) for e in (kernels if device.type == "cuda" else events))
+    host = [e for e in events if e not in kernels and e.key.startswith("aten::")]
     return {
         "steps": steps, "wall_s": wall, "device_busy_s": busy_us / 1e6,
         "device_busy_s_per_step": busy_us / 1e6 / steps,
@@ -144,6 +145,12 @@ def profile_steps(step: Callable[[], object], steps: int, device: torch.device, 
         "note": "wall includes the profiler's own overhead; compare device_busy_s_per_step with the unprofiled time",
         "top_ops_by_device_time": [{"op": e.key[:160], "calls": e.count, "ms": getattr(e, attribute, 0.0) / 1e3}
                                    for e in rows[:top]],
+        # the host's side: aten operator calls (nested ones counted too: aten::to calls
+        # aten::_to_copy calls aten::copy_), a proxy for dispatches and kernel launches, and where
+        # the host's own time goes, per operator (self time: nested calls not counted twice)
+        "host_op_calls": sum(e.count for e in host),
+        "top_ops_by_host_time": [{"op": e.key[:160], "calls": e.count, "self_ms": e.self_cpu_time_total / 1e3}
+                                 for e in sorted(host, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]],
     }
 
 

@@ -45,6 +45,7 @@ CPU check (the same code path, well under 2 minutes on 2 cores):
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import platform
@@ -81,7 +82,7 @@ from benchmarks.gpu_metrics import (  # noqa: E402
 )
 from data.images import load_image, to_tensor  # noqa: E402
 from data.subjects import mini_dataset_dir, read_subject_table  # noqa: E402
-from metrics.base import MetricSettings, ScoringInputs  # noqa: E402
+from metrics.base import CUDA_GRAPH_MODES, MetricSettings, ScoringInputs  # noqa: E402
 from metrics.embeddings import clear_embedding_caches  # noqa: E402
 from metrics.registry import build_metric, get_metric_class  # noqa: E402
 
@@ -210,6 +211,45 @@ def metric_call_seconds(store: Store, names: list[str]) -> dict[str, float]:
             continue
         # one seconds_per_image per (batch, metric) part: each row carries seconds / rows
         out[name] = round(float(parts["seconds_per_image"].sum()), 3)
+    return out
+
+
+def score_values(store: Store, names: list[str]) -> dict[str, pd.Series]:
+    """Per metric: the values of its score parts, by image key (NaN where the metric gave NaN)."""
+    out = {}
+    for name in names:
+        folders = list((store.root / "scores" / name).glob("*"))
+        parts = pd.concat([read_score_parts(f) for f in folders]) if folders else pd.DataFrame()
+        out[name] = (parts.drop_duplicates("image_key", keep="last").set_index("image_key")["value"].sort_index()
+                     if not parts.empty else pd.Series(dtype=float))
+    return out
+
+
+def values_difference(reference: pd.Series, other: pd.Series) -> dict:
+    """How ``other`` differs from ``reference``: images compared, the largest |difference|, and
+    whether every value (NaN included) is identical."""
+    joined = pd.concat([reference.rename("a"), other.rename("b")], axis=1)
+    both_nan = joined["a"].isna() & joined["b"].isna()
+    delta = (joined["a"] - joined["b"]).abs()
+    return {
+        "images": int(len(joined)),
+        "max_abs_difference": float(delta.max()) if delta.notna().any() else 0.0,
+        "identical": bool(((joined["a"] == joined["b"]) | both_nan).all()),
+    }
+
+
+def replay_summaries(config, device: str) -> dict:
+    """Graphs captured and replays per backbone and forward, under ``config.metrics``' settings."""
+    from metrics.backbones import get_clip, get_lpips, get_vit
+
+    settings = MetricSettings(weights=config.metrics.weights, clip=config.metrics.clip,
+                              lpips_net=config.metrics.lpips_net, batch_size=config.metrics.batch_size,
+                              device=device, cuda_graphs=config.metrics.cuda_graphs)
+    out = {}
+    for name, get in (("clip", get_clip), ("dino", lambda s: get_vit(s, "s16")), ("lpips", get_lpips)):
+        replays = get(settings).replays
+        if replays is not None and replays.forwards:
+            out[name] = replays.summary()
     return out
 
 
@@ -448,6 +488,32 @@ def run(args: argparse.Namespace, save=None) -> dict:
         result.setdefault("score_run_by_decode_threads", {})[str(threads)] = {
             "seconds": round(median, 3), "repeats": more}
         save(result)
+    if getattr(args, "cuda_graphs", []):
+        reference_values = score_values(store, list(config.metrics.names))
+    for mode in getattr(args, "cuda_graphs", []):
+        # the same score_run with the backbones' forwards replayed as CUDA graphs: one untimed run
+        # of the warm-up directory first (it captures), then the timed repeats; the values must
+        # equal those of the plain runs above exactly
+        if mode == config.metrics.cuda_graphs:
+            continue
+        _progress(f"score_run × {args.repeats} with metrics.cuda_graphs={mode} ...")
+        arm = dataclasses.replace(config, metrics=dataclasses.replace(config.metrics, cuda_graphs=mode))
+        reset_scores(warm_store)
+        t0 = time.perf_counter()
+        scoring.score_run(warm_store, warm_plan, warm_subjects, arm.metrics, str(device))
+        synchronize(device)
+        capture_seconds = time.perf_counter() - t0
+        more, median = repeated_score_runs(store, plan, subjects, arm, device, args.repeats)
+        values = score_values(store, list(config.metrics.names))
+        differences = {name: values_difference(reference_values[name], values[name]) for name in values}
+        result.setdefault("score_run_by_cuda_graphs", {})[mode] = {
+            "seconds": round(median, 3),
+            "warm_up_run_seconds_with_captures": round(capture_seconds, 2),
+            "replays": replay_summaries(arm, args.device),
+            "values_vs_plain": differences,
+            "repeats": more,
+        }
+        save(result)
     result["target"] = {
         "seconds": TARGET_SECONDS,
         "n_images": TARGET_IMAGES,
@@ -491,6 +557,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--decode-threads", default="",
                         help="comma-separated decode pool sizes to time score_run with besides the default "
                              "(scoring.DECODE_THREADS), e.g. 12,16: score_run_by_decode_threads")
+    parser.add_argument("--cuda-graphs", default="",
+                        help="comma list of metrics.cuda_graphs modes to time beside the default (e.g. auto), "
+                             "each checked for values identical to the default's")
     parser.add_argument("--work", default=None, help="run directory parent to (re)use; default a temporary one")
     parser.add_argument("--keep", action="store_true", help="keep the temporary work directory")
     parser.add_argument("--seed", type=int, default=0)
@@ -503,6 +572,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--decode-threads {args.decode_threads!r}: give whole numbers, e.g. 12,16")
     if any(t < 1 for t in args.decode_threads):
         parser.error(f"--decode-threads {args.decode_threads}: each must be 1 or more")
+    args.cuda_graphs = [m.strip().lower() for m in str(args.cuda_graphs).split(",") if m.strip()]
+    unknown = sorted(set(args.cuda_graphs) - set(CUDA_GRAPH_MODES))
+    if unknown:
+        parser.error(f"--cuda-graphs {unknown}: choose from {', '.join(CUDA_GRAPH_MODES)}")
     if args.repeats is None:
         args.repeats = 3 if args.device.startswith("cuda") else 1
     write_result(run(args, save=lambda result: save_partial(result, args.out, "gpu_scoring.json")), args.out,

@@ -52,6 +52,7 @@ from metrics.preprocess import (
     ResizeCropNormalize,
     SquashNormalize,
 )
+from metrics.replay import Replays
 
 RANDOM_INIT_SEED = 0
 DINO_ARCH = "vit_small_patch16_224.dino"
@@ -100,6 +101,8 @@ class LoadedBackbone:
     precast_part: str = ""
     # the fp32 model this one was copied from (bf16 backbones): what the weights hash reads
     fp32_model: torch.nn.Module | None = None
+    # its forwards replayed as CUDA graphs (metrics.cuda_graphs; metrics/replay.py), else None
+    replays: Replays | None = None
 
     def weights_sha256(self) -> str:
         """sha256 over the fp32 state dict (names, dtypes, shapes, bytes): identifies the weights exactly."""
@@ -203,9 +206,11 @@ def hub_source(repo_id: str, path: str) -> str:
     return f"hf:{repo_id}/{Path(path).name}{suffix}"
 
 
-def _get(key: tuple, precision: str, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
-    """The backbone for ``key`` + ``precision``: the fp32 model loaded once, and for bf16 a copy
-    holding its autocast weights cast once (``_with_bf16_weights``)."""
+def _get(key: tuple, settings: MetricSettings, load: Callable[[], LoadedBackbone]) -> LoadedBackbone:
+    """The backbone for ``key`` + ``settings``' precision: the fp32 model loaded once, and for bf16 a
+    copy holding its autocast weights cast once (``_with_bf16_weights``); with ``cuda_graphs`` on,
+    a view of that one (the same model) whose forwards are replayed (``metrics/replay.py``)."""
+    precision = resolve_precision(settings)
     with _LOCK:
         if (*key, precision) not in _CACHE:
             if (*key, "loaded") not in _CACHE:
@@ -214,7 +219,18 @@ def _get(key: tuple, precision: str, load: Callable[[], LoadedBackbone]) -> Load
             _CACHE[(*key, precision)] = (
                 _with_bf16_weights(loaded) if precision == "bf16" else dataclasses.replace(loaded, precision=precision)
             )
-        return _CACHE[(*key, precision)]
+        if not replays_enabled(settings):
+            return _CACHE[(*key, precision)]
+        if (*key, precision, "replayed") not in _CACHE:
+            _CACHE[(*key, precision, "replayed")] = dataclasses.replace(_CACHE[(*key, precision)], replays=Replays())
+        return _CACHE[(*key, precision, "replayed")]
+
+
+def replays_enabled(settings: MetricSettings) -> bool:
+    """Whether ``settings.cuda_graphs`` replays the backbones' forwards on ``settings.device``."""
+    return settings.cuda_graphs == "true" or (
+        settings.cuda_graphs == "auto" and torch.device(settings.device).type == "cuda"
+    )
 
 
 # What autocast runs in bf16 with a weight it would cast per call (F.linear, conv1d/conv2d).
@@ -254,7 +270,7 @@ def get_clip(settings: MetricSettings) -> LoadedBackbone:
     """The shared open_clip model (``settings.clip``: ViT-B-32 or ViT-L-14, QuickGELU as OpenAI's)."""
     device, precision = torch.device(settings.device), resolve_precision(settings)
     key = ("clip", settings.clip, settings.weights, str(device))
-    return _get(key, precision, lambda: _load_clip(settings.clip, settings.weights, device, precision))
+    return _get(key, settings, lambda: _load_clip(settings.clip, settings.weights, device, precision))
 
 
 def _load_clip(arch: str, weights: str, device: torch.device, precision: str) -> LoadedBackbone:
@@ -346,7 +362,7 @@ def get_vit(settings: MetricSettings, model: str) -> LoadedBackbone:
     spec = DINO_MODELS[model]
     device, precision = torch.device(settings.device), resolve_precision(settings)
     key = ("dino", spec.arch, settings.weights, str(device))
-    return _get(key, precision, lambda: _load_vit(spec, settings.weights, device, precision))
+    return _get(key, settings, lambda: _load_vit(spec, settings.weights, device, precision))
 
 
 def dino_backbone(settings: MetricSettings, model: str, image_input: str) -> LoadedBackbone:
@@ -409,7 +425,7 @@ def get_lpips(settings: MetricSettings) -> LoadedBackbone:
     """The shared ``lpips.LPIPS`` (v0.1, ``settings.lpips_net``: alex or vgg)."""
     device, precision = torch.device(settings.device), resolve_precision(settings)
     key = ("lpips", settings.lpips_net, settings.weights, str(device))
-    return _get(key, precision, lambda: _load_lpips(settings.lpips_net, settings.weights, device, precision))
+    return _get(key, settings, lambda: _load_lpips(settings.lpips_net, settings.weights, device, precision))
 
 
 def _torchvision_trunk_url(net: str) -> str:

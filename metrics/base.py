@@ -31,6 +31,7 @@ WEIGHTS_CHOICES = ("pretrained", "random")
 CLIP_ARCHS = ("ViT-B-32", "ViT-L-14")
 LPIPS_NETS = ("alex", "vgg")
 PRECISIONS = ("auto", "fp32", "bf16")
+CUDA_GRAPH_MODES = ("auto", "true", "false")  # metrics.cuda_graphs (metrics/replay.py)
 # The local VLM judge (metrics/vlm_judge.py): hub id @ commit. The commit was read from public
 # repositories that pin this model (not checked against the hub from here: no network).
 VLM_JUDGE_MODEL = "Qwen/Qwen3-VL-8B-Instruct@0c351dd01ed87e9c1b53cbc748cba10e6187ff3b"
@@ -143,6 +144,10 @@ class MetricSettings:
     ``precision``: "auto" runs the backbones under bf16 autocast on CUDA and in fp32 elsewhere;
     "fp32" forces fp32 everywhere (bit-for-bit comparable with CPU up to kernel rounding). The
     precision used is part of every fingerprint.
+
+    ``cuda_graphs``: "auto" replays the backbones' forwards as CUDA graphs on CUDA devices
+    (``metrics/replay.py``; the same kernels, so the same values: not in any fingerprint), "true"
+    also runs its plumbing on a CPU (tests), "false" never.
     """
 
     weights: str = "pretrained"  # "pretrained" | "random"
@@ -153,6 +158,7 @@ class MetricSettings:
     cache_dir: Path | None = None
     precision: str = "auto"
     vlm_judge_model: str = VLM_JUDGE_MODEL  # "hub/id@revision" of the vlm_judge metrics' VLM
+    cuda_graphs: str = "false"
 
     def __post_init__(self) -> None:
         for name, value, choices in (
@@ -160,6 +166,7 @@ class MetricSettings:
             ("clip", self.clip, CLIP_ARCHS),
             ("lpips_net", self.lpips_net, LPIPS_NETS),
             ("precision", self.precision, PRECISIONS),
+            ("cuda_graphs", self.cuda_graphs, CUDA_GRAPH_MODES),
         ):
             if value not in choices:
                 raise MetricInputError(

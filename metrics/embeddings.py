@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from data.common import atomic_write_bytes, atomic_write_json
 from metrics.backbones import LoadedBackbone
+from metrics.replay import run_forward
 
 log = logging.getLogger(__name__)
 
@@ -121,14 +122,21 @@ def clear_embedding_caches() -> None:
         _TEXTS.clear()
 
 
-def encode_batch(backbone: LoadedBackbone, images: torch.Tensor) -> torch.Tensor:
-    """L2-normalized float32 embeddings (on the CPU) of N×3×H×W images in [0, 1]."""
+def encode_batch(backbone: LoadedBackbone, images: torch.Tensor, to_host: bool = True) -> torch.Tensor:
+    """L2-normalized float32 embeddings (on the CPU, or left on the device: ``to_host=False``) of
+    N×3×H×W images in [0, 1]. The model's part (after the input pipeline) is replayed as a CUDA
+    graph when the backbone has ``replays`` (``metrics.cuda_graphs``)."""
     pixels = backbone.pipeline(images.to(backbone.device, non_blocking=True))
     if backbone.device.type == "cuda":
         pixels = pixels.contiguous(memory_format=torch.channels_last)
+    rows = run_forward(backbone.replays, "encode", lambda value: _encode(backbone, value), pixels)
+    return rows.cpu() if to_host else rows
+
+
+def _encode(backbone: LoadedBackbone, pixels: torch.Tensor) -> torch.Tensor:
     with torch.inference_mode(), backbone.autocast():
         features = backbone.encode_image(pixels)
-    return F.normalize(features.float(), dim=-1).cpu()
+    return F.normalize(features.float(), dim=-1)
 
 
 def image_embeddings(
@@ -138,16 +146,23 @@ def image_embeddings(
     batch_size: int,
     cache_dir: Path | None,
 ) -> torch.Tensor:
-    """N×D normalized embeddings of ``images``; only those not cached under ``keys`` are computed."""
+    """N×D normalized embeddings of ``images``; only those not cached under ``keys`` are computed.
+
+    The chunks' embeddings stay on the device until the last one is done (one copy to the host
+    per call instead of one per chunk: each copy waits for every queued kernel); chunks of
+    consecutive rows are slices of ``images``, not copies gathered by an index."""
     store = embedding_store(backbone, cache_dir)
     known = store.lookup(keys)
     missing = [index for index, key in enumerate(keys) if key not in known]
-    computed: dict[str, np.ndarray] = {}
+    chunks = []
     for start in range(0, len(missing), batch_size):
         chunk = missing[start : start + batch_size]
-        rows = encode_batch(backbone, images[chunk]).numpy()
-        computed.update(zip((keys[i] for i in chunk), rows))
-    if computed:
+        consecutive = chunk[-1] - chunk[0] == len(chunk) - 1
+        chunks.append(encode_batch(backbone, images[chunk[0] : chunk[-1] + 1] if consecutive else images[chunk],
+                                   to_host=False))
+    computed: dict[str, np.ndarray] = {}
+    if chunks:
+        computed = dict(zip((keys[i] for i in missing), torch.cat(chunks).cpu().numpy()))
         store.add(list(computed), np.stack(list(computed.values())))
     known.update(computed)
     if not keys:

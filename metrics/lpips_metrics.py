@@ -22,6 +22,7 @@ from metrics.backbones import LoadedBackbone, get_lpips
 from metrics.base import BackboneMetric, MetricInputError, MetricSettings, ScoringInputs
 from metrics.inputs import check_image_tensor, check_inputs
 from metrics.preprocess import LPIPS_PREPROCESS, to_lpips_range
+from metrics.replay import run_forward
 
 DIV_METRIC_VERSION = 1
 MIN_SIDE = 32  # AlexNet's two stride-2 pools leave no pixel below 31 px (VGG: 16)
@@ -36,17 +37,34 @@ def check_lpips_size(images: torch.Tensor, name: str) -> None:
         )
 
 
-def lpips_features(backbone: LoadedBackbone, images: torch.Tensor) -> list[torch.Tensor]:
-    """Unit-normalized (over channels) trunk features of N×3×H×W images in [0, 1], float32."""
+def lpips_features(backbone: LoadedBackbone, images: torch.Tensor, checked: bool = False) -> list[torch.Tensor]:
+    """Unit-normalized (over channels) trunk features of N×3×H×W images in [0, 1], float32.
+
+    ``checked``: the caller has validated ``images`` (``check_image_tensor``), so the range check
+    of ``to_lpips_range`` (which waits for the GPU) is skipped. The trunk is replayed as a CUDA
+    graph when the backbone has ``replays`` (``metrics.cuda_graphs``)."""
+    pixels = to_lpips_range(images.to(backbone.device, non_blocking=True), check=not checked)
+    if backbone.device.type == "cuda":
+        pixels = pixels.contiguous(memory_format=torch.channels_last)
+    return run_forward(backbone.replays, "lpips trunk", lambda value: _trunk(backbone, value), pixels)
+
+
+def _trunk(backbone: LoadedBackbone, pixels: torch.Tensor) -> list[torch.Tensor]:
     import lpips
 
     model = backbone.model
-    pixels = to_lpips_range(images.to(backbone.device, non_blocking=True))
-    if backbone.device.type == "cuda":
-        pixels = pixels.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), backbone.autocast():
         outputs = model.net.forward(model.scaling_layer(pixels))
     return [lpips.normalize_tensor(output.float()) for output in outputs]
+
+
+def _rows_of(images: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
+    """``images[rows]``: a slice when the rows are consecutive, else gathered by an index that
+    crosses to the device without waiting for it."""
+    rows = list(rows)
+    if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1)):
+        return images[rows[0] : rows[-1] + 1]
+    return images.index_select(0, torch.tensor(rows).to(images.device, non_blocking=True))
 
 
 def lpips_from_features(
@@ -80,10 +98,10 @@ def lpips_distance(first: torch.Tensor, second: torch.Tensor, settings: MetricSe
     return torch.cat(out).double().numpy() if out else np.zeros(0)
 
 
-def pairwise_lpips(backbone: LoadedBackbone, images: torch.Tensor, batch_size: int) -> torch.Tensor:
+def pairwise_lpips(backbone: LoadedBackbone, images: torch.Tensor, batch_size: int, checked: bool = False) -> torch.Tensor:
     """n×n symmetric matrix of LPIPS among ``images`` (zero diagonal)."""
     count = images.shape[0]
-    features = [lpips_features(backbone, images[s : s + batch_size]) for s in range(0, count, batch_size)]
+    features = [lpips_features(backbone, images[s : s + batch_size], checked) for s in range(0, count, batch_size)]
     layers = [torch.cat([chunk[layer] for chunk in features]) for layer in range(len(features[0]))]
     matrix = torch.zeros(count, count)
     rows, cols = torch.triu_indices(count, count, offset=1)
@@ -98,21 +116,22 @@ def pairwise_lpips(backbone: LoadedBackbone, images: torch.Tensor, batch_size: i
 
 
 def group_mean_lpips(backbone: LoadedBackbone, images: torch.Tensor, groups: Sequence[Sequence[int]],
-                     batch_size: int) -> torch.Tensor:
+                     batch_size: int, checked: bool = False) -> torch.Tensor:
     """Per image of ``groups`` (lists of row indices of ``images``, each of ≥ 2 rows): its mean
     LPIPS to the other images of its group; rows in no group are NaN.
 
     Groups are packed into chunks of at most ``batch_size`` images: one trunk pass per chunk and
     its pairs in batches of ``batch_size``, the sums kept on the device until the end (one copy
-    to the host), instead of a trunk call, a pair call and a host sync per group. A group larger
-    than ``batch_size`` goes through ``pairwise_lpips`` alone. Same arithmetic as
-    ``pairwise_lpips`` per group (tested against ``lpips.LPIPS.forward``)."""
+    to the host), instead of a trunk call, a pair call and a host sync per group; a chunk's pair
+    indices cross to the device in one copy that does not wait for it. A group larger than
+    ``batch_size`` goes through ``pairwise_lpips`` alone. Same arithmetic as ``pairwise_lpips``
+    per group (tested against ``lpips.LPIPS.forward``). ``checked``: as in ``lpips_features``."""
     totals = torch.zeros(images.shape[0], dtype=torch.float32, device=backbone.device)
     counts = torch.zeros(images.shape[0], dtype=torch.float32)
     chunks: list[list[Sequence[int]]] = [[]]
     for group in groups:
         if len(group) > batch_size:
-            matrix = pairwise_lpips(backbone, images[list(group)], batch_size)
+            matrix = pairwise_lpips(backbone, images[list(group)], batch_size, checked)
             totals[list(group)] = matrix.sum(dim=1).to(totals.device)
             counts[list(group)] = len(group) - 1
             continue
@@ -123,7 +142,7 @@ def group_mean_lpips(backbone: LoadedBackbone, images: torch.Tensor, groups: Seq
         if not chunk:
             continue
         rows = [index for group in chunk for index in group]
-        features = lpips_features(backbone, images[rows])
+        features = lpips_features(backbone, _rows_of(images, rows), checked)
         first, second, start = [], [], 0  # pairs as positions in ``rows``, each group's as pairwise_lpips's
         for group in chunk:
             a, b = torch.triu_indices(len(group), len(group), offset=1)
@@ -132,12 +151,14 @@ def group_mean_lpips(backbone: LoadedBackbone, images: torch.Tensor, groups: Seq
             start += len(group)
         first_t, second_t = torch.cat(first), torch.cat(second)
         position_to_row = torch.tensor(rows)
+        # rows 0-1: pair positions in the chunk's features; rows 2-3: the same pairs as rows of ``totals``
+        pairs = torch.stack([first_t, second_t, position_to_row[first_t], position_to_row[second_t]])
+        pairs = pairs.to(backbone.device, non_blocking=True)
         for begin in range(0, first_t.numel(), batch_size):
-            i, j = first_t[begin : begin + batch_size], second_t[begin : begin + batch_size]
-            i_dev, j_dev = i.to(backbone.device), j.to(backbone.device)
-            values = lpips_from_features(backbone, [f[i_dev] for f in features], [f[j_dev] for f in features])
-            totals.index_add_(0, position_to_row[i].to(totals.device), values)
-            totals.index_add_(0, position_to_row[j].to(totals.device), values)
+            i, j, row_i, row_j = pairs[:, begin : begin + batch_size]
+            values = lpips_from_features(backbone, [f[i] for f in features], [f[j] for f in features])
+            totals.index_add_(0, row_i, values)
+            totals.index_add_(0, row_j, values)
         for group in chunk:
             counts[list(group)] = len(group) - 1
     means = totals.cpu() / counts
@@ -177,7 +198,8 @@ class Div(BackboneMetric):
                 self.notes[indices[0]] = SINGLETON_NOTE
         groups = [indices for indices in members.values() if len(indices) >= 2]
         if groups:
-            means = group_mean_lpips(self.backbone, inputs.images, groups, self.settings.batch_size).double().numpy()
+            means = group_mean_lpips(self.backbone, inputs.images, groups, self.settings.batch_size,
+                                     checked=True).double().numpy()  # check_inputs validated the images
             scored = [index for group in groups for index in group]
             values[scored] = means[scored]
         return values

@@ -36,9 +36,9 @@ def encode_counter(monkeypatch):
     counts = {"images": 0}
     real = embeddings.encode_batch
 
-    def counting(backbone, images):
+    def counting(backbone, images, **options):
         counts["images"] += images.shape[0]
-        return real(backbone, images)
+        return real(backbone, images, **options)
 
     monkeypatch.setattr(embeddings, "encode_batch", counting)
     return counts
@@ -73,7 +73,7 @@ def test_references_of_one_size_encode_as_one_batch_in_their_order(get_backbone,
     references = [torch.rand(3, h, w, generator=generator) for h, w in sizes]
     calls = []
     real = embeddings.encode_batch
-    monkeypatch.setattr(embeddings, "encode_batch", lambda b, images: calls.append(images.shape[0]) or real(b, images))
+    monkeypatch.setattr(embeddings, "encode_batch", lambda b, images, **options: calls.append(images.shape[0]) or real(b, images, **options))
     rows = embeddings.reference_embeddings(backbone, references, "mixed-sizes")
     assert sorted(calls) == [1, 2, 2]
     alone = torch.cat([real(backbone, reference.unsqueeze(0)) for reference in references])
