@@ -141,3 +141,31 @@ def test_bf16_cast_weights(benchmark, kind):
                                 reference_s_per_forward=round(reference_s, 4))
     print(f"\n{kind}: casts per forward {benchmark.extra_info['casts_per_forward_reference']} -> "
           f"{benchmark.extra_info['casts_per_forward_ours']}; reference {reference_s:.4f} s per forward")
+
+
+@pytest.mark.parametrize("path", ["checked_once", "checked_per_metric"])
+def test_input_checks_of_four_metrics(benchmark, path):
+    """``check_inputs`` of the four metrics of a subject batch (CLIP-T, CLIP-I, DINO, DIV: 100
+    images of 512 px and 5 reference photos of DreamBooth's ~780 px), handed the same tensors as
+    the score stage hands them: each tensor's values checked once (today), against the check
+    repeated per metric (before; reproduced by forgetting what was checked)."""
+    from metrics import inputs as checks
+
+    generator = torch.Generator().manual_seed(0)
+    batch = ScoringInputs(
+        images=torch.rand(100, 3, 512, 512, generator=generator),
+        image_keys=[f"bench-check/{i}" for i in range(100)],
+        texts=["a dog"] * 100,
+        references=[torch.rand(3, 780, 780, generator=generator) for _ in range(5)],
+        reference_key="bench-check",
+        groups=[f"g{i // 4}" for i in range(100)],
+    )
+
+    def four_metrics():
+        checks._CHECKED.clear()  # a new subject batch: nothing checked yet
+        for needs in ({"texts": True}, {"references": True}, {"references": True}, {"groups": True}):
+            if path == "checked_per_metric":
+                checks._CHECKED.clear()
+            checks.check_inputs(batch, **needs)
+
+    benchmark.pedantic(four_metrics, rounds=5, warmup_rounds=1)
