@@ -23,6 +23,10 @@ timed for each arm below after that arm's first call (which holds its compile, r
 - ``compile_cudagraphs_channels_last_vae``: as ``compile_default_channels_last_vae`` with
   ``mode="reduce-overhead"`` (the UNet's forward replayed as a CUDA graph: no per-kernel launch
   cost on the host);
+- ``compile_frozen_vae[_cudagraphs]`` (as ``compile_default_vae``, not run yet): inductor's
+  ``freezing`` (inference only: the weights become constants of the compiled graph, so it can fold
+  them and lay the convolutions' weights out once instead of at each call), then also CUDA
+  graphs (``triton.cudagraphs``, what ``reduce-overhead`` turns on);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -75,6 +79,8 @@ ARMS = (
     "compile_default_channels_last_vae",
     "compile_default_channels_last_vae_fused_qkv",
     "compile_cudagraphs_channels_last_vae",
+    "compile_frozen_vae",
+    "compile_frozen_cudagraphs_vae",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -84,6 +90,8 @@ def compile_options(arm: str) -> dict | None:
         return {}
     if arm.startswith("compile_tuned"):
         return dict(TUNED)
+    if arm.startswith("compile_frozen"):  # the UNet's weights as constants of the graph (inference)
+        return {"freezing": True, **({"triton.cudagraphs": True} if "_cudagraphs" in arm else {})}
     if arm == "compile_max_autotune":
         from torch._inductor import list_mode_options
 
