@@ -282,12 +282,34 @@ def score_run(
     if spent:
         log.info("scoring seconds (inputs: photos and decoded images on the device; score: the metric's calls): %s",
                  ", ".join(f"{name} {t['inputs_s']:.2f} + {t['score_s']:.2f}" for name, t in spent.items()))
+    replayed = _replay_summary(passes)
+    if replayed:
+        log.info("metrics.cuda_graphs: %s", "; ".join(
+            f"{name} {purpose}: {row['graphs']} graphs, {row['replays']} replays"
+            + (f", capture failed ({row['capture_error']})" if row["capture_error"] else "")
+            for name, rows in replayed.items() for purpose, row in rows.items()))
     if timings is not None:
         for name, t in spent.items():
             row = timings.setdefault(name, {"inputs_s": 0.0, "score_s": 0.0})
             row["inputs_s"] += t["inputs_s"]
             row["score_s"] += t["score_s"]
     return computed, failures
+
+
+def _replay_summary(passes) -> dict:
+    """Per backbone the metrics of this pass replay (``metrics.cuda_graphs``): graphs, replays, a
+    capture error — counted since the process built it."""
+    from metrics.base import BackboneMetric
+
+    out = {}
+    for one in passes:
+        if not isinstance(one.metric, BackboneMetric):
+            continue
+        backbone = one.metric.backbone
+        replays = getattr(backbone, "replays", None)
+        if replays is not None and replays.forwards:
+            out[f"{backbone.kind} {backbone.arch}"] = replays.summary()
+    return out
 
 
 def _score_batch(batch, decoded, passes, store, by_subject, references, progress, failures, device="cpu",

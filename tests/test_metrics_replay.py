@@ -6,6 +6,7 @@ graph's does (static input, static outputs, clones out), so these tests cover th
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -146,3 +147,22 @@ def test_on_cuda_replayed_forwards_equal_plain_ones_bit_for_bit(precision):
         replayed, expected = lpips_features(get_lpips(on), images), lpips_features(get_lpips(plain), images)
         assert all(torch.equal(a, b) for a, b in zip(replayed, expected))
     assert get_lpips(on).replays.summary()["lpips trunk"]["graphs"] == 2
+
+
+def test_a_run_scored_with_replays_logs_them_and_scores_as_a_plain_run(tmp_path):
+    from benchmark.driver import run_benchmark
+    from benchmark.results import read_score_parts
+
+    overrides = ["methods=dummy", "metrics.names=[clip_t,dino,div]", "metrics.weights=random",
+                 "protocol.prompts=[0,1]", "protocol.images_per_prompt=2"]
+    run_benchmark(load_config("default", overrides), tmp_path / "plain", quiet=True)
+    run_benchmark(load_config("default", [*overrides, "metrics.cuda_graphs=true"]), tmp_path / "replayed", quiet=True)
+    log_text = (tmp_path / "replayed" / "run.log").read_text()
+    assert "metrics.cuda_graphs: " in log_text and "clip ViT-B-32 encode: " in log_text and " replays" in log_text
+    assert "metrics.cuda_graphs" not in (tmp_path / "plain" / "run.log").read_text()
+    for name in ("clip_t", "dino", "div"):
+        plain, replayed = (pd.concat(read_score_parts(p) for p in (tmp_path / run / "scores" / name).iterdir())
+                           for run in ("plain", "replayed"))
+        merged = plain.merge(replayed, on="image_key", suffixes=("", "_replayed"))
+        assert len(merged) == len(plain) > 0
+        assert np.array_equal(merged["value"].to_numpy(), merged["value_replayed"].to_numpy(), equal_nan=True), name
