@@ -21,7 +21,9 @@ def _script(name: str):
 
 def test_gpu_scoring_runs_on_cpu(tmp_path, one_torch_thread):
     out = tmp_path / "scoring.json"
+    # metrics.batch_size 4: a 16-image subject batch is 4 chunks, so the replayed arm captures
     assert _script("gpu_scoring").main(["--device", "cpu", "--n", "16", "--size", "64", "--repeats", "1",
+                                        "--batch-size", "4",
                                         "--profile", "--decode-threads", "1,2", "--cuda-graphs", "true",
                                         "--out", str(out)]) == 0
     result = json.loads(out.read_text())
@@ -31,7 +33,8 @@ def test_gpu_scoring_runs_on_cpu(tmp_path, one_torch_thread):
                                                  ["repeats"][0]["values_computed"] for row in by_threads.values())
     graphs = result["score_run_by_cuda_graphs"]["true"]  # the replay plumbing (nothing captured on a CPU)
     assert all(row["identical"] and row["images"] > 0 for row in graphs["values_vs_plain"].values())
-    assert graphs["replays"] and all(f["replays"] > 0 for b in graphs["replays"].values() for f in b.values())
+    assert graphs["replays"] and all(f["graphs"] > 0 and f["replays"] > 0 for b in graphs["replays"].values()
+                                     for f in b.values())
     profile = result["score_run"]["profile"]
     assert profile["steps"] == 1 and profile["wall_s"] > 0 and profile["top_ops_by_device_time"]
     assert profile["host_op_calls"] > 0 and profile["top_ops_by_host_time"]
