@@ -19,10 +19,11 @@ host's launches (~15 % busy on an H200). So the bf16 backbone holds those weight
 copy of the model that shares every other tensor with the fp32 one: the very tensors autocast
 would have made, so every value is bit-identical to autocast over the fp32 model (tested per
 backbone). Casts per forward (CPU profile, `benchmarks/cpu/test_metrics_bench.py`): CLIP
-ViT-B/32's image side 113 -> 40, DINO ViT-S/16 148 -> 50, LPIPS (alex) 53 -> 28. Only the image
+ViT-B/32's image side 113 -> 40, DINO ViT-S/16 148 -> 50, LPIPS's alex trunk 11 -> 1. Only the image
 side of CLIP is cast: open_clip's text tower takes its activations' dtype from a Linear's weight,
-so casting it would change its precision. ``weights_sha256`` hashes the fp32 weights whatever
-the precision.
+so casting it would change its precision. Only LPIPS's trunk (``net``) is cast: its linear heads
+(``lins``) run on the trunk's float32 features outside autocast (``lpips_from_features``), in
+float32. ``weights_sha256`` hashes the fp32 weights whatever the precision.
 """
 
 from __future__ import annotations
@@ -496,4 +497,5 @@ def _load_lpips(net: str, weights: str, device: torch.device, precision: str) ->
         device=device,
         precision=precision,
         extra={"library": "lpips", "version": LPIPS_VERSION},
+        precast_part="net",  # the trunk; the heads run in float32 outside autocast
     )

@@ -4,11 +4,12 @@ be left untouched, and the weights hash must still identify the fp32 weights."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
 from metrics.backbones import get_clip, get_lpips, get_vit
-from metrics.base import MetricSettings
+from metrics.base import MetricSettings, ScoringInputs
 
 FP32 = MetricSettings(weights="random")
 BF16 = MetricSettings(weights="random", precision="bf16")
@@ -67,8 +68,38 @@ def test_lpips_distances_equal_autocast_over_the_fp32_model():
     with torch.inference_mode(), bf16.autocast():
         got = bf16.model(a, b)
     assert torch.equal(got, reference)
-    assert {p.dtype for p in _cast(bf16.model)} == {torch.bfloat16}
+    # the trunk cast; the linear heads stay float32: DIV and lpips_scene run them outside autocast
+    assert {p.dtype for p in _cast(bf16.model.net)} == {torch.bfloat16}
+    assert {p.dtype for p in _cast(bf16.model.lins)} == {torch.float32}
     assert {p.dtype for p in _cast(fp32.model)} == {torch.float32}
+
+
+@pytest.mark.parametrize("name", ["div", "lpips_scene"])
+def test_lpips_metrics_under_bf16_equal_autocast_over_the_fp32_model(name):
+    """What the score stage runs on a GPU (precision auto = bf16): the trunk under autocast, the
+    heads in float32 on its features. With the heads cast to bf16 too these failed outright
+    (float32 features into bf16 convolutions), which no CPU test saw: the CPU scores in fp32."""
+    import dataclasses
+
+    from metrics.registry import build_metric
+
+    generator = torch.Generator().manual_seed(2)
+    inputs = ScoringInputs(
+        images=torch.rand(6, 3, 48, 48, generator=generator),
+        image_keys=[f"bf16-{name}/{i}" for i in range(6)],
+        texts=[],
+        references=[],
+        reference_key="",
+        groups=["a", "a", "a", "b", "b", "c"],
+        scene_images=[torch.rand(3, 48, 48, generator=generator)],
+    )
+    got = build_metric(name, BF16).score(inputs)
+    # the reference: bf16 autocast over the fp32 model, as before the weights were held cast
+    metric = build_metric(name, BF16)
+    metric.load_backbone = lambda settings: dataclasses.replace(get_lpips(FP32), precision="bf16")
+    expected = metric.score(inputs)
+    np.testing.assert_array_equal(got, expected)
+    assert np.isfinite(got[:5]).all()
 
 
 @pytest.mark.gpu
