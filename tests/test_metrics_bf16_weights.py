@@ -115,3 +115,24 @@ def test_on_cuda_image_embeddings_equal_autocast_over_the_fp32_model(name):
         fp32, lambda model: model.encode_image(pixels) if name == "clip" else model(pixels))
     with torch.inference_mode(), bf16.autocast():
         assert torch.equal(bf16.encode_image(pixels), reference)
+
+
+@pytest.mark.slow
+def test_every_shipped_metric_scores_a_run_under_bf16(tmp_path, monkeypatch):
+    """A GPU scores in bf16 (precision auto), the CPU tests in fp32: a path only bf16 takes can
+    break unseen (DIV and lpips_scene once did). Every shipped metric but the VLM judge scores a
+    tiny run with bf16 forced on the CPU, without a failure."""
+    from benchmark.config import load_config
+    from benchmark.driver import run_benchmark
+    from metrics import backbones
+    from metrics.registry import available_metrics
+
+    monkeypatch.setattr(backbones, "resolve_precision", lambda settings: "bf16")  # what CUDA resolves auto to
+    names = sorted(name for name in available_metrics() if not name.startswith("vlm_judge"))
+    overrides = ["methods=dummy", f"metrics.names=[{','.join(names)}]", "metrics.weights=random",
+                 "protocol.prompts=[0,1]", "protocol.images_per_prompt=2", "protocol.prior_images=2"]
+    run_benchmark(load_config("default", overrides), tmp_path / "run", quiet=True)
+    assert not list((tmp_path / "run" / "failures").glob("*.json"))
+    precisions = {f.parent.parent.name: '"bf16-autocast"' in f.read_text()
+                  for f in (tmp_path / "run" / "scores").glob("*/*/fingerprint.json")}
+    assert set(precisions) == set(names) and all(precisions.values())
