@@ -209,7 +209,6 @@ def score_run(
     ``inputs_s`` (its photos and its batch's images on the device: waiting for their decodes, the
     copy, the float conversion) and ``score_s`` (its ``score`` calls).
     """
-    from metrics.base import MetricSettings
     from metrics.registry import build_metric
 
     progress = progress or (lambda stage, n: None)
@@ -220,16 +219,7 @@ def score_run(
     if "train_image" not in done:  # plans written before the single-image track
         done = done.assign(train_image=ALL_IMAGES)
     by_subject = {s["id"]: s for s in subjects}
-    settings = MetricSettings(
-        weights=metrics_config.weights,
-        clip=metrics_config.clip,
-        lpips_net=metrics_config.lpips_net,
-        batch_size=metrics_config.batch_size,
-        vlm_judge_model=metrics_config.vlm_judge_model,
-        cuda_graphs=metrics_config.cuda_graphs,
-        device=device,
-        cache_dir=store.root / "cache" / "metrics",
-    )
+    settings = metric_settings(metrics_config, device, cache_dir=store.root / "cache" / "metrics")
     references: dict[str, list] = {}
     current: dict[str, dict] = {}
     passes: list[_MetricPass] = []
@@ -282,7 +272,7 @@ def score_run(
     if spent:
         log.info("scoring seconds (inputs: photos and decoded images on the device; score: the metric's calls): %s",
                  ", ".join(f"{name} {t['inputs_s']:.2f} + {t['score_s']:.2f}" for name, t in spent.items()))
-    replayed = _replay_summary(passes)
+    replayed = replay_summary(one.metric for one in passes)
     if replayed:
         log.info("metrics.cuda_graphs: %s", "; ".join(
             f"{name} {purpose}: {row['graphs']} graphs, {row['replays']} replays"
@@ -296,16 +286,33 @@ def score_run(
     return computed, failures
 
 
-def _replay_summary(passes) -> dict:
-    """Per backbone the metrics of this pass replay (``metrics.cuda_graphs``): graphs, replays, a
-    capture error — counted since the process built it."""
+def metric_settings(metrics_config, device: str, cache_dir=None):
+    """The ``metrics.base.MetricSettings`` of a run's ``metrics`` config on ``device``
+    (``cache_dir``: where embeddings persist; None keeps them in memory only)."""
+    from metrics.base import MetricSettings
+
+    return MetricSettings(
+        weights=metrics_config.weights,
+        clip=metrics_config.clip,
+        lpips_net=metrics_config.lpips_net,
+        batch_size=metrics_config.batch_size,
+        vlm_judge_model=metrics_config.vlm_judge_model,
+        cuda_graphs=metrics_config.cuda_graphs,
+        device=device,
+        cache_dir=cache_dir,
+    )
+
+
+def replay_summary(metrics) -> dict:
+    """Per backbone these metrics replay (``metrics.cuda_graphs``): graphs, replays, a capture
+    error — counted since the process built it."""
     from metrics.base import BackboneMetric
 
     out = {}
-    for one in passes:
-        if not isinstance(one.metric, BackboneMetric):
+    for metric in metrics:
+        if not isinstance(metric, BackboneMetric):
             continue
-        backbone = one.metric.backbone
+        backbone = metric.backbone
         replays = getattr(backbone, "replays", None)
         if replays is not None and replays.forwards:
             out[f"{backbone.kind} {backbone.arch}"] = replays.summary()

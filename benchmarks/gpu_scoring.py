@@ -82,7 +82,7 @@ from benchmarks.gpu_metrics import (  # noqa: E402
 )
 from data.images import load_image, to_tensor  # noqa: E402
 from data.subjects import mini_dataset_dir, read_subject_table  # noqa: E402
-from metrics.base import CUDA_GRAPH_MODES, MetricSettings, ScoringInputs  # noqa: E402
+from metrics.base import CUDA_GRAPH_MODES, ScoringInputs  # noqa: E402
 from metrics.embeddings import clear_embedding_caches  # noqa: E402
 from metrics.registry import build_metric, get_metric_class  # noqa: E402
 
@@ -200,12 +200,17 @@ def reset_scores(store: Store) -> None:
     clear_embedding_caches()
 
 
+def score_parts(store: Store, name: str) -> pd.DataFrame:
+    """Every score part the run holds for metric ``name`` (all fingerprints), as one frame."""
+    folders = list((store.root / "scores" / name).glob("*"))
+    return pd.concat([read_score_parts(f) for f in folders]) if folders else pd.DataFrame()
+
+
 def metric_call_seconds(store: Store, names: list[str]) -> dict[str, float]:
     """Per metric: the seconds its score calls took, as the run recorded them per subject batch."""
     out = {}
     for name in names:
-        folders = list((store.root / "scores" / name).glob("*"))
-        parts = pd.concat([read_score_parts(f) for f in folders]) if folders else pd.DataFrame()
+        parts = score_parts(store, name)
         if parts.empty or "seconds_per_image" not in parts:
             out[name] = 0.0
             continue
@@ -218,8 +223,7 @@ def score_values(store: Store, names: list[str]) -> dict[str, pd.Series]:
     """Per metric: the values of its score parts, by image key (NaN where the metric gave NaN)."""
     out = {}
     for name in names:
-        folders = list((store.root / "scores" / name).glob("*"))
-        parts = pd.concat([read_score_parts(f) for f in folders]) if folders else pd.DataFrame()
+        parts = score_parts(store, name)
         out[name] = (parts.drop_duplicates("image_key", keep="last").set_index("image_key")["value"].sort_index()
                      if not parts.empty else pd.Series(dtype=float))
     return out
@@ -240,17 +244,8 @@ def values_difference(reference: pd.Series, other: pd.Series) -> dict:
 
 def replay_summaries(config, device: str) -> dict:
     """Graphs captured and replays per backbone and forward, under ``config.metrics``' settings."""
-    from metrics.backbones import get_clip, get_lpips, get_vit
-
-    settings = MetricSettings(weights=config.metrics.weights, clip=config.metrics.clip,
-                              lpips_net=config.metrics.lpips_net, batch_size=config.metrics.batch_size,
-                              device=device, cuda_graphs=config.metrics.cuda_graphs)
-    out = {}
-    for name, get in (("clip", get_clip), ("dino", lambda s: get_vit(s, "s16")), ("lpips", get_lpips)):
-        replays = get(settings).replays
-        if replays is not None and replays.forwards:
-            out[name] = replays.summary()
-    return out
+    settings = scoring.metric_settings(config.metrics, device)
+    return scoring.replay_summary(build_metric(name, settings) for name in config.metrics.names)
 
 
 def repeated_score_runs(store: Store, plan: pd.DataFrame, subjects: list[dict], config, device: torch.device,
@@ -448,10 +443,7 @@ def run(args: argparse.Namespace, save=None) -> dict:
     result["decode"], tensors = decode_alone(store, done, args.decode_sample)
     batches = floor_batches(done, tensors, subjects, roles_present)
     del tensors
-    settings = MetricSettings(
-        weights=config.metrics.weights, clip=config.metrics.clip, lpips_net=config.metrics.lpips_net,
-        batch_size=config.metrics.batch_size, vlm_judge_model=config.metrics.vlm_judge_model, device=args.device,
-    )
+    settings = scoring.metric_settings(config.metrics, args.device)  # no cache_dir: memory only
     metrics = {name: build_metric(name, settings) for name in args.metrics}
     for metric in metrics.values():
         metric.fingerprint()  # the backbone, cached since the warm-up: no build in the timing

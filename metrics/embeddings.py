@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from data.common import atomic_write_bytes, atomic_write_json
 from metrics.backbones import LoadedBackbone
+from metrics.preprocess import take_rows
 from metrics.replay import run_forward
 
 log = logging.getLogger(__name__)
@@ -156,10 +157,7 @@ def image_embeddings(
     missing = [index for index, key in enumerate(keys) if key not in known]
     chunks = []
     for start in range(0, len(missing), batch_size):
-        chunk = missing[start : start + batch_size]
-        consecutive = chunk[-1] - chunk[0] == len(chunk) - 1
-        chunks.append(encode_batch(backbone, images[chunk[0] : chunk[-1] + 1] if consecutive else images[chunk],
-                                   to_host=False))
+        chunks.append(encode_batch(backbone, take_rows(images, missing[start : start + batch_size]), to_host=False))
     computed: dict[str, np.ndarray] = {}
     if chunks:
         computed = dict(zip((keys[i] for i in missing), torch.cat(chunks).cpu().numpy()))

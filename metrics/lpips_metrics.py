@@ -21,7 +21,7 @@ import torch
 from metrics.backbones import LoadedBackbone, get_lpips
 from metrics.base import BackboneMetric, MetricInputError, MetricSettings, ScoringInputs
 from metrics.inputs import check_image_tensor, check_inputs
-from metrics.preprocess import LPIPS_PREPROCESS, to_lpips_range
+from metrics.preprocess import LPIPS_PREPROCESS, take_rows, to_lpips_range
 from metrics.replay import run_forward
 
 DIV_METRIC_VERSION = 1
@@ -56,15 +56,6 @@ def _trunk(backbone: LoadedBackbone, pixels: torch.Tensor) -> list[torch.Tensor]
     with torch.inference_mode(), backbone.autocast():
         outputs = model.net.forward(model.scaling_layer(pixels))
     return [lpips.normalize_tensor(output.float()) for output in outputs]
-
-
-def _rows_of(images: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
-    """``images[rows]``: a slice when the rows are consecutive, else gathered by an index that
-    crosses to the device without waiting for it."""
-    rows = list(rows)
-    if rows and rows[-1] - rows[0] == len(rows) - 1 and rows == list(range(rows[0], rows[-1] + 1)):
-        return images[rows[0] : rows[-1] + 1]
-    return images.index_select(0, torch.tensor(rows).to(images.device, non_blocking=True))
 
 
 def lpips_from_features(
@@ -142,7 +133,7 @@ def group_mean_lpips(backbone: LoadedBackbone, images: torch.Tensor, groups: Seq
         if not chunk:
             continue
         rows = [index for group in chunk for index in group]
-        features = lpips_features(backbone, _rows_of(images, rows), checked)
+        features = lpips_features(backbone, take_rows(images, rows), checked)
         first, second, start = [], [], 0  # pairs as positions in ``rows``, each group's as pairwise_lpips's
         for group in chunk:
             a, b = torch.triu_indices(len(group), len(group), offset=1)

@@ -156,6 +156,15 @@ IMAGENET_SQUASH = SquashNormalize(
 )
 
 
+def take_rows(images: torch.Tensor, rows) -> torch.Tensor:
+    """``images[rows]``: a slice (no copy) when the rows are consecutive and ascending, else
+    gathered by an index that crosses to the device without waiting for it."""
+    rows = list(rows)
+    if rows and rows == list(range(rows[0], rows[0] + len(rows))):
+        return images[rows[0] : rows[0] + len(rows)]
+    return images.index_select(0, torch.tensor(rows, dtype=torch.long).to(images.device, non_blocking=True))
+
+
 def to_lpips_range(images: torch.Tensor, check: bool = True) -> torch.Tensor:
     """[0, 1] images to the [-1, 1] range the ``lpips`` networks are calibrated for.
 
