@@ -245,7 +245,9 @@ def score_run(
             have = read_score_parts(folder)
             have_pairs = set(zip(have["image_key"], have["context_key"]))
             wanted = len(rows)
-            rows = rows[[(k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])]]
+            # a boolean array, not a list: an empty list would select no columns instead of no rows
+            rows = rows[np.fromiter(((k, c) not in have_pairs for k, c in zip(rows["key"], rows["context_key"])),
+                                    dtype=bool, count=len(rows))]
             progress("score", wanted - len(rows))  # already scored: done, as skipped images are
         by_batch = dict(iter(rows.groupby(["subject", "train_image"], sort=False)))
         passes.append(_MetricPass(name, metric, folder, needs_groups, keyed, rows, by_batch))

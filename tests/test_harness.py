@@ -490,6 +490,19 @@ def test_div_siblings_stay_within_a_cell_when_cells_share_a_training(tmp_path):
     assert all(alone[k] == pytest.approx(shared[k], abs=1e-6) for k in alone)
 
 
+def test_a_metric_whose_role_has_no_images_scores_nothing_and_the_rest_score(tmp_path):
+    """PRES scores class-prior images; a run without them (prior_images=0) scores the other metrics
+    and records nothing for PRES (its empty row set once selected no columns: a KeyError)."""
+    from reports.rundata import read_run
+
+    summary = run_benchmark(config("metrics.names=[clip_t,pres]", "metrics.weights=random", "subjects=dog",
+                                   "protocol.prompts=[0]", "protocol.images_per_prompt=2",
+                                   "protocol.prior_images=0"), tmp_path / "run", quiet=True)
+    long = read_run(tmp_path / "run").long
+    assert summary.scored == 2 and set(long["metric"]) == {"clip_t"}
+    assert long["value"].notna().all()
+
+
 def test_done_mask_equals_image_done_per_row(tmp_path):
     """``done_mask`` (one folder listing per label and subject) says what ``image_done`` (two
     stats per image) says: done only with both the PNG and its record; a half-written image, a
