@@ -158,7 +158,7 @@ class MetricSettings:
     cache_dir: Path | None = None
     precision: str = "auto"
     vlm_judge_model: str = VLM_JUDGE_MODEL  # "hub/id@revision" of the vlm_judge metrics' VLM
-    cuda_graphs: str = "false"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         for name, value, choices in (

@@ -61,6 +61,21 @@ def test_list_outputs_and_the_cap_on_graphs():
     assert replayed(torch.ones(3, 2).t())[0].shape == (2, 3) and len(replayed.graphs) == 1
 
 
+def test_a_graph_is_never_replayed_under_other_kernel_settings():
+    # deterministic kernels turned on later in the process: a fresh warm-up and capture, as a
+    # plain call would pick fresh kernels (replaying the earlier capture would not)
+    replayed = ReplayedForward(lambda x: x * 2, "double", warmup=0)
+    before = torch.are_deterministic_algorithms_enabled()
+    replayed(torch.ones(2))
+    try:
+        torch.use_deterministic_algorithms(True)
+        replayed(torch.ones(2))
+    finally:
+        torch.use_deterministic_algorithms(before)
+    replayed(torch.ones(2))
+    assert len(replayed.graphs) == 2 and replayed.replays == 3
+
+
 def test_a_failed_capture_falls_back_to_plain_calls_and_says_so(caplog):
     calls = []
 
@@ -124,8 +139,8 @@ def test_replays_share_the_model_and_stay_out_of_the_fingerprint():
 
 
 def test_config_key():
-    assert load_config("default", []).metrics.cuda_graphs == "false"
-    assert load_config("default", ["metrics.cuda_graphs=auto"]).metrics.cuda_graphs == "auto"
+    assert load_config("default", []).metrics.cuda_graphs == "auto"  # on for CUDA devices
+    assert load_config("default", ["metrics.cuda_graphs=false"]).metrics.cuda_graphs == "false"
     with pytest.raises(ConfigError, match="metrics.cuda_graphs"):
         load_config("default", ["metrics.cuda_graphs=sometimes"])
 
@@ -147,6 +162,26 @@ def test_on_cuda_replayed_forwards_equal_plain_ones_bit_for_bit(precision):
         replayed, expected = lpips_features(get_lpips(on), images), lpips_features(get_lpips(plain), images)
         assert all(torch.equal(a, b) for a, b in zip(replayed, expected))
     assert get_lpips(on).replays.summary()["lpips trunk"]["graphs"] == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_replays_under_deterministic_kernels_equal_plain_ones():
+    from benchmark import environment
+
+    settings = {"weights": "random", "device": "cuda", "precision": "bf16"}
+    plain, on = MetricSettings(**settings), MetricSettings(**settings, cuda_graphs="auto")
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.rand(n, 3, 256, 256, generator=generator).cuda() for n in (8, 8, 8, 8)]
+    environment.apply_determinism(True)
+    try:
+        for images in batches:
+            assert torch.equal(encode_batch(get_clip(on), images), encode_batch(get_clip(plain), images))
+            replayed, expected = lpips_features(get_lpips(on), images), lpips_features(get_lpips(plain), images)
+            assert all(torch.equal(a, b) for a, b in zip(replayed, expected))
+        assert get_clip(on).replays.summary()["encode"]["replays"] >= 1
+    finally:
+        environment.apply_determinism(False)
 
 
 def test_a_run_scored_with_replays_logs_them_and_scores_as_a_plain_run(tmp_path):
