@@ -26,8 +26,10 @@ How:
   run records them per subject batch (these include waiting for a batch's decodes).
 - In-memory floor: the same metrics, built with the same settings except the embedding cache
   (memory only), score per subject batch the same images already decoded (float tensors in CPU
-  memory, as ``score_run`` hands them over), with the same texts, references and sibling groups
-  (``benchmarks/gpu_metrics.py::timed_pass``'s loop). It runs before the timed ``score_run``s.
+  memory), with the same texts, references and sibling groups (``benchmarks/gpu_metrics.py::
+  timed_pass``'s loop). It runs before the timed ``score_run``s. It is what a caller scoring
+  in-memory float tensors gets, and no longer a lower bound: ``score_run`` sends uint8 to the GPU
+  and decodes ahead in threads, and on an H200 it ran below this "floor" (eighteenth session).
 - PNG decode alone (``benchmark.scoring``'s decode: PNG -> RGB -> float tensor): seconds per
   image on one thread, and the wall time of all N in ``scoring.DECODE_THREADS`` threads.
 
