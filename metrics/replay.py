@@ -66,10 +66,13 @@ class _Captured:
         self.static.copy_(value)
         self.graph = None
         if value.device.type == "cuda":
-            torch.cuda.current_stream(value.device).synchronize()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                outputs = forward(self.static)
+            # on the input's device, whichever is current (a capture and its replays use the
+            # current device's streams)
+            with torch.cuda.device(value.device):
+                torch.cuda.current_stream().synchronize()
+                self.graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(self.graph):
+                    outputs = forward(self.static)
         else:
             outputs = forward(self.static)
         self.single = isinstance(outputs, torch.Tensor)
@@ -78,7 +81,8 @@ class _Captured:
     def __call__(self, value: torch.Tensor) -> Outputs:
         self.static.copy_(value)
         if self.graph is not None:
-            self.graph.replay()
+            with torch.cuda.device(self.static.device):
+                self.graph.replay()
         else:  # the CPU's stand-in for a replay: fresh results written into the static outputs
             fresh = self.forward(self.static)
             for static, new in zip(self.outputs, [fresh] if self.single else fresh):
