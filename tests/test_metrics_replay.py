@@ -127,7 +127,7 @@ def test_replayed_metrics_score_as_plain_ones(name):
 
 
 def test_replays_share_the_model_and_stay_out_of_the_fingerprint():
-    plain = MetricSettings(weights="random")
+    plain = MetricSettings(weights="random", cuda_graphs="false")
     on = MetricSettings(weights="random", cuda_graphs="true")
     auto_cpu = MetricSettings(weights="random", cuda_graphs="auto")
     assert get_clip(on).model is get_clip(plain).model and get_clip(on).replays is not None
@@ -150,7 +150,8 @@ def test_config_key():
 @pytest.mark.parametrize("precision", ["bf16", "fp32"])
 def test_on_cuda_replayed_forwards_equal_plain_ones_bit_for_bit(precision):
     settings = {"weights": "random", "device": "cuda", "precision": precision}
-    plain, on = MetricSettings(**settings), MetricSettings(**settings, cuda_graphs="auto")
+    plain, on = MetricSettings(**settings, cuda_graphs="false"), MetricSettings(**settings, cuda_graphs="auto")
+    assert get_clip(plain).replays is None and get_lpips(plain).replays is None  # really plain
     generator = torch.Generator().manual_seed(0)
     batches = [torch.rand(n, 3, 512, 512, generator=generator).cuda() for n in (32, 32, 32, 4, 4, 4, 32, 4)]
     for get in (get_clip, lambda s: get_vit(s, "s16")):
@@ -170,7 +171,8 @@ def test_on_cuda_replays_under_deterministic_kernels_equal_plain_ones():
     from benchmark import environment
 
     settings = {"weights": "random", "device": "cuda", "precision": "bf16"}
-    plain, on = MetricSettings(**settings), MetricSettings(**settings, cuda_graphs="auto")
+    plain, on = MetricSettings(**settings, cuda_graphs="false"), MetricSettings(**settings, cuda_graphs="auto")
+    assert get_clip(plain).replays is None and get_lpips(plain).replays is None  # really plain
     generator = torch.Generator().manual_seed(1)
     batches = [torch.rand(n, 3, 256, 256, generator=generator).cuda() for n in (8, 8, 8, 8)]
     environment.apply_determinism(True)
@@ -190,7 +192,7 @@ def test_a_run_scored_with_replays_logs_them_and_scores_as_a_plain_run(tmp_path)
 
     overrides = ["methods=dummy", "metrics.names=[clip_t,dino,div]", "metrics.weights=random",
                  "protocol.prompts=[0,1]", "protocol.images_per_prompt=2"]
-    run_benchmark(load_config("default", overrides), tmp_path / "plain", quiet=True)
+    run_benchmark(load_config("default", [*overrides, "metrics.cuda_graphs=false"]), tmp_path / "plain", quiet=True)
     run_benchmark(load_config("default", [*overrides, "metrics.cuda_graphs=true"]), tmp_path / "replayed", quiet=True)
     log_text = (tmp_path / "replayed" / "run.log").read_text()
     assert "metrics.cuda_graphs: " in log_text and "clip ViT-B-32 encode: " in log_text and " replays" in log_text
