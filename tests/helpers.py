@@ -98,3 +98,18 @@ def descendant_processes(root: int) -> dict[int, str]:
                 found[pid] = commands[pid]
                 frontier.append(pid)
     return found
+
+
+def assert_same_scores(run_a: Path, run_b: Path, metrics) -> None:
+    """Each metric's stored values of two run directories are identical, image for image (NaN
+    equal to NaN), and there are some."""
+    import numpy as np
+    import pandas as pd
+
+    from benchmark.results import read_score_parts
+
+    for name in metrics:
+        a, b = (pd.concat(read_score_parts(p) for p in (run / "scores" / name).iterdir()) for run in (run_a, run_b))
+        merged = a.merge(b, on="image_key", suffixes=("", "_b"))
+        assert len(merged) == len(a) == len(b) > 0, name
+        assert np.array_equal(merged["value"].to_numpy(), merged["value_b"].to_numpy(), equal_nan=True), name

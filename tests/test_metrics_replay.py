@@ -6,7 +6,6 @@ graph's does (static input, static outputs, clones out), so these tests cover th
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -17,6 +16,7 @@ from metrics.embeddings import clear_embedding_caches, encode_batch
 from metrics.lpips_metrics import lpips_features
 from metrics.registry import build_metric
 from metrics.replay import WARMUP_CALLS, ReplayedForward
+from tests.helpers import assert_same_scores
 
 
 @pytest.fixture(autouse=True)
@@ -188,7 +188,6 @@ def test_on_cuda_replays_under_deterministic_kernels_equal_plain_ones():
 
 def test_a_run_scored_with_replays_logs_them_and_scores_as_a_plain_run(tmp_path):
     from benchmark.driver import run_benchmark
-    from benchmark.results import read_score_parts
 
     overrides = ["methods=dummy", "metrics.names=[clip_t,dino,div]", "metrics.weights=random",
                  "protocol.prompts=[0,1]", "protocol.images_per_prompt=2"]
@@ -197,9 +196,4 @@ def test_a_run_scored_with_replays_logs_them_and_scores_as_a_plain_run(tmp_path)
     log_text = (tmp_path / "replayed" / "run.log").read_text()
     assert "metrics.cuda_graphs: " in log_text and "clip ViT-B-32 encode: " in log_text and " replays" in log_text
     assert "metrics.cuda_graphs" not in (tmp_path / "plain" / "run.log").read_text()
-    for name in ("clip_t", "dino", "div"):
-        plain, replayed = (pd.concat(read_score_parts(p) for p in (tmp_path / run / "scores" / name).iterdir())
-                           for run in ("plain", "replayed"))
-        merged = plain.merge(replayed, on="image_key", suffixes=("", "_replayed"))
-        assert len(merged) == len(plain) > 0
-        assert np.array_equal(merged["value"].to_numpy(), merged["value_replayed"].to_numpy(), equal_nan=True), name
+    assert_same_scores(tmp_path / "plain", tmp_path / "replayed", ("clip_t", "dino", "div"))

@@ -15,6 +15,7 @@ from PIL import Image
 from benchmark.scoring import _decode, _images
 from benchmark.store import Store
 from data.images import to_tensor
+from tests.helpers import assert_same_scores
 
 
 def _store_with_images(tmp_path, count=3, size=40):
@@ -72,7 +73,6 @@ def test_each_photo_is_decoded_once_per_scoring_pass(tmp_path, monkeypatch):
     from benchmark import scoring
     from benchmark.config import load_config
     from benchmark.driver import run_benchmark
-    from benchmark.results import read_score_parts
 
     overrides = ["methods=dummy", "metrics.names=[clip_i,dino,copy]", "metrics.weights=random",
                  "protocol.prompts=[0]", "protocol.images_per_prompt=1"]
@@ -86,12 +86,7 @@ def test_each_photo_is_decoded_once_per_scoring_pass(tmp_path, monkeypatch):
     # the same run scored with one decode per role and metric call (no shared photo cache)
     monkeypatch.setattr(scoring, "_photo", lambda path, photos: real(path))
     run_benchmark(load_config("default", overrides), tmp_path / "per_role", quiet=True)
-    for name in ("clip_i", "dino", "copy"):
-        once = pd.concat(read_score_parts(p) for p in (tmp_path / "once" / "scores" / name).iterdir())
-        per_role = pd.concat(read_score_parts(p) for p in (tmp_path / "per_role" / "scores" / name).iterdir())
-        merged = once.merge(per_role, on="image_key", suffixes=("", "_per_role"))
-        assert len(merged) == len(once) > 0
-        assert np.array_equal(merged["value"].to_numpy(), merged["value_per_role"].to_numpy(), equal_nan=True), name
+    assert_same_scores(tmp_path / "once", tmp_path / "per_role", ("clip_i", "dino", "copy"))
 
 
 @pytest.mark.parametrize("mode", ["RGB", "RGBA", "L", "LA", "P", "I;16", "1"])
