@@ -525,10 +525,11 @@ def test_a_run_continued_over_calls_checks_its_folder_and_settings(protocol, tmp
 def test_a_run_cut_by_its_timeout_is_finished_by_the_next_call(protocol, tmp_path, dreambooth_dir):
     """The first call's run is stopped by ``--run-timeout`` and keeps its store; the second call
     with ``--continue`` finishes it without redoing what finished: two legs, their walls summed.
-    The TI pass is long enough (400 steps, ~40 s here) that the cut lands inside it on any
-    machine, and the second call resumes it from its last point."""
+    The TI pass is long enough (800 steps: ~35 s on an idle 2-core machine, 0.043 s per step, more
+    under load; 400 steps once finished 2 s before the cut there) that the cut lands inside it,
+    and the second call resumes it from its last point."""
     work, out = tmp_path / "work", tmp_path / "p.json"
-    base = ["--tiny", "--ti-steps", "400", "--resume-every", "5", "--dataset-dir", str(dreambooth_dir),
+    base = ["--tiny", "--ti-steps", "800", "--resume-every", "5", "--dataset-dir", str(dreambooth_dir),
             "--work", str(work), "--out", str(out)]
     assert protocol.main([*base, "--run-timeout", "25"]) == 1
     first = json.loads(out.read_text())["measured"]
@@ -539,9 +540,9 @@ def test_a_run_cut_by_its_timeout_is_finished_by_the_next_call(protocol, tmp_pat
     assert [leg["returncode"] for leg in legs] == ["timeout", 0]
     assert second["measured"]["wall_seconds"] == pytest.approx(sum(leg["wall_seconds"] for leg in legs))
     assert "rates" in second and "projection_full_protocol" in second
-    assert second["settings"]["ti_steps"] == 400 and second["settings"]["backbone"] == "tiny"
+    assert second["settings"]["ti_steps"] == 800 and second["settings"]["backbone"] == "tiny"
     (ti_row, *_) = second["measured"]["per_method"]["textual_inversion"]["trainings"]
-    assert 0 < ti_row["training"]["resumed_from_step"] < 400
+    assert 0 < ti_row["training"]["resumed_from_step"] < 800
     assert (work / "run.log").read_text().count("=== gpu_protocol leg") == 2
     # the stopped call logged how far its stages got; the stage clock adds both calls' lines
     assert "(stopped in " in (work / "run" / "run.log").read_text()
