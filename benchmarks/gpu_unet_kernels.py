@@ -15,7 +15,14 @@ sampling floor. This script, in one process:
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
    and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
    ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
-   largest difference from the math backend's output in fp32.
+   largest difference from the math backend's output in fp32;
+4. with FlashAttention-4 installed (``pip install flash-attn-4``: NVIDIA's CuTe DSL kernels for
+   Hopper and Blackwell, head sizes 8-256 on SM 9.0), also FA4 at each shape, both called directly
+   (``flash_attn.cute.interface.flash_attn_func`` on the UNet's own (B, L, H, D) layout) and through
+   SDPA with torch's FA4 registration active (``torch.nn.attention.activate_flash_attention_impl``),
+   and the arms ``eager_fa4`` / ``compiled_fa4``: the whole forward with SDPA's flash backend
+   served by FA4 (the same attention, another kernel: it is what item 1 has left to try, as
+   the results README says). Without FA4 (or on a CPU) these are recorded as refused, with why.
 
 A backend that refuses a shape is recorded as refused. The JSON is rewritten after each part, so
 a time limit keeps what finished. CPU check (tiny, seconds): ``python benchmarks/gpu_unet_kernels.py
@@ -25,6 +32,7 @@ a time limit keeps what finished. CPU check (tiny, seconds): ``python benchmarks
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -51,7 +59,42 @@ KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's
     ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
 )
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
-ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last")
+ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
+        "eager_fa4", "compiled_fa4")
+
+
+def fa4_refusal(device: torch.device) -> str | None:
+    """Why FlashAttention-4 cannot run on ``device``, or None when it can."""
+    import importlib.util
+
+    if device.type != "cuda":
+        return "FA4 needs a CUDA device"
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return f"FA4 needs compute capability 9.x or 10.x, this GPU has {torch.cuda.get_device_capability(device)}"
+    try:
+        found = importlib.util.find_spec("flash_attn.cute.interface") is not None
+    except ImportError:
+        found = False
+    if not found:
+        return "flash_attn.cute is not installed (pip install flash-attn-4)"
+    from torch.nn import attention
+
+    if "FA4" not in getattr(attention, "list_flash_attention_impls", list)():
+        return f"torch {torch.__version__} has no FA4 registration (torch.nn.attention.list_flash_attention_impls)"
+    return None
+
+
+@contextlib.contextmanager
+def fa4_sdpa():
+    """SDPA's flash backend served by FA4 inside the block (torch's registration), then torch's own."""
+    from torch.nn import attention
+
+    attention.activate_flash_attention_impl("FA4")
+    try:
+        with attention.sdpa_kernel([attention.SDPBackend.FLASH_ATTENTION]):
+            yield
+    finally:
+        attention.restore_flash_attention_impl()
 
 
 def kind_of(name: str) -> str:
@@ -131,6 +174,7 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
     result: dict = {"flops": flops}
     candidates = {b: (lambda b=b: _sdpa_with(sdpa_kernel, getattr(SDPBackend, b), q, k, v)) for b in BACKENDS}
     candidates["DEFAULT"] = lambda: F.scaled_dot_product_attention(q, k, v)
+    contexts = {}  # a candidate's setting, held over its warm-up and timed calls
     if device.type == "cuda":
         try:
             from torch.nn.attention.flex_attention import flex_attention
@@ -139,15 +183,25 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
             candidates["FLEX_COMPILED"] = lambda: compiled_flex(q, k, v)
         except Exception as error:  # noqa: BLE001 - recorded, the others still run
             result["FLEX_COMPILED"] = {"refused": f"{type(error).__name__}: {str(error)[:300]}"}
+    if refusal := fa4_refusal(device):
+        result["FA4"] = result["FA4_SDPA"] = {"refused": refusal}
+    else:
+        from flash_attn.cute.interface import flash_attn_func
+
+        # the UNet's own layout: diffusers makes (B, L, H, D) and hands SDPA a transposed view
+        q4, k4, v4 = (t.transpose(1, 2).contiguous() for t in (q, k, v))
+        candidates["FA4"] = lambda: _first(flash_attn_func(q4, k4, v4)).transpose(1, 2)
+        candidates["FA4_SDPA"] = lambda: F.scaled_dot_product_attention(q, k, v)
+        contexts["FA4_SDPA"] = fa4_sdpa
     for name, call in candidates.items():
         try:
-            with torch.no_grad():
+            with torch.no_grad(), contexts.get(name, contextlib.nullcontext)():
                 out = call()
                 for _ in range(3):
                     call()
                 times = event_times(call, device, repeats)
         except Exception as error:  # noqa: BLE001 - a backend that refuses a shape
-            result[name] = {"refused": f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"}
+            result[name] = {"refused": f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"}
             continue
         median = statistics.median(times)
         result[name] = {"ms": round(median * 1e3, 4), "tflops": round(flops / median / 1e12, 1),
@@ -156,6 +210,11 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
     if timed:
         result["fastest"] = min(timed, key=timed.get)
     return result
+
+
+def _first(output):
+    """FA4's ``flash_attn_func`` returns the output, or (output, log-sum-exp) in some versions."""
+    return output[0] if isinstance(output, tuple) else output
 
 
 def _sdpa_with(sdpa_kernel, backend, q, k, v):
@@ -202,7 +261,16 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         entry = document["arms"].setdefault(arm, {})
         started = time.perf_counter()
+        if arm.endswith("_fa4") and (refusal := fa4_refusal(device)):
+            entry["refused"] = refusal
+            print(arm, entry, flush=True)
+            save_partial(document, str(out), out.name)
+            continue
+        # FA4 is held over the whole arm: a compiled forward picks SDPA's backend when it is traced
+        held = contextlib.ExitStack()
         try:
+            if arm.endswith("_fa4"):
+                held.enter_context(fa4_sdpa())
             channels_last = arm.endswith("channels_last")
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             x = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
@@ -231,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 - keep the other arms
             entry["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
         finally:
+            held.close()
             unet.to(memory_format=torch.contiguous_format)
         entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
         print(arm, {k: v for k, v in entry.items() if k != "kernels"}, entry.get("kernels", {}).get("ms_by_kind"), flush=True)

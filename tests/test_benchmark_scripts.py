@@ -212,9 +212,11 @@ def test_gpu_decode_runs_on_cpu(tmp_path, one_torch_thread):
 
 def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     """The UNet-forward probe on tiny: the eager arm is timed, every SDPA shape of the forward is
-    recorded with its count, and each backend's output is checked against fp32 math."""
+    recorded with its count, and each backend's output is checked against fp32 math. FlashAttention-4
+    (the arms and the per-shape candidates) is recorded as refused here, with why, and the rest runs."""
     out = tmp_path / "unet.json"
-    assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", "--arms", "eager", "--out", str(out)]) == 0
+    arms = ["--arms", "eager,compiled_fa4"]
+    assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", *arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     eager = result["arms"]["eager"]
     assert "error" not in eager and eager["ms_per_forward"] > 0 and eager["max_abs_vs_eager"] == 0
@@ -225,6 +227,8 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     for row in shapes:
         timed = [row[name] for name in ("DEFAULT", "FLASH_ATTENTION") if "ms" in row.get(name, {})]
         assert timed and all(entry["max_abs_vs_fp32_math"] < 1e-4 for entry in timed)
+        assert row["FA4"] == row["FA4_SDPA"] == {"refused": "FA4 needs a CUDA device"}
+    assert result["arms"]["compiled_fa4"] == {"refused": "FA4 needs a CUDA device"}
 
 
 def test_gpu_unet_kernels_names_an_unknown_arm():
