@@ -63,24 +63,28 @@ ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", 
         "eager_fa4", "compiled_fa4")
 
 
-def fa4_refusal(device: torch.device) -> str | None:
-    """Why FlashAttention-4 cannot run on ``device``, or None when it can."""
+def fa4_refusal(device: torch.device, through_sdpa: bool = True) -> str | None:
+    """Why FlashAttention-4 cannot run on ``device`` (``through_sdpa``: as SDPA's flash backend,
+    which needs torch's FA4 registration too), or None when it can."""
     import importlib.util
 
     if device.type != "cuda":
         return "FA4 needs a CUDA device"
     if torch.cuda.get_device_capability(device)[0] not in (9, 10):
         return f"FA4 needs compute capability 9.x or 10.x, this GPU has {torch.cuda.get_device_capability(device)}"
-    try:
+    try:  # finding it imports flash_attn.cute, which loads the CuTe DSL's libraries
         found = importlib.util.find_spec("flash_attn.cute.interface") is not None
-    except ImportError:
-        found = False
+    except Exception as error:  # noqa: BLE001 - installed but broken: say how
+        return f"flash_attn.cute does not import: {type(error).__name__}: {str(error)[:300]}"
     if not found:
         return "flash_attn.cute is not installed (pip install flash-attn-4)"
+    if not through_sdpa:
+        return None
     from torch.nn import attention
 
-    if "FA4" not in getattr(attention, "list_flash_attention_impls", list)():
-        return f"torch {torch.__version__} has no FA4 registration (torch.nn.attention.list_flash_attention_impls)"
+    needed = ("list_flash_attention_impls", "activate_flash_attention_impl", "restore_flash_attention_impl")
+    if not all(hasattr(attention, name) for name in needed) or "FA4" not in attention.list_flash_attention_impls():
+        return f"torch {torch.__version__} has no FA4 registration (torch.nn.attention.activate_flash_attention_impl)"
     return None
 
 
@@ -183,14 +187,17 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
             candidates["FLEX_COMPILED"] = lambda: compiled_flex(q, k, v)
         except Exception as error:  # noqa: BLE001 - recorded, the others still run
             result["FLEX_COMPILED"] = {"refused": f"{type(error).__name__}: {str(error)[:300]}"}
-    if refusal := fa4_refusal(device):
-        result["FA4"] = result["FA4_SDPA"] = {"refused": refusal}
+    if refusal := fa4_refusal(device, through_sdpa=False):
+        result["FA4"] = {"refused": refusal}
     else:
         from flash_attn.cute.interface import flash_attn_func
 
         # the UNet's own layout: diffusers makes (B, L, H, D) and hands SDPA a transposed view
         q4, k4, v4 = (t.transpose(1, 2).contiguous() for t in (q, k, v))
         candidates["FA4"] = lambda: _first(flash_attn_func(q4, k4, v4)).transpose(1, 2)
+    if refusal := fa4_refusal(device):
+        result["FA4_SDPA"] = {"refused": refusal}
+    else:
         candidates["FA4_SDPA"] = lambda: F.scaled_dot_product_attention(q, k, v)
         contexts["FA4_SDPA"] = fa4_sdpa
     for name, call in candidates.items():
