@@ -105,6 +105,44 @@ def sdpa_preference(name: str):
         yield
 
 
+def fa4_refusal(device: torch.device, through_sdpa: bool = True) -> str | None:
+    """Why FlashAttention-4 cannot run on ``device`` (``through_sdpa``: as SDPA's flash backend,
+    which needs torch's FA4 registration too), or None when it can."""
+    import importlib.util
+
+    if device.type != "cuda":
+        return "FA4 needs a CUDA device"
+    if torch.cuda.get_device_capability(device)[0] not in (9, 10):
+        return f"FA4 needs compute capability 9.x or 10.x, this GPU has {torch.cuda.get_device_capability(device)}"
+    try:  # finding it imports flash_attn.cute, which loads the CuTe DSL's libraries
+        found = importlib.util.find_spec("flash_attn.cute.interface") is not None
+    except Exception as error:  # noqa: BLE001 - installed but broken: say how
+        return f"flash_attn.cute does not import: {type(error).__name__}: {str(error)[:300]}"
+    if not found:
+        return "flash_attn.cute is not installed (pip install flash-attn-4)"
+    if not through_sdpa:
+        return None
+    from torch.nn import attention
+
+    needed = ("list_flash_attention_impls", "activate_flash_attention_impl", "restore_flash_attention_impl")
+    if not all(hasattr(attention, name) for name in needed) or "FA4" not in attention.list_flash_attention_impls():
+        return f"torch {torch.__version__} has no FA4 registration (torch.nn.attention.activate_flash_attention_impl)"
+    return None
+
+
+@contextlib.contextmanager
+def fa4_sdpa():
+    """SDPA's flash backend served by FA4 inside the block (torch's registration), then torch's own."""
+    from torch.nn import attention
+
+    attention.activate_flash_attention_impl("FA4")
+    try:
+        with attention.sdpa_kernel([attention.SDPBackend.FLASH_ATTENTION]):
+            yield
+    finally:
+        attention.restore_flash_attention_impl()
+
+
 def profiled_kernels(step: Callable[[], object], steps: int, device: torch.device):
     """``steps`` calls of ``step`` under ``torch.profiler``: (wall seconds, every row of its
     ``key_averages()``, the rows that are device kernels, the name of the rows' self device-time

@@ -27,6 +27,10 @@ timed for each arm below after that arm's first call (which holds its compile, r
   0.2112 and 0.2140 s/image against its 0.2107, no gain): inductor's ``freezing`` (inference only: the weights become constants of the compiled graph, so it can fold
   them and lay the convolutions' weights out once instead of at each call), then also CUDA
   graphs (``triton.cudagraphs``, what ``reduce-overhead`` turns on);
+- ``compile_default_vae_fa4``: ``compile_default_vae`` with SDPA's flash backend served by
+  FlashAttention-4 (torch's FA4 registration; ``gpu_unet_kernels.py`` times it per attention
+  shape), item 1's last lever: recorded as refused, with why, where FA4 is not installed or the
+  device cannot run it;
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -57,7 +61,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
-from benchmarks.gpu_metrics import save_partial, sdpa_preference  # noqa: E402
+from benchmarks.gpu_metrics import fa4_refusal, fa4_sdpa, save_partial, sdpa_preference  # noqa: E402
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
@@ -81,6 +85,7 @@ ARMS = (
     "compile_cudagraphs_channels_last_vae",
     "compile_frozen_vae",
     "compile_frozen_cudagraphs_vae",
+    "compile_default_vae_fa4",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -114,6 +119,13 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
         if arm.endswith("cudnn_attention"):  # SDPA through cuDNN's fused attention first, FlashAttention-2 next
             out["sdpa_backend"] = "cudnn first"
             with sdpa_preference("cudnn"):
+                _run_arm(arm, args, backbone, sampler, device, document, out)
+        elif arm.endswith("_fa4"):  # held over the arm: the compiled UNet picks SDPA's backend when traced
+            if refusal := fa4_refusal(device):
+                out["refused"] = refusal
+                return
+            out["sdpa_backend"] = "FlashAttention-4 (torch's FA4 registration)"
+            with fa4_sdpa():
                 _run_arm(arm, args, backbone, sampler, device, document, out)
         else:
             _run_arm(arm, args, backbone, sampler, device, document, out)

@@ -79,11 +79,14 @@ def test_gpu_finetune_compile_runs_on_cpu(tmp_path, one_torch_thread, monkeypatc
 
 
 def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
-    """Eager arms only (seconds on two cores); a CPU or tiny run never claims the 0.20 s target."""
+    """Eager arms only (seconds on two cores); a CPU or tiny run never claims the 0.20 s target; the
+    FlashAttention-4 arm is refused on a CPU, with why, before it compiles anything."""
     out = tmp_path / "modes.json"
-    assert _script("gpu_sampling_modes").main(["--tiny", "--device", "cpu", "--arms", "eager,eager_cudnn_attention",
-                                               "--out", str(out)]) == 0
+    arms = "eager,eager_cudnn_attention,compile_default_vae_fa4"
+    assert _script("gpu_sampling_modes").main(["--tiny", "--device", "cpu", "--arms", arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["arms"]["compile_default_vae_fa4"]["refused"] == "FA4 needs a CUDA device"
+    assert "s_per_image" not in result["arms"]["compile_default_vae_fa4"]
     assert result["arms"]["eager"]["s_per_image"] > 0
     assert result["arms"]["eager_cudnn_attention"]["vs_eager_max_levels"] <= 1  # the CPU ignores the SDPA flags
     assert result["target"]["met"] is False
