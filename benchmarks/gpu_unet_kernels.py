@@ -182,7 +182,8 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
 
 
 def _first(output):
-    """FA4's ``flash_attn_func`` returns the output, or (output, log-sum-exp) in some versions."""
+    """The attention output of FA4's ``flash_attn_func``: 4.0.0b40 returns (output, log-sum-exp);
+    a bare tensor (another version) is taken as it is."""
     return output[0] if isinstance(output, tuple) else output
 
 
