@@ -143,6 +143,93 @@ def fa4_sdpa():
         attention.restore_flash_attention_impl()
 
 
+def fa4_sdpa_probe(device: torch.device) -> str | None:
+    """Why SDPA under torch's FA4 registration fails on ``device``, found by one small call (torch
+    2.11 with flash-attn-4 4.0.0b40, H100: ``ValueError: too many values to unpack (expected 2)``), or
+    None when it runs. An arm that would hold the registration is refused with this instead of
+    timing whatever SDPA falls back to."""
+    if refusal := fa4_refusal(device):
+        return refusal
+    q = torch.randn(2, 8, 256, 40, device=device, dtype=torch.bfloat16)
+    try:
+        with torch.no_grad(), fa4_sdpa():
+            torch.nn.functional.scaled_dot_product_attention(q, q, q)
+    except Exception as error:  # noqa: BLE001 - the reason is the answer
+        return f"SDPA with torch's FA4 registration fails: {type(error).__name__}: {(str(error).splitlines() or [''])[0][:300]}"
+    return None
+
+
+FA4_KERNEL_NEEDLES = ("flashattentionforward", "flash_fwd_sm")  # CuTe DSL kernel names hold the class name
+
+
+def is_fa4_kernel(name: str) -> bool:
+    return any(needle in name.lower() for needle in FA4_KERNEL_NEEDLES)
+
+
+FA4_DIRECT_CALLS = [0]  # calls of the FA4 custom op (its eager body runs inside compiled graphs too)
+_FA4_OP: list = []
+
+
+def fa4_attention_op():
+    """``flash_attn.cute``'s ``flash_attn_func`` as a torch custom op on (B, L, H, D) tensors, its
+    default scale 1/sqrt(D) (SDPA's, which diffusers' processor uses): a compiled UNet keeps one
+    graph around it instead of breaking at every attention call. Inference only (no autograd)."""
+    if not _FA4_OP:
+        from flash_attn.cute.interface import flash_attn_func
+
+        @torch.library.custom_op("subjectbench_bench::fa4_attention", mutates_args=())
+        def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+            FA4_DIRECT_CALLS[0] += 1
+            out = flash_attn_func(q, k, v)
+            return (out[0] if isinstance(out, tuple) else out).contiguous()
+
+        @fa4_attention.register_fake
+        def _(q, k, v):
+            return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+        _FA4_OP.append(fa4_attention)
+    return _FA4_OP[0]
+
+
+def fa4_attention_processor(min_kv_tokens: int = 0, op: Callable | None = None):
+    """A diffusers attention processor that sends attention with at least ``min_kv_tokens`` keys
+    (and a head size FA4 takes, 8-256, bf16/fp16, no mask, no norms inside the attention: SD 1.5's
+    UNet transformer blocks) to FlashAttention-4 on the UNet's own (B, L, H, D) layout, and every
+    other call to diffusers' ``AttnProcessor2_0`` unchanged. The same arithmetic as SDPA (the same
+    projections, scale 1/sqrt(D), softmax, no dropout at inference); another kernel. Benchmarks
+    only: ``gpu_unet_kernels.py`` times per shape where FA4 wins (an H100: only the 4096-token
+    self-attention at head size 40, so ``min_kv_tokens=2048`` keeps FA4 to those layers).
+
+    ``op`` replaces FA4 by another function of (B, L, H, D) query, key, value (a CPU test passes
+    SDPA there to check this processor's projections and layouts against diffusers' own); without
+    it, calls off CUDA or in fp32 go to diffusers' processor (FA4 takes bf16/fp16 on SM 9.x/10.x)."""
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    fa4 = op is None
+    op = fa4_attention_op() if fa4 else op
+
+    class FA4AttnProcessor(AttnProcessor2_0):
+        def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args, **kwargs):
+            context = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+            plain = (attention_mask is None and attn.spatial_norm is None and attn.group_norm is None
+                     and attn.norm_q is None and attn.norm_k is None and attn.norm_cross is None and hidden_states.ndim == 3
+                     and (not fa4 or (hidden_states.dtype in (torch.bfloat16, torch.float16) and hidden_states.is_cuda)))
+            head_dim = attn.inner_dim // attn.heads if hasattr(attn, "inner_dim") else None
+            if not (plain and head_dim and 8 <= head_dim <= 256 and context.shape[1] >= min_kv_tokens):
+                return super().__call__(attn, hidden_states, encoder_hidden_states, attention_mask, temb, *args, **kwargs)
+            batch, length, _ = hidden_states.shape
+            query = attn.to_q(hidden_states).view(batch, length, attn.heads, -1)
+            key = attn.to_k(context).view(batch, context.shape[1], attn.heads, -1)
+            value = attn.to_v(context).view(batch, context.shape[1], attn.heads, -1)
+            out = op(query, key, value).reshape(batch, length, -1).to(query.dtype)
+            out = attn.to_out[1](attn.to_out[0](out))
+            if attn.residual_connection:
+                out = out + hidden_states
+            return out / attn.rescale_output_factor
+
+    return FA4AttnProcessor()
+
+
 def profiled_kernels(step: Callable[[], object], steps: int, device: torch.device):
     """``steps`` calls of ``step`` under ``torch.profiler``: (wall seconds, every row of its
     ``key_averages()``, the rows that are device kernels, the name of the rows' self device-time

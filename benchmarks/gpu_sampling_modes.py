@@ -29,8 +29,13 @@ timed for each arm below after that arm's first call (which holds its compile, r
   graphs (``triton.cudagraphs``, what ``reduce-overhead`` turns on);
 - ``compile_default_vae_fa4``: ``compile_default_vae`` with SDPA's flash backend served by
   FlashAttention-4 (torch's FA4 registration; ``gpu_unet_kernels.py`` times it per attention
-  shape), item 1's last lever: recorded as refused, with why, where FA4 is not installed or the
-  device cannot run it;
+  shape), item 1's last lever: recorded as refused, with why, where FA4 is not installed, the
+  device cannot run it or one small SDPA call under the registration fails (torch 2.11 with
+  flash-attn-4 4.0.0b40 does);
+- ``compile_default_vae_fa4_direct``: ``compile_default_vae`` with the UNet's attention processor
+  calling FA4 directly (a torch custom op on the UNet's (B, L, H, D) layout) for attention with at
+  least ``--fa4-min-kv-tokens`` keys (2048: the 4096-token self-attention at head size 40, where FA4
+  beat torch's choice per shape), diffusers' processor elsewhere; ``invalid`` if FA4 never ran;
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -61,7 +66,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
-from benchmarks.gpu_metrics import fa4_refusal, fa4_sdpa, save_partial, sdpa_preference  # noqa: E402
+from benchmarks.gpu_metrics import (  # noqa: E402
+    FA4_DIRECT_CALLS,
+    fa4_attention_processor,
+    fa4_refusal,
+    fa4_sdpa,
+    fa4_sdpa_probe,
+    save_partial,
+    sdpa_preference,
+)
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
@@ -86,6 +99,7 @@ ARMS = (
     "compile_frozen_vae",
     "compile_frozen_cudagraphs_vae",
     "compile_default_vae_fa4",
+    "compile_default_vae_fa4_direct",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -121,12 +135,27 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
             with sdpa_preference("cudnn"):
                 _run_arm(arm, args, backbone, sampler, device, document, out)
         elif arm.endswith("_fa4"):  # held over the arm: the compiled UNet picks SDPA's backend when traced
-            if refusal := fa4_refusal(device):
+            if refusal := fa4_sdpa_probe(device):
                 out["refused"] = refusal
                 return
             out["sdpa_backend"] = "FlashAttention-4 (torch's FA4 registration)"
             with fa4_sdpa():
                 _run_arm(arm, args, backbone, sampler, device, document, out)
+        elif arm.endswith("_fa4_direct"):  # the UNet's attention processor calls FA4 (custom op) where it won
+            if refusal := fa4_refusal(device, through_sdpa=False):
+                out["refused"] = refusal
+                return
+            processors = backbone.unet.attn_processors
+            backbone.unet.set_attn_processor(fa4_attention_processor(args.fa4_min_kv_tokens))
+            out["fa4_min_kv_tokens"] = args.fa4_min_kv_tokens
+            FA4_DIRECT_CALLS[0] = 0
+            try:
+                _run_arm(arm, args, backbone, sampler, device, document, out)
+            finally:
+                backbone.unet.set_attn_processor(processors)
+            out["fa4_calls_per_pipeline_call"] = FA4_DIRECT_CALLS[0] / (1 + args.repeats)
+            if not FA4_DIRECT_CALLS[0]:
+                out["invalid"] = "the FA4 op was never called: this arm's time is not FA4's"
         else:
             _run_arm(arm, args, backbone, sampler, device, document, out)
     finally:
@@ -209,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2, help="timed calls per arm after its first (best kept)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma list from {', '.join(ARMS)}")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN benchmarking in every compiled arm")
+    parser.add_argument("--fa4-min-kv-tokens", type=int, default=2048,
+                        help="compile_default_vae_fa4_direct: attention with at least this many keys goes to FA4")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, batch 4")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_sampling_modes.json"))
     args = parser.parse_args(argv)

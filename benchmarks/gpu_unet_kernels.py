@@ -22,7 +22,14 @@ sampling floor. This script, in one process:
    SDPA with torch's FA4 registration active (``torch.nn.attention.activate_flash_attention_impl``),
    and the arms ``eager_fa4`` / ``compiled_fa4``: the whole forward with SDPA's flash backend
    served by FA4 (the same attention, another kernel: it is what item 1 has left to try, as
-   the results README says). Without FA4 (or on a CPU) these are recorded as refused, with why.
+   the results README says), refused when one small SDPA call under the registration fails
+   (``fa4_sdpa_probe``: torch 2.11 with 4.0.0b40 does). The arms ``eager_fa4_direct`` /
+   ``compiled_fa4_direct`` swap the UNet's attention processor for one that calls FA4 as a torch
+   custom op (``fa4_attention_processor``) where a call has at least ``--fa4-min-kv-tokens`` keys
+   (2048: the 4096-token layers, the one shape where FA4 beat torch's choice), ``..._all`` for
+   every call. An FA4 arm whose profile holds no FA4 kernel is marked ``invalid`` (the first run's
+   ``compiled_fa4`` timed cuDNN's attention). Without FA4 (or on a CPU) these are recorded as
+   refused, with why.
 
 A backend that refuses a shape is recorded as refused. The JSON is rewritten after each part, so
 a time limit keeps what finished. CPU check (tiny, seconds): ``python benchmarks/gpu_unet_kernels.py
@@ -45,7 +52,16 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment  # noqa: E402
-from benchmarks.gpu_metrics import fa4_refusal, fa4_sdpa, profiled_kernels, save_partial  # noqa: E402
+from benchmarks.gpu_metrics import (  # noqa: E402
+    FA4_DIRECT_CALLS,
+    fa4_attention_processor,
+    fa4_refusal,
+    fa4_sdpa,
+    fa4_sdpa_probe,
+    is_fa4_kernel,
+    profiled_kernels,
+    save_partial,
+)
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 
 KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's fused kernels come
@@ -60,7 +76,7 @@ KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's
 )
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
 ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
-        "eager_fa4", "compiled_fa4")
+        "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -100,6 +116,7 @@ def kernel_breakdown(function, device: torch.device, calls: int, top: int = 15) 
     kernels.sort(key=lambda e: getattr(e, attribute, 0.0), reverse=True)
     return {
         "device_ms_per_call": round(total, 3),
+        "fa4_kernel_ms_per_call": round(sum(getattr(e, attribute, 0.0) for e in kernels if is_fa4_kernel(e.key)) / 1e3 / calls, 3),
         "ms_by_kind": {k: round(v, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])},
         "share_by_kind": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if total else {},
         "top_kernels": [{"kernel": e.key[:140], "kind": kind_of(e.key), "calls_per_forward": e.count / calls,
@@ -202,6 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-calls", type=int, default=3)
     parser.add_argument("--arms", default="eager,compiled,compiled_channels_last")
     parser.add_argument("--skip-attention", action="store_true")
+    parser.add_argument("--fa4-min-kv-tokens", type=int, default=2048,
+                        help="the *_fa4_direct arms send attention with at least this many keys to FA4 (the _all arm: every call)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 2 latents, 2 repeats")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_unet_kernels.json"))
     args = parser.parse_args(argv)
@@ -231,16 +250,26 @@ def main(argv: list[str] | None = None) -> int:
     for arm in arms:
         entry = document["arms"].setdefault(arm, {})
         started = time.perf_counter()
-        if arm.endswith("_fa4") and (refusal := fa4_refusal(device)):
+        direct = "_fa4_direct" in arm
+        if arm.endswith("_fa4"):  # torch's registration: one small SDPA call says whether it works at all
+            refusal = fa4_sdpa_probe(device)
+        else:
+            refusal = fa4_refusal(device, through_sdpa=False) if direct else None
+        if refusal:
             entry["refused"] = refusal
             print(arm, entry, flush=True)
             save_partial(document, str(out), out.name)
             continue
         # FA4 is held over the whole arm: a compiled forward picks SDPA's backend when it is traced
         held = contextlib.ExitStack()
+        processors = unet.attn_processors
         try:
             if arm.endswith("_fa4"):
                 held.enter_context(fa4_sdpa())
+            if direct:  # before compiling: the traced forward calls the FA4 op where the processor does
+                threshold = 0 if arm.endswith("_all") else args.fa4_min_kv_tokens
+                unet.set_attn_processor(fa4_attention_processor(threshold))
+                entry["fa4_min_kv_tokens"] = threshold
             channels_last = arm.endswith("channels_last")
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             x = latents.contiguous(memory_format=torch.channels_last) if channels_last else latents
@@ -264,12 +293,20 @@ def main(argv: list[str] | None = None) -> int:
                           "ms_per_latent_forward": round(median * 1e3 / args.latents, 4),
                           "sampling_floor_s_per_image": round(median / args.latents * 100, 4),
                           "max_abs_vs_eager": float((forward().float() - reference).abs().max())})
+            if direct:
+                FA4_DIRECT_CALLS[0] = 0
+                forward()
+                entry["fa4_calls_per_forward"] = FA4_DIRECT_CALLS[0]
             if device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(forward, device, args.profile_calls)
+                if "fa4" in arm and not entry["kernels"]["fa4_kernel_ms_per_call"]:
+                    # the arm timed some other kernel (first run, H100: compiled_fa4 traced cuDNN's attention)
+                    entry["invalid"] = "no FA4 kernel in the arm's profile: its time is not FA4's"
         except Exception as error:  # noqa: BLE001 - keep the other arms
             entry["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
         finally:
             held.close()
+            unet.set_attn_processor(processors)
             unet.to(memory_format=torch.contiguous_format)
         entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
         print(arm, {k: v for k, v in entry.items() if k != "kernels"}, entry.get("kernels", {}).get("ms_by_kind"), flush=True)

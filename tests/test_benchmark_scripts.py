@@ -82,11 +82,12 @@ def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
     """Eager arms only (seconds on two cores); a CPU or tiny run never claims the 0.20 s target; the
     FlashAttention-4 arm is refused on a CPU, with why, before it compiles anything."""
     out = tmp_path / "modes.json"
-    arms = "eager,eager_cudnn_attention,compile_default_vae_fa4"
+    arms = "eager,eager_cudnn_attention,compile_default_vae_fa4,compile_default_vae_fa4_direct"
     assert _script("gpu_sampling_modes").main(["--tiny", "--device", "cpu", "--arms", arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["arms"]["compile_default_vae_fa4"]["refused"] == "FA4 needs a CUDA device"
-    assert "s_per_image" not in result["arms"]["compile_default_vae_fa4"]
+    for arm in ("compile_default_vae_fa4", "compile_default_vae_fa4_direct"):
+        assert result["arms"][arm]["refused"] == "FA4 needs a CUDA device"
+        assert "s_per_image" not in result["arms"][arm]
     assert result["arms"]["eager"]["s_per_image"] > 0
     assert result["arms"]["eager_cudnn_attention"]["vs_eager_max_levels"] <= 1  # the CPU ignores the SDPA flags
     assert result["target"]["met"] is False
@@ -218,7 +219,7 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     recorded with its count, and each backend's output is checked against fp32 math. FlashAttention-4
     (the arms and the per-shape candidates) is recorded as refused here, with why, and the rest runs."""
     out = tmp_path / "unet.json"
-    arms = ["--arms", "eager,compiled_fa4"]
+    arms = ["--arms", "eager,compiled_fa4,compiled_fa4_direct"]
     assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", *arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     eager = result["arms"]["eager"]
@@ -231,7 +232,37 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
         timed = [row[name] for name in ("DEFAULT", "FLASH_ATTENTION") if "ms" in row.get(name, {})]
         assert timed and all(entry["max_abs_vs_fp32_math"] < 1e-4 for entry in timed)
         assert row["FA4"] == row["FA4_SDPA"] == {"refused": "FA4 needs a CUDA device"}
-    assert result["arms"]["compiled_fa4"] == {"refused": "FA4 needs a CUDA device"}
+    assert result["arms"]["compiled_fa4"] == result["arms"]["compiled_fa4_direct"] == {"refused": "FA4 needs a CUDA device"}
+
+
+@pytest.mark.parametrize("min_kv_tokens", [0, 100])
+def test_fa4_attention_processor_computes_what_diffusers_processor_does(min_kv_tokens):
+    """The FA4 arms' attention processor with SDPA in FA4's place (the same (B, L, H, D) call) gives the
+    tiny UNet's output of diffusers' own processor: its projections, head layout and output path are
+    diffusers' arithmetic. At 32x32 latents min_kv_tokens=100 sends only the 256-token self-attention
+    (tiny attends at half resolution) to the op and the 77-token cross-attention to diffusers' processor."""
+    import torch
+
+    from benchmarks.gpu_metrics import fa4_attention_processor
+    from methods.backbones import load_backbone, resolve_backbone
+
+    unet = load_backbone(resolve_backbone("tiny"), "cpu", torch.float32).unet
+    calls = []
+
+    def sdpa_on_blhd(q, k, v):
+        calls.append(k.shape[1])
+        return torch.nn.functional.scaled_dot_product_attention(*(t.transpose(1, 2) for t in (q, k, v))).transpose(1, 2)
+
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(2, unet.config.in_channels, 32, 32, generator=generator)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        reference = unet(latents, 10, encoder_hidden_states=text).sample
+        unet.set_attn_processor(fa4_attention_processor(min_kv_tokens, op=sdpa_on_blhd))
+        swapped = unet(latents, 10, encoder_hidden_states=text).sample
+    assert calls and all(length >= min_kv_tokens for length in calls)
+    assert (77 in calls) == (min_kv_tokens == 0)
+    torch.testing.assert_close(swapped, reference, rtol=1e-5, atol=1e-5)
 
 
 def test_gpu_unet_kernels_names_an_unknown_arm():
