@@ -256,10 +256,14 @@ def test_fa4_attention_processor_computes_what_diffusers_processor_does(min_kv_t
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, unet.config.in_channels, 32, 32, generator=generator)
     text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator)
-    with torch.no_grad():
-        reference = unet(latents, 10, encoder_hidden_states=text).sample
-        unet.set_attn_processor(fa4_attention_processor(min_kv_tokens, op=sdpa_on_blhd))
-        swapped = unet(latents, 10, encoder_hidden_states=text).sample
+    processors = unet.attn_processors  # the tiny backbone is shared by the session's tests: put them back
+    try:
+        with torch.no_grad():
+            reference = unet(latents, 10, encoder_hidden_states=text).sample
+            unet.set_attn_processor(fa4_attention_processor(min_kv_tokens, op=sdpa_on_blhd))
+            swapped = unet(latents, 10, encoder_hidden_states=text).sample
+    finally:
+        unet.set_attn_processor(processors)
     assert calls and all(length >= min_kv_tokens for length in calls)
     assert (77 in calls) == (min_kv_tokens == 0)
     torch.testing.assert_close(swapped, reference, rtol=1e-5, atol=1e-5)
