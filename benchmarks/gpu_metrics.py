@@ -170,6 +170,12 @@ FA4_DIRECT_CALLS = [0]  # calls of the FA4 custom op (its eager body runs inside
 _FA4_OP: list = []
 
 
+def fa4_output(output):
+    """The attention output of FA4's ``flash_attn_func``: 4.0.0b40 returns (output, log-sum-exp);
+    a bare tensor (another version) is taken as it is."""
+    return output[0] if isinstance(output, tuple) else output
+
+
 def fa4_attention_op():
     """``flash_attn.cute``'s ``flash_attn_func`` as a torch custom op on (B, L, H, D) tensors, its
     default scale 1/sqrt(D) (SDPA's, which diffusers' processor uses): a compiled UNet keeps one
@@ -180,8 +186,7 @@ def fa4_attention_op():
         @torch.library.custom_op("subjectbench_bench::fa4_attention", mutates_args=())
         def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
             FA4_DIRECT_CALLS[0] += 1
-            out = flash_attn_func(q, k, v)
-            return (out[0] if isinstance(out, tuple) else out).contiguous()
+            return fa4_output(flash_attn_func(q, k, v)).contiguous()
 
         @fa4_attention.register_fake
         def _(q, k, v):
@@ -228,6 +233,20 @@ def fa4_attention_processor(min_kv_tokens: int = 0, op: Callable | None = None):
             return out / attn.rescale_output_factor
 
     return FA4AttnProcessor()
+
+
+@contextlib.contextmanager
+def fa4_direct(unet, min_kv_tokens: int):
+    """Inside the block ``unet``'s attention runs through ``fa4_attention_processor(min_kv_tokens)``
+    (set before any compile, so the traced forward calls the FA4 op) and ``FA4_DIRECT_CALLS`` counts
+    from 0; then the UNet's own processors are back."""
+    processors = unet.attn_processors
+    unet.set_attn_processor(fa4_attention_processor(min_kv_tokens))
+    FA4_DIRECT_CALLS[0] = 0
+    try:
+        yield
+    finally:
+        unet.set_attn_processor(processors)
 
 
 def profiled_kernels(step: Callable[[], object], steps: int, device: torch.device):

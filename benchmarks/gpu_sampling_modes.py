@@ -68,7 +68,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
 from benchmarks.gpu_metrics import (  # noqa: E402
     FA4_DIRECT_CALLS,
-    fa4_attention_processor,
+    fa4_direct,
     fa4_refusal,
     fa4_sdpa,
     fa4_sdpa_probe,
@@ -145,14 +145,9 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
             if refusal := fa4_refusal(device, through_sdpa=False):
                 out["refused"] = refusal
                 return
-            processors = backbone.unet.attn_processors
-            backbone.unet.set_attn_processor(fa4_attention_processor(args.fa4_min_kv_tokens))
             out["fa4_min_kv_tokens"] = args.fa4_min_kv_tokens
-            FA4_DIRECT_CALLS[0] = 0
-            try:
+            with fa4_direct(backbone.unet, args.fa4_min_kv_tokens):
                 _run_arm(arm, args, backbone, sampler, device, document, out)
-            finally:
-                backbone.unet.set_attn_processor(processors)
             out["fa4_calls_per_pipeline_call"] = FA4_DIRECT_CALLS[0] / (1 + args.repeats)
             if not FA4_DIRECT_CALLS[0]:
                 out["invalid"] = "the FA4 op was never called: this arm's time is not FA4's"

@@ -54,7 +54,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_methods import environment  # noqa: E402
 from benchmarks.gpu_metrics import (  # noqa: E402
     FA4_DIRECT_CALLS,
-    fa4_attention_processor,
+    fa4_direct,
+    fa4_output,
     fa4_refusal,
     fa4_sdpa,
     fa4_sdpa_probe,
@@ -173,7 +174,7 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
 
         # the UNet's own layout: diffusers makes (B, L, H, D) and hands SDPA a transposed view
         q4, k4, v4 = (t.transpose(1, 2).contiguous() for t in (q, k, v))
-        candidates["FA4"] = lambda: _first(flash_attn_func(q4, k4, v4)).transpose(1, 2)
+        candidates["FA4"] = lambda: fa4_output(flash_attn_func(q4, k4, v4)).transpose(1, 2)
     if refusal := fa4_refusal(device):
         result["FA4_SDPA"] = {"refused": refusal}
     else:
@@ -196,12 +197,6 @@ def time_attention_shape(q_shape, k_shape, dtype, device, repeats: int) -> dict:
     if timed:
         result["fastest"] = min(timed, key=timed.get)
     return result
-
-
-def _first(output):
-    """The attention output of FA4's ``flash_attn_func``: 4.0.0b40 returns (output, log-sum-exp);
-    a bare tensor (another version) is taken as it is."""
-    return output[0] if isinstance(output, tuple) else output
 
 
 def _sdpa_with(sdpa_kernel, backend, q, k, v):
@@ -262,13 +257,12 @@ def main(argv: list[str] | None = None) -> int:
             continue
         # FA4 is held over the whole arm: a compiled forward picks SDPA's backend when it is traced
         held = contextlib.ExitStack()
-        processors = unet.attn_processors
         try:
             if arm.endswith("_fa4"):
                 held.enter_context(fa4_sdpa())
             if direct:  # before compiling: the traced forward calls the FA4 op where the processor does
                 threshold = 0 if arm.endswith("_all") else args.fa4_min_kv_tokens
-                unet.set_attn_processor(fa4_attention_processor(threshold))
+                held.enter_context(fa4_direct(unet, threshold))
                 entry["fa4_min_kv_tokens"] = threshold
             channels_last = arm.endswith("channels_last")
             unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
@@ -306,7 +300,6 @@ def main(argv: list[str] | None = None) -> int:
             entry["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
         finally:
             held.close()
-            unet.set_attn_processor(processors)
             unet.to(memory_format=torch.contiguous_format)
         entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
         print(arm, {k: v for k, v in entry.items() if k != "kernels"}, entry.get("kernels", {}).get("ms_by_kind"), flush=True)
