@@ -36,6 +36,8 @@ timed for each arm below after that arm's first call (which holds its compile, r
   calling FA4 directly (a torch custom op on the UNet's (B, L, H, D) layout) for attention with at
   least ``--fa4-min-kv-tokens`` keys (2048: the 4096-token self-attention at head size 40, where FA4
   beat torch's choice per shape), diffusers' processor elsewhere; ``invalid`` if FA4 never ran;
+- ``compile_cudagraphs_vae_fa4_direct``: the same FA4 processor with ``mode="reduce-overhead"``
+  (CUDA graphs; the FA4 op is captured in them), for ``--batch 64`` where CUDA graphs were fastest;
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -100,6 +102,7 @@ ARMS = (
     "compile_frozen_cudagraphs_vae",
     "compile_default_vae_fa4",
     "compile_default_vae_fa4_direct",
+    "compile_cudagraphs_vae_fa4_direct",
 )
 TARGET_S_PER_IMAGE = 0.20
 

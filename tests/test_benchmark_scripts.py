@@ -82,10 +82,10 @@ def test_gpu_sampling_modes_runs_on_cpu(tmp_path, one_torch_thread):
     """Eager arms only (seconds on two cores); a CPU or tiny run never claims the 0.20 s target; the
     FlashAttention-4 arm is refused on a CPU, with why, before it compiles anything."""
     out = tmp_path / "modes.json"
-    arms = "eager,eager_cudnn_attention,compile_default_vae_fa4,compile_default_vae_fa4_direct"
+    arms = "eager,eager_cudnn_attention,compile_default_vae_fa4,compile_default_vae_fa4_direct,compile_cudagraphs_vae_fa4_direct"
     assert _script("gpu_sampling_modes").main(["--tiny", "--device", "cpu", "--arms", arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
-    for arm in ("compile_default_vae_fa4", "compile_default_vae_fa4_direct"):
+    for arm in ("compile_default_vae_fa4", "compile_default_vae_fa4_direct", "compile_cudagraphs_vae_fa4_direct"):
         assert result["arms"][arm]["refused"] == "FA4 needs a CUDA device"
         assert "s_per_image" not in result["arms"][arm]
     assert result["arms"]["eager"]["s_per_image"] > 0
