@@ -11,7 +11,11 @@ sampling floor. This script, in one process:
    Triton templates against cuBLAS/cuDNN for every matmul and convolution and keeps the fastest;
    a long compile); median of CUDA-event timings, and each arm's output against eager's;
 2. profiles a few forwards of each arm and sums the kernels' device time by kind (attention,
-   convolution, matmul, inductor's fused Triton kernels, other), with the top kernels by name;
+   convolution, matmul, inductor's fused Triton kernels, other), with the top kernels by name and
+   every Triton kernel's time; the arm ``compiled_bandwidth`` is ``compiled`` with inductor's
+   ``profile_bandwidth`` on, which counts each Triton kernel's bytes per call: joined with the
+   profile's calls and time (``triton_bandwidth``), it gives the GB each kernel moves per forward
+   and the TB/s it reaches (to set beside ``unet_memory_traffic.py``'s floor for those kernels);
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
    and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
    ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
@@ -77,7 +81,7 @@ KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's
 )
 BACKENDS = ("CUDNN_ATTENTION", "FLASH_ATTENTION", "EFFICIENT_ATTENTION")
 ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
-        "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
+        "compiled_bandwidth", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -122,7 +126,32 @@ def kernel_breakdown(function, device: torch.device, calls: int, top: int = 15) 
         "share_by_kind": {k: round(v / total, 3) for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])} if total else {},
         "top_kernels": [{"kernel": e.key[:140], "kind": kind_of(e.key), "calls_per_forward": e.count / calls,
                          "ms_per_forward": round(getattr(e, attribute, 0.0) / 1e3 / calls, 3)} for e in kernels[:top]],
+        "inductor_triton_kernels": [{"kernel": e.key, "calls_per_forward": e.count / calls,
+                                     "ms_per_forward": round(getattr(e, attribute, 0.0) / 1e3 / calls, 4)}
+                                    for e in kernels if kind_of(e.key) == "inductor_triton"],
     }
+
+
+def triton_bandwidth(kernels: list[dict], collected: list[tuple]) -> dict:
+    """Bytes and achieved bandwidth of inductor's Triton kernels in one forward: inductor's byte
+    count per call (``profile_bandwidth``'s ``collected_calls``: ms, GB, GB/s, name, recorded once per
+    kernel) joined by name with the profile's calls and device time per forward."""
+    gb_per_call = {name: gb for _, gb, _, name in collected}
+    rows, gb_total, ms_total, unmatched_ms = [], 0.0, 0.0, 0.0
+    for row in kernels:
+        gb = gb_per_call.get(row["kernel"])
+        if gb is None:
+            unmatched_ms += row["ms_per_forward"]
+            continue
+        gb_forward = gb * row["calls_per_forward"]
+        gb_total += gb_forward
+        ms_total += row["ms_per_forward"]
+        rows.append({**row, "gb_per_forward": round(gb_forward, 3),
+                     "tb_per_s": round(gb_forward / row["ms_per_forward"], 3) if row["ms_per_forward"] else None})
+    rows.sort(key=lambda r: -r["ms_per_forward"])
+    return {"kernels_matched": len(rows), "ms_unmatched": round(unmatched_ms, 3), "ms_per_forward": round(ms_total, 3),
+            "gb_per_forward": round(gb_total, 2), "tb_per_s": round(gb_total / ms_total, 3) if ms_total else None,
+            "kernels": rows}
 
 
 def record_attention_shapes(unet, inputs) -> dict[tuple, int]:
@@ -250,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
             refusal = fa4_sdpa_probe(device)
         else:
             refusal = fa4_refusal(device, through_sdpa=False) if direct else None
+        if arm == "compiled_bandwidth" and device.type != "cuda":
+            refusal = "inductor's bandwidth profile times Triton kernels: CUDA only"
         if refusal:
             entry["refused"] = refusal
             print(arm, entry, flush=True)
@@ -260,6 +291,13 @@ def main(argv: list[str] | None = None) -> int:
         try:
             if arm.endswith("_fa4"):
                 held.enter_context(fa4_sdpa())
+            if arm == "compiled_bandwidth":  # inductor counts each Triton kernel's bytes (its first call timed apart)
+                from torch._inductor import config as inductor_config
+                from torch._inductor.runtime import triton_heuristics
+
+                held.enter_context(inductor_config.patch(profile_bandwidth=True, profile_bandwidth_regex=""))
+                triton_heuristics.collected_calls.clear()
+                entry["note"] = "ms_per_forward as the compiled arm's; each Triton kernel's first call also benchmarked alone"
             if direct:  # before compiling: the traced forward calls the FA4 op where the processor does
                 threshold = 0 if arm.endswith("_all") else args.fa4_min_kv_tokens
                 held.enter_context(fa4_direct(unet, threshold))
@@ -293,6 +331,9 @@ def main(argv: list[str] | None = None) -> int:
                 entry["fa4_calls_per_forward"] = FA4_DIRECT_CALLS[0]
             if device.type == "cuda":
                 entry["kernels"] = kernel_breakdown(forward, device, args.profile_calls)
+                if arm == "compiled_bandwidth":
+                    entry["triton_bandwidth"] = triton_bandwidth(entry["kernels"]["inductor_triton_kernels"],
+                                                                 list(triton_heuristics.collected_calls))
                 if "fa4" in arm and not entry["kernels"]["fa4_kernel_ms_per_call"]:
                     # the arm timed some other kernel (first run, H100: compiled_fa4 traced cuDNN's attention)
                     entry["invalid"] = "no FA4 kernel in the arm's profile: its time is not FA4's"
@@ -302,7 +343,11 @@ def main(argv: list[str] | None = None) -> int:
             held.close()
             unet.to(memory_format=torch.contiguous_format)
         entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
-        print(arm, {k: v for k, v in entry.items() if k != "kernels"}, entry.get("kernels", {}).get("ms_by_kind"), flush=True)
+        print(arm, {k: v for k, v in entry.items() if k not in ("kernels", "triton_bandwidth")},
+              entry.get("kernels", {}).get("ms_by_kind"), flush=True)
+        if "triton_bandwidth" in entry:
+            summary = {k: v for k, v in entry["triton_bandwidth"].items() if k != "kernels"}
+            print(arm, "triton", summary, [(r["kernel"][:60], r["ms_per_forward"], r["tb_per_s"]) for r in entry["triton_bandwidth"]["kernels"][:25]], flush=True)
         save_partial(document, str(out), out.name)
     if not args.skip_attention:
         shapes = record_attention_shapes(unet, (latents, timestep, text))

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,7 +220,7 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     recorded with its count, and each backend's output is checked against fp32 math. FlashAttention-4
     (the arms and the per-shape candidates) is recorded as refused here, with why, and the rest runs."""
     out = tmp_path / "unet.json"
-    arms = ["--arms", "eager,compiled_fa4,compiled_fa4_direct"]
+    arms = ["--arms", "eager,compiled_fa4,compiled_fa4_direct,compiled_bandwidth"]
     assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", *arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     eager = result["arms"]["eager"]
@@ -233,6 +234,45 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
         assert timed and all(entry["max_abs_vs_fp32_math"] < 1e-4 for entry in timed)
         assert row["FA4"] == row["FA4_SDPA"] == {"refused": "FA4 needs a CUDA device"}
     assert result["arms"]["compiled_fa4"] == result["arms"]["compiled_fa4_direct"] == {"refused": "FA4 needs a CUDA device"}
+    assert "CUDA only" in result["arms"]["compiled_bandwidth"]["refused"]
+
+
+def test_triton_bandwidth_joins_inductor_bytes_with_profiled_calls():
+    """Bytes per forward = inductor's bytes per call x the profile's calls; a kernel inductor did not
+    count is reported as unmatched time, not left out silently."""
+    kernels = [{"kernel": "triton_a", "calls_per_forward": 5.0, "ms_per_forward": 1.0},
+               {"kernel": "triton_b", "calls_per_forward": 1.0, "ms_per_forward": 0.5}]
+    result = _script("gpu_unet_kernels").triton_bandwidth(kernels, [(0.1, 0.2, 2000.0, "triton_a")])
+    assert result["gb_per_forward"] == pytest.approx(1.0) and result["tb_per_s"] == pytest.approx(1.0)
+    assert result["ms_per_forward"] == 1.0 and result["ms_unmatched"] == 0.5 and result["kernels_matched"] == 1
+
+
+def test_unet_memory_traffic_counts_what_the_formula_says():
+    """conv -> GroupNorm -> SiLU -> conv -> + residual -> conv on N elements: op by op the three
+    non-library ops move 7N + 12 elements (GroupNorm's 4+4 weights and 2+2 statistics); fused between
+    the library calls, 5N (the first conv's output read by both segments, SiLU's output written, the
+    second conv's output read, the sum written); GroupNorm's statistics pass one more N."""
+    traffic = _script("unet_memory_traffic")
+    convs = [torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)]
+    norm = torch.nn.GroupNorm(2, 4)
+    x = torch.randn(1, 4, 6, 6)
+    with torch.no_grad(), traffic.OpLog() as log:
+        first = convs[0](x)
+        convs[2](convs[1](torch.nn.functional.silu(norm(first))) + first)
+    counts = traffic.traffic(log.ops)
+    n = x.numel()
+    assert (counts["eager"], counts["fused_floor"], counts["norm_second_pass"], counts["segments"]) == (7 * n + 12, 5 * n, n, 2)
+
+
+def test_unet_memory_traffic_runs_on_tiny(tmp_path):
+    out = tmp_path / "traffic.json"
+    script = _script("unet_memory_traffic")
+    assert script.main(["--backbone", "tiny", "--resolution", "8", "--latents", "100000", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    elements = result["elements_per_latent"]
+    assert 0 < elements["fused_floor"] < elements["eager"] and elements["norm_second_pass"] > 0
+    assert result["segments_per_forward"] > 1 and set(result["eager_gb_by_op"]) >= {"native_group_norm", "add"}
+    assert result["eager_gb"] == round(elements["eager"] * 100000 * 2 / 1e9, 2) > 0  # 100000 latents, bf16
 
 
 @pytest.mark.parametrize("min_kv_tokens", [0, 100])
