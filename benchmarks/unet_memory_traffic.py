@@ -14,6 +14,7 @@ part a floor to be compared with, from one forward's op log (``TorchDispatchMode
   tensor it makes that is used outside it (by a library call or a later segment) once; nothing
   else moves. Inductor cannot fuse across a library call, so no compiled forward of this graph
   moves fewer bytes in these kernels (weights and the graph's inputs left out: small);
+  ``fused_floor_gb_by_segment_kind`` splits it by the set of ops a segment holds;
 - ``norm_second_pass_gb``: one more read of every GroupNorm/LayerNorm input, for a norm whose
   statistics are computed in a pass of their own (inductor's split reductions do that).
 
@@ -86,6 +87,7 @@ def traffic(ops: list[dict]) -> dict:
     by_storage: dict[int, int] = {}  # storage -> the tensor last written there
     segment, previous_library = 0, None
     eager, by_op = 0, Counter()
+    segment_ops: dict[int, set] = defaultdict(set)
     for op in ops:
         if op["view"]:
             continue
@@ -94,6 +96,7 @@ def traffic(ops: list[dict]) -> dict:
             segment += 1  # a new run of non-library ops after a library call
         previous_library = library
         if not library:
+            segment_ops[segment].add(op["name"])
             moved = sum(n for _, n in op["reads"]) + sum(n for _, n in op["writes"])
             eager += moved
             by_op[op["name"]] += moved
@@ -112,19 +115,23 @@ def traffic(ops: list[dict]) -> dict:
             by_storage[key[0]] = len(tensors)
             tensors.append({"library": library, "segment": segment, "numel": numel, "library_read": False,
                             "views": defaultdict(dict), "norm_read": 0})
-    floor = norm_second_pass = 0
+    per_segment: Counter = Counter()  # floor elements by the segment that reads or writes them
+    norm_second_pass = 0
     for record in tensors:
         reads = {s: min(sum(v.values()), record["numel"]) for s, v in record["views"].items()}
-        if record["library"]:
-            floor += sum(reads.values())  # each segment that uses a library output reads it once
-        else:
-            outside = {s: n for s, n in reads.items() if s != record["segment"]}
-            if record["library_read"] or outside:
-                floor += record["numel"]  # written once, read by each later segment once
-            floor += sum(outside.values())
+        if not record["library"]:
+            reads.pop(record["segment"], None)  # made and used in one segment: stays on chip
+            if record["library_read"] or reads:
+                per_segment[record["segment"]] += record["numel"]  # written once
+        for s, n in reads.items():
+            per_segment[s] += n  # read once by each segment that uses it
         norm_second_pass += record["norm_read"]
-    return {"segments": segment, "eager": eager, "fused_floor": floor, "norm_second_pass": norm_second_pass,
-            "eager_by_op": dict(by_op.most_common())}
+    by_kind: Counter = Counter()
+    for s, n in per_segment.items():
+        by_kind["+".join(sorted(segment_ops[s]))] += n
+    return {"segments": segment, "eager": eager, "fused_floor": sum(per_segment.values()),
+            "norm_second_pass": norm_second_pass, "eager_by_op": dict(by_op.most_common()),
+            "fused_floor_by_segment_kind": dict(by_kind.most_common())}
 
 
 def unet_op_log(unet: torch.nn.Module, resolution: int) -> list[dict]:
@@ -151,6 +158,7 @@ def run(args) -> dict:
         "fused_floor_gb": gb["fused_floor"],
         "norm_second_pass_gb": gb["norm_second_pass"],
         "eager_gb_by_op": {name: round(n * scale, 2) for name, n in counts["eager_by_op"].items()},
+        "fused_floor_gb_by_segment_kind": {kind: round(n * scale, 2) for kind, n in counts["fused_floor_by_segment_kind"].items()},
         "ms_at_tb_s": {
             device: {"fused_floor": round(gb["fused_floor"] / bandwidth, 2),
                      "fused_floor_two_pass_norms": round((gb["fused_floor"] + gb["norm_second_pass"]) / bandwidth, 2),

@@ -237,14 +237,44 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     assert "CUDA only" in result["arms"]["compiled_bandwidth"]["refused"]
 
 
+@pytest.mark.slow  # ~80 s on two cores: two CPU compiles of the tiny UNet
+def test_gpu_unet_kernels_inductor_settings_arm_runs_on_cpu(tmp_path, one_torch_thread, monkeypatch):
+    """An arm under other inductor settings compiles under them (recorded), computes eager's output,
+    and leaves inductor's settings as they were."""
+    from torch._inductor import config as inductor_config
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    out = tmp_path / "unet.json"
+    arms = ["--arms", "eager,compiled_no_split_reductions", "--skip-attention"]
+    assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", *arms, "--out", str(out)]) == 0
+    entry = json.loads(out.read_text())["arms"]["compiled_no_split_reductions"]
+    assert "error" not in entry and entry["inductor_settings"] == {"split_reductions": False}
+    assert entry["max_abs_vs_eager"] < 1e-4 and inductor_config.split_reductions is True
+    # the bandwidth arm's own path (refused by main on a CPU): compiles under profile_bandwidth, puts it back
+    from methods.backbones import load_backbone, resolve_backbone
+
+    unet = load_backbone(resolve_backbone("tiny"), "cpu", torch.float32).unet
+    inputs = (torch.randn(2, unet.config.in_channels, 8, 8), torch.full((2,), 500), torch.randn(2, 77, unet.config.cross_attention_dim))
+    bandwidth = _script("gpu_unet_kernels").bandwidth_arm(unet, inputs, torch.device("cpu"), {"arms": {}})
+    assert bandwidth["triton_bandwidth"]["kernels_counted"] == 0  # a CPU compile has no Triton kernels
+    assert inductor_config.profile_bandwidth is False
+
+
 def test_triton_bandwidth_joins_inductor_bytes_with_profiled_calls():
-    """Bytes per forward = inductor's bytes per call x the profile's calls; a kernel inductor did not
-    count is reported as unmatched time, not left out silently."""
+    """Bytes per forward = inductor's bytes per call x the compiled arm's calls; a kernel inductor did
+    not count is reported as unmatched time, not left out silently; without a compiled arm, the
+    per-call figures alone."""
+    script = _script("gpu_unet_kernels")
     kernels = [{"kernel": "triton_a", "calls_per_forward": 5.0, "ms_per_forward": 1.0},
                {"kernel": "triton_b", "calls_per_forward": 1.0, "ms_per_forward": 0.5}]
-    result = _script("gpu_unet_kernels").triton_bandwidth(kernels, [(0.1, 0.2, 2000.0, "triton_a")])
+    collected = [(0.1, 0.2, 2000.0, "triton_a"), (0.1, 0.2, 2000.0, "triton_a")]  # repeats: one per call
+    result = script.triton_bandwidth(collected, kernels)
     assert result["gb_per_forward"] == pytest.approx(1.0) and result["tb_per_s"] == pytest.approx(1.0)
     assert result["ms_per_forward"] == 1.0 and result["ms_unmatched"] == 0.5 and result["kernels_matched"] == 1
+    assert result["kernels"][0]["tb_per_s_alone"] == pytest.approx(2.0)
+    alone = script.triton_bandwidth(collected, None)
+    assert alone["kernels_counted"] == 1 and alone["kernels"][0]["tb_per_s_alone"] == pytest.approx(2.0)
+    assert "gb_per_forward" not in alone
 
 
 def test_unet_memory_traffic_counts_what_the_formula_says():
