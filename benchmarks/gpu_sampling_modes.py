@@ -38,6 +38,9 @@ timed for each arm below after that arm's first call (which holds its compile, r
   beat torch's choice per shape), diffusers' processor elsewhere; ``invalid`` if FA4 never ran;
 - ``compile_cudagraphs_vae_fa4_direct``: the same FA4 processor with ``mode="reduce-overhead"``
   (CUDA graphs; the FA4 op is captured in them), for ``--batch 64`` where CUDA graphs were fastest;
+- ``compile_default_vae_options``: ``compile_default_vae`` under the inductor options given with
+  ``--inductor-option KEY=VALUE`` (repeatable; e.g. ``layout_optimization=False``), to run end to end
+  a setting ``gpu_unet_kernels.py``'s ``INDUCTOR_SETTINGS`` arms found faster for the UNet forward;
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -54,6 +57,7 @@ seconds plus CPU compiles): ``python benchmarks/gpu_sampling_modes.py --tiny --d
 from __future__ import annotations
 
 import argparse
+import ast
 import json
 import os
 import sys
@@ -103,11 +107,15 @@ ARMS = (
     "compile_default_vae_fa4",
     "compile_default_vae_fa4_direct",
     "compile_cudagraphs_vae_fa4_direct",
+    "compile_default_vae_options",
 )
+OPTIONS_ARM: dict = {}  # compile_default_vae_options' inductor options, from --inductor-option
 TARGET_S_PER_IMAGE = 0.20
 
 
 def compile_options(arm: str) -> dict | None:
+    if arm == "compile_default_vae_options":
+        return dict(OPTIONS_ARM)
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
@@ -226,6 +234,25 @@ def write(document: dict, path: Path) -> None:
     save_partial({k: v for k, v in document.items() if not k.startswith("_")}, str(path), path.name)
 
 
+def inductor_options(parser: argparse.ArgumentParser, pairs: list[str]) -> dict:
+    """``KEY=VALUE`` pairs as inductor options: each key must be one of inductor's settings; values
+    are Python literals (False, 3, 0.5) or else strings."""
+    from torch._inductor import config as inductor_config
+
+    options = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            parser.error(f"--inductor-option {pair!r}: write KEY=VALUE, e.g. layout_optimization=False")
+        if key not in inductor_config.get_config_copy():
+            parser.error(f"--inductor-option {pair!r}: {key!r} is not an inductor setting of torch {torch.__version__}")
+        try:
+            options[key] = ast.literal_eval(raw)
+        except (ValueError, SyntaxError):
+            options[key] = raw
+    return options
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="sd15-random")
@@ -238,6 +265,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cudnn-benchmark", action="store_true", help="cuDNN benchmarking in every compiled arm")
     parser.add_argument("--fa4-min-kv-tokens", type=int, default=2048,
                         help="compile_default_vae_fa4_direct: attention with at least this many keys goes to FA4")
+    parser.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
+                        help="compile_default_vae_options: an inductor option (repeatable), e.g. layout_optimization=False")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, batch 4")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_sampling_modes.json"))
     args = parser.parse_args(argv)
@@ -247,6 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
+    OPTIONS_ARM.clear()
+    OPTIONS_ARM.update(inductor_options(parser, args.inductor_option))
+    if "compile_default_vae_options" in arms and not OPTIONS_ARM:
+        parser.error("compile_default_vae_options needs at least one --inductor-option KEY=VALUE")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     backbone = load_backbone(resolve_backbone(args.backbone), args.device, dtype)
@@ -255,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "gpu_sampling_modes",
         "environment": environment(device),
         "settings": {"backbone": args.backbone, "resolution": args.resolution, "ddim_steps": args.steps,
-                     "guidance": 7.5, "batch": args.batch, "repeats": args.repeats, "dtype": str(dtype)},
+                     "guidance": 7.5, "batch": args.batch, "repeats": args.repeats, "dtype": str(dtype),
+                     **({"inductor_options_arm": dict(OPTIONS_ARM)} if OPTIONS_ARM else {})},
         "arms": {},
     }
     # warm-up outside every timing: CUDA context, cuBLAS handles, the text encoder's kernels

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 from pathlib import Path
@@ -112,6 +113,21 @@ def test_sdpa_preference_orders_the_backends_and_restores_them():
     with pytest.raises(SystemExit, match="choose from"):
         with sdpa_preference("fastest"):
             pass
+
+
+def test_gpu_sampling_modes_inductor_options_are_checked(tmp_path, capsys):
+    """``--inductor-option``: literals parsed, strings kept; an unknown setting or a missing ``=`` is
+    refused at the command line, naming the option, before anything is built."""
+    script = _script("gpu_sampling_modes")
+    parser = argparse.ArgumentParser()
+    assert script.inductor_options(parser, ["layout_optimization=False", "max_autotune_gemm_backends=ATEN"]) == {
+        "layout_optimization": False, "max_autotune_gemm_backends": "ATEN"}
+    for bad, named in ((["--inductor-option", "no_such_setting=1"], "no_such_setting"),
+                       (["--inductor-option", "layout_optimization"], "KEY=VALUE"), ([], "needs at least one")):
+        with pytest.raises(SystemExit):
+            script.main(["--tiny", "--device", "cpu", "--arms", "compile_default_vae_options", *bad,
+                         "--out", str(tmp_path / "x.json")])
+        assert named in capsys.readouterr().err
 
 
 @pytest.mark.slow  # ~50 s on two cores: one CPU compile of the tiny UNet
