@@ -109,13 +109,14 @@ ARMS = (
     "compile_cudagraphs_vae_fa4_direct",
     "compile_default_vae_options",
 )
-OPTIONS_ARM: dict = {}  # compile_default_vae_options' inductor options, from --inductor-option
 TARGET_S_PER_IMAGE = 0.20
 
 
-def compile_options(arm: str) -> dict | None:
+def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
+    """The inductor options ``arm`` compiles under (None: not compiled); ``options_arm``: those of
+    ``compile_default_vae_options``, from ``--inductor-option``."""
     if arm == "compile_default_vae_options":
-        return dict(OPTIONS_ARM)
+        return dict(options_arm or {})
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
@@ -175,7 +176,7 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     out["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     channels_last = "_channels_last" in arm
     backbone.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
-    options = compile_options(arm)
+    options = compile_options(arm, args.inductor_options)
     unet = None
     if options is not None:
         if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
@@ -276,9 +277,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = sorted(set(arms) - set(ARMS))
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
-    OPTIONS_ARM.clear()
-    OPTIONS_ARM.update(inductor_options(parser, args.inductor_option))
-    if "compile_default_vae_options" in arms and not OPTIONS_ARM:
+    args.inductor_options = inductor_options(parser, args.inductor_option)
+    if "compile_default_vae_options" in arms and not args.inductor_options:
         parser.error("compile_default_vae_options needs at least one --inductor-option KEY=VALUE")
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -289,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(device),
         "settings": {"backbone": args.backbone, "resolution": args.resolution, "ddim_steps": args.steps,
                      "guidance": 7.5, "batch": args.batch, "repeats": args.repeats, "dtype": str(dtype),
-                     **({"inductor_options_arm": dict(OPTIONS_ARM)} if OPTIONS_ARM else {})},
+                     **({"inductor_options_arm": args.inductor_options} if args.inductor_options else {})},
         "arms": {},
     }
     # warm-up outside every timing: CUDA context, cuBLAS handles, the text encoder's kernels

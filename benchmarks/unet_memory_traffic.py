@@ -92,7 +92,7 @@ def traffic(ops: list[dict]) -> dict:
         if op["view"]:
             continue
         library = op["name"] in LIBRARY_OPS
-        if previous_library is not None and library != previous_library and not library:
+        if previous_library and not library:
             segment += 1  # a new run of non-library ops after a library call
         previous_library = library
         if not library:
