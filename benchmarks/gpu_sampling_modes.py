@@ -41,6 +41,9 @@ timed for each arm below after that arm's first call (which holds its compile, r
 - ``compile_default_vae_options``: ``compile_default_vae`` under the inductor options given with
   ``--inductor-option KEY=VALUE`` (repeatable; e.g. ``layout_optimization=False``), to run end to end
   a setting ``gpu_unet_kernels.py``'s ``INDUCTOR_SETTINGS`` arms found faster for the UNet forward;
+- ``compile_default_vae_layout_group_norm``: ``compile_default_vae`` with the GroupNorms of the
+  UNet and the VAE's decoder stated in channels-last order while compiled
+  (``methods.group_norm.use_layout_group_norms``; the same arithmetic in memory order);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -84,6 +87,7 @@ from benchmarks.gpu_metrics import (  # noqa: E402
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
+from methods.group_norm import plain_group_norms, use_layout_group_norms  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -108,6 +112,7 @@ ARMS = (
     "compile_default_vae_fa4_direct",
     "compile_cudagraphs_vae_fa4_direct",
     "compile_default_vae_options",
+    "compile_default_vae_layout_group_norm",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -163,6 +168,13 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
             out["fa4_calls_per_pipeline_call"] = FA4_DIRECT_CALLS[0] / (1 + args.repeats)
             if not FA4_DIRECT_CALLS[0]:
                 out["invalid"] = "the FA4 op was never called: this arm's time is not FA4's"
+        elif arm.endswith("_layout_group_norm"):  # before compiling: the trace reads the modules' class
+            out["layout_group_norms"] = use_layout_group_norms(backbone.unet) + use_layout_group_norms(backbone.vae)
+            try:
+                _run_arm(arm, args, backbone, sampler, device, document, out)
+            finally:
+                plain_group_norms(backbone.unet)
+                plain_group_norms(backbone.vae)
         else:
             _run_arm(arm, args, backbone, sampler, device, document, out)
     finally:

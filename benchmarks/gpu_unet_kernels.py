@@ -18,7 +18,11 @@ sampling floor. This script, in one process:
    gives the GB each kernel moves per forward and the TB/s it reaches in the forward and alone (to
    set beside ``unet_memory_traffic.py``'s floor for those kernels);
    ``compiled_no_layout_optimization`` / ``compiled_no_split_reductions`` /
-   ``compiled_aggressive_fusion`` compile under those inductor settings (``INDUCTOR_SETTINGS``);
+   ``compiled_aggressive_fusion`` / ``compiled_nd_tiling`` (2-D tiles for pointwise kernels) /
+   ``compiled_coordinate_descent`` (each Triton kernel's block sizes tuned by benchmarking) /
+   ``compiled_nd_tiling_coordinate_descent`` compile under those inductor settings
+   (``INDUCTOR_SETTINGS``); ``compiled_layout_group_norm`` compiles with the UNet's GroupNorms
+   stated in channels-last order (``methods.group_norm``);
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
    and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
    ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
@@ -94,10 +98,14 @@ INDUCTOR_SETTINGS = {
     "compiled_no_layout_optimization": {"layout_optimization": False},
     "compiled_no_split_reductions": {"split_reductions": False},
     "compiled_aggressive_fusion": {"aggressive_fusion": True},
+    "compiled_nd_tiling": {"triton.prefer_nd_tiling": True},
+    "compiled_coordinate_descent": {"coordinate_descent_tuning": True},
+    "compiled_nd_tiling_coordinate_descent": {"triton.prefer_nd_tiling": True, "coordinate_descent_tuning": True},
 }
 ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
         "compiled_bandwidth", "compiled_no_layout_optimization", "compiled_no_split_reductions",
-        "compiled_aggressive_fusion", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
+        "compiled_aggressive_fusion", "compiled_nd_tiling", "compiled_coordinate_descent",
+        "compiled_nd_tiling_coordinate_descent", "compiled_layout_group_norm", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -354,6 +362,11 @@ def main(argv: list[str] | None = None) -> int:
 
                 held.enter_context(inductor_config.patch(INDUCTOR_SETTINGS[arm]))
                 entry["inductor_settings"] = INDUCTOR_SETTINGS[arm]
+            if arm.endswith("_layout_group_norm"):  # before compiling: the trace reads the module's class
+                from methods.group_norm import plain_group_norms, use_layout_group_norms
+
+                entry["layout_group_norms"] = use_layout_group_norms(unet)
+                held.callback(plain_group_norms, unet)
             if direct:  # before compiling: the traced forward calls the FA4 op where the processor does
                 threshold = 0 if arm.endswith("_all") else args.fa4_min_kv_tokens
                 held.enter_context(fa4_direct(unet, threshold))
