@@ -15,7 +15,9 @@ timed for each arm below after that arm's first call (which holds its compile, r
 - ``compile_max_autotune``: ``max-autotune-no-cudagraphs`` (Triton/cuBLAS/cuDNN kernels chosen by
   timing) plus the tuned options;
 - ``compile_default_vae``: ``compile_default`` with the VAE's decoder compiled too (the decode
-  after the loop is eager in the harness: 13 ms of ~220 per image, second session's split);
+  after the loop is eager in the harness: 13 ms of ~220 per image, second session's split); the
+  suite's path until the twenty-second session, which added ``ChannelsLastCat`` (the suite's path
+  now is ``compile_default_vae_channels_last_cat``);
 - ``compile_default_channels_last[_vae[_fused_qkv]]``: the default compile with the UNet in
   ``channels_last``, then also the compiled decoder, then also diffusers'
   ``fuse_qkv_projections()`` (one matmul for q, k, v of self-attention, one for k, v of
@@ -43,7 +45,10 @@ timed for each arm below after that arm's first call (which holds its compile, r
   a setting ``gpu_unet_kernels.py``'s ``INDUCTOR_SETTINGS`` arms found faster for the UNet forward;
 - ``compile_default_vae_layout_group_norm``: ``compile_default_vae`` with the GroupNorms of the
   UNet and the VAE's decoder stated in channels-last order while compiled
-  (``methods.group_norm.use_layout_group_norms``; the same arithmetic in memory order);
+  (``methods.compile_layout.use_layout_group_norms``; the same arithmetic in memory order);
+- ``compile_default_vae_channels_last_cat``: ``compile_default_vae`` with the UNet's channel
+  concatenations laid out channels-last (``methods.compile_layout.ChannelsLastCat``, an inductor
+  post-grad pass; the same values in another memory order);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -87,7 +92,7 @@ from benchmarks.gpu_metrics import (  # noqa: E402
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
-from methods.group_norm import plain_group_norms, use_layout_group_norms  # noqa: E402
+from methods.compile_layout import ChannelsLastCat, plain_group_norms, use_layout_group_norms  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -113,6 +118,7 @@ ARMS = (
     "compile_cudagraphs_vae_fa4_direct",
     "compile_default_vae_options",
     "compile_default_vae_layout_group_norm",
+    "compile_default_vae_channels_last_cat",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -122,6 +128,8 @@ def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
     ``compile_default_vae_options``, from ``--inductor-option``."""
     if arm == "compile_default_vae_options":
         return dict(options_arm or {})
+    if arm == "compile_default_vae_channels_last_cat":
+        return {"post_grad_custom_pre_pass": ChannelsLastCat()}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
@@ -199,7 +207,8 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
             out["compile_mode"] = "reduce-overhead"
         else:
             unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
-            out["inductor_options"] = options
+            out["inductor_options"] = {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
+                                       for key, value in options.items()}
         if arm.endswith("_vae") or "_vae_" in arm:  # the VAE's decoder through torch.compile too (after the UNet's reset)
             backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False)
             out["vae_decoder_compiled"] = True
@@ -212,6 +221,8 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     call = lambda: generate_images(pipeline, prompts, seeds, sampler, args.resolution)  # noqa: E731
     _, first = timed(call, device)
     out["first_call_seconds"] = round(first, 2)
+    if options and "post_grad_custom_pre_pass" in options:  # the pass ran at that call's compile
+        out["channels_last_cats"] = options["post_grad_custom_pre_pass"].rewritten
     print(f"{arm}: first call {first:.1f} s", flush=True)
     times, images = [], None
     for _ in range(args.repeats):

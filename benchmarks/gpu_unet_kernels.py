@@ -22,7 +22,9 @@ sampling floor. This script, in one process:
    ``compiled_coordinate_descent`` (each Triton kernel's block sizes tuned by benchmarking) /
    ``compiled_nd_tiling_coordinate_descent`` compile under those inductor settings
    (``INDUCTOR_SETTINGS``); ``compiled_layout_group_norm`` compiles with the UNet's GroupNorms
-   stated in channels-last order (``methods.group_norm``);
+   stated in channels-last order (``methods.compile_layout``); ``compiled_channels_last_cat`` with
+   the channel concatenations laid out channels-last (``methods.compile_layout.ChannelsLastCat``;
+   ``compiled_channels_last_cat_bandwidth`` is ``compiled_bandwidth`` for it, joined with its profile);
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
    and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
    ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
@@ -76,6 +78,7 @@ from benchmarks.gpu_metrics import (  # noqa: E402
     synchronize,
 )
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
+from methods.compile_layout import ChannelsLastCat  # noqa: E402
 
 KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's fused kernels come
     # first: their names list the ops they fuse (``triton_poi_fused_convolution_native_group_norm_silu``
@@ -101,11 +104,14 @@ INDUCTOR_SETTINGS = {
     "compiled_nd_tiling": {"triton.prefer_nd_tiling": True},
     "compiled_coordinate_descent": {"coordinate_descent_tuning": True},
     "compiled_nd_tiling_coordinate_descent": {"triton.prefer_nd_tiling": True, "coordinate_descent_tuning": True},
+    # the up blocks' channel cats laid out channels-last (methods.compile_layout.ChannelsLastCat)
+    "compiled_channels_last_cat": {"post_grad_custom_pre_pass": ChannelsLastCat()},
 }
 ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
         "compiled_bandwidth", "compiled_no_layout_optimization", "compiled_no_split_reductions",
         "compiled_aggressive_fusion", "compiled_nd_tiling", "compiled_coordinate_descent",
-        "compiled_nd_tiling_coordinate_descent", "compiled_layout_group_norm", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
+        "compiled_nd_tiling_coordinate_descent", "compiled_layout_group_norm", "compiled_channels_last_cat",
+        "compiled_channels_last_cat_bandwidth", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -191,22 +197,28 @@ def triton_bandwidth(collected: list[tuple], kernels: list[dict] | None) -> dict
     return result
 
 
-def bandwidth_arm(unet, inputs, device: torch.device, document: dict) -> dict:
+def bandwidth_arm(unet, inputs, device: torch.device, document: dict, arm: str = "compiled_bandwidth") -> dict:
     """``compiled_bandwidth``: compile under inductor's ``profile_bandwidth`` and call once (in that
     mode a Triton kernel runs only at its first, benchmarked call: the arm's outputs and times are
-    not the forward's, so it is neither timed nor profiled), then join with the ``compiled`` arm."""
+    not the forward's, so it is neither timed nor profiled), then join with the ``compiled`` arm.
+    ``<base>_bandwidth`` (e.g. ``compiled_channels_last_cat_bandwidth``): the same under the base
+    arm's inductor settings too, joined with that arm's profile (run it first)."""
     from torch._inductor import config as inductor_config
     from torch._inductor.runtime import triton_heuristics
 
     torch._dynamo.reset()
     triton_heuristics.collected_calls.clear()
-    with inductor_config.patch(INDUCTOR_SETTINGS["compiled_bandwidth"]), torch.no_grad():
+    base = "compiled" if arm == "compiled_bandwidth" else arm[: -len("_bandwidth")]
+    settings = {**INDUCTOR_SETTINGS.get(base, {}), **INDUCTOR_SETTINGS["compiled_bandwidth"]}
+    with inductor_config.patch(settings), torch.no_grad():
         torch.compile(unet, dynamic=False)(*inputs[:2], encoder_hidden_states=inputs[2])
     synchronize(device)
     collected = list(triton_heuristics.collected_calls)
     torch._dynamo.reset()  # its compiled code launches nothing after the first call: never reuse it
-    compiled = document["arms"].get("compiled", {}).get("kernels", {}).get("inductor_triton_kernels")
-    return {"inductor_settings": INDUCTOR_SETTINGS["compiled_bandwidth"], "triton_bandwidth": triton_bandwidth(collected, compiled)}
+    compiled = document["arms"].get(base, {}).get("kernels", {}).get("inductor_triton_kernels")
+    return {"inductor_settings": {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
+                                  for key, value in settings.items()},
+            "joined_with_arm": base, "triton_bandwidth": triton_bandwidth(collected, compiled)}
 
 
 def record_attention_shapes(unet, inputs) -> dict[tuple, int]:
@@ -334,16 +346,16 @@ def main(argv: list[str] | None = None) -> int:
             refusal = fa4_sdpa_probe(device)
         else:
             refusal = fa4_refusal(device, through_sdpa=False) if direct else None
-        if arm == "compiled_bandwidth" and device.type != "cuda":
+        if arm.endswith("_bandwidth") and device.type != "cuda":
             refusal = "inductor's bandwidth profile times Triton kernels: CUDA only"
         if refusal:
             entry["refused"] = refusal
             print(arm, entry, flush=True)
             save_partial(document, str(out), out.name)
             continue
-        if arm == "compiled_bandwidth":
+        if arm.endswith("_bandwidth"):
             try:
-                entry.update(bandwidth_arm(unet, (latents, timestep, text), device, document))
+                entry.update(bandwidth_arm(unet, (latents, timestep, text), device, document, arm))
             except Exception as error:  # noqa: BLE001 - keep the other arms
                 entry["error"] = f"{type(error).__name__}: {str(error)[:1500]}"
             entry["arm_wall_s"] = round(time.perf_counter() - started, 1)
@@ -361,9 +373,10 @@ def main(argv: list[str] | None = None) -> int:
                 from torch._inductor import config as inductor_config
 
                 held.enter_context(inductor_config.patch(INDUCTOR_SETTINGS[arm]))
-                entry["inductor_settings"] = INDUCTOR_SETTINGS[arm]
+                entry["inductor_settings"] = {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
+                                              for key, value in INDUCTOR_SETTINGS[arm].items()}
             if arm.endswith("_layout_group_norm"):  # before compiling: the trace reads the module's class
-                from methods.group_norm import plain_group_norms, use_layout_group_norms
+                from methods.compile_layout import plain_group_norms, use_layout_group_norms
 
                 entry["layout_group_norms"] = use_layout_group_norms(unet)
                 held.callback(plain_group_norms, unet)
@@ -394,6 +407,8 @@ def main(argv: list[str] | None = None) -> int:
                           "ms_per_latent_forward": round(median * 1e3 / args.latents, 4),
                           "sampling_floor_s_per_image": round(median / args.latents * 100, 4),
                           "max_abs_vs_eager": float((forward().float() - reference).abs().max())})
+            if arm == "compiled_channels_last_cat":  # the pass ran at the first call's compile
+                entry["channels_last_cats"] = INDUCTOR_SETTINGS[arm]["post_grad_custom_pre_pass"].rewritten
             if direct:
                 FA4_DIRECT_CALLS[0] = 0
                 forward()

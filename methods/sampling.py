@@ -15,12 +15,15 @@ image per call would be bit-exact but throws the batching away.
 
 Compiled sampling (``generation.compile``, on by default on CUDA): ``build_pipeline(...,
 compile_unet=True)`` puts a ``torch.compile``'d view of the UNet in the pipeline
-(``compiled_unet``; default inductor mode, static shapes) and decodes through a compiled view of
-the VAE's decoder (``with_compiled_decoder``; H200: −3 % per image, peak memory 18 → 12 GiB at
-batch 32). The algorithm and the weights are the
+(``compiled_unet``; default inductor mode, static shapes, the up blocks' channel concatenations
+laid out channels-last by ``methods.compile_layout.ChannelsLastCat``: H100 −3.4 % per image) and
+decodes through a compiled view of the VAE's decoder (``with_compiled_decoder``; H200: −3 % per
+image, peak memory 18 → 12 GiB at batch 32). The algorithm and the weights are the
 same; kernels differ, so images move like they do between two fast-mode runs (H200, ``sd15``
-architecture, batch 32, DDIM 50: max 13 uint8 levels, mean 0.99 vs eager — the same spread as
-two eager runs, ``benchmarks/results``), and on the tiny backbone on CPU within the tolerance
+architecture, batch 32, DDIM 50: max 13 uint8 levels, mean 0.99 vs eager; H100 with the
+channels-last concatenations: max 14, mean 1.004, against 12 and 1.006 for the compile without
+them in the same process — two fast-mode runs differed by up to 13, fast vs deterministic by 14;
+``benchmarks/results``), and on the tiny backbone on CPU within the tolerance
 ``tests/test_sampling_compile.py`` states. Modules of one architecture share the compiled code,
 so a new working copy per subject costs no recompile; the compiled artifacts persist in
 ``TORCHINDUCTOR_CACHE_DIR`` (the harness points it into its cache), so a later process pays the
@@ -106,7 +109,7 @@ def build_pipeline(
         vae=with_compiled_decoder(backbone.vae) if compiling else backbone.vae,
         text_encoder=text_encoder if text_encoder is not None else backbone.text_encoder,
         tokenizer=tokenizer if tokenizer is not None else backbone.tokenizer,
-        unet=maybe_compiled(unet if unet is not None else backbone.unet, compiling),
+        unet=maybe_compiled(unet if unet is not None else backbone.unet, compiling, inference=True),
         scheduler=make_scheduler(backbone.scheduler_config, sampler),
         safety_checker=None,
         feature_extractor=None,
@@ -122,7 +125,7 @@ def set_compile_cache(cache_dir: Path | None) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(cache_dir) / "inductor")
 
 
-def compiled_unet(unet: torch.nn.Module) -> torch.nn.Module:
+def compiled_unet(unet: torch.nn.Module, *, inference: bool = False) -> torch.nn.Module:
     """A ``torch.compile``'d view of ``unet`` (same parameters, same module underneath).
 
     A new wrapper per call, which costs nothing: dynamo keeps the compiled code on the UNet
@@ -130,12 +133,28 @@ def compiled_unet(unet: torch.nn.Module) -> torch.nn.Module:
     wrapper is deliberately not cached per module: a cache keyed by the module whose value (the
     wrapper) holds the module keeps every working copy alive — it did, +1.7 GB of GPU memory per
     DreamBooth subject on the H200 (``benchmarks/results``), until this was changed.
+
+    ``inference=True`` (sampling): inductor also runs ``methods.compile_layout.ChannelsLastCat``,
+    which lays the up blocks' channel concatenations out channels-last on CUDA (the same values;
+    H100, DDIM 50, 32 images per call: 0.2190 → 0.2116 s per image in one process). Training
+    compiles keep inductor's defaults (the pass is not measured there).
     """
-    return torch.compile(unet, **COMPILE_OPTIONS)
+    return torch.compile(unet, **_compile_options(inference))
 
 
-def maybe_compiled(unet: torch.nn.Module, wanted: bool, *, channels_last: bool = False) -> torch.nn.Module:
-    """``compiled_unet(unet)`` if ``wanted`` and no compile has failed in this process, else ``unet``.
+def _compile_options(inference: bool) -> dict:
+    options = dict(COMPILE_OPTIONS)
+    if inference and options.get("backend", "inductor") == "inductor":  # tests may swap the backend
+        from methods.compile_layout import channels_last_cat
+
+        options["options"] = {**options.get("options", {}), "post_grad_custom_pre_pass": channels_last_cat()}
+    return options
+
+
+def maybe_compiled(unet: torch.nn.Module, wanted: bool, *, channels_last: bool = False,
+                   inference: bool = False) -> torch.nn.Module:
+    """``compiled_unet(unet, inference=inference)`` if ``wanted`` and no compile has failed in this
+    process, else ``unet``.
 
     ``channels_last=True`` (for a module the caller owns, e.g. a fine-tune's private copy): when
     it will be compiled, its 4-D weights are first converted in place to ``channels_last``
@@ -150,7 +169,7 @@ def maybe_compiled(unet: torch.nn.Module, wanted: bool, *, channels_last: bool =
         return unet
     if channels_last:
         unet.to(memory_format=torch.channels_last)
-    return compiled_unet(unet)
+    return compiled_unet(unet, inference=inference)
 
 
 class _CompiledDecoder(torch.nn.Module):

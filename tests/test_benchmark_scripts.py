@@ -236,7 +236,7 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
     recorded with its count, and each backend's output is checked against fp32 math. FlashAttention-4
     (the arms and the per-shape candidates) is recorded as refused here, with why, and the rest runs."""
     out = tmp_path / "unet.json"
-    arms = ["--arms", "eager,compiled_fa4,compiled_fa4_direct,compiled_bandwidth"]
+    arms = ["--arms", "eager,compiled_fa4,compiled_fa4_direct,compiled_bandwidth,compiled_channels_last_cat_bandwidth"]
     assert _script("gpu_unet_kernels").main(["--tiny", "--device", "cpu", *arms, "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     eager = result["arms"]["eager"]
@@ -251,6 +251,7 @@ def test_gpu_unet_kernels_runs_on_cpu(tmp_path, one_torch_thread):
         assert row["FA4"] == row["FA4_SDPA"] == {"refused": "FA4 needs a CUDA device"}
     assert result["arms"]["compiled_fa4"] == result["arms"]["compiled_fa4_direct"] == {"refused": "FA4 needs a CUDA device"}
     assert "CUDA only" in result["arms"]["compiled_bandwidth"]["refused"]
+    assert "CUDA only" in result["arms"]["compiled_channels_last_cat_bandwidth"]["refused"]
 
 
 @pytest.mark.slow  # ~80 s on two cores: two CPU compiles of the tiny UNet
@@ -274,6 +275,12 @@ def test_gpu_unet_kernels_inductor_settings_arm_runs_on_cpu(tmp_path, one_torch_
     bandwidth = _script("gpu_unet_kernels").bandwidth_arm(unet, inputs, torch.device("cpu"), {"arms": {}})
     assert bandwidth["triton_bandwidth"]["kernels_counted"] == 0  # a CPU compile has no Triton kernels
     assert inductor_config.profile_bandwidth is False
+    # <base>_bandwidth: also under the base arm's settings (the channels-last cat pass), joined with that arm
+    with_pass = _script("gpu_unet_kernels").bandwidth_arm(unet, inputs, torch.device("cpu"), {"arms": {}},
+                                                          "compiled_channels_last_cat_bandwidth")
+    assert with_pass["joined_with_arm"] == "compiled_channels_last_cat"
+    assert with_pass["inductor_settings"]["post_grad_custom_pre_pass"] == "ChannelsLastCat"
+    assert inductor_config.post_grad_custom_pre_pass is None and inductor_config.profile_bandwidth is False
 
 
 def test_triton_bandwidth_joins_inductor_bytes_with_profiled_calls():
