@@ -40,8 +40,8 @@ timed for each arm below after that arm's first call (which holds its compile, r
   beat torch's choice per shape), diffusers' processor elsewhere; ``invalid`` if FA4 never ran;
 - ``compile_cudagraphs_vae_fa4_direct``: the same FA4 processor with ``mode="reduce-overhead"``
   (CUDA graphs; the FA4 op is captured in them), for ``--batch 64`` where CUDA graphs were fastest;
-- ``compile_default_vae_options``: ``compile_default_vae`` under the inductor options given with
-  ``--inductor-option KEY=VALUE`` (repeatable; e.g. ``layout_optimization=False``), to run end to end
+- ``compile_default_vae_options``: ``compile_default_vae_channels_last_cat`` (the suite's path) under the
+  inductor options given with ``--inductor-option KEY=VALUE`` (repeatable; e.g. ``layout_optimization=False``), to run end to end
   a setting ``gpu_unet_kernels.py``'s ``INDUCTOR_SETTINGS`` arms found faster for the UNet forward;
 - ``compile_default_vae_layout_group_norm``: ``compile_default_vae`` with the GroupNorms of the
   UNet and the VAE's decoder stated in channels-last order while compiled
@@ -126,8 +126,8 @@ TARGET_S_PER_IMAGE = 0.20
 def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
     """The inductor options ``arm`` compiles under (None: not compiled); ``options_arm``: those of
     ``compile_default_vae_options``, from ``--inductor-option``."""
-    if arm == "compile_default_vae_options":
-        return dict(options_arm or {})
+    if arm == "compile_default_vae_options":  # the suite's path (with the channels-last cats) under the options
+        return {"post_grad_custom_pre_pass": ChannelsLastCat(), **(options_arm or {})}
     if arm == "compile_default_vae_channels_last_cat":
         return {"post_grad_custom_pre_pass": ChannelsLastCat()}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention

@@ -24,7 +24,9 @@ sampling floor. This script, in one process:
    (``INDUCTOR_SETTINGS``); ``compiled_layout_group_norm`` compiles with the UNet's GroupNorms
    stated in channels-last order (``methods.compile_layout``); ``compiled_channels_last_cat`` with
    the channel concatenations laid out channels-last (``methods.compile_layout.ChannelsLastCat``;
-   ``compiled_channels_last_cat_bandwidth`` is ``compiled_bandwidth`` for it, joined with its profile);
+   ``compiled_channels_last_cat_bandwidth`` is ``compiled_bandwidth`` for it, joined with its profile;
+   ``compiled_channels_last_cat_coordinate_descent`` adds inductor's block-size tuning, which may
+   give a GroupNorm reduction the several groups per program a channels-last read needs);
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
    and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
    ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
@@ -106,12 +108,14 @@ INDUCTOR_SETTINGS = {
     "compiled_nd_tiling_coordinate_descent": {"triton.prefer_nd_tiling": True, "coordinate_descent_tuning": True},
     # the up blocks' channel cats laid out channels-last (methods.compile_layout.ChannelsLastCat)
     "compiled_channels_last_cat": {"post_grad_custom_pre_pass": ChannelsLastCat()},
+    "compiled_channels_last_cat_coordinate_descent": {"post_grad_custom_pre_pass": ChannelsLastCat(),
+                                                      "coordinate_descent_tuning": True},
 }
 ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
         "compiled_bandwidth", "compiled_no_layout_optimization", "compiled_no_split_reductions",
         "compiled_aggressive_fusion", "compiled_nd_tiling", "compiled_coordinate_descent",
         "compiled_nd_tiling_coordinate_descent", "compiled_layout_group_norm", "compiled_channels_last_cat",
-        "compiled_channels_last_cat_bandwidth", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
+        "compiled_channels_last_cat_bandwidth", "compiled_channels_last_cat_coordinate_descent", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -407,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
                           "ms_per_latent_forward": round(median * 1e3 / args.latents, 4),
                           "sampling_floor_s_per_image": round(median / args.latents * 100, 4),
                           "max_abs_vs_eager": float((forward().float() - reference).abs().max())})
-            if arm == "compiled_channels_last_cat":  # the pass ran at the first call's compile
+            if "post_grad_custom_pre_pass" in INDUCTOR_SETTINGS.get(arm, {}):  # the pass ran at the first call's compile
                 entry["channels_last_cats"] = INDUCTOR_SETTINGS[arm]["post_grad_custom_pre_pass"].rewritten
             if direct:
                 FA4_DIRECT_CALLS[0] = 0

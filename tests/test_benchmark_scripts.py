@@ -122,6 +122,10 @@ def test_gpu_sampling_modes_inductor_options_are_checked(tmp_path, capsys):
     parser = argparse.ArgumentParser()
     assert script.inductor_options(parser, ["layout_optimization=False", "max_autotune_gemm_backends=ATEN"]) == {
         "layout_optimization": False, "max_autotune_gemm_backends": "ATEN"}
+    # the options arm is the suite's path (the channels-last cat pass) under the options; the old path has none
+    options = script.compile_options("compile_default_vae_options", {"layout_optimization": False})
+    assert type(options.pop("post_grad_custom_pre_pass")).__name__ == "ChannelsLastCat"
+    assert options == {"layout_optimization": False} and script.compile_options("compile_default_vae") == {}
     for bad, named in ((["--inductor-option", "no_such_setting=1"], "no_such_setting"),
                        (["--inductor-option", "layout_optimization"], "KEY=VALUE"), ([], "needs at least one")):
         with pytest.raises(SystemExit):
