@@ -17,7 +17,7 @@ timed for each arm below after that arm's first call (which holds its compile, r
 - ``compile_default_vae``: ``compile_default`` with the VAE's decoder compiled too (the decode
   after the loop is eager in the harness: 13 ms of ~220 per image, second session's split); the
   suite's path until the twenty-second session, which added ``ChannelsLastCat`` (the suite's path
-  now is ``compile_default_vae_channels_last_cat``);
+  now is ``compile_default_vae_cat_pass``);
 - ``compile_default_channels_last[_vae[_fused_qkv]]``: the default compile with the UNet in
   ``channels_last``, then also the compiled decoder, then also diffusers'
   ``fuse_qkv_projections()`` (one matmul for q, k, v of self-attention, one for k, v of
@@ -40,15 +40,21 @@ timed for each arm below after that arm's first call (which holds its compile, r
   beat torch's choice per shape), diffusers' processor elsewhere; ``invalid`` if FA4 never ran;
 - ``compile_cudagraphs_vae_fa4_direct``: the same FA4 processor with ``mode="reduce-overhead"``
   (CUDA graphs; the FA4 op is captured in them), for ``--batch 64`` where CUDA graphs were fastest;
-- ``compile_default_vae_options``: ``compile_default_vae_channels_last_cat`` (the suite's path) under the
+- ``compile_default_vae_options``: ``compile_default_vae_cat_pass`` (the suite's path) under the
   inductor options given with ``--inductor-option KEY=VALUE`` (repeatable; e.g. ``layout_optimization=False``), to run end to end
   a setting ``gpu_unet_kernels.py``'s ``INDUCTOR_SETTINGS`` arms found faster for the UNet forward;
 - ``compile_default_vae_layout_group_norm``: ``compile_default_vae`` with the GroupNorms of the
   UNet and the VAE's decoder stated in channels-last order while compiled
   (``methods.compile_layout.use_layout_group_norms``; the same arithmetic in memory order);
-- ``compile_default_vae_channels_last_cat``: ``compile_default_vae`` with the UNet's channel
-  concatenations laid out channels-last (``methods.compile_layout.ChannelsLastCat``, an inductor
-  post-grad pass; the same values in another memory order);
+- ``compile_default_vae_cat_pass``: ``compile_default_vae`` with the UNet's channel concatenations
+  laid out channels-last (``methods.compile_layout.ChannelsLastCat``, an inductor post-grad pass; the
+  same values in another memory order): the suite's path since the twenty-second session;
+  ``compile_default_channels_last_vae_cat_pass``: the same with the UNet's weights in channels-last
+  (what that session's arm ``compile_default_vae_channels_last_cat`` ran: an arm whose name holds
+  ``_channels_last`` converts the UNet, ``unet_channels_last`` in the JSON);
+  ``compile_cudagraphs_vae_cat_pass``: the suite's path with CUDA graphs (inductor's
+  ``triton.cudagraphs``, all ``mode="reduce-overhead"`` sets; a mode and options cannot be passed
+  together), for ``--batch 64``;
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -118,7 +124,9 @@ ARMS = (
     "compile_cudagraphs_vae_fa4_direct",
     "compile_default_vae_options",
     "compile_default_vae_layout_group_norm",
-    "compile_default_vae_channels_last_cat",
+    "compile_default_vae_cat_pass",
+    "compile_default_channels_last_vae_cat_pass",
+    "compile_cudagraphs_vae_cat_pass",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -128,8 +136,9 @@ def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
     ``compile_default_vae_options``, from ``--inductor-option``."""
     if arm == "compile_default_vae_options":  # the suite's path (with the channels-last cats) under the options
         return {"post_grad_custom_pre_pass": ChannelsLastCat(), **(options_arm or {})}
-    if arm == "compile_default_vae_channels_last_cat":
-        return {"post_grad_custom_pre_pass": ChannelsLastCat()}
+    if arm.endswith("_cat_pass"):  # the suite's path: the channel concatenations laid out channels-last
+        cudagraphs = {"triton.cudagraphs": True} if arm.startswith("compile_cudagraphs") else {}  # = reduce-overhead
+        return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat()}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
@@ -196,13 +205,14 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     out["cudnn_benchmark"] = torch.backends.cudnn.benchmark
     channels_last = "_channels_last" in arm
     backbone.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    out["unet_channels_last"] = channels_last
     options = compile_options(arm, args.inductor_options)
     unet = None
     if options is not None:
         if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
             torch._dynamo.reset()
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
-        if arm.startswith("compile_cudagraphs"):
+        if arm.startswith("compile_cudagraphs") and not options:
             unet = torch.compile(backbone.unet, dynamic=False, mode="reduce-overhead")
             out["compile_mode"] = "reduce-overhead"
         else:

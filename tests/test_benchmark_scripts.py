@@ -126,6 +126,13 @@ def test_gpu_sampling_modes_inductor_options_are_checked(tmp_path, capsys):
     options = script.compile_options("compile_default_vae_options", {"layout_optimization": False})
     assert type(options.pop("post_grad_custom_pre_pass")).__name__ == "ChannelsLastCat"
     assert options == {"layout_optimization": False} and script.compile_options("compile_default_vae") == {}
+    # the suite's path (the pass) keeps the UNet's default layout: only "_channels_last" arms convert it
+    assert "_channels_last" not in "compile_default_vae_cat_pass"
+    for arm, cudagraphs in (("compile_default_vae_cat_pass", False), ("compile_default_channels_last_vae_cat_pass", False),
+                            ("compile_cudagraphs_vae_cat_pass", True)):
+        options = script.compile_options(arm)
+        assert type(options.pop("post_grad_custom_pre_pass")).__name__ == "ChannelsLastCat"
+        assert options == ({"triton.cudagraphs": True} if cudagraphs else {}), arm
     for bad, named in ((["--inductor-option", "no_such_setting=1"], "no_such_setting"),
                        (["--inductor-option", "layout_optimization"], "KEY=VALUE"), ([], "needs at least one")):
         with pytest.raises(SystemExit):
