@@ -145,3 +145,26 @@ def test_channels_last_cat_leaves_other_cats_alone():
             assert torch.equal(ours, theirs)
     assert ChannelsLastCat().uuid() != ChannelsLastCat(devices=("cpu",)).uuid()
     assert channels_last_cat() is channels_last_cat()
+
+
+@torch.no_grad()
+def test_one_shared_pass_lets_pipelines_share_compiled_code():
+    """Why ``channels_last_cat()`` hands out one instance: wrappers whose options hold equal passes
+    share one compiled graph; a new pass object per wrapper compiles again each time."""
+    from torch._dynamo.utils import counters
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1))
+    x = torch.randn(1, 3, 4, 4)
+
+    def graphs(make_pass) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        for _ in range(2):
+            torch.compile(net, dynamic=False, options={"post_grad_custom_pre_pass": make_pass()})(x)
+        return counters["stats"]["unique_graphs"]
+
+    try:
+        assert graphs(channels_last_cat) == 1
+        assert graphs(ChannelsLastCat) == 2
+    finally:
+        torch._dynamo.reset()
