@@ -249,6 +249,57 @@ def fa4_direct(unet, min_kv_tokens: int):
         unet.set_attn_processor(processors)
 
 
+# GroupNorm stated in channels-last order while compiled: a measured dead end for the suite (H100:
+# no gain over torch's decomposition; benchmarks/results), kept for the arms that measured it
+# (gpu_unet_kernels' compiled_layout_group_norm, gpu_sampling_modes' compile_default_vae_layout_group_norm).
+# The same arithmetic as F.group_norm (mean and biased variance in fp32 over each group, then the
+# affine map, cast back to the input's dtype), over the NHWC view (N, H·W, G, C/G) instead of NCHW.
+def group_norm_channels_last(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
+                             bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """``F.group_norm(x, num_groups, weight, bias, eps)`` for a 4-D ``x``, stated over its
+    channels-last view. Returns an NCHW-shaped tensor in channels-last memory."""
+    n, c, h, w = x.shape
+    grouped = x.permute(0, 2, 3, 1).reshape(n, h * w, num_groups, c // num_groups).float()
+    var, mean = torch.var_mean(grouped, dim=(1, 3), keepdim=True, correction=0)
+    y = ((grouped - mean) * torch.rsqrt(var + eps)).reshape(n, h, w, c)
+    if weight is not None:
+        y = y * weight.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype).permute(0, 3, 1, 2)
+
+
+class LayoutGroupNorm(torch.nn.GroupNorm):
+    """``nn.GroupNorm`` that, while ``torch.compile`` traces it, is stated in channels-last order
+    (``group_norm_channels_last``) when no gradient is recorded; otherwise it is ``nn.GroupNorm``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not torch.is_grad_enabled() and x.dim() == 4:
+            return group_norm_channels_last(x, self.num_groups, self.weight, self.bias, self.eps)
+        return super().forward(x)
+
+
+@contextlib.contextmanager
+def layout_group_norms(*modules: torch.nn.Module):
+    """Inside the block every plain ``nn.GroupNorm`` of ``modules`` is a ``LayoutGroupNorm`` (the
+    same object and parameters, only its class changes; switch before any compile, the trace reads
+    the class); then they are plain again. Yields how many were switched."""
+    switched = [sub for module in modules for sub in module.modules() if type(sub) is torch.nn.GroupNorm]
+    for sub in switched:
+        sub.__class__ = LayoutGroupNorm
+    try:
+        yield len(switched)
+    finally:
+        for sub in switched:
+            sub.__class__ = torch.nn.GroupNorm
+
+
+def describe_options(options: dict) -> dict:
+    """Inductor options for a JSON record: plain values as they are, objects (a graph pass) by class name."""
+    return {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
+            for key, value in options.items()}
+
+
 def profiled_kernels(step: Callable[[], object], steps: int, device: torch.device):
     """``steps`` calls of ``step`` under ``torch.profiler``: (wall seconds, every row of its
     ``key_averages()``, the rows that are device kernels, the name of the rows' self device-time

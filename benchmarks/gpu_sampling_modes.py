@@ -45,7 +45,7 @@ timed for each arm below after that arm's first call (which holds its compile, r
   a setting ``gpu_unet_kernels.py``'s ``INDUCTOR_SETTINGS`` arms found faster for the UNet forward;
 - ``compile_default_vae_layout_group_norm``: ``compile_default_vae`` with the GroupNorms of the
   UNet and the VAE's decoder stated in channels-last order while compiled
-  (``methods.compile_layout.use_layout_group_norms``; the same arithmetic in memory order);
+  (``gpu_metrics.layout_group_norms``; the same arithmetic in memory order);
 - ``compile_default_vae_cat_pass``: ``compile_default_vae`` with the UNet's channel concatenations
   laid out channels-last (``methods.compile_layout.ChannelsLastCat``, an inductor post-grad pass; the
   same values in another memory order): the suite's path since the twenty-second session;
@@ -88,17 +88,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_methods import environment, synchronize, timed  # noqa: E402
 from benchmarks.gpu_metrics import (  # noqa: E402
     FA4_DIRECT_CALLS,
+    describe_options,
     fa4_direct,
     fa4_refusal,
     fa4_sdpa,
     fa4_sdpa_probe,
+    layout_group_norms,
     save_partial,
     sdpa_preference,
 )
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
-from methods.compile_layout import ChannelsLastCat, plain_group_norms, use_layout_group_norms  # noqa: E402
+from methods.compile_layout import ChannelsLastCat  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -186,12 +188,9 @@ def run_arm(arm: str, args, backbone, sampler, device, document: dict) -> None:
             if not FA4_DIRECT_CALLS[0]:
                 out["invalid"] = "the FA4 op was never called: this arm's time is not FA4's"
         elif arm.endswith("_layout_group_norm"):  # before compiling: the trace reads the modules' class
-            out["layout_group_norms"] = use_layout_group_norms(backbone.unet) + use_layout_group_norms(backbone.vae)
-            try:
+            with layout_group_norms(backbone.unet, backbone.vae) as switched:
+                out["layout_group_norms"] = switched
                 _run_arm(arm, args, backbone, sampler, device, document, out)
-            finally:
-                plain_group_norms(backbone.unet)
-                plain_group_norms(backbone.vae)
         else:
             _run_arm(arm, args, backbone, sampler, device, document, out)
     finally:
@@ -217,8 +216,7 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
             out["compile_mode"] = "reduce-overhead"
         else:
             unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
-            out["inductor_options"] = {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
-                                       for key, value in options.items()}
+            out["inductor_options"] = describe_options(options)
         if arm.endswith("_vae") or "_vae_" in arm:  # the VAE's decoder through torch.compile too (after the UNet's reset)
             backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False)
             out["vae_decoder_compiled"] = True

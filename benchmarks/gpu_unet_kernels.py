@@ -22,7 +22,7 @@ sampling floor. This script, in one process:
    ``compiled_coordinate_descent`` (each Triton kernel's block sizes tuned by benchmarking) /
    ``compiled_nd_tiling_coordinate_descent`` compile under those inductor settings
    (``INDUCTOR_SETTINGS``); ``compiled_layout_group_norm`` compiles with the UNet's GroupNorms
-   stated in channels-last order (``methods.compile_layout``); ``compiled_channels_last_cat`` with
+   stated in channels-last order (``gpu_metrics.layout_group_norms``); ``compiled_channels_last_cat`` with
    the channel concatenations laid out channels-last (``methods.compile_layout.ChannelsLastCat``;
    ``compiled_channels_last_cat_bandwidth`` is ``compiled_bandwidth`` for it, joined with its profile;
    ``compiled_channels_last_cat_coordinate_descent`` adds inductor's block-size tuning, which may
@@ -69,12 +69,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.gpu_methods import environment  # noqa: E402
 from benchmarks.gpu_metrics import (  # noqa: E402
     FA4_DIRECT_CALLS,
+    describe_options,
     fa4_direct,
     fa4_output,
     fa4_refusal,
     fa4_sdpa,
     fa4_sdpa_probe,
     is_fa4_kernel,
+    layout_group_norms,
     profiled_kernels,
     save_partial,
     synchronize,
@@ -115,7 +117,8 @@ ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", 
         "compiled_bandwidth", "compiled_no_layout_optimization", "compiled_no_split_reductions",
         "compiled_aggressive_fusion", "compiled_nd_tiling", "compiled_coordinate_descent",
         "compiled_nd_tiling_coordinate_descent", "compiled_layout_group_norm", "compiled_channels_last_cat",
-        "compiled_channels_last_cat_bandwidth", "compiled_channels_last_cat_coordinate_descent", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
+        "compiled_channels_last_cat_bandwidth", "compiled_channels_last_cat_coordinate_descent",
+        "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -220,9 +223,8 @@ def bandwidth_arm(unet, inputs, device: torch.device, document: dict, arm: str =
     collected = list(triton_heuristics.collected_calls)
     torch._dynamo.reset()  # its compiled code launches nothing after the first call: never reuse it
     compiled = document["arms"].get(base, {}).get("kernels", {}).get("inductor_triton_kernels")
-    return {"inductor_settings": {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
-                                  for key, value in settings.items()},
-            "joined_with_arm": base, "triton_bandwidth": triton_bandwidth(collected, compiled)}
+    return {"inductor_settings": describe_options(settings), "joined_with_arm": base,
+            "triton_bandwidth": triton_bandwidth(collected, compiled)}
 
 
 def record_attention_shapes(unet, inputs) -> dict[tuple, int]:
@@ -377,13 +379,9 @@ def main(argv: list[str] | None = None) -> int:
                 from torch._inductor import config as inductor_config
 
                 held.enter_context(inductor_config.patch(INDUCTOR_SETTINGS[arm]))
-                entry["inductor_settings"] = {key: value if isinstance(value, (bool, int, float, str)) else type(value).__name__
-                                              for key, value in INDUCTOR_SETTINGS[arm].items()}
+                entry["inductor_settings"] = describe_options(INDUCTOR_SETTINGS[arm])
             if arm.endswith("_layout_group_norm"):  # before compiling: the trace reads the module's class
-                from methods.compile_layout import plain_group_norms, use_layout_group_norms
-
-                entry["layout_group_norms"] = use_layout_group_norms(unet)
-                held.callback(plain_group_norms, unet)
+                entry["layout_group_norms"] = held.enter_context(layout_group_norms(unet))
             if direct:  # before compiling: the traced forward calls the FA4 op where the processor does
                 threshold = 0 if arm.endswith("_all") else args.fa4_min_kv_tokens
                 held.enter_context(fa4_direct(unet, threshold))
