@@ -55,6 +55,9 @@ timed for each arm below after that arm's first call (which holds its compile, r
   ``compile_cudagraphs_vae_cat_pass``: the suite's path with CUDA graphs (inductor's
   ``triton.cudagraphs``, all ``mode="reduce-overhead"`` sets; a mode and options cannot be passed
   together), for ``--batch 64``;
+  ``compile_default_vae_fused_norm_cat_pass`` / ``compile_cudagraphs_vae_fused_norm_cat_pass``: those
+  two with the UNet's GroupNorms (+ SiLU) of 32x32 pixels and more as ``methods.fused_norm``'s Triton
+  kernels (an inductor pre-grad pass; counts in ``fused_group_norms``);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -101,6 +104,7 @@ from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
 from methods.compile_layout import ChannelsLastCat  # noqa: E402
+from methods.fused_norm import FusedGroupNorm  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -129,6 +133,8 @@ ARMS = (
     "compile_default_vae_cat_pass",
     "compile_default_channels_last_vae_cat_pass",
     "compile_cudagraphs_vae_cat_pass",
+    "compile_default_vae_fused_norm_cat_pass",
+    "compile_cudagraphs_vae_fused_norm_cat_pass",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -140,7 +146,8 @@ def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
         return {"post_grad_custom_pre_pass": ChannelsLastCat(), **(options_arm or {})}
     if arm.endswith("_cat_pass"):  # the suite's path: the channel concatenations laid out channels-last
         cudagraphs = {"triton.cudagraphs": True} if arm.startswith("compile_cudagraphs") else {}  # = reduce-overhead
-        return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat()}
+        fused = {"pre_grad_custom_pass": FusedGroupNorm()} if "_fused_norm" in arm else {}  # methods.fused_norm
+        return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat(), **fused}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
@@ -231,6 +238,8 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     out["first_call_seconds"] = round(first, 2)
     if options and "post_grad_custom_pre_pass" in options:  # the pass ran at that call's compile
         out["channels_last_cats"] = options["post_grad_custom_pre_pass"].rewritten
+    if options and "pre_grad_custom_pass" in options:
+        out["fused_group_norms"] = options["pre_grad_custom_pass"].counts()
     print(f"{arm}: first call {first:.1f} s", flush=True)
     times, images = [], None
     for _ in range(args.repeats):

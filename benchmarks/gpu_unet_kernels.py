@@ -26,7 +26,9 @@ sampling floor. This script, in one process:
    the channel concatenations laid out channels-last (``methods.compile_layout.ChannelsLastCat``;
    ``compiled_channels_last_cat_bandwidth`` is ``compiled_bandwidth`` for it, joined with its profile;
    ``compiled_channels_last_cat_coordinate_descent`` adds inductor's block-size tuning, which may
-   give a GroupNorm reduction the several groups per program a channels-last read needs);
+   give a GroupNorm reduction the several groups per program a channels-last read needs;
+   ``compiled_channels_last_cat_fused_norm`` also has the GroupNorms (+ SiLU) of 32x32 and more pixels
+   run as ``methods.fused_norm``'s Triton kernels, counted apart as ``group_norm_kernels``);
 3. records every ``scaled_dot_product_attention`` call one eager forward makes (shape and count)
    and times each shape under each SDPA backend (cuDNN, FlashAttention-2, memory-efficient, and
    ``flex_attention`` compiled), with the achieved TFLOP/s (4·B·H·Lq·Lk·D FLOPs per call) and the
@@ -83,11 +85,13 @@ from benchmarks.gpu_metrics import (  # noqa: E402
 )
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.compile_layout import ChannelsLastCat  # noqa: E402
+from methods.fused_norm import FusedGroupNorm  # noqa: E402
 
 KINDS = (  # first match wins; lower-case substrings of kernel names. Inductor's fused kernels come
     # first: their names list the ops they fuse (``triton_poi_fused_convolution_native_group_norm_silu``
     # is GroupNorm + SiLU after a convolution, not the convolution), which the first GPU run (results
     # README, tenth session) counted under those ops.
+    ("group_norm_kernels", ("group_norm_stats", "group_norm_finalize", "group_norm_apply")),  # methods.fused_norm
     ("inductor_triton", ("triton_",)),
     ("attention", ("attention", "fmha", "flash", "sdpa", "attn")),
     ("convolution", ("conv", "implicit_gemm", "fprop", "dgrad", "wgrad", "xmma_fprop")),
@@ -112,13 +116,16 @@ INDUCTOR_SETTINGS = {
     "compiled_channels_last_cat": {"post_grad_custom_pre_pass": ChannelsLastCat()},
     "compiled_channels_last_cat_coordinate_descent": {"post_grad_custom_pre_pass": ChannelsLastCat(),
                                                       "coordinate_descent_tuning": True},
+    # and the GroupNorms (+ SiLU) as methods.fused_norm's Triton kernels
+    "compiled_channels_last_cat_fused_norm": {"post_grad_custom_pre_pass": ChannelsLastCat(),
+                                              "pre_grad_custom_pass": FusedGroupNorm()},
 }
 ARMS = ("eager", "compiled", "compiled_channels_last", "compiled_max_autotune", "compiled_max_autotune_channels_last",
         "compiled_bandwidth", "compiled_no_layout_optimization", "compiled_no_split_reductions",
         "compiled_aggressive_fusion", "compiled_nd_tiling", "compiled_coordinate_descent",
         "compiled_nd_tiling_coordinate_descent", "compiled_layout_group_norm", "compiled_channels_last_cat",
         "compiled_channels_last_cat_bandwidth", "compiled_channels_last_cat_coordinate_descent",
-        "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
+        "compiled_channels_last_cat_fused_norm", "eager_fa4", "compiled_fa4", "eager_fa4_direct", "compiled_fa4_direct", "compiled_fa4_direct_all")
 
 
 def kind_of(name: str) -> str:
@@ -411,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
                           "max_abs_vs_eager": float((forward().float() - reference).abs().max())})
             if "post_grad_custom_pre_pass" in INDUCTOR_SETTINGS.get(arm, {}):  # the pass ran at the first call's compile
                 entry["channels_last_cats"] = INDUCTOR_SETTINGS[arm]["post_grad_custom_pre_pass"].rewritten
+            if "pre_grad_custom_pass" in INDUCTOR_SETTINGS.get(arm, {}):
+                entry["fused_group_norms"] = INDUCTOR_SETTINGS[arm]["pre_grad_custom_pass"].counts()
             if direct:
                 FA4_DIRECT_CALLS[0] = 0
                 forward()

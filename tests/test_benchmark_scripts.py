@@ -385,6 +385,34 @@ def test_gpu_unet_kernels_counts_fused_triton_kernels_apart():
     assert kind_of("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc") == "convolution"
     assert kind_of("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16") == "attention"
     assert kind_of("nvjet_sm90_tst_256x128_64x4_1x2_h_bz_coopA_bias_TNT") == "matmul"
+    assert kind_of("group_norm_stats_shifted_kernel") == "group_norm_kernels"  # methods.fused_norm's
+    assert kind_of("group_norm_apply_kernel") == "group_norm_kernels"
+
+
+@pytest.mark.slow  # the interpreted sweep: ~100 s on two cores
+def test_gpu_fused_norm_runs_on_cpu_and_its_sweep_under_the_interpreter(tmp_path):
+    """On a CPU the op runs its torch reference; the kernel stages and the sweep need Triton's
+    interpreter (a child process: TRITON_INTERPRET is read when the kernels are decorated)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
+    out = tmp_path / "fused.json"
+    _script("gpu_fused_norm").main(["--tiny", "--with-bias", "--repeats", "1", "--out", str(out)])
+    document = json.loads(out.read_text())
+    assert [row["shape"] for row in document["shapes"]] == [[2, 64, 8, 8], [2, 96, 5, 7]]
+    assert all(row[arm]["max_abs_vs_fp32"] < 1e-4 for row in document["shapes"] for arm in ("eager", "compiled", "fused"))
+    swept = tmp_path / "sweep.json"
+    root = Path(__file__).resolve().parents[1]
+    result = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_fused_norm.py"), "--tiny", "--with-bias",
+                             "--sweep", "--repeats", "1", "--shapes", "64x4x4", "--out", str(swept)],
+                            env={**os.environ, "TRITON_INTERPRET": "1"}, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = json.loads(swept.read_text())["sweep"]
+    stats = [row for row in sweep["rows"] if row["stage"] == "stats"]
+    assert len(stats) == 48 and not [row for row in sweep["rows"] if "error" in row]
+    assert sweep["best"]["max_abs_vs_fp32"] < 1e-4 and set(sweep["best"]["stages_ms"]) == {"stats", "finalize", "apply"}
 
 
 @pytest.mark.slow  # child processes each build the tiny backbone (~30 s on two cores)

@@ -1,0 +1,496 @@
+"""GroupNorm (+ SiLU) as three Triton kernels, for inductor-compiled sampling on CUDA (issue 17, item 1).
+
+Why: in the compiled SD 1.5 UNet (64 latents, bf16, H200; ``benchmarks/gpu_unet_kernels.py``, arm
+``compiled_channels_last_cat_bandwidth``) inductor's GroupNorm kernels run at 1.0-1.8 TB/s while its
+GEGLU kernels reach 3.5: the statistics use a Welford update per element (an fp32 division each),
+and the normalising kernel recomputes ``rsqrt(m2 / n + eps)`` and gathers six per-channel or
+per-group values for every element. Brought to 3.5 TB/s they would take ~6.9 of the forward's
+124 ms (``benchmarks/results``). Block-size tuning (``coordinate_descent_tuning``) did not help
+(124.2 against 124.3 ms).
+
+What, per GroupNorm of an ``(N, C, H, W)`` tensor ``x`` with ``G`` groups (any of the two dense
+layouts; channels-last is inductor's for a conv net):
+
+| step | where | value / source |
+|---|---|---|
+| ``h = x + channel_bias[c] + sample_bias[n, c]`` (the conv bias and the time embedding that inductor peels off the convolution and adds before ResnetBlock2D's ``norm2``) | ``group_norm_stats_kernel``, ``group_norm_finalize_kernel`` | folded by ``FusedGroupNorm``; ours, because inductor's own kernels fuse these adds too and an opaque op would otherwise cost a pass |
+| per-channel mean and centred sum of squares over tiles of pixels, tiles merged by Chan et al.'s pairwise update (``KernelConfig.stats="tiles"``, default) or sums of ``x - x[first pixel]`` and their squares (``"shifted"``) | ``group_norm_stats_kernel`` / ``group_norm_stats_shifted_kernel`` | ours; both within 0.02 of float64 on a group whose mean is 3e4 standard deviations from zero, where torch's own fp32 CPU GroupNorm is off by ~10 (tested) |
+| per-group mean / variance (biased, as ``F.group_norm``), ``rstd = 1 / sqrt(var + eps)`` | ``group_norm_finalize_kernel`` | ``torch.nn.GroupNorm`` |
+| ``y = h * scale[n, c] + shift[n, c]`` with ``scale = rstd * weight``, ``shift = bias + (add - mean) * scale`` | ``group_norm_apply_kernel`` | ``F.group_norm``'s affine, reassociated (≤ 1 fp32 ulp per element) |
+| ``y / (1 + exp(-y))`` when the GroupNorm's only user is a SiLU | ``group_norm_apply_kernel`` | ``F.silu``, on the fp32 value as inductor's fused kernel does (no bf16 rounding between) |
+
+The result is written channels-last in ``x``'s dtype. ``reference_group_norm_act`` is the same
+computation in torch ops (fp32): the op's CPU kernel. The Triton kernels are tested on a CPU under
+``TRITON_INTERPRET=1`` against ``F.group_norm`` in float64 (``tests/test_fused_norm.py``).
+
+``FusedGroupNorm`` is an inductor pre-grad graph pass: each ``F.group_norm`` of a 4-D tensor on one of
+its devices becomes ``torch.ops.subjectbench.group_norm_act``, taking the SiLU after it when that is
+the GroupNorm's only user (GroupNorms of fewer than ``MIN_PIXELS`` pixels are left to inductor),
+and the bias of a convolution (or the ``conv + temb[:, :, None, None]`` add) before it when nothing
+else reads them. Inference only: the op has no backward.
+
+**Not on by default.** First GPU run (H100, the first version of these kernels: ``tiles`` statistics,
+64 x 64 tiles, 1024 pixels per statistics program at 64 x 64; ``benchmarks/results``): per GroupNorm +
+SiLU the op took as long as inductor's own kernels (64 x 320 x 64 x 64 bf16: 0.372 against 0.360 ms;
+960 channels: 0.909 against 0.976), both far from the bandwidth the bytes need; end to end
+(``gpu_sampling_modes.py``, one process, 32 images per call) 0.2116 against 0.2138 s/image, −1.0 %.
+The kernels' tiles are not tuned yet: ``benchmarks/gpu_fused_norm.py --sweep`` times each kernel under a
+grid of ``KernelConfig``s (and the ``shifted`` statistics variant); the suite takes the pass only if
+a tuned configuration wins clearly end to end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+import os
+
+import torch
+import torch.nn.functional as F
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+OP_NAME = "subjectbench::group_norm_act"
+ACTIVATIONS = {"none": 0, "silu": 1}
+
+torch.library.define(
+    OP_NAME,
+    "(Tensor x, Tensor? weight, Tensor? bias, int groups, float eps, int act, Tensor? channel_bias, "
+    "Tensor? sample_bias) -> Tensor",
+    tags=(torch.Tag.flexible_layout,),  # inductor may hand over its channels-last buffers as they are
+)
+
+
+def _check(x, weight, bias, groups, channel_bias, sample_bias) -> None:
+    if x.dim() != 4:
+        raise ValueError(f"group_norm_act: x must be 4-D (N, C, H, W), got shape {tuple(x.shape)}")
+    n, c = x.shape[:2]
+    if groups <= 0 or c % groups:
+        raise ValueError(f"group_norm_act: {c} channels do not split into {groups} groups")
+    for name, value, shape in (("weight", weight, (c,)), ("bias", bias, (c,)),
+                               ("channel_bias", channel_bias, (c,)), ("sample_bias", sample_bias, (n, c))):
+        if value is not None and tuple(value.shape) != shape:
+            raise ValueError(f"group_norm_act: {name} has shape {tuple(value.shape)}, expected {shape}")
+
+
+def reference_group_norm_act(x, weight, bias, groups: int, eps: float, act: int = 0,
+                             channel_bias=None, sample_bias=None) -> torch.Tensor:
+    """The op's semantics in torch ops, in fp32: ``silu?(group_norm(x + channel_bias + sample_bias))``,
+    returned channels-last in ``x``'s dtype."""
+    _check(x, weight, bias, groups, channel_bias, sample_bias)
+    h = x.float()
+    if channel_bias is not None:
+        h = h + channel_bias.float()[None, :, None, None]
+    if sample_bias is not None:
+        h = h + sample_bias.float()[:, :, None, None]
+    y = F.group_norm(h, groups, None if weight is None else weight.float(),
+                     None if bias is None else bias.float(), eps)
+    if act == ACTIVATIONS["silu"]:
+        y = F.silu(y)
+    return y.to(x.dtype).contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake(OP_NAME)
+def _fake(x, weight, bias, groups, eps, act, channel_bias, sample_bias):
+    return torch.empty_like(x, memory_format=torch.channels_last)
+
+
+@torch.library.impl(OP_NAME, "CompositeExplicitAutograd")
+def _cpu_or_other(x, weight, bias, groups, eps, act, channel_bias, sample_bias):
+    return reference_group_norm_act(x, weight, bias, groups, eps, act, channel_bias, sample_bias)
+
+
+@torch.library.impl(OP_NAME, "CUDA")
+def _cuda(x, weight, bias, groups, eps, act, channel_bias, sample_bias):
+    return triton_group_norm_act(x, weight, bias, groups, eps, act, channel_bias, sample_bias)
+
+
+def group_norm_act(x, weight=None, bias=None, groups: int = 32, eps: float = 1e-5, act: str = "none",
+                   channel_bias=None, sample_bias=None) -> torch.Tensor:
+    """``torch.ops.subjectbench.group_norm_act`` with the activation by name (``none`` / ``silu``)."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"group_norm_act: act {act!r} is not one of {sorted(ACTIVATIONS)}")
+    return torch.ops.subjectbench.group_norm_act(x, weight, bias, groups, eps, ACTIVATIONS[act],
+                                                  channel_bias, sample_bias)
+
+
+# --- the Triton kernels --------------------------------------------------------------------------
+
+# GroupNorms of fewer pixels stay inductor's: their kernels take microseconds, and the op's host
+# work (three launches through Python, ~0.1 ms) would then set the pace; SD 1.5 at 512 px: the
+# 64x64 and 32x32 levels are rewritten, 16x16 and 8x8 are not
+MIN_PIXELS = 1024
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and variants of the three kernels (``benchmarks/gpu_fused_norm.py --sweep`` times
+    them one stage at a time). ``stats``: ``tiles`` = mean and centred squares per tile of
+    ``block_p`` pixels, tiles merged by Chan's update (two in-register reductions per tile);
+    ``shifted`` = per-thread sums of ``x - x[first pixel]`` and their squares over the whole
+    program, one reduction at its end (``m2 = s2 - s1^2 / k``; the shift keeps that subtraction
+    well conditioned: a shift inside the data's range leaves at most a few fp32 ulps of the
+    variance)."""
+
+    stats: str = "tiles"
+    block_p: int = 64
+    block_c: int = 64
+    pixels_per_program: int = 512
+    stats_warps: int = 4
+    apply_block_p: int = 64
+    apply_block_c: int = 64
+    apply_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.stats not in ("tiles", "shifted"):
+            raise ValueError(f"KernelConfig.stats {self.stats!r} is not 'tiles' or 'shifted'")
+        for name in ("block_p", "block_c", "apply_block_p", "apply_block_c", "stats_warps", "apply_warps"):
+            value = getattr(self, name)
+            if value <= 0 or value & (value - 1):
+                raise ValueError(f"KernelConfig.{name} = {value} must be a power of two")
+        if self.pixels_per_program % self.block_p:
+            raise ValueError(f"KernelConfig.pixels_per_program {self.pixels_per_program} is not a multiple "
+                             f"of block_p {self.block_p}")
+
+
+DEFAULT_CONFIG = KernelConfig()
+
+
+@functools.cache
+def _kernels():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def group_norm_stats_kernel(x_ptr, cbias_ptr, sbias_ptr, mean_ptr, m2_ptr, C, HW, s_n, s_c, s_p, sb_n,
+                                pixels_per_program, n_pblocks,
+                                HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr,
+                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid // n_pblocks
+        pb = pid % n_pblocks
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        add = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_CBIAS:
+            add += tl.load(cbias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_SBIAS:
+            add += tl.load(sbias_ptr + n * sb_n + c, mask=cmask, other=0.0).to(tl.float32)
+        mean = tl.zeros([BLOCK_C], tl.float32)
+        m2 = tl.zeros([BLOCK_C], tl.float32)
+        count = tl.zeros([BLOCK_C], tl.float32)
+        p_start = pb * pixels_per_program
+        p_end = tl.minimum(p_start + pixels_per_program, HW)
+        base = x_ptr + n.to(tl.int64) * s_n
+        for p0 in range(p_start, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < p_end
+            mask = pmask[:, None] & cmask[None, :]
+            v = tl.load(base + p[:, None].to(tl.int64) * s_p + c[None, :] * s_c, mask=mask, other=0.0)
+            v = tl.where(mask, v.to(tl.float32) + add[None, :], 0.0)
+            k = tl.sum(pmask.to(tl.float32), axis=0)
+            tile_mean = tl.sum(v, axis=0) / k
+            d = tl.where(mask, v - tile_mean[None, :], 0.0)
+            tile_m2 = tl.sum(d * d, axis=0)
+            total = count + k
+            delta = tile_mean - mean
+            mean = mean + delta * (k / total)
+            m2 = m2 + tile_m2 + delta * delta * (count * (k / total))
+            count = total
+        out = (n * n_pblocks + pb) * C + c
+        tl.store(mean_ptr + out, mean, mask=cmask)
+        tl.store(m2_ptr + out, m2, mask=cmask)
+
+    @triton.jit
+    def group_norm_stats_shifted_kernel(x_ptr, cbias_ptr, sbias_ptr, mean_ptr, m2_ptr, C, HW, s_n, s_c, s_p,
+                                        sb_n, pixels_per_program, n_pblocks,
+                                        HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr,
+                                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid // n_pblocks
+        pb = pid % n_pblocks
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        p_start = pb * pixels_per_program
+        p_end = tl.minimum(p_start + pixels_per_program, HW)
+        base = x_ptr + n.to(tl.int64) * s_n
+        # x + add - (x[first] + add) = x - x[first]: the biases only move the mean
+        shift = tl.load(base + p_start.to(tl.int64) * s_p + c * s_c, mask=cmask, other=0.0).to(tl.float32)
+        acc1 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
+        for p0 in range(p_start, p_end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            mask = (p < p_end)[:, None] & cmask[None, :]
+            v = tl.load(base + p[:, None].to(tl.int64) * s_p + c[None, :] * s_c, mask=mask, other=0.0)
+            d = tl.where(mask, v.to(tl.float32) - shift[None, :], 0.0)
+            acc1 += d
+            acc2 += d * d
+        k = (p_end - p_start).to(tl.float32)
+        s1 = tl.sum(acc1, axis=0)
+        s2 = tl.sum(acc2, axis=0)
+        add = shift
+        if HAS_CBIAS:
+            add += tl.load(cbias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
+        if HAS_SBIAS:
+            add += tl.load(sbias_ptr + n * sb_n + c, mask=cmask, other=0.0).to(tl.float32)
+        out = (n * n_pblocks + pb) * C + c
+        tl.store(mean_ptr + out, add + s1 / k, mask=cmask)
+        tl.store(m2_ptr + out, tl.maximum(s2 - s1 * (s1 / k), 0.0), mask=cmask)
+
+    @triton.jit
+    def group_norm_finalize_kernel(mean_ptr, m2_ptr, weight_ptr, bias_ptr, cbias_ptr, sbias_ptr, scale_ptr,
+                                   shift_ptr, C, HW, G, cpg, n_pblocks, pixels_per_program, sb_n, eps,
+                                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                                   HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr,
+                                   BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid // G
+        g = pid % G
+        j = tl.arange(0, BLOCK_G)
+        b = tl.arange(0, BLOCK_B)
+        c = g * cpg + j
+        jmask = j < cpg
+        bmask = b < n_pblocks
+        mask = bmask[:, None] & jmask[None, :]
+        index = (n * n_pblocks + b[:, None]) * C + c[None, :]
+        mu = tl.load(mean_ptr + index, mask=mask, other=0.0)
+        m2 = tl.load(m2_ptr + index, mask=mask, other=0.0)
+        counts = tl.minimum(pixels_per_program, HW - b * pixels_per_program).to(tl.float32)
+        weights = tl.where(mask, counts[:, None], 0.0)
+        total = (HW * cpg) * 1.0
+        group_mean = tl.sum(tl.sum(weights * mu, axis=1), axis=0) / total
+        d = tl.where(mask, mu - group_mean, 0.0)
+        group_m2 = tl.sum(tl.sum(m2 + weights * d * d, axis=1), axis=0)
+        rstd = 1.0 / tl.sqrt(group_m2 / total + eps)
+        scale = tl.full([BLOCK_G], 1.0, tl.float32) * rstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(weight_ptr + c, mask=jmask, other=0.0).to(tl.float32)
+        add = tl.zeros([BLOCK_G], tl.float32)
+        if HAS_CBIAS:
+            add += tl.load(cbias_ptr + c, mask=jmask, other=0.0).to(tl.float32)
+        if HAS_SBIAS:
+            add += tl.load(sbias_ptr + n * sb_n + c, mask=jmask, other=0.0).to(tl.float32)
+        shift = (add - group_mean) * scale
+        if HAS_BIAS:
+            shift += tl.load(bias_ptr + c, mask=jmask, other=0.0).to(tl.float32)
+        tl.store(scale_ptr + n * C + c, scale, mask=jmask)
+        tl.store(shift_ptr + n * C + c, shift, mask=jmask)
+
+    @triton.jit
+    def group_norm_apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, HW, n_pblocks, s_n, s_c, s_p, y_n, y_c,
+                                y_p, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+        pid = tl.program_id(0)
+        n = pid // n_pblocks
+        pb = pid % n_pblocks
+        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+        cmask = c < C
+        mask = (p < HW)[:, None] & cmask[None, :]
+        scale = tl.load(scale_ptr + n * C + c, mask=cmask, other=0.0)
+        shift = tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0)
+        p64 = p[:, None].to(tl.int64)
+        v = tl.load(x_ptr + n.to(tl.int64) * s_n + p64 * s_p + c[None, :] * s_c, mask=mask, other=0.0)
+        y = v.to(tl.float32) * scale[None, :] + shift[None, :]
+        if ACT == 1:
+            y = y / (1.0 + tl.exp(-y))
+        tl.store(y_ptr + n.to(tl.int64) * y_n + p64 * y_p + c[None, :] * y_c,
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
+
+    return {"tiles": group_norm_stats_kernel, "shifted": group_norm_stats_shifted_kernel,
+            "finalize": group_norm_finalize_kernel, "apply": group_norm_apply_kernel}
+
+
+def _pixel_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
+    """(stride of n, of c, of the flattened pixel index h * W + w), or None when the pixels are not
+    one strided run (neither dense layout)."""
+    s_n, s_c, s_h, s_w = x.stride()
+    if x.shape[2] > 1 and s_h != x.shape[3] * s_w:
+        return None
+    return s_n, s_c, s_w
+
+
+def group_norm_stages(x, weight, bias, groups: int, eps: float, act: int = 0, channel_bias=None,
+                      sample_bias=None, config: KernelConfig = DEFAULT_CONFIG):
+    """``(y, {"stats": launch, "finalize": launch, "apply": launch})``: the output buffer and the three
+    kernel launches that fill it, in that order (``triton_group_norm_act`` runs them once; the GPU
+    benchmark times each alone)."""
+    _check(x, weight, bias, groups, channel_bias, sample_bias)
+    import triton
+
+    kernels = _kernels()
+    if _pixel_strides(x) is None:
+        x = x.contiguous(memory_format=torch.channels_last)
+    s_n, s_c, s_p = _pixel_strides(x)
+    n, c, h, w = x.shape
+    hw = h * w
+    y = torch.empty_like(x, memory_format=torch.channels_last)
+    # at most 256 partial results per channel (the finalize kernel holds them in one tile)
+    ppp = max(config.pixels_per_program, triton.cdiv(hw, 256 * config.block_p) * config.block_p)
+    n_pblocks = triton.cdiv(hw, ppp)
+    partial_mean = torch.empty((n, n_pblocks, c), device=x.device, dtype=torch.float32)
+    partial_m2 = torch.empty_like(partial_mean)
+    scale = torch.empty((n, c), device=x.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
+    dummy = scale  # the pointer passed where an input is absent (never read)
+    sbias = sample_bias.contiguous() if sample_bias is not None else None
+    cbias = channel_bias.contiguous() if channel_bias is not None else None
+    sb_n = sbias.stride(0) if sbias is not None else 0
+    flags = {"HAS_CBIAS": cbias is not None, "HAS_SBIAS": sbias is not None}
+    cbias = cbias if cbias is not None else dummy
+    sbias = sbias if sbias is not None else dummy
+    y_n, y_c, y_p = _pixel_strides(y)
+    apply_pblocks = triton.cdiv(hw, config.apply_block_p)
+
+    def stats():
+        kernels[config.stats][(n * n_pblocks, triton.cdiv(c, config.block_c))](
+            x, cbias, sbias, partial_mean, partial_m2, c, hw, s_n, s_c, s_p, sb_n, ppp, n_pblocks, **flags,
+            BLOCK_P=config.block_p, BLOCK_C=config.block_c, num_warps=config.stats_warps)
+
+    def finalize():
+        kernels["finalize"][(n * groups,)](
+            partial_mean, partial_m2,
+            weight.contiguous() if weight is not None else dummy, bias.contiguous() if bias is not None else dummy,
+            cbias, sbias, scale, shift, c, hw, groups, c // groups, n_pblocks, ppp, sb_n, float(eps),
+            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, **flags,
+            BLOCK_B=triton.next_power_of_2(n_pblocks), BLOCK_G=triton.next_power_of_2(c // groups), num_warps=4)
+
+    def apply():
+        kernels["apply"][(n * apply_pblocks, triton.cdiv(c, config.apply_block_c))](
+            x, y, scale, shift, c, hw, apply_pblocks, s_n, s_c, s_p, y_n, y_c, y_p, ACT=int(act),
+            BLOCK_P=config.apply_block_p, BLOCK_C=config.apply_block_c, num_warps=config.apply_warps)
+
+    return y, {"stats": stats, "finalize": finalize, "apply": apply}
+
+
+def triton_group_norm_act(x, weight, bias, groups: int, eps: float, act: int = 0,
+                          channel_bias=None, sample_bias=None, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+    """The op's CUDA kernel (also runs on CPU tensors under ``TRITON_INTERPRET=1``, for tests)."""
+    y, stages = group_norm_stages(x, weight, bias, groups, eps, act, channel_bias, sample_bias, config)
+    if y.numel():
+        for launch in stages.values():
+            launch()
+    return y
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# --- the graph pass ------------------------------------------------------------------------------
+
+def _targets():
+    return {
+        "group_norm": (F.group_norm, torch.group_norm),
+        "silu": (F.silu, torch._C._nn.silu),
+        "conv2d": (torch.conv2d, F.conv2d),
+        "add": (operator.add, torch.add),
+    }
+
+
+def _value(node):
+    value = node.meta.get("example_value", node.meta.get("val")) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+class FusedGroupNorm(CustomGraphPass):
+    """Inductor pre-grad pass: each 4-D ``F.group_norm`` on one of ``devices`` becomes
+    ``subjectbench::group_norm_act`` (with the SiLU that is its only user, and the bias / time
+    embedding added before it, as the module docstring says). Pass it as ``torch.compile(...,
+    options={"pre_grad_custom_pass": FusedGroupNorm()})``, for inference only. ``rewritten``,
+    ``with_silu``, ``with_channel_bias`` and ``with_sample_bias`` count the last call's changes."""
+
+    def __init__(self, devices: tuple[str, ...] = ("cuda",), min_pixels: int = MIN_PIXELS) -> None:
+        self.devices = tuple(devices)
+        self.min_pixels = int(min_pixels)
+        self.rewritten = self.with_silu = self.with_channel_bias = self.with_sample_bias = 0
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        targets = _targets()
+        self.rewritten = self.with_silu = self.with_channel_bias = self.with_sample_bias = 0
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target in targets["group_norm"]:
+                self._rewrite(graph, node, targets)
+
+    def _rewrite(self, graph, node, targets) -> None:
+        names = ("input", "num_groups", "weight", "bias", "eps")
+        args = dict(zip(names, node.args))
+        args.update({k: v for k, v in node.kwargs.items() if k in names})
+        x = args.get("input")
+        value = _value(x)
+        groups = args.get("num_groups")
+        eps = args.get("eps", 1e-5)
+        if value is None or value.dim() != 4 or value.device.type not in self.devices or not isinstance(groups, int) \
+                or value.shape[2] * value.shape[3] < self.min_pixels \
+                or not isinstance(eps, float) or value.shape[1] % groups or value.dtype not in (
+                    torch.float32, torch.float16, torch.bfloat16):
+            return
+        weight, bias = args.get("weight"), args.get("bias")
+        if any(p is not None and not isinstance(p, torch.fx.Node) for p in (weight, bias)):
+            return
+        act, out = 0, node
+        users = list(node.users)
+        if len(users) == 1 and users[0].op == "call_function" and users[0].target in targets["silu"] \
+                and not users[0].kwargs.get("inplace", False) and not (len(users[0].args) > 1 and users[0].args[1]):
+            act, out = 1, users[0]
+        channel_bias = sample_bias = None
+        source = x
+        if self._is_add_of_conv_and_embedding(x, targets, value):
+            conv, embedding = x.args if self._is_conv_with_bias(x.args[0], targets) else x.args[::-1]
+            channel_bias = self._take_conv_bias(conv)
+            with graph.inserting_before(node):
+                sample_bias = graph.call_function(torch.flatten, (embedding, 1))
+            source = conv
+        elif self._is_conv_with_bias(x, targets) and len(x.users) == 1:
+            channel_bias = self._take_conv_bias(x)
+        with graph.inserting_before(out):
+            fused = graph.call_function(torch.ops.subjectbench.group_norm_act.default,
+                                        (source, weight, bias, groups, eps, act, channel_bias, sample_bias))
+        fused.meta.update({k: v for k, v in out.meta.items() if k in ("nn_module_stack", "stack_trace", "source_fn_stack")})
+        out.replace_all_uses_with(fused)
+        if out is not node:
+            graph.erase_node(out)
+        graph.erase_node(node)
+        if source is not x:
+            graph.erase_node(x)
+        self.rewritten += 1
+        self.with_silu += act
+        self.with_channel_bias += channel_bias is not None
+        self.with_sample_bias += sample_bias is not None
+
+    def counts(self) -> dict:
+        """The last call's changes, for benchmark records."""
+        return {"rewritten": self.rewritten, "with_silu": self.with_silu,
+                "with_channel_bias": self.with_channel_bias, "with_sample_bias": self.with_sample_bias}
+
+    @staticmethod
+    def _is_conv_with_bias(node, targets) -> bool:
+        return (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target in targets["conv2d"]
+                and len(node.args) >= 3 and isinstance(node.args[2], torch.fx.Node) and "bias" not in node.kwargs
+                and (_value(node.args[2]) is not None and _value(node.args[2]).dim() == 1))
+
+    def _is_add_of_conv_and_embedding(self, node, targets, value) -> bool:
+        if not (node.op == "call_function" and node.target in targets["add"] and len(node.args) == 2
+                and not node.kwargs and len(node.users) == 1):
+            return False
+        for conv, embedding in (node.args, node.args[::-1]):
+            emb = _value(embedding)
+            if self._is_conv_with_bias(conv, targets) and len(conv.users) == 1 and emb is not None \
+                    and tuple(emb.shape) == (value.shape[0], value.shape[1], 1, 1) and emb.dtype == value.dtype:
+                return True
+        return False
+
+    @staticmethod
+    def _take_conv_bias(conv):
+        bias = conv.args[2]
+        conv.args = (*conv.args[:2], None, *conv.args[3:])
+        return bias
+
+    def uuid(self):
+        return (get_hash_for_files((__file__,)), self.devices, self.min_pixels)
+
+
+@functools.cache
+def fused_group_norm() -> FusedGroupNorm:
+    """The one ``FusedGroupNorm()`` of this process (so compiled wrappers with equal options share
+    compiled code, as ``compile_layout.channels_last_cat``)."""
+    return FusedGroupNorm()

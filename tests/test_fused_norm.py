@@ -1,0 +1,151 @@
+"""methods.fused_norm: the GroupNorm (+ SiLU) op, its Triton kernels (run on the CPU by Triton's
+interpreter) against a float64 reference, and the pre-grad pass on the tiny UNet against eager."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from methods.fused_norm import (
+    FusedGroupNorm,
+    KernelConfig,
+    group_norm_act,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Run in a child: TRITON_INTERPRET must be set before triton.jit decorates the kernels.
+INTERPRETED = textwrap.dedent("""
+    import itertools, torch, torch.nn.functional as F
+    from methods.fused_norm import KernelConfig, triton_group_norm_act
+
+    def reference(x, w, b, g, act, cb, sb):  # float64: the exact value the kernels approximate
+        h = x.double()
+        if cb is not None:
+            h = h + cb.double()[None, :, None, None] + sb.double()[:, :, None, None]
+        y = F.group_norm(h, g, None if w is None else w.double(), None if b is None else b.double(), 1e-5)
+        return F.silu(y) if act else y
+
+    torch.manual_seed(0)
+    configs = [KernelConfig(), KernelConfig(stats="shifted"),
+               KernelConfig(stats="shifted", block_p=16, block_c=32, pixels_per_program=32, apply_block_p=16,
+                            apply_block_c=16)]
+    worst = {}
+    cases = []  # every config x shape, each with four of the sixteen (act, layout, dtype, bias) mixes
+    for i, (config, shape) in enumerate(itertools.product(configs, [(2, 64, 8, 8, 32), (1, 96, 5, 7, 8),
+                                                                   (1, 64, 20, 20, 16)])):
+        for j in range(4):
+            cases.append((config, shape, j & 1, bool(j & 2), (torch.float32, torch.bfloat16)[(i + j) % 2],
+                          bool((i + j // 2) % 2)))
+    for config, (n, c, h, w, g), act, channels_last, dtype, bias in cases:
+        x = (torch.randn(n, c, h, w) * 3 + 2).to(dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        weight, shift = torch.randn(c).to(dtype), torch.randn(c).to(dtype)
+        cb = torch.randn(c).to(dtype) if bias else None
+        sb = torch.randn(n, c).to(dtype) if bias else None
+        y = triton_group_norm_act(x, weight, shift, g, 1e-5, act, cb, sb, config=config)
+        assert y.dtype == dtype and y.is_contiguous(memory_format=torch.channels_last), (y.dtype, y.stride())
+        r = reference(x, weight, shift, g, act, cb, sb)
+        # fp32: a few ulps; bf16: one rounding of the output (the interpreter truncates, so 1 ulp)
+        bound = (1e-5 + 1e-5 * r.abs()) if dtype == torch.float32 else (1e-3 + 2 ** -7 * r.abs())
+        excess = float(((y.double() - r).abs() / bound).max())
+        key = (config.stats, str(dtype))
+        worst[key] = max(worst.get(key, 0.0), excess)
+        assert excess <= 1.0, (config, (n, c, h, w, g), act, channels_last, dtype, bias, excess)
+    # a group whose mean is 3e4 standard deviations from zero: torch's fp32 CPU GroupNorm is off by ~10
+    # here (E[x^2] - E[x]^2); both statistics variants stay near the float64 value
+    x = (torch.randn(2, 64, 16, 16) * 0.01 + 300).contiguous(memory_format=torch.channels_last)
+    exact = F.group_norm(x.double(), 32, None, None, 1e-5)
+    for config in configs[:2]:
+        error = float((triton_group_norm_act(x, None, None, 32, 1e-5, 0, config=config).double() - exact).abs().max())
+        assert error < 0.02, (config.stats, error)
+    print("OK", worst)
+""")
+
+
+def test_triton_kernels_match_a_float64_reference_under_the_interpreter():
+    pytest.importorskip("triton")
+    env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", INTERPRETED], cwd=ROOT, env=env, capture_output=True,
+                            text=True, timeout=900)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_op_on_cpu_is_group_norm_then_silu_in_channels_last():
+    torch.manual_seed(0)
+    x = torch.randn(2, 64, 6, 6)
+    weight, bias, cb, sb = torch.randn(64), torch.randn(64), torch.randn(64), torch.randn(2, 64)
+    y = group_norm_act(x, weight, bias, 32, 1e-5, "silu", cb, sb)
+    expected = F.silu(F.group_norm(x + cb[None, :, None, None] + sb[:, :, None, None], 32, weight, bias, 1e-5))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    plain = group_norm_act(x, None, None, 8, 1e-6)
+    torch.testing.assert_close(plain, F.group_norm(x, 8, eps=1e-6), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: group_norm_act(torch.randn(2, 64, 9), None, None, 32), "must be 4-D"),
+    (lambda: group_norm_act(torch.randn(2, 60, 3, 3), None, None, 32), "60 channels do not split into 32"),
+    (lambda: group_norm_act(torch.randn(2, 64, 3, 3), torch.randn(32), None, 32), "weight has shape"),
+    (lambda: group_norm_act(torch.randn(2, 64, 3, 3), None, None, 32, sample_bias=torch.randn(64)),
+     "sample_bias has shape"),
+    (lambda: group_norm_act(torch.randn(2, 64, 3, 3), None, None, 32, act="gelu"), "act 'gelu'"),
+    (lambda: KernelConfig(stats="welford"), "stats 'welford'"),
+    (lambda: KernelConfig(block_p=48), "power of two"),
+    (lambda: KernelConfig(pixels_per_program=100), "not a multiple"),
+])
+def test_bad_input_names_the_value(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_fake_tensor_output_is_channels_last():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        y = torch.ops.subjectbench.group_norm_act(torch.empty(2, 64, 4, 4), None, None, 32, 1e-5, 1, None, None)
+    assert y.shape == (2, 64, 4, 4) and y.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_pass_on_the_tiny_unet_matches_eager():
+    from methods.backbones import load_backbone, resolve_backbone
+
+    unet = load_backbone(resolve_backbone("tiny")).unet
+    fused = FusedGroupNorm(devices=("cpu",), min_pixels=1)
+    compiled = torch.compile(unet, options={"pre_grad_custom_pass": fused})
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 8, 8)
+    text = torch.randn(2, 77, unet.config.cross_attention_dim)
+    with torch.no_grad():
+        expected = unet(x, torch.tensor(10), encoder_hidden_states=text).sample
+        got = compiled(x, torch.tensor(10), encoder_hidden_states=text).sample
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
+    # every GroupNorm; the SiLU after each resnet norm and norm_out; conv bias + time embedding before norm2
+    resnets = sum(type(m).__name__ == "ResnetBlock2D" for m in unet.modules())
+    assert fused.counts() == {"rewritten": norms, "with_silu": 2 * resnets + 1,
+                              "with_channel_bias": resnets, "with_sample_bias": resnets}
+
+
+def test_pass_leaves_small_group_norms_and_other_devices():
+    def block(x, w, b):
+        return F.silu(F.group_norm(x, 4, w, b))
+
+    x, w, b = torch.randn(1, 8, 4, 4), torch.randn(8), torch.randn(8)
+    for fused in (FusedGroupNorm(devices=("cpu",), min_pixels=17), FusedGroupNorm()):  # 16 pixels; CUDA only
+        torch._dynamo.reset()
+        torch.compile(block, options={"pre_grad_custom_pass": fused})(x, w, b)
+        assert fused.rewritten == 0
+    torch._dynamo.reset()
+    fused = FusedGroupNorm(devices=("cpu",), min_pixels=16)
+    out = torch.compile(block, options={"pre_grad_custom_pass": fused})(x, w, b)
+    assert fused.counts() == {"rewritten": 1, "with_silu": 1, "with_channel_bias": 0, "with_sample_bias": 0}
+    torch.testing.assert_close(out, block(x, w, b), rtol=1e-5, atol=1e-5)
