@@ -58,6 +58,9 @@ timed for each arm below after that arm's first call (which holds its compile, r
   ``compile_default_vae_fused_norm_cat_pass`` / ``compile_cudagraphs_vae_fused_norm_cat_pass``: those
   two with the UNet's GroupNorms (+ SiLU) of 32x32 pixels and more as ``methods.fused_norm``'s Triton
   kernels (an inductor pre-grad pass; counts in ``fused_group_norms``);
+  ``compile_default_vae_fused_norm_decoder_cat_pass``: the first with the VAE decoder's GroupNorms of
+  32x32 pixels and more as those kernels too (``decoder_fused_group_norms``; its 512x512 GroupNorms
+  have groups of 4 channels: 8-byte pieces of each pixel in channels-last);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -135,6 +138,7 @@ ARMS = (
     "compile_cudagraphs_vae_cat_pass",
     "compile_default_vae_fused_norm_cat_pass",
     "compile_cudagraphs_vae_fused_norm_cat_pass",
+    "compile_default_vae_fused_norm_decoder_cat_pass",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -213,7 +217,7 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     backbone.unet.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
     out["unet_channels_last"] = channels_last
     options = compile_options(arm, args.inductor_options)
-    unet = None
+    unet = decoder_pass = None
     if options is not None:
         if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
             torch._dynamo.reset()
@@ -225,7 +229,9 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
             unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
             out["inductor_options"] = describe_options(options)
         if arm.endswith("_vae") or "_vae_" in arm:  # the VAE's decoder through torch.compile too (after the UNet's reset)
-            backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False)
+            decoder_pass = FusedGroupNorm() if "_fused_norm_decoder" in arm else None  # its GroupNorms too
+            backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False,
+                                                 options={"pre_grad_custom_pass": decoder_pass} if decoder_pass else None)
             out["vae_decoder_compiled"] = True
     if arm.endswith("_fused_qkv"):  # before the first call, so the compiled graph sees the fused weights
         backbone.unet.fuse_qkv_projections()
@@ -240,6 +246,8 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
         out["channels_last_cats"] = options["post_grad_custom_pre_pass"].rewritten
     if options and "pre_grad_custom_pass" in options:
         out["fused_group_norms"] = options["pre_grad_custom_pass"].counts()
+    if decoder_pass is not None:
+        out["decoder_fused_group_norms"] = decoder_pass.counts()
     print(f"{arm}: first call {first:.1f} s", flush=True)
     times, images = [], None
     for _ in range(args.repeats):

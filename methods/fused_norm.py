@@ -32,7 +32,8 @@ else reads them. Inference only: the op has no backward.
 **Not on by default.** First GPU run (H100, the first version of these kernels: ``tiles`` statistics,
 64 x 64 tiles, 1024 pixels per statistics program at 64 x 64; ``benchmarks/results``): per GroupNorm +
 SiLU the op took as long as inductor's own kernels (64 x 320 x 64 x 64 bf16: 0.372 against 0.360 ms;
-960 channels: 0.909 against 0.976), both far from the bandwidth the bytes need; end to end
+960 channels: 0.909 against 0.976; each call timed with events around it, so the op's figure may be
+its Python launch path rather than its kernels), both far from the bandwidth the bytes need; end to end
 (``gpu_sampling_modes.py``, one process, 32 images per call) 0.2116 against 0.2138 s/image, −1.0 %.
 The kernels' tiles are not tuned yet: ``benchmarks/gpu_fused_norm.py --sweep`` times each kernel under a
 grid of ``KernelConfig``s (and the ``shifted`` statistics variant); the suite takes the pass only if

@@ -389,20 +389,25 @@ def test_gpu_unet_kernels_counts_fused_triton_kernels_apart():
     assert kind_of("group_norm_apply_kernel") == "group_norm_kernels"
 
 
-@pytest.mark.slow  # the interpreted sweep: ~100 s on two cores
-def test_gpu_fused_norm_runs_on_cpu_and_its_sweep_under_the_interpreter(tmp_path):
-    """On a CPU the op runs its torch reference; the kernel stages and the sweep need Triton's
-    interpreter (a child process: TRITON_INTERPRET is read when the kernels are decorated)."""
-    import os
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
+def test_gpu_fused_norm_runs_on_cpu(tmp_path):
+    """On a CPU the op runs its torch reference (the kernels need a GPU or Triton's interpreter)."""
     out = tmp_path / "fused.json"
     _script("gpu_fused_norm").main(["--tiny", "--with-bias", "--repeats", "1", "--out", str(out)])
     document = json.loads(out.read_text())
     assert [row["shape"] for row in document["shapes"]] == [[2, 64, 8, 8], [2, 96, 5, 7]]
     assert all(row[arm]["max_abs_vs_fp32"] < 1e-4 for row in document["shapes"] for arm in ("eager", "compiled", "fused"))
+    assert all(row["fused"]["timing"] == "host_clock" for row in document["shapes"])
+
+
+@pytest.mark.slow  # the interpreted sweep: ~100 s on two cores
+def test_gpu_fused_norm_sweep_under_the_interpreter(tmp_path):
+    """The kernel stages and the sweep under Triton's interpreter (a child process: TRITON_INTERPRET
+    is read when the kernels are decorated)."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("triton")
     swept = tmp_path / "sweep.json"
     root = Path(__file__).resolve().parents[1]
     result = subprocess.run([sys.executable, str(root / "benchmarks" / "gpu_fused_norm.py"), "--tiny", "--with-bias",

@@ -3,6 +3,7 @@ interpreter) against a float64 reference, and the pre-grad pass on the tiny UNet
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -115,18 +116,31 @@ def test_fake_tensor_output_is_channels_last():
     assert y.shape == (2, 64, 4, 4) and y.is_contiguous(memory_format=torch.channels_last)
 
 
+@contextlib.contextmanager
+def uncached():
+    """The pass runs only on a real compile: a warm inductor or AOT cache returns the graph it made
+    before without calling it (the counts would read 0)."""
+    import torch._functorch.config as functorch_config
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=False), functorch_config.patch(enable_autograd_cache=False):
+        yield
+
+
 def test_pass_on_the_tiny_unet_matches_eager():
     from methods.backbones import load_backbone, resolve_backbone
 
     unet = load_backbone(resolve_backbone("tiny")).unet
     fused = FusedGroupNorm(devices=("cpu",), min_pixels=1)
-    compiled = torch.compile(unet, options={"pre_grad_custom_pass": fused})
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     text = torch.randn(2, 77, unet.config.cross_attention_dim)
-    with torch.no_grad():
+    torch._dynamo.reset()
+    with torch.no_grad(), uncached():
         expected = unet(x, torch.tensor(10), encoder_hidden_states=text).sample
+        compiled = torch.compile(unet, options={"pre_grad_custom_pass": fused})
         got = compiled(x, torch.tensor(10), encoder_hidden_states=text).sample
+    torch._dynamo.reset()
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
     # every GroupNorm; the SiLU after each resnet norm and norm_out; conv bias + time embedding before norm2
@@ -140,12 +154,14 @@ def test_pass_leaves_small_group_norms_and_other_devices():
         return F.silu(F.group_norm(x, 4, w, b))
 
     x, w, b = torch.randn(1, 8, 4, 4), torch.randn(8), torch.randn(8)
-    for fused in (FusedGroupNorm(devices=("cpu",), min_pixels=17), FusedGroupNorm()):  # 16 pixels; CUDA only
+    with uncached():
+        for fused in (FusedGroupNorm(devices=("cpu",), min_pixels=17), FusedGroupNorm()):  # 16 pixels; CUDA only
+            torch._dynamo.reset()
+            torch.compile(block, options={"pre_grad_custom_pass": fused})(x, w, b)
+            assert fused.rewritten == 0
         torch._dynamo.reset()
-        torch.compile(block, options={"pre_grad_custom_pass": fused})(x, w, b)
-        assert fused.rewritten == 0
+        fused = FusedGroupNorm(devices=("cpu",), min_pixels=16)
+        out = torch.compile(block, options={"pre_grad_custom_pass": fused})(x, w, b)
     torch._dynamo.reset()
-    fused = FusedGroupNorm(devices=("cpu",), min_pixels=16)
-    out = torch.compile(block, options={"pre_grad_custom_pass": fused})(x, w, b)
     assert fused.counts() == {"rewritten": 1, "with_silu": 1, "with_channel_bias": 0, "with_sample_bias": 0}
     torch.testing.assert_close(out, block(x, w, b), rtol=1e-5, atol=1e-5)
