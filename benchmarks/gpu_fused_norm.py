@@ -46,7 +46,9 @@ from methods.fused_norm import (  # noqa: E402
     KernelConfig,
     group_norm_act,
     group_norm_stages,
+    kernel_config,
     reference_group_norm_act,
+    set_kernel_config,
     triton_interpreting,
 )
 
@@ -167,10 +169,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--with-bias", action="store_true")
     parser.add_argument("--sweep", action="store_true", help="time KernelConfig variants at the first shape")
+    parser.add_argument("--config", metavar="PATH", help="the op's KernelConfig from this JSON (fields, or --sweep output)")
     parser.add_argument("--shapes", default="", help="comma list of CxHxW (default: all of SHAPES)")
     parser.add_argument("--tiny", action="store_true", help="small shapes, 2 latents")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_fused_norm.json"))
     args = parser.parse_args(argv)
+    if args.config:
+        try:
+            set_kernel_config(KernelConfig.from_json(args.config))
+        except ValueError as error:
+            parser.error(str(error))
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     shapes = TINY_SHAPES if args.tiny else SHAPES
@@ -179,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     latents = 2 if args.tiny else args.latents
     document = {"benchmark": "gpu_fused_norm", "environment": environment(device),
                 "settings": {"latents": latents, "dtype": str(dtype), "repeats": args.repeats,
-                             "with_bias": args.with_bias, "groups": 32, "act": "silu"}, "shapes": []}
+                             "with_bias": args.with_bias, "groups": 32, "act": "silu",
+                             "kernel_config": dataclasses.asdict(kernel_config())}, "shapes": []}
 
     def eager(x, w, b, cb, sb):
         h = x if cb is None else x + cb[None, :, None, None] + sb[:, :, None, None]
@@ -212,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 - keep the other arms
                 row[name] = {"error": f"{type(error).__name__}: {str(error)[:1500]}"}
         if "ms" in row["fused"] and triton_runs:
-            row["fused"].update(stage_times((x, weight, bias, cb, sb), DEFAULT_CONFIG, device, args.repeats, reference))
+            row["fused"].update(stage_times((x, weight, bias, cb, sb), kernel_config(), device, args.repeats, reference))
         document["shapes"].append(row)
         print(json.dumps(row), flush=True)
         save_partial(document, args.out, Path(args.out).name)

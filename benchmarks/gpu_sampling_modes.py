@@ -60,7 +60,9 @@ timed for each arm below after that arm's first call (which holds its compile, r
   kernels (an inductor pre-grad pass; counts in ``fused_group_norms``);
   ``compile_default_vae_fused_norm_decoder_cat_pass``: the first with the VAE decoder's GroupNorms of
   32x32 pixels and more as those kernels too (``decoder_fused_group_norms``; its 512x512 GroupNorms
-  have groups of 4 channels: 8-byte pieces of each pixel in channels-last);
+  have groups of 4 channels: 8-byte pieces of each pixel in channels-last); ``--fused-norm-config
+  PATH`` sets their kernels' ``KernelConfig`` (e.g. from ``gpu_fused_norm.py --sweep``'s output, so a
+  sweep and these arms fit in one GPU call);
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -78,6 +80,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import dataclasses
 import json
 import os
 import sys
@@ -107,7 +110,7 @@ from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
 from methods.compile_layout import ChannelsLastCat  # noqa: E402
-from methods.fused_norm import FusedGroupNorm  # noqa: E402
+from methods.fused_norm import FusedGroupNorm, KernelConfig, kernel_config, set_kernel_config  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
@@ -316,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="compile_default_vae_fa4_direct: attention with at least this many keys goes to FA4")
     parser.add_argument("--inductor-option", action="append", default=[], metavar="KEY=VALUE",
                         help="compile_default_vae_options: an inductor option (repeatable), e.g. layout_optimization=False")
+    parser.add_argument("--fused-norm-config", metavar="PATH",
+                        help="*_fused_norm_* arms: methods.fused_norm's kernel config from this JSON (its fields, "
+                             "or gpu_fused_norm.py --sweep output: its best config)")
     parser.add_argument("--tiny", action="store_true", help="tiny backbone, 64 px, 4 steps, batch 4")
     parser.add_argument("--out", default=str(Path(os.environ.get("OUT", ".")) / "gpu_sampling_modes.json"))
     args = parser.parse_args(argv)
@@ -326,6 +332,11 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown arm(s) {unknown}; choose from {', '.join(ARMS)}")
     args.inductor_options = inductor_options(parser, args.inductor_option)
+    if args.fused_norm_config:
+        try:
+            set_kernel_config(KernelConfig.from_json(args.fused_norm_config))
+        except ValueError as error:
+            parser.error(str(error))
     if "compile_default_vae_options" in arms and not args.inductor_options:
         parser.error("compile_default_vae_options needs at least one --inductor-option KEY=VALUE")
     device = torch.device(args.device)
@@ -337,7 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         "environment": environment(device),
         "settings": {"backbone": args.backbone, "resolution": args.resolution, "ddim_steps": args.steps,
                      "guidance": 7.5, "batch": args.batch, "repeats": args.repeats, "dtype": str(dtype),
-                     **({"inductor_options_arm": args.inductor_options} if args.inductor_options else {})},
+                     **({"inductor_options_arm": args.inductor_options} if args.inductor_options else {}),
+                     **({"fused_norm_config": dataclasses.asdict(kernel_config())}
+                        if any("_fused_norm" in arm for arm in arms) else {})},
         "arms": {},
     }
     # warm-up outside every timing: CUDA context, cuBLAS handles, the text encoder's kernels

@@ -154,7 +154,35 @@ class KernelConfig:
                              f"of block_p {self.block_p}")
 
 
+    @classmethod
+    def from_json(cls, path: str | os.PathLike) -> KernelConfig:
+        """A config from a JSON file: its fields, or ``benchmarks/gpu_fused_norm.py --sweep``'s output
+        (its ``sweep.best_config``)."""
+        import json
+
+        try:
+            document = json.loads(open(path).read())
+        except (OSError, ValueError) as error:
+            raise ValueError(f"fused-norm config {path}: cannot read it as JSON ({error})") from error
+        fields = document.get("sweep", {}).get("best_config", document) if isinstance(document, dict) else None
+        names = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(fields, dict) or not set(fields) <= names:
+            raise ValueError(f"fused-norm config {path}: expected an object with fields from {sorted(names)} "
+                             f"or gpu_fused_norm.py --sweep output, got {str(fields)[:200]}")
+        return cls(**fields)
+
+
 DEFAULT_CONFIG = KernelConfig()
+_active_config = [DEFAULT_CONFIG]
+
+
+def set_kernel_config(config: KernelConfig | None) -> None:
+    """The config the op's CUDA kernel launches with from now on in this process (None: the default)."""
+    _active_config[0] = config or DEFAULT_CONFIG
+
+
+def kernel_config() -> KernelConfig:
+    return _active_config[0]
 
 
 @functools.cache
@@ -311,11 +339,12 @@ def _pixel_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
 
 
 def group_norm_stages(x, weight, bias, groups: int, eps: float, act: int = 0, channel_bias=None,
-                      sample_bias=None, config: KernelConfig = DEFAULT_CONFIG):
+                      sample_bias=None, config: KernelConfig | None = None):
     """``(y, {"stats": launch, "finalize": launch, "apply": launch})``: the output buffer and the three
     kernel launches that fill it, in that order (``triton_group_norm_act`` runs them once; the GPU
-    benchmark times each alone)."""
+    benchmark times each alone). ``config`` None: ``kernel_config()``."""
     _check(x, weight, bias, groups, channel_bias, sample_bias)
+    config = config or kernel_config()
     import triton
 
     kernels = _kernels()
@@ -364,7 +393,7 @@ def group_norm_stages(x, weight, bias, groups: int, eps: float, act: int = 0, ch
 
 
 def triton_group_norm_act(x, weight, bias, groups: int, eps: float, act: int = 0,
-                          channel_bias=None, sample_bias=None, config: KernelConfig = DEFAULT_CONFIG) -> torch.Tensor:
+                          channel_bias=None, sample_bias=None, config: KernelConfig | None = None) -> torch.Tensor:
     """The op's CUDA kernel (also runs on CPU tensors under ``TRITON_INTERPRET=1``, for tests)."""
     y, stages = group_norm_stages(x, weight, bias, groups, eps, act, channel_bias, sample_bias, config)
     if y.numel():

@@ -399,6 +399,13 @@ def test_gpu_fused_norm_runs_on_cpu(tmp_path):
     assert all(row["fused"]["timing"] == "host_clock" for row in document["shapes"])
 
 
+def test_gpu_sampling_modes_refuses_an_unreadable_fused_norm_config(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _script("gpu_sampling_modes").main(["--tiny", "--arms", "compile_default_vae_fused_norm_cat_pass",
+                                            "--fused-norm-config", str(tmp_path / "nowhere.json")])
+    assert "nowhere.json: cannot read it" in capsys.readouterr().err
+
+
 @pytest.mark.slow  # the interpreted sweep: ~100 s on two cores
 def test_gpu_fused_norm_sweep_under_the_interpreter(tmp_path):
     """The kernel stages and the sweep under Triton's interpreter (a child process: TRITON_INTERPRET

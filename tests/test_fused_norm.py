@@ -165,3 +165,28 @@ def test_pass_leaves_small_group_norms_and_other_devices():
     torch._dynamo.reset()
     assert fused.counts() == {"rewritten": 1, "with_silu": 1, "with_channel_bias": 0, "with_sample_bias": 0}
     torch.testing.assert_close(out, block(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def test_kernel_config_from_json_reads_fields_or_a_sweep_and_names_a_bad_file(tmp_path):
+    import json
+
+    from methods.fused_norm import DEFAULT_CONFIG, kernel_config, set_kernel_config
+
+    fields = tmp_path / "fields.json"
+    fields.write_text(json.dumps({"stats": "shifted", "block_p": 32}))
+    assert KernelConfig.from_json(fields) == KernelConfig(stats="shifted", block_p=32)
+    sweep = tmp_path / "sweep.json"
+    sweep.write_text(json.dumps({"sweep": {"best_config": {"apply_block_p": 128, "apply_warps": 8}}}))
+    assert KernelConfig.from_json(sweep) == KernelConfig(apply_block_p=128, apply_warps=8)
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"block_q": 3}))
+    with pytest.raises(ValueError, match="bad.json: expected an object with fields"):
+        KernelConfig.from_json(bad)
+    with pytest.raises(ValueError, match="missing.json: cannot read it"):
+        KernelConfig.from_json(tmp_path / "missing.json")
+    try:
+        set_kernel_config(KernelConfig.from_json(fields))
+        assert kernel_config().stats == "shifted"
+    finally:
+        set_kernel_config(None)
+    assert kernel_config() == DEFAULT_CONFIG
