@@ -2,8 +2,9 @@
 
 Why: in the compiled SD 1.5 UNet (64 latents, bf16, H200; ``benchmarks/gpu_unet_kernels.py``, arm
 ``compiled_channels_last_cat_bandwidth``) inductor's GroupNorm kernels run at 1.0-1.8 TB/s while its
-GEGLU kernels reach 3.5: the statistics use a Welford update per element (an fp32 division each),
-and the normalising kernel recomputes ``rsqrt(m2 / n + eps)`` and gathers six per-channel or
+GEGLU kernels reach 3.5. Their generated code suggests per-element work, not memory, bounds them (not
+measured): the statistics use a Welford update per element (an fp32 division each), and the
+normalising kernel recomputes ``rsqrt(m2 / n + eps)`` and gathers six per-channel or
 per-group values for every element. Brought to 3.5 TB/s they would take ~6.9 of the forward's
 124 ms (``benchmarks/results``). Block-size tuning (``coordinate_descent_tuning``) did not help
 (124.2 against 124.3 ms).
