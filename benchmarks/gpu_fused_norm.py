@@ -40,7 +40,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment  # noqa: E402
-from benchmarks.gpu_metrics import save_partial, synchronize  # noqa: E402
+from benchmarks.gpu_metrics import event_times, save_partial, synchronize  # noqa: E402
 from methods.fused_norm import (  # noqa: E402
     DEFAULT_CONFIG,
     KernelConfig,
@@ -61,53 +61,30 @@ TINY_SHAPES = ((64, 8, 8), (96, 5, 7))
 GRAPH_CALLS = 10  # calls captured in one CUDA graph per timing
 
 
-def timed(function, device: torch.device, repeats: int) -> float:
-    """Median seconds per call after two warm-up calls. On CUDA the calls are captured in a CUDA
-    graph of ``GRAPH_CALLS`` and the replays timed, so the figure is the GPU's time, not the host's
-    launch path (three Triton launches through Python can outlast a GroupNorm's kernels); if
-    capture fails, each call is timed with events around it (``TIMING["mode"]`` says which)."""
+def timed(function, device: torch.device, repeats: int) -> tuple[float, str]:
+    """(median seconds per call after two warm-up calls, how it was timed). On CUDA the calls are
+    captured in a CUDA graph of ``GRAPH_CALLS`` and the replays timed, so the figure is the GPU's
+    time, not the host's launch path (three Triton launches through Python can outlast a GroupNorm's
+    kernels); if capture fails, each call is timed with events around it."""
     for _ in range(2):
         function()
-    if device.type == "cuda":
-        try:
-            graph = torch.cuda.CUDAGraph()
-            stream = torch.cuda.Stream(device)
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                function()  # warm on the capture stream
-            torch.cuda.current_stream(device).wait_stream(stream)
-            with torch.cuda.graph(graph):
-                for _ in range(GRAPH_CALLS):
-                    function()
-            TIMING["mode"] = f"cuda_graph_of_{GRAPH_CALLS}"
-            return statistics.median(_event_times(graph.replay, repeats)) / GRAPH_CALLS
-        except Exception as error:  # noqa: BLE001 - fall back to per-call events
-            TIMING["mode"] = f"events_per_call (capture failed: {type(error).__name__}: {str(error)[:200]})"
-        return statistics.median(_event_times(function, repeats))
-    import time
-
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        function()
-        times.append(time.perf_counter() - started)
-    TIMING["mode"] = "host_clock"
-    return statistics.median(times)
-
-
-TIMING: dict = {}
-
-
-def _event_times(function, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        function()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return times
+    if device.type != "cuda":
+        return statistics.median(event_times(function, device, repeats)), "host_clock"
+    try:
+        graph = torch.cuda.CUDAGraph()
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            function()  # warm on the capture stream
+        torch.cuda.current_stream(device).wait_stream(stream)
+        with torch.cuda.graph(graph):
+            for _ in range(GRAPH_CALLS):
+                function()
+        return (statistics.median(event_times(graph.replay, device, repeats)) / GRAPH_CALLS,
+                f"cuda_graph_of_{GRAPH_CALLS}")
+    except Exception as error:  # noqa: BLE001 - fall back to per-call events
+        mode = f"events_per_call (capture failed: {type(error).__name__}: {str(error)[:200]})"
+        return statistics.median(event_times(function, device, repeats)), mode
 
 
 def stats_configs() -> list[KernelConfig]:
@@ -133,7 +110,7 @@ def stage_times(inputs: tuple, config: KernelConfig, device: torch.device, repea
     for launch in stages.values():
         launch()
     synchronize(device)
-    times = {name: round(timed(launch, device, repeats) * 1e3, 4) for name, launch in stages.items()}
+    times = {name: round(timed(launch, device, repeats)[0] * 1e3, 4) for name, launch in stages.items()}
     return {"stages_ms": times, "total_ms": round(sum(times.values()), 4),
             "max_abs_vs_fp32": round(float((y.float() - reference).abs().max()), 5)}
 
@@ -214,10 +191,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 out = function()
                 synchronize(device)
-                seconds = timed(function, device, args.repeats)
+                seconds, timing = timed(function, device, args.repeats)
                 row[name] = {"ms": round(seconds * 1e3, 4), "tb_per_s": round(row["gb_moved"] / seconds / 1e3, 3),
                              "max_abs_vs_fp32": round(float((out.float() - reference).abs().max()), 5),
-                             "timing": TIMING.get("mode")}
+                             "timing": timing}
             except Exception as error:  # noqa: BLE001 - keep the other arms
                 row[name] = {"error": f"{type(error).__name__}: {str(error)[:1500]}"}
         if "ms" in row["fused"] and triton_runs:

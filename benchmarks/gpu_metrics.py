@@ -67,6 +67,24 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def event_times(function, device: torch.device, repeats: int) -> list[float]:
+    """Seconds per call of ``function``, one per repeat (CUDA events on CUDA, host clock elsewhere)."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            function()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            started = time.perf_counter()
+            function()
+            times.append(time.perf_counter() - started)
+    return times
+
+
 def reset_peak(device: torch.device) -> None:
     """Start a stage's peak-memory count (cached blocks of earlier stages released first)."""
     if device.type == "cuda":

@@ -72,6 +72,7 @@ from benchmarks.gpu_methods import environment  # noqa: E402
 from benchmarks.gpu_metrics import (  # noqa: E402
     FA4_DIRECT_CALLS,
     describe_options,
+    event_times,
     fa4_direct,
     fa4_output,
     fa4_refusal,
@@ -134,24 +135,6 @@ def kind_of(name: str) -> str:
         if any(n in lowered for n in needles):
             return kind
     return "other"
-
-
-def event_times(function, device: torch.device, repeats: int) -> list[float]:
-    """Seconds per call of ``function``, one per repeat (CUDA events on CUDA, host clock elsewhere)."""
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            function()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            started = time.perf_counter()
-            function()
-            times.append(time.perf_counter() - started)
-    return times
 
 
 def kernel_breakdown(function, device: torch.device, calls: int, top: int = 15) -> dict:
