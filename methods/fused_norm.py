@@ -10,7 +10,8 @@ per-group values for every element. Brought to 3.5 TB/s they would take ~6.9 of 
 (124.2 against 124.3 ms).
 
 What, per GroupNorm of an ``(N, C, H, W)`` tensor ``x`` with ``G`` groups (any of the two dense
-layouts; channels-last is inductor's for a conv net):
+layouts; channels-last is inductor's for a conv net; the kernels are in ``methods/fused_norm_kernels.py``,
+imported on first use so this module needs no Triton):
 
 | step | where | value / source |
 |---|---|---|
@@ -188,146 +189,10 @@ def kernel_config() -> KernelConfig:
 
 @functools.cache
 def _kernels():
-    import triton
-    import triton.language as tl
+    from methods import fused_norm_kernels as k  # triton imported here, on first use
 
-    @triton.jit
-    def group_norm_stats_kernel(x_ptr, cbias_ptr, sbias_ptr, mean_ptr, m2_ptr, C, HW, s_n, s_c, s_p, sb_n,
-                                pixels_per_program, n_pblocks,
-                                HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr,
-                                BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid // n_pblocks
-        pb = pid % n_pblocks
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        add = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_CBIAS:
-            add += tl.load(cbias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_SBIAS:
-            add += tl.load(sbias_ptr + n * sb_n + c, mask=cmask, other=0.0).to(tl.float32)
-        mean = tl.zeros([BLOCK_C], tl.float32)
-        m2 = tl.zeros([BLOCK_C], tl.float32)
-        count = tl.zeros([BLOCK_C], tl.float32)
-        p_start = pb * pixels_per_program
-        p_end = tl.minimum(p_start + pixels_per_program, HW)
-        base = x_ptr + n.to(tl.int64) * s_n
-        for p0 in range(p_start, p_end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            pmask = p < p_end
-            mask = pmask[:, None] & cmask[None, :]
-            v = tl.load(base + p[:, None].to(tl.int64) * s_p + c[None, :] * s_c, mask=mask, other=0.0)
-            v = tl.where(mask, v.to(tl.float32) + add[None, :], 0.0)
-            k = tl.sum(pmask.to(tl.float32), axis=0)
-            tile_mean = tl.sum(v, axis=0) / k
-            d = tl.where(mask, v - tile_mean[None, :], 0.0)
-            tile_m2 = tl.sum(d * d, axis=0)
-            total = count + k
-            delta = tile_mean - mean
-            mean = mean + delta * (k / total)
-            m2 = m2 + tile_m2 + delta * delta * (count * (k / total))
-            count = total
-        out = (n * n_pblocks + pb) * C + c
-        tl.store(mean_ptr + out, mean, mask=cmask)
-        tl.store(m2_ptr + out, m2, mask=cmask)
-
-    @triton.jit
-    def group_norm_stats_shifted_kernel(x_ptr, cbias_ptr, sbias_ptr, mean_ptr, m2_ptr, C, HW, s_n, s_c, s_p,
-                                        sb_n, pixels_per_program, n_pblocks,
-                                        HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr,
-                                        BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid // n_pblocks
-        pb = pid % n_pblocks
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        p_start = pb * pixels_per_program
-        p_end = tl.minimum(p_start + pixels_per_program, HW)
-        base = x_ptr + n.to(tl.int64) * s_n
-        # x + add - (x[first] + add) = x - x[first]: the biases only move the mean
-        shift = tl.load(base + p_start.to(tl.int64) * s_p + c * s_c, mask=cmask, other=0.0).to(tl.float32)
-        acc1 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        acc2 = tl.zeros([BLOCK_P, BLOCK_C], tl.float32)
-        for p0 in range(p_start, p_end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mask = (p < p_end)[:, None] & cmask[None, :]
-            v = tl.load(base + p[:, None].to(tl.int64) * s_p + c[None, :] * s_c, mask=mask, other=0.0)
-            d = tl.where(mask, v.to(tl.float32) - shift[None, :], 0.0)
-            acc1 += d
-            acc2 += d * d
-        k = (p_end - p_start).to(tl.float32)
-        s1 = tl.sum(acc1, axis=0)
-        s2 = tl.sum(acc2, axis=0)
-        add = shift
-        if HAS_CBIAS:
-            add += tl.load(cbias_ptr + c, mask=cmask, other=0.0).to(tl.float32)
-        if HAS_SBIAS:
-            add += tl.load(sbias_ptr + n * sb_n + c, mask=cmask, other=0.0).to(tl.float32)
-        out = (n * n_pblocks + pb) * C + c
-        tl.store(mean_ptr + out, add + s1 / k, mask=cmask)
-        tl.store(m2_ptr + out, tl.maximum(s2 - s1 * (s1 / k), 0.0), mask=cmask)
-
-    @triton.jit
-    def group_norm_finalize_kernel(mean_ptr, m2_ptr, weight_ptr, bias_ptr, cbias_ptr, sbias_ptr, scale_ptr,
-                                   shift_ptr, C, HW, G, cpg, n_pblocks, pixels_per_program, sb_n, eps,
-                                   HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                                   HAS_CBIAS: tl.constexpr, HAS_SBIAS: tl.constexpr,
-                                   BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid // G
-        g = pid % G
-        j = tl.arange(0, BLOCK_G)
-        b = tl.arange(0, BLOCK_B)
-        c = g * cpg + j
-        jmask = j < cpg
-        bmask = b < n_pblocks
-        mask = bmask[:, None] & jmask[None, :]
-        index = (n * n_pblocks + b[:, None]) * C + c[None, :]
-        mu = tl.load(mean_ptr + index, mask=mask, other=0.0)
-        m2 = tl.load(m2_ptr + index, mask=mask, other=0.0)
-        counts = tl.minimum(pixels_per_program, HW - b * pixels_per_program).to(tl.float32)
-        weights = tl.where(mask, counts[:, None], 0.0)
-        total = (HW * cpg) * 1.0
-        group_mean = tl.sum(tl.sum(weights * mu, axis=1), axis=0) / total
-        d = tl.where(mask, mu - group_mean, 0.0)
-        group_m2 = tl.sum(tl.sum(m2 + weights * d * d, axis=1), axis=0)
-        rstd = 1.0 / tl.sqrt(group_m2 / total + eps)
-        scale = tl.full([BLOCK_G], 1.0, tl.float32) * rstd
-        if HAS_WEIGHT:
-            scale = scale * tl.load(weight_ptr + c, mask=jmask, other=0.0).to(tl.float32)
-        add = tl.zeros([BLOCK_G], tl.float32)
-        if HAS_CBIAS:
-            add += tl.load(cbias_ptr + c, mask=jmask, other=0.0).to(tl.float32)
-        if HAS_SBIAS:
-            add += tl.load(sbias_ptr + n * sb_n + c, mask=jmask, other=0.0).to(tl.float32)
-        shift = (add - group_mean) * scale
-        if HAS_BIAS:
-            shift += tl.load(bias_ptr + c, mask=jmask, other=0.0).to(tl.float32)
-        tl.store(scale_ptr + n * C + c, scale, mask=jmask)
-        tl.store(shift_ptr + n * C + c, shift, mask=jmask)
-
-    @triton.jit
-    def group_norm_apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, C, HW, n_pblocks, s_n, s_c, s_p, y_n, y_c,
-                                y_p, ACT: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-        pid = tl.program_id(0)
-        n = pid // n_pblocks
-        pb = pid % n_pblocks
-        p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
-        c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        cmask = c < C
-        mask = (p < HW)[:, None] & cmask[None, :]
-        scale = tl.load(scale_ptr + n * C + c, mask=cmask, other=0.0)
-        shift = tl.load(shift_ptr + n * C + c, mask=cmask, other=0.0)
-        p64 = p[:, None].to(tl.int64)
-        v = tl.load(x_ptr + n.to(tl.int64) * s_n + p64 * s_p + c[None, :] * s_c, mask=mask, other=0.0)
-        y = v.to(tl.float32) * scale[None, :] + shift[None, :]
-        if ACT == 1:
-            y = y / (1.0 + tl.exp(-y))
-        tl.store(y_ptr + n.to(tl.int64) * y_n + p64 * y_p + c[None, :] * y_c,
-                 y.to(y_ptr.dtype.element_ty), mask=mask)
-
-    return {"tiles": group_norm_stats_kernel, "shifted": group_norm_stats_shifted_kernel,
-            "finalize": group_norm_finalize_kernel, "apply": group_norm_apply_kernel}
+    return {"tiles": k.group_norm_stats_kernel, "shifted": k.group_norm_stats_shifted_kernel,
+            "finalize": k.group_norm_finalize_kernel, "apply": k.group_norm_apply_kernel}
 
 
 def _pixel_strides(x: torch.Tensor) -> tuple[int, int, int] | None:
