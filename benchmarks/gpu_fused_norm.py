@@ -7,6 +7,8 @@ Per shape (N, C, H, W), bf16, channels-last input (inductor's layout for a conv 
 - ``compiled``: the same function through ``torch.compile`` (inductor's GroupNorm kernels, as in
   the compiled UNet);
 - ``fused``: ``torch.ops.subjectbench.group_norm_act`` (three Triton kernels);
+- ``shifted``: ``methods.shifted_norm.shifted_group_norm`` + SiLU through ``torch.compile`` (the
+  GroupNorm as shifted sums in torch ops: inductor's kernels without its Welford reduction);
 
 with each one's median GPU time (calls replayed from a CUDA graph, so the host's launch path is not
 counted: the first H100 run timed each call with events around it, which for the op includes three
@@ -51,6 +53,7 @@ from methods.fused_norm import (  # noqa: E402
     set_kernel_config,
     triton_interpreting,
 )
+from methods.shifted_norm import shifted_group_norm  # noqa: E402
 
 # SD 1.5 at 512 px: (C, H, W) of the GroupNorms the pass rewrites (32x32 and 64x64 levels)
 SHAPES = ((320, 64, 64), (640, 64, 64), (960, 64, 64), (640, 32, 32), (960, 32, 32), (1280, 32, 32),
@@ -171,7 +174,12 @@ def main(argv: list[str] | None = None) -> int:
         h = x if cb is None else x + cb[None, :, None, None] + sb[:, :, None, None]
         return F.silu(F.group_norm(h, 32, w, b, 1e-5))
 
+    def shifted(x, w, b, cb, sb):
+        h = x if cb is None else x + cb[None, :, None, None] + sb[:, :, None, None]
+        return F.silu(shifted_group_norm(h, 32, w, b, 1e-5))
+
     compiled = torch.compile(eager, dynamic=False)
+    compiled_shifted = torch.compile(shifted, dynamic=False)
     triton_runs = device.type == "cuda" or triton_interpreting()  # the kernels need a GPU or the interpreter
     generator = torch.Generator(device="cpu").manual_seed(0)
     for c, h, w in shapes:
@@ -185,7 +193,8 @@ def main(argv: list[str] | None = None) -> int:
                                              None if cb is None else cb.float(), None if sb is None else sb.float())
         inputs = (x, weight, bias, cb, sb)
         arms = {"eager": functools.partial(eager, *inputs), "compiled": functools.partial(compiled, *inputs),
-                "fused": functools.partial(group_norm_act, x, weight, bias, 32, 1e-5, "silu", cb, sb)}
+                "fused": functools.partial(group_norm_act, x, weight, bias, 32, 1e-5, "silu", cb, sb),
+                "shifted": functools.partial(compiled_shifted, *inputs)}
         row = {"shape": [latents, c, h, w], "gb_moved": round(2 * x.numel() * x.element_size() / 1e9, 4)}
         for name, function in arms.items():
             try:

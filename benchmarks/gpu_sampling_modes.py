@@ -63,6 +63,13 @@ timed for each arm below after that arm's first call (which holds its compile, r
   have groups of 4 channels: 8-byte pieces of each pixel in channels-last); ``--fused-norm-config
   PATH`` sets their kernels' ``KernelConfig`` (e.g. from ``gpu_fused_norm.py --sweep``'s output, so a
   sweep and these arms fit in one GPU call);
+  ``compile_default_vae_shifted_norm_cat_pass`` / ``compile_cudagraphs_vae_shifted_norm_cat_pass`` /
+  ``compile_default_vae_shifted_norm_decoder_cat_pass``: the same three with every GroupNorm stated
+  as shifted sums instead (``methods.shifted_norm``: torch ops inductor fuses as before, plain sums
+  instead of its Welford reduction; counts in ``fused_group_norms``);
+- ``suite``: the suite's own code, ``methods.sampling.build_pipeline(..., compile_unet=True)`` (the
+  compiled UNet and decoder exactly as ``generation.compile`` builds them; its inductor options
+  and the passes' counts in the JSON), so its figure is the suite's, not a replica's;
 - ``diffusers_fp16_reference``: the plain diffusers fp16 pipeline a user would run instead
   (``gpu_speed.reference_arm``: 4 prompts x 4 images).
 
@@ -112,6 +119,7 @@ from methods.base import SamplerConfig  # noqa: E402
 from methods.compile_layout import ChannelsLastCat  # noqa: E402
 from methods.fused_norm import FusedGroupNorm, KernelConfig, kernel_config, set_kernel_config  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
+from methods.shifted_norm import ShiftedGroupNorm  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
 ARMS = (
@@ -142,6 +150,10 @@ ARMS = (
     "compile_default_vae_fused_norm_cat_pass",
     "compile_cudagraphs_vae_fused_norm_cat_pass",
     "compile_default_vae_fused_norm_decoder_cat_pass",
+    "compile_default_vae_shifted_norm_cat_pass",
+    "compile_cudagraphs_vae_shifted_norm_cat_pass",
+    "compile_default_vae_shifted_norm_decoder_cat_pass",
+    "suite",
 )
 TARGET_S_PER_IMAGE = 0.20
 
@@ -154,6 +166,8 @@ def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
     if arm.endswith("_cat_pass"):  # the suite's path: the channel concatenations laid out channels-last
         cudagraphs = {"triton.cudagraphs": True} if arm.startswith("compile_cudagraphs") else {}  # = reduce-overhead
         fused = {"pre_grad_custom_pass": FusedGroupNorm()} if "_fused_norm" in arm else {}  # methods.fused_norm
+        if "_shifted_norm" in arm:  # methods.shifted_norm
+            fused = {"pre_grad_custom_pass": ShiftedGroupNorm()}
         return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat(), **fused}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
@@ -221,7 +235,15 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     out["unet_channels_last"] = channels_last
     options = compile_options(arm, args.inductor_options)
     unet = decoder_pass = None
-    if options is not None:
+    if arm == "suite":  # the suite's own compile path, below through build_pipeline
+        from methods.sampling import _compile_options
+
+        torch._dynamo.reset()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
+        options = _compile_options(inference=True).get("options", {})
+        out["inductor_options"] = describe_options(options)
+        out["vae_decoder_compiled"] = True
+    elif options is not None:
         if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
             torch._dynamo.reset()
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
@@ -233,6 +255,7 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
             out["inductor_options"] = describe_options(options)
         if arm.endswith("_vae") or "_vae_" in arm:  # the VAE's decoder through torch.compile too (after the UNet's reset)
             decoder_pass = FusedGroupNorm() if "_fused_norm_decoder" in arm else None  # its GroupNorms too
+            decoder_pass = ShiftedGroupNorm() if "_shifted_norm_decoder" in arm else decoder_pass
             backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False,
                                                  options={"pre_grad_custom_pass": decoder_pass} if decoder_pass else None)
             out["vae_decoder_compiled"] = True
@@ -241,7 +264,7 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
         out["fused_qkv"] = True
     prompts = [f"{PROMPT} {i % 4}" for i in range(args.batch)]
     seeds = list(range(args.batch))
-    pipeline = build_pipeline(backbone, sampler, unet=unet)
+    pipeline = build_pipeline(backbone, sampler, unet=unet, compile_unet=arm == "suite")
     call = lambda: generate_images(pipeline, prompts, seeds, sampler, args.resolution)  # noqa: E731
     _, first = timed(call, device)
     out["first_call_seconds"] = round(first, 2)
@@ -251,6 +274,11 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
         out["fused_group_norms"] = options["pre_grad_custom_pass"].counts()
     if decoder_pass is not None:
         out["decoder_fused_group_norms"] = decoder_pass.counts()
+    if arm == "suite":
+        from methods.sampling import _compile_failed
+
+        if _compile_failed:  # build_pipeline fell back to eager: this arm's time is not the compiled path's
+            out["invalid"] = f"compile failed, ran eager: {_compile_failed[0]}"
     print(f"{arm}: first call {first:.1f} s", flush=True)
     times, images = [], None
     for _ in range(args.repeats):

@@ -134,6 +134,11 @@ def test_gpu_sampling_modes_inductor_options_are_checked(tmp_path, capsys):
         options = script.compile_options(arm)
         assert type(options.pop("post_grad_custom_pre_pass")).__name__ == "ChannelsLastCat"
         assert options == ({"triton.cudagraphs": True} if cudagraphs else {}), arm
+    # the GroupNorm arms: the suite's kernels (methods.fused_norm) or the shifted sums (methods.shifted_norm)
+    for arm, norm_pass in (("compile_default_vae_fused_norm_cat_pass", "FusedGroupNorm"),
+                           ("compile_default_vae_shifted_norm_cat_pass", "ShiftedGroupNorm"),
+                           ("compile_cudagraphs_vae_shifted_norm_cat_pass", "ShiftedGroupNorm")):
+        assert type(script.compile_options(arm)["pre_grad_custom_pass"]).__name__ == norm_pass, arm
     for bad, named in ((["--inductor-option", "no_such_setting=1"], "no_such_setting"),
                        (["--inductor-option", "layout_optimization"], "KEY=VALUE"), ([], "needs at least one")):
         with pytest.raises(SystemExit):
@@ -395,7 +400,7 @@ def test_gpu_fused_norm_runs_on_cpu(tmp_path):
     _script("gpu_fused_norm").main(["--tiny", "--with-bias", "--repeats", "1", "--out", str(out)])
     document = json.loads(out.read_text())
     assert [row["shape"] for row in document["shapes"]] == [[2, 64, 8, 8], [2, 96, 5, 7]]
-    assert all(row[arm]["max_abs_vs_fp32"] < 1e-4 for row in document["shapes"] for arm in ("eager", "compiled", "fused"))
+    assert all(row[arm]["max_abs_vs_fp32"] < 1e-4 for row in document["shapes"] for arm in ("eager", "compiled", "fused", "shifted"))
     assert all(row["fused"]["timing"] == "host_clock" for row in document["shapes"])
 
 

@@ -35,7 +35,7 @@ INTERPRETED = textwrap.dedent("""
         return F.silu(y) if act else y
 
     torch.manual_seed(0)
-    configs = [KernelConfig(), KernelConfig(stats="shifted"),
+    configs = [KernelConfig(stats="tiles"), KernelConfig(),  # the default is the swept "shifted" one
                KernelConfig(stats="shifted", block_p=16, block_c=32, pixels_per_program=32, apply_block_p=16,
                             apply_block_c=16)]
     worst = {}
@@ -108,6 +108,34 @@ def test_bad_input_names_the_value(call, message):
         call()
 
 
+def test_a_triton_failure_warns_once_and_falls_back_to_the_torch_reference(monkeypatch, caplog):
+    """The op's CUDA kernel (called here on CPU tensors): a Triton error (a GPU or Triton version
+    the kernels do not build for) warns once and gives the reference's values; any other error raises."""
+    import methods.fused_norm as fused_norm
+
+    TritonError = type("CompilationError", (Exception,), {"__module__": "triton.compiler.errors"})
+    calls = []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        raise TritonError("at 12:4: unsupported")
+
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(fused_norm.OP_NAME, "CUDA")  # this function serves it
+    monkeypatch.setattr(fused_norm, "triton_group_norm_act", failing)
+    monkeypatch.setattr(fused_norm, "_triton_failed", [])
+    x, w, b = torch.randn(2, 64, 4, 4), torch.randn(64), torch.randn(64)
+    with caplog.at_level("WARNING", logger="methods.fused_norm"):
+        first = fused_norm.cuda_group_norm_act(x, w, b, 32, 1e-5, 1, None, None)
+        second = fused_norm.cuda_group_norm_act(x, w, b, 32, 1e-5, 1, None, None)
+    torch.testing.assert_close(first, F.silu(F.group_norm(x, 32, w, b)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first, rtol=0, atol=0)
+    assert len(calls) == 1 and sum("Triton GroupNorm kernels failed" in r.message for r in caplog.records) == 1
+    monkeypatch.setattr(fused_norm, "_triton_failed", [])
+    monkeypatch.setattr(fused_norm, "triton_group_norm_act", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        fused_norm.cuda_group_norm_act(x, w, b, 32, 1e-5, 1, None, None)
+
+
 def test_fake_tensor_output_is_channels_last():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -127,20 +155,26 @@ def uncached():
         yield
 
 
-def test_pass_on_the_tiny_unet_matches_eager():
+def tiny_unet_through(graph_pass):
+    """(the tiny UNet, its output compiled with ``graph_pass`` as inductor's pre-grad pass, eager output)."""
     from methods.backbones import load_backbone, resolve_backbone
 
     unet = load_backbone(resolve_backbone("tiny")).unet
-    fused = FusedGroupNorm(devices=("cpu",), min_pixels=1)
     torch.manual_seed(0)
     x = torch.randn(2, 4, 8, 8)
     text = torch.randn(2, 77, unet.config.cross_attention_dim)
     torch._dynamo.reset()
     with torch.no_grad(), uncached():
         expected = unet(x, torch.tensor(10), encoder_hidden_states=text).sample
-        compiled = torch.compile(unet, options={"pre_grad_custom_pass": fused})
-        got = compiled(x, torch.tensor(10), encoder_hidden_states=text).sample
+        got = torch.compile(unet, options={"pre_grad_custom_pass": graph_pass})(
+            x, torch.tensor(10), encoder_hidden_states=text).sample
     torch._dynamo.reset()
+    return unet, got, expected
+
+
+def test_pass_on_the_tiny_unet_matches_eager():
+    fused = FusedGroupNorm(devices=("cpu",), min_pixels=1)
+    unet, got, expected = tiny_unet_through(fused)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in unet.modules())
     # every GroupNorm; the SiLU after each resnet norm and norm_out; conv bias + time embedding before norm2

@@ -92,6 +92,19 @@ def test_compiled_view_wraps_the_module_and_keeps_the_weights(backbone, fresh_co
     assert build_pipeline(backbone, FAST).unet is backbone.unet  # off unless asked
 
 
+def test_sampling_compiles_run_both_passes_and_training_compiles_neither():
+    """Sampling (``inference=True``): the channels-last cats and the GroupNorm kernels, one shared
+    instance each (equal options share compiled code); training: inductor's defaults (the op has
+    no backward)."""
+    from methods.compile_layout import channels_last_cat
+    from methods.fused_norm import fused_group_norm
+    from methods.sampling import _compile_options
+
+    options = _compile_options(inference=True)["options"]
+    assert options == {"post_grad_custom_pre_pass": channels_last_cat(), "pre_grad_custom_pass": fused_group_norm()}
+    assert "options" not in _compile_options(inference=False)
+
+
 def _conv_weights(module):
     """The convolution weights whose channels-last layout differs from the default one."""
     return {name: w for name, w in module.named_parameters() if w.dim() == 4 and w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1}
