@@ -7,7 +7,7 @@ Per shape (N, C, H, W), bf16, channels-last input (inductor's layout for a conv 
 - ``compiled``: the same function through ``torch.compile`` (inductor's GroupNorm kernels, as in
   the compiled UNet);
 - ``fused``: ``torch.ops.subjectbench.group_norm_act`` (three Triton kernels);
-- ``shifted``: ``methods.shifted_norm.shifted_group_norm`` + SiLU through ``torch.compile`` (the
+- ``shifted``: ``benchmarks.shifted_norm.shifted_group_norm`` + SiLU through ``torch.compile`` (the
   GroupNorm as shifted sums in torch ops: inductor's kernels without its Welford reduction);
 
 with each one's median GPU time (calls replayed from a CUDA graph, so the host's launch path is not
@@ -53,7 +53,7 @@ from methods.fused_norm import (  # noqa: E402
     set_kernel_config,
     triton_interpreting,
 )
-from methods.shifted_norm import shifted_group_norm  # noqa: E402
+from benchmarks.shifted_norm import shifted_group_norm  # noqa: E402
 
 # SD 1.5 at 512 px: (C, H, W) of the GroupNorms the pass rewrites (32x32 and 64x64 levels)
 SHAPES = ((320, 64, 64), (640, 64, 64), (960, 64, 64), (640, 32, 32), (960, 32, 32), (1280, 32, 32),

@@ -65,7 +65,7 @@ timed for each arm below after that arm's first call (which holds its compile, r
   sweep and these arms fit in one GPU call);
   ``compile_default_vae_shifted_norm_cat_pass`` / ``compile_cudagraphs_vae_shifted_norm_cat_pass`` /
   ``compile_default_vae_shifted_norm_decoder_cat_pass``: the same three with every GroupNorm stated
-  as shifted sums instead (``methods.shifted_norm``: torch ops inductor fuses as before, plain sums
+  as shifted sums instead (``benchmarks/shifted_norm.py``: torch ops inductor fuses as before, plain sums
   instead of its Welford reduction; counts in ``fused_group_norms``);
 - ``suite``: the suite's own code, ``methods.sampling.build_pipeline(..., compile_unet=True)`` (the
   compiled UNet and decoder exactly as ``generation.compile`` builds them; its inductor options
@@ -119,7 +119,7 @@ from methods.base import SamplerConfig  # noqa: E402
 from methods.compile_layout import ChannelsLastCat  # noqa: E402
 from methods.fused_norm import FusedGroupNorm, KernelConfig, kernel_config, set_kernel_config  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
-from methods.shifted_norm import ShiftedGroupNorm  # noqa: E402
+from benchmarks.shifted_norm import ShiftedGroupNorm  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
 ARMS = (
@@ -166,7 +166,7 @@ def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
     if arm.endswith("_cat_pass"):  # the suite's path: the channel concatenations laid out channels-last
         cudagraphs = {"triton.cudagraphs": True} if arm.startswith("compile_cudagraphs") else {}  # = reduce-overhead
         fused = {"pre_grad_custom_pass": FusedGroupNorm()} if "_fused_norm" in arm else {}  # methods.fused_norm
-        if "_shifted_norm" in arm:  # methods.shifted_norm
+        if "_shifted_norm" in arm:  # benchmarks.shifted_norm
             fused = {"pre_grad_custom_pass": ShiftedGroupNorm()}
         return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat(), **fused}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention

@@ -40,7 +40,7 @@ SiLU at 64 x 320 x 64 x 64 bf16 0.198 ms against inductor's 0.287 (statistics 2.
 ``build_pipeline(compile_unet=True)`` against the same path without this pass: 0.2082 against 0.2128 s per
 image at 32 per call (and 0.2072 against 0.2125 in a second process), 0.2049 against 0.2092 at 64; images vs eager max 14 uint8 levels, mean 1.015
 (without the pass: 14, 1.004; two fast-mode runs differ by up to 13). Stating GroupNorm as shifted sums
-in torch ops instead (``methods.shifted_norm``) gained about half as much (0.2073 against 0.2099). The
+in torch ops instead (``benchmarks/shifted_norm.py``) gained about half as much (0.2073 against 0.2099). The
 VAE decoder's GroupNorms through the op as well: 0.2067 against 0.2072, within the spread, so the decoder
 keeps inductor's. If Triton fails on a GPU, the op warns once and runs ``reference_group_norm_act``.
 """

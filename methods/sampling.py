@@ -17,13 +17,13 @@ Compiled sampling (``generation.compile``, on by default on CUDA): ``build_pipel
 compile_unet=True)`` puts a ``torch.compile``'d view of the UNet in the pipeline
 (``compiled_unet``; default inductor mode, static shapes, the up blocks' channel concatenations
 laid out channels-last by ``methods.compile_layout.ChannelsLastCat``: H100 −2.5 % per UNet forward;
-its large GroupNorms as ``methods.fused_norm``'s Triton kernels: H100 −2.5 % per image) and
+its large GroupNorms as ``methods.fused_norm``'s Triton kernels: H100 0.2128 → 0.2082 s per image) and
 decodes through a compiled view of the VAE's decoder (``with_compiled_decoder``; H200: −3 % per
 image, peak memory 18 → 12 GiB at batch 32). The algorithm and the weights are the
 same; kernels differ, so images move like they do between two fast-mode runs (H200, ``sd15``
 architecture, batch 32, DDIM 50: max 13 uint8 levels, mean 0.99 vs eager; H100 with the
 channels-last concatenations (and channels-last UNet weights): max 14, mean 1.004, against 12 and
-1.006 for the compile without them in the same process — two fast-mode runs differed by up to 13, fast vs deterministic by 14;
+1.006 for the compile without them in the same process; with the GroupNorm kernels too: max 14, mean 1.015 — two fast-mode runs differed by up to 13, fast vs deterministic by 14;
 ``benchmarks/results``), and on the tiny backbone on CPU within the tolerance
 ``tests/test_sampling_compile.py`` states. Modules of one architecture share the compiled code,
 so a new working copy per subject costs no recompile; the compiled artifacts persist in
@@ -140,8 +140,8 @@ def compiled_unet(unet: torch.nn.Module, *, inference: bool = False) -> torch.nn
     H100: 132.7 → 129.4 ms per 64-latent forward; end to end with channels-last weights as well,
     0.2190 → 0.2116 s per image; ``benchmarks/results``), and ``methods.fused_norm.FusedGroupNorm``,
     which runs the GroupNorms (+ SiLU, + the conv bias and time embedding before them) of 32x32
-    pixels and more as its Triton kernels on CUDA (H100, 32 images per call: 0.2103 → 0.2050 s per
-    image). Training compiles keep inductor's defaults (neither pass is measured there; the
+    pixels and more as its Triton kernels on CUDA (H100, 32 images per call: 0.2128 → 0.2082 s per
+    image, the suite's own path, one process). Training compiles keep inductor's defaults (neither pass is measured there; the
     GroupNorm op has no backward).
     """
     return torch.compile(unet, **_compile_options(inference))

@@ -134,7 +134,7 @@ def test_gpu_sampling_modes_inductor_options_are_checked(tmp_path, capsys):
         options = script.compile_options(arm)
         assert type(options.pop("post_grad_custom_pre_pass")).__name__ == "ChannelsLastCat"
         assert options == ({"triton.cudagraphs": True} if cudagraphs else {}), arm
-    # the GroupNorm arms: the suite's kernels (methods.fused_norm) or the shifted sums (methods.shifted_norm)
+    # the GroupNorm arms: the suite's kernels (methods.fused_norm) or the shifted sums (benchmarks.shifted_norm)
     for arm, norm_pass in (("compile_default_vae_fused_norm_cat_pass", "FusedGroupNorm"),
                            ("compile_default_vae_shifted_norm_cat_pass", "ShiftedGroupNorm"),
                            ("compile_cudagraphs_vae_shifted_norm_cat_pass", "ShiftedGroupNorm")):

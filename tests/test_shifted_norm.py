@@ -1,4 +1,4 @@
-"""methods.shifted_norm: GroupNorm by shifted sums against a float64 reference, and its pre-grad pass
+"""benchmarks.shifted_norm: GroupNorm by shifted sums against a float64 reference, and its pre-grad pass
 compiled on the tiny UNet against eager."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from methods.shifted_norm import ShiftedGroupNorm, shifted_group_norm
+from benchmarks.shifted_norm import ShiftedGroupNorm, shifted_group_norm
 from tests.test_fused_norm import tiny_unet_through, uncached
 
 
