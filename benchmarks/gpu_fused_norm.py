@@ -43,6 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.gpu_methods import environment  # noqa: E402
 from benchmarks.gpu_metrics import event_times, save_partial, synchronize  # noqa: E402
+from benchmarks.shifted_norm import shifted_group_norm  # noqa: E402
 from methods.fused_norm import (  # noqa: E402
     DEFAULT_CONFIG,
     KernelConfig,
@@ -53,7 +54,6 @@ from methods.fused_norm import (  # noqa: E402
     set_kernel_config,
     triton_interpreting,
 )
-from benchmarks.shifted_norm import shifted_group_norm  # noqa: E402
 
 # SD 1.5 at 512 px: (C, H, W) of the GroupNorms the pass rewrites (32x32 and 64x64 levels)
 SHAPES = ((320, 64, 64), (640, 64, 64), (960, 64, 64), (640, 32, 32), (960, 32, 32), (1280, 32, 32),

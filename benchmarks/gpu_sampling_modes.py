@@ -114,12 +114,12 @@ from benchmarks.gpu_metrics import (  # noqa: E402
     sdpa_preference,
 )
 from benchmarks.gpu_speed import PROMPT, as_uint8, reference_arm  # noqa: E402
+from benchmarks.shifted_norm import ShiftedGroupNorm  # noqa: E402
 from methods.backbones import load_backbone, resolve_backbone  # noqa: E402
 from methods.base import SamplerConfig  # noqa: E402
 from methods.compile_layout import ChannelsLastCat  # noqa: E402
 from methods.fused_norm import FusedGroupNorm, KernelConfig, kernel_config, set_kernel_config  # noqa: E402
 from methods.sampling import build_pipeline, generate_images  # noqa: E402
-from benchmarks.shifted_norm import ShiftedGroupNorm  # noqa: E402
 
 TUNED = {"conv_1x1_as_mm": True, "coordinate_descent_tuning": True, "epilogue_fusion": False}
 ARMS = (
