@@ -170,16 +170,16 @@ def main(argv: list[str] | None = None) -> int:
                              "with_bias": args.with_bias, "groups": 32, "act": "silu",
                              "kernel_config": dataclasses.asdict(kernel_config())}, "shapes": []}
 
-    def eager(x, w, b, cb, sb):
-        h = x if cb is None else x + cb[None, :, None, None] + sb[:, :, None, None]
-        return F.silu(F.group_norm(h, 32, w, b, 1e-5))
+    def biased_norm_silu(group_norm):
+        """``silu(group_norm(x + channel bias + sample bias))``, the computation every arm times."""
+        def function(x, w, b, cb, sb):
+            h = x if cb is None else x + cb[None, :, None, None] + sb[:, :, None, None]
+            return F.silu(group_norm(h, 32, w, b, 1e-5))
+        return function
 
-    def shifted(x, w, b, cb, sb):
-        h = x if cb is None else x + cb[None, :, None, None] + sb[:, :, None, None]
-        return F.silu(shifted_group_norm(h, 32, w, b, 1e-5))
-
+    eager = biased_norm_silu(F.group_norm)
     compiled = torch.compile(eager, dynamic=False)
-    compiled_shifted = torch.compile(shifted, dynamic=False)
+    compiled_shifted = torch.compile(biased_norm_silu(shifted_group_norm), dynamic=False)
     triton_runs = device.type == "cuda" or triton_interpreting()  # the kernels need a GPU or the interpreter
     generator = torch.Generator(device="cpu").manual_seed(0)
     for c, h, w in shapes:
@@ -207,13 +207,13 @@ def main(argv: list[str] | None = None) -> int:
             except Exception as error:  # noqa: BLE001 - keep the other arms
                 row[name] = {"error": f"{type(error).__name__}: {str(error)[:1500]}"}
         if "ms" in row["fused"] and triton_runs:
-            row["fused"].update(stage_times((x, weight, bias, cb, sb), kernel_config(), device, args.repeats, reference))
+            row["fused"].update(stage_times(inputs, kernel_config(), device, args.repeats, reference))
         document["shapes"].append(row)
         print(json.dumps(row), flush=True)
         save_partial(document, args.out, Path(args.out).name)
         if args.sweep and triton_runs:
             document["sweep"] = {"shape": row["shape"], "compiled_ms": row["compiled"].get("ms"),
-                                 **sweep((x, weight, bias, cb, sb), reference, device, args.repeats, row["gb_moved"])}
+                                 **sweep(inputs, reference, device, args.repeats, row["gb_moved"])}
             save_partial(document, args.out, Path(args.out).name)
             break
     return 0

@@ -158,6 +158,14 @@ ARMS = (
 TARGET_S_PER_IMAGE = 0.20
 
 
+def norm_pass(arm: str):
+    """A new GroupNorm pass for a ``*_fused_norm*`` (``methods.fused_norm``) or ``*_shifted_norm*``
+    (``benchmarks.shifted_norm``) arm, else None."""
+    if "_fused_norm" in arm:
+        return FusedGroupNorm()
+    return ShiftedGroupNorm() if "_shifted_norm" in arm else None
+
+
 def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
     """The inductor options ``arm`` compiles under (None: not compiled); ``options_arm``: those of
     ``compile_default_vae_options``, from ``--inductor-option``."""
@@ -165,10 +173,9 @@ def compile_options(arm: str, options_arm: dict | None = None) -> dict | None:
         return {"post_grad_custom_pre_pass": ChannelsLastCat(), **(options_arm or {})}
     if arm.endswith("_cat_pass"):  # the suite's path: the channel concatenations laid out channels-last
         cudagraphs = {"triton.cudagraphs": True} if arm.startswith("compile_cudagraphs") else {}  # = reduce-overhead
-        fused = {"pre_grad_custom_pass": FusedGroupNorm()} if "_fused_norm" in arm else {}  # methods.fused_norm
-        if "_shifted_norm" in arm:  # benchmarks.shifted_norm
-            fused = {"pre_grad_custom_pass": ShiftedGroupNorm()}
-        return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat(), **fused}
+        norm = norm_pass(arm)
+        return {**cudagraphs, "post_grad_custom_pre_pass": ChannelsLastCat(),
+                **({"pre_grad_custom_pass": norm} if norm else {})}
     if arm.startswith(("compile_default", "compile_cudagraphs")):  # also compile_default_cudnn_attention
         return {}
     if arm.startswith("compile_tuned"):
@@ -235,18 +242,17 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
     out["unet_channels_last"] = channels_last
     options = compile_options(arm, args.inductor_options)
     unet = decoder_pass = None
+    # a cold compile per compiled arm, but cudnn_benchmark (it reuses the default arm's compiled code)
+    if arm == "suite" or (options is not None and not arm.endswith("cudnn_benchmark")):
+        torch._dynamo.reset()
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
     if arm == "suite":  # the suite's own compile path, below through build_pipeline
         from methods.sampling import _compile_options
 
-        torch._dynamo.reset()
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
         options = _compile_options(inference=True).get("options", {})
         out["inductor_options"] = describe_options(options)
         out["vae_decoder_compiled"] = True
     elif options is not None:
-        if not arm.endswith("cudnn_benchmark"):  # that arm reuses the default arm's compiled code
-            torch._dynamo.reset()
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix=f"inductor-{arm}-")
         if arm.startswith("compile_cudagraphs") and not options:
             unet = torch.compile(backbone.unet, dynamic=False, mode="reduce-overhead")
             out["compile_mode"] = "reduce-overhead"
@@ -254,8 +260,7 @@ def _run_arm(arm: str, args, backbone, sampler, device, document: dict, out: dic
             unet = torch.compile(backbone.unet, dynamic=False, options=options or None)
             out["inductor_options"] = describe_options(options)
         if arm.endswith("_vae") or "_vae_" in arm:  # the VAE's decoder through torch.compile too (after the UNet's reset)
-            decoder_pass = FusedGroupNorm() if "_fused_norm_decoder" in arm else None  # its GroupNorms too
-            decoder_pass = ShiftedGroupNorm() if "_shifted_norm_decoder" in arm else decoder_pass
+            decoder_pass = norm_pass(arm) if "_norm_decoder" in arm else None  # its GroupNorms too
             backbone.vae.decoder = torch.compile(backbone.vae.decoder, dynamic=False,
                                                  options={"pre_grad_custom_pass": decoder_pass} if decoder_pass else None)
             out["vae_decoder_compiled"] = True

@@ -121,7 +121,8 @@ def cuda_group_norm_act(x, weight, bias, groups, eps, act, channel_bias, sample_
         except Exception as error:  # noqa: BLE001 - only Triton's own errors are absorbed
             if not type(error).__module__.startswith("triton"):
                 raise
-            _triton_failed.append(f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300] if str(error).strip() else ''}")
+            first_line = next(iter(str(error).strip().splitlines()), "")
+            _triton_failed.append(f"{type(error).__name__}: {first_line[:300]}")
             log.warning("methods.fused_norm: the Triton GroupNorm kernels failed (%s); GroupNorm runs as torch "
                         "ops from now on (same values within the stated tolerance, slower). Set "
                         "generation.compile=false to compile nothing.", _triton_failed[0])

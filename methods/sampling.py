@@ -141,8 +141,8 @@ def compiled_unet(unet: torch.nn.Module, *, inference: bool = False) -> torch.nn
     0.2190 → 0.2116 s per image; ``benchmarks/results``), and ``methods.fused_norm.FusedGroupNorm``,
     which runs the GroupNorms (+ SiLU, + the conv bias and time embedding before them) of 32x32
     pixels and more as its Triton kernels on CUDA (H100, 32 images per call: 0.2128 → 0.2082 s per
-    image, the suite's own path, one process). Training compiles keep inductor's defaults (neither pass is measured there; the
-    GroupNorm op has no backward).
+    image, the suite's own path, one process). Training compiles keep inductor's defaults (neither
+    pass is measured there; the GroupNorm op has no backward).
     """
     return torch.compile(unet, **_compile_options(inference))
 
